@@ -1,0 +1,48 @@
+"""Shared benchmark plumbing: cached generated inputs, timing, peak memory of a child.
+
+Benchmarks print ratios measured within one run (the machines are shared and noisy);
+absolute seconds are printed only for context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = Path(os.environ.get("BENCH_DIR", REPO / "bench" / "out"))
+sys.path.insert(0, str(REPO))
+
+
+def big_file(megabytes: int) -> Path:
+    """A generated clean img16 file of about ``megabytes`` MB, made once and reused."""
+    import synthetic_obs
+
+    directory = OUT / f"img16_{megabytes}MB"
+    found = sorted(directory.glob("*.pff"))
+    if found:
+        return found[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"generating a {megabytes} MB img16 file in {directory} ...", flush=True)
+    return synthetic_obs.write_big_file(directory, megabytes)
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - t0, result
+
+
+def run_child(code: str, *args: str) -> dict:
+    """Run ``code`` in a fresh interpreter; return the JSON object it printed last.
+
+    Children measure their own peak RSS (``ru_maxrss`` of RUSAGE_SELF), which counts
+    every page touched, mapped file pages included: how Dask judges a worker's memory.
+    """
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, check=True,
+                          capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])

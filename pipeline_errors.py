@@ -1,0 +1,99 @@
+"""The pipeline's exceptions and how the command-line scripts report them.
+
+Every error a user can cause (bad input, bad configuration, an output that cannot be
+written, a cluster that does not come up) is a :class:`PipelineError` whose message is
+one pre-formatted line: what went wrong, where (file, byte offset, key), and what to do.
+Each subclass also inherits the matching builtin so callers may catch ``ValueError`` or
+``OSError`` as usual.
+
+Exit codes shared by every script (DESIGN.md §8, STYLE.md):
+
+* ``0`` every requested output was written and verified;
+* ``1`` an input or a step failed (after all other inputs were tried);
+* ``2`` usage or configuration error, found before any work;
+* ``130`` interrupted (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class PipelineError(Exception):
+    """Base class: an error whose message is the whole, user-facing explanation."""
+
+    exit_code = EXIT_FAILED
+
+
+class PFFFormatError(PipelineError, ValueError):
+    """The bytes of a file are not (or no longer) valid PFF frames."""
+
+
+class PFFNameError(PipelineError, ValueError):
+    """A path does not follow the PFF file or ``.pffd`` directory naming."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration file or option is invalid; found before any work starts."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(PipelineError, OSError):
+    """An input is missing, unreadable, empty, or not what the step expects."""
+
+
+class StoreError(PipelineError, RuntimeError):
+    """A Zarr product could not be written, verified or published."""
+
+
+class ClusterError(PipelineError, RuntimeError):
+    """The Dask cluster could not be started, reached or used."""
+
+
+class Interrupted(PipelineError):
+    """SIGTERM arrived; raised so that ``finally`` blocks clean up as for Ctrl-C."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
+    """Run a script's body and map exceptions to one stderr line and an exit code.
+
+    SIGTERM is turned into :class:`Interrupted` so that cleanup code (removing a
+    partial store, closing a Dask client) runs exactly as it does for Ctrl-C.
+    Tracebacks are shown only with ``--debug``.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return body()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except PipelineError as err:
+        if debug:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # disk full, permission denied ... : name the file
+        if debug:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"{prog}: error:{where}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
