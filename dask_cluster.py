@@ -1,0 +1,557 @@
+"""The pipeline's Dask cluster: start it from ``[cluster]``, wait for workers, close it.
+
+One :class:`ClusterHandle` owns one cluster for its whole life::
+
+    new --start()--> starting --(workers joined)--> running --close()--> closed
+                         \\--(timeout, error, Ctrl-C)--> closed   (everything started is closed)
+
+Three kinds, chosen by the effective ``cluster_type`` of the configuration:
+
+``local``
+    a :class:`distributed.LocalCluster` with ``local_workers`` worker processes.
+``ssh``
+    a :class:`distributed.SSHCluster` (asyncssh): the FIRST of ``ssh_hosts`` runs the
+    scheduler and EVERY listed host runs ``ssh_workers_per_host`` workers.
+``scheduler``
+    an existing scheduler at ``scheduler_address``: only checked, never closed.
+
+Steps connect with :func:`connect_client`, which also ships the pipeline's own modules
+(:data:`WORKER_MODULES`) to every worker, present and future, because an SSH worker
+starts in the remote home directory and cannot import them from the repository.
+
+Examples
+--------
+>>> from pipeline_config import load_config
+>>> with ClusterHandle(load_config("config.toml").cluster) as cluster:  # doctest: +SKIP
+...     cluster.start()
+...     client = connect_client(cluster.address)
+
+Notes
+-----
+* ``interface`` is given to the scheduler and to every worker, so ``interface = "lo"``
+  keeps every Dask address on 127.0.0.0/8 (the tests rely on it).
+* ``dashboard_port = 0`` disables the dashboard; the scheduler's small HTTP server
+  (health checks) then binds the scheduler's own host on a random port, never 0.0.0.0.
+* SSHCluster reads each remote process's log to learn its address and hangs when
+  distributed's log level is WARN or higher (dask/distributed#8393): the SSH path forces
+  ``logging.distributed = info`` in the configuration it forwards.
+* Environment variables do not reach SSH workers; :data:`WORKER_ENV_PREFIXES` chooses the
+  ones forwarded through the nanny's ``env`` option.
+* ``distributed`` is imported only inside the functions that need it (1.4 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline_errors import ClusterError, ConfigError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+#: Top-level modules that tasks import on the workers, in dependency order (a module is
+#: imported on the worker as soon as it is uploaded, so what it imports must come first).
+WORKER_MODULES: tuple[str, ...] = (
+    "pipeline_errors",
+    "pipeline_config",
+    "pff",
+    "zarr_products",
+    "l0_convert",
+    "l1_baseline",
+)
+
+#: Environment variables (exact names or prefixes ending in "_") forwarded to SSH workers.
+WORKER_ENV_PREFIXES: tuple[str, ...] = (
+    "ZARR_",
+    "NUMCODECS_",
+    "BLOSC_",
+    "PANOSETI_",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+
+REPO_DIR = Path(__file__).resolve().parent
+_PLUGIN_PREFIX = "panoseti-upload-"
+_POLL_S = 0.1
+_CLOSE_TIMEOUT_S = 30.0
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+def effective_cluster_type(cluster_config: Any) -> str:
+    """``cluster_type`` as configured, or ``ssh``/``local`` by whether hosts are listed."""
+    kind = getattr(cluster_config, "cluster_type", "") or ""
+    if not kind:
+        kind = "ssh" if list(getattr(cluster_config, "ssh_hosts", []) or []) else "local"
+    if kind not in ("local", "ssh", "scheduler"):
+        raise ConfigError(
+            f"[cluster] cluster_type = {kind!r}: expected 'local', 'ssh' or 'scheduler'"
+        )
+    return kind
+
+
+def requested_workers(cluster_config: Any) -> int:
+    """How many workers the configuration asks for (0 for an existing scheduler)."""
+    kind = effective_cluster_type(cluster_config)
+    if kind == "local":
+        return int(cluster_config.local_workers)
+    if kind == "ssh":
+        return len(cluster_config.ssh_hosts) * int(cluster_config.ssh_workers_per_host)
+    return 0
+
+
+def forwarded_worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The client's environment variables that workers need (:data:`WORKER_ENV_PREFIXES`).
+
+    Values holding a quote are left out: SSHCluster puts the worker options inside a
+    single-quoted shell word on the remote command line.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    chosen = {}
+    for key, value in sorted(environ.items()):
+        wanted = any(
+            key.startswith(p) if p.endswith("_") else key == p for p in WORKER_ENV_PREFIXES
+        )
+        if wanted and "'" not in value and '"' not in value:
+            chosen[key] = value
+    return chosen
+
+
+def ssh_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
+    """Keyword arguments for :func:`distributed.SSHCluster` (no connection is made).
+
+    Kept separate from starting so the mapping from ``[cluster]`` keys can be checked
+    without an SSH server.
+    """
+    c = cluster_config
+    hosts = list(c.ssh_hosts)
+    if not hosts:
+        raise ConfigError("[cluster] cluster_type = 'ssh' needs at least one entry in ssh_hosts")
+    connect_options: dict[str, Any] = {"port": int(c.ssh_port)}
+    connect_options["username"] = c.ssh_username or _current_user()
+    if c.ssh_client_keys:
+        connect_options["client_keys"] = [os.path.expanduser(k) for k in c.ssh_client_keys]
+    if not c.ssh_verify_host_keys:
+        connect_options["known_hosts"] = None  # unsafe; documented in config.toml
+    elif c.ssh_known_hosts:
+        connect_options["known_hosts"] = os.path.expanduser(c.ssh_known_hosts)
+    connect_options["connect_timeout"] = float(c.startup_timeout_s)
+    scheduler_options: dict[str, Any] = {"port": 0}
+    worker_options: dict[str, Any] = {
+        "n_workers": int(c.ssh_workers_per_host),
+        "nthreads": int(c.ssh_threads_per_worker),
+        "memory_limit": c.ssh_memory_per_worker,
+        "env": forwarded_worker_env(),
+    }
+    if c.interface:
+        scheduler_options["interface"] = c.interface
+        worker_options["interface"] = c.interface
+    if c.dashboard_port:
+        scheduler_options["dashboard"] = True
+        scheduler_options["dashboard_address"] = f":{int(c.dashboard_port)}"
+    else:
+        scheduler_options["dashboard"] = False
+    return {
+        "hosts": [hosts[0], *hosts],
+        "connect_options": connect_options,
+        "scheduler_options": scheduler_options,
+        "worker_options": worker_options,
+        "remote_python": c.remote_python or sys.executable,
+    }
+
+
+class ClusterHandle:
+    """One Dask cluster described by a ``[cluster]`` configuration.
+
+    :meth:`start` blocks until at least ``min_workers`` workers (0 = all requested) have
+    joined, or raises :class:`ClusterError` after ``startup_timeout_s`` with everything
+    it started already closed. :meth:`close` is idempotent. As a context manager the
+    handle is closed on exit (it is not started on entry).
+    """
+
+    def __init__(self, cluster_config: Any, *, silence_logs: int = logging.ERROR) -> None:
+        self.config = cluster_config
+        self.kind = effective_cluster_type(cluster_config)
+        self.state = ClusterState.NEW
+        self.address: str | None = None
+        self.dashboard_link: str | None = None
+        self._silence_logs = silence_logs
+        self._cluster: Any = None
+        self._client: Client | None = None
+        self._pids_before: set[int] = set()
+
+    def __repr__(self) -> str:
+        where = f" {self.address}" if self.address else ""
+        return f"<ClusterHandle {self.kind} {self.state.value}{where}>"
+
+    def __enter__(self) -> ClusterHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def client(self) -> Client:
+        """The handle's own client (for checks and :func:`describe_workers`)."""
+        if self._client is None or self.state is not ClusterState.RUNNING:
+            raise ClusterError(f"cluster is {self.state.value}, not running")
+        return self._client
+
+    @property
+    def requested_workers(self) -> int:
+        return requested_workers(self.config)
+
+    @property
+    def min_workers(self) -> int:
+        """Workers that must join before :meth:`start` returns."""
+        wanted = int(self.config.min_workers)
+        requested = self.requested_workers
+        if self.kind != "scheduler" and wanted > requested:
+            raise ConfigError(
+                f"[cluster] min_workers = {wanted} is more than the {requested} workers "
+                f"requested; lower min_workers (0 = all requested)"
+            )
+        return wanted or requested
+
+    def start(self) -> ClusterHandle:
+        """Start (or reach) the cluster and wait for its workers."""
+        if self.state is not ClusterState.NEW:
+            raise ClusterError(f"cluster already {self.state.value}; a handle starts once")
+        if not getattr(self.config, "use_dask", True):
+            raise ConfigError("[cluster] use_dask = false: there is no cluster to start")
+        need = self.min_workers
+        deadline = time.monotonic() + float(self.config.startup_timeout_s)
+        self.state = ClusterState.STARTING
+        self._pids_before = _child_pids()
+        try:
+            if self.kind == "local":
+                self._start_local()
+            elif self.kind == "ssh":
+                self._start_ssh()
+            else:
+                self.address = self.config.scheduler_address
+                if not self.address:
+                    raise ConfigError(
+                        "[cluster] cluster_type = 'scheduler' needs scheduler_address, "
+                        "e.g. 'tcp://10.0.0.1:8786'"
+                    )
+            self._client = _open_client(self.address, _remaining(deadline, floor=1.0))
+            self._wait_for_workers(need, deadline)
+            if self.kind == "scheduler":
+                self.dashboard_link = self._client.dashboard_link  # not ours to judge
+        except BaseException:
+            self.close()
+            raise
+        self.state = ClusterState.RUNNING
+        return self
+
+    def close(self) -> None:
+        """Close the client and everything this handle started; safe to call twice."""
+        if self.state is ClusterState.CLOSED:
+            return
+        self.state = ClusterState.CLOSED
+        client, self._client = self._client, None
+        cluster, self._cluster = self._cluster, None
+        if client is not None:
+            if self.kind == "ssh":
+                _close_ssh_workers(client, cluster)
+            with contextlib.suppress(Exception):
+                client.close(timeout=10)
+        started = _child_pids() - self._pids_before
+        if cluster is not None:
+            try:
+                cluster.close(timeout=_CLOSE_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001 -- still reap what we started
+                logger.warning("closing the %s cluster: %s", self.kind, err)
+        if self.kind == "local":
+            _reap(started)
+
+    # -- starting ------------------------------------------------------------------
+
+    def _start_local(self) -> None:
+        from distributed import LocalCluster
+
+        c = self.config
+        host = _interface_ip(c.interface) if c.interface else "127.0.0.1"
+        if c.dashboard_port:
+            dashboard_address = f"{host}:{int(c.dashboard_port)}"
+            dashboard = True
+        else:
+            dashboard_address = f"{host}:0"
+            dashboard = False
+        try:
+            self._cluster = LocalCluster(
+                n_workers=0,
+                threads_per_worker=int(c.local_threads_per_worker),
+                memory_limit=c.local_memory_per_worker,
+                processes=True,
+                interface=c.interface or None,
+                host=None if c.interface else host,
+                dashboard_address=dashboard_address,
+                scheduler_kwargs={"dashboard": dashboard},
+                silence_logs=self._silence_logs,
+            )
+        except Exception as err:
+            raise ClusterError(f"local cluster did not start: {_describe(err)}") from err
+        self.address = self._cluster.scheduler_address
+        # scale() starts the workers in the background; _wait_for_workers bounds the wait.
+        self._cluster.scale(int(c.local_workers))
+        if dashboard:
+            self.dashboard_link = self._cluster.dashboard_link
+
+    def _start_ssh(self) -> None:
+        import dask.config
+        from distributed import SSHCluster
+
+        args = ssh_cluster_arguments(self.config)
+        hosts = args.pop("hosts")
+        # Remote processes report their address through their log (dask/distributed#8393).
+        dask.config.set({"logging.distributed": "info"})
+        try:
+            # Scheduler first (blocking, bounded by asyncssh's connect_timeout) ...
+            self._cluster = SSHCluster(hosts=hosts[:1], silence_logs=self._silence_logs, **args)
+        except Exception as err:
+            raise ClusterError(
+                f"SSH scheduler on {hosts[0]} did not start: {_describe(err)}; check "
+                f"ssh_hosts, ssh_username, ssh_client_keys, ssh_known_hosts and remote_python"
+            ) from err
+        self.address = self._cluster.scheduler_address
+        # ... then one worker process group per host, in the background, like scale().
+        from distributed.deploy.ssh import Worker as SSHWorker
+
+        for i, host in enumerate(hosts[1:]):
+            self._cluster.worker_spec[i] = {
+                "cls": SSHWorker,
+                "options": {
+                    "address": host,
+                    "connect_options": args["connect_options"],
+                    "kwargs": args["worker_options"],
+                    "worker_class": "distributed.Nanny",
+                    "remote_python": args["remote_python"],
+                },
+            }
+        self._cluster.loop.add_callback(self._cluster._correct_state)
+
+    def _wait_for_workers(self, need: int, deadline: float) -> None:
+        assert self._client is not None
+        joined = 0
+        while True:
+            joined = len(self._client.nthreads())
+            if joined >= need:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
+        raise ClusterError(
+            f"{self.kind} cluster at {self.address}: only {joined} of {need} workers joined "
+            f"within startup_timeout_s = {self.config.startup_timeout_s:g} s; raise "
+            f"startup_timeout_s or lower min_workers, or check the workers' hosts and memory"
+        )
+
+
+def start_cluster(cluster_config: Any) -> ClusterHandle:
+    """Start a cluster and return its running handle (close it with ``.close()``)."""
+    return ClusterHandle(cluster_config).start()
+
+
+def worker_module_files(repo_dir: Path = REPO_DIR) -> list[Path]:
+    """The :data:`WORKER_MODULES` that exist in ``repo_dir``, in upload order."""
+    paths = (repo_dir / f"{name}.py" for name in WORKER_MODULES)
+    return [p for p in paths if p.is_file()]
+
+
+def connect_client(address: str, timeout: float = 30.0) -> Client:
+    """Connect to the scheduler at ``address`` and ship the pipeline's modules.
+
+    Each module is registered as a named :class:`~distributed.diagnostics.plugin.UploadFile`
+    worker plugin: every worker, including those that join later, writes it to its
+    ``local_directory`` (first on its ``sys.path``) and imports it, whatever its working
+    directory. Registering again (the next step) replaces the copies.
+    """
+    from distributed.diagnostics.plugin import UploadFile
+
+    client = _open_client(address, timeout)
+    try:
+        for path in worker_module_files():
+            client.register_plugin(UploadFile(str(path)), name=_PLUGIN_PREFIX + path.name)
+    except BaseException as err:
+        client.close()
+        if isinstance(err, Exception):
+            raise ClusterError(
+                f"could not install the pipeline modules on the workers of {address}: "
+                f"{_describe(err)}"
+            ) from err
+        raise
+    return client
+
+
+def describe_workers(client: Client) -> list[dict[str, Any]]:
+    """One dict per worker for run records: address, name, host, pid, threads, memory, cwd."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    try:  # builtins only: the workers need not import this module
+        pids, cwds = client.run(os.getpid), client.run(os.getcwd)
+    except Exception:  # noqa: BLE001 -- a record without them is still a record
+        pids, cwds = {}, {}
+    rows = []
+    for address, info in sorted(workers.items()):
+        rows.append(
+            {
+                "address": address,
+                "name": info.get("name"),
+                "host": info.get("host"),
+                "pid": pids.get(address, info.get("pid")),
+                "nthreads": info.get("nthreads"),
+                "memory_limit": info.get("memory_limit"),
+                "local_directory": info.get("local_directory"),
+                "cwd": cwds.get(address),
+            }
+        )
+    return rows
+
+
+def write_scheduler_file(path: str | os.PathLike[str], address: str) -> None:
+    """Write ``address`` and a newline to ``path`` atomically (temp file + rename)."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(address + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_scheduler_file(path: str | os.PathLike[str]) -> str:
+    """The address written by :func:`write_scheduler_file`."""
+    return Path(path).read_text().strip()
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _open_client(address: str, timeout: float) -> Client:
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as err:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address} within {timeout:g} s "
+            f"({_describe(err)}); is it running and is the address right?"
+        ) from err
+
+
+def _remaining(deadline: float, floor: float = 0.0) -> float:
+    return max(deadline - time.monotonic(), floor)
+
+
+def _interface_ip(interface: str) -> str:
+    from distributed.utils import get_ip_interface
+
+    try:
+        return get_ip_interface(interface)
+    except ValueError as err:
+        raise ConfigError(f"[cluster] interface = {interface!r}: {_describe(err)}") from err
+
+
+def _describe(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _current_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _close_ssh_workers(client: Client, cluster: Any, timeout_s: float = 20.0) -> None:
+    """Close the SSH workers through the scheduler and wait for their remote processes.
+
+    SSHCluster stops a remote process by an SSH signal request, which an OpenSSH server
+    may refuse ("session signalling requires privilege separation"); the workers then
+    outlive the cluster until they notice the scheduler is gone. Asking the scheduler to
+    close them (nannies included) and waiting for each remote command to end does not
+    depend on that.
+    """
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(Exception):
+        client.retire_workers(close_workers=True)
+    procs = [getattr(w, "proc", None) for w in getattr(cluster, "workers", {}).values()]
+    procs = [p for p in procs if p is not None]
+    while time.monotonic() < deadline:
+        if all(p.exit_status is not None or p.is_closing() for p in procs):
+            return
+        time.sleep(_POLL_S)
+    logger.warning("SSH worker processes still running after %g s; closing anyway", timeout_s)
+
+
+def _child_pids() -> set[int]:
+    try:
+        import psutil
+    except ImportError:  # comes with distributed
+        return set()
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        # multiprocessing's resource tracker is shared and ends with this process
+        if "resource_tracker" not in " ".join(_cmdline(p))
+    }
+
+
+def _cmdline(process: Any) -> list[str]:
+    try:
+        return process.cmdline()
+    except Exception:  # noqa: BLE001 -- gone or not ours to read
+        return []
+
+
+def _reap(pids: set[int], grace_s: float = 5.0) -> None:
+    """Stop the given child processes of ours that are still alive, by PID.
+
+    Called after a local cluster closed, with the children that appeared while it ran
+    (its worker processes): terminate, wait, then kill what is left.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return
+    alive = [p for p in psutil.Process().children(recursive=True) if p.pid in pids]
+    if not alive:
+        return
+    logger.warning("stopping %d leftover worker process(es): %s", len(alive), sorted(pids))
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=grace_s)

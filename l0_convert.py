@@ -1,0 +1,386 @@
+"""Step 1: the PFF files of one stream → one lossless L0 Zarr store.
+
+Plan (driver) → tasks (local threads or Dask workers) → verify → publish:
+
+* the driver checks the inputs are one stream, indexes each file (assuming the nominal
+  stride and verifying it while reading, pff.PFFReader), decides each file's time
+  source, creates the store's arrays under a temporary name and cuts the frames into
+  ranges aligned to ``time_chunk``;
+* each task (:func:`convert_range`) reads its byte ranges, decodes pixels, headers,
+  times and flags, writes whole chunks straight into the store, and returns a small
+  summary — image data never travels back;
+* the driver checks the frame count and reads a sample of chunks back against the PFF
+  bytes, writes the attributes, consolidates metadata and renames the store into place.
+
+Tasks read a few frames before their range so the out-of-order flag is the same as a
+sequential read (up to ``CONTEXT_FRAMES`` consecutive frames without time at a range
+boundary).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import pff
+import zarr_products as zp
+from pipeline_errors import InputError, PFFNameError, StoreError
+
+CONTEXT_FRAMES = 8
+VERIFY_SAMPLE_CHUNKS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    """One input file of the stream, as the tasks need it (small, picklable)."""
+
+    path: str
+    seqno: int
+    index: pff.FrameIndex
+    first: int  # global frame number of this file's frame 0
+    time_source: str
+
+    @property
+    def stop(self) -> int:
+        return self.first + self.index.n_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """What a task needs besides its frame range (sent to Dask workers)."""
+
+    store: str
+    files: tuple[SourceFile, ...]
+    max_concurrent_writes: int
+    compress_threads: int
+    group_writable: bool
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def check_stream(paths: Sequence[str | os.PathLike], notice: Callable[[str], None]
+                 ) -> list[pff.PFFName]:
+    """The non-empty files of one stream in seqno order; refuse anything else up front."""
+    names, problems = [], []
+    for p in map(Path, paths):
+        try:
+            if not p.exists():
+                raise InputError(f"{p}: no such file")
+            if not p.is_file():
+                raise InputError(f"{p}: not a regular file")
+            if not os.access(p, os.R_OK):
+                raise InputError(f"{p}: not readable (permission denied)")
+            names.append(pff.parse_name(p))
+        except (InputError, PFFNameError) as err:
+            problems.append(str(err))
+    if problems:
+        raise InputError("\n".join(problems))
+    streams = {n.stream for n in names}
+    if len(streams) > 1:
+        listing = "; ".join(f"{n.path.name} ({n.dp}, module {n.module})" for n in names)
+        raise InputError(f"inputs are not one stream (same observation, dp and module): "
+                         f"{listing}")
+    seqnos = [n.seqno for n in names]
+    dup = sorted({s for s in seqnos if seqnos.count(s) > 1})
+    if dup:
+        raise InputError(f"duplicate seqno {dup} among inputs: "
+                         + ", ".join(str(n.path) for n in names if n.seqno in dup))
+    kept = []
+    for n in sorted(names, key=lambda n: n.seqno):
+        if n.path.stat().st_size == 0:
+            notice(f"{n.path}: empty (0 bytes), skipped")
+        else:
+            kept.append(n)
+    if not kept:
+        raise InputError("no data: every input file is empty (0 bytes)")
+    return kept
+
+
+def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None]
+                 ) -> list[SourceFile]:
+    """Index every file and decide its time source; number frames across the stream."""
+    files, first = [], 0
+    for k, name in enumerate(names):
+        with pff.PFFReader(name.path) as reader:
+            source = pff.decide_time_source(reader)
+            index = reader.index
+        if index.n_frames == 0:
+            raise InputError(f"{name.path}: no whole frame ({index.partial_bytes} bytes, a "
+                             f"{name.dp} frame is {name.product.frame_bytes})")
+        if index.partial_bytes:
+            where = "last file" if k == len(names) - 1 else "NOT the last file of the stream"
+            notice(f"{name.path}: partial last frame dropped ({index.partial_bytes} bytes; "
+                   f"{where})")
+        files.append(SourceFile(str(name.path), name.seqno, index, first, source))
+        first += index.n_frames
+    return files
+
+
+def plan_ranges(n_frames: int, time_chunk: int, frame_bytes: int, chunk_size_mb: int
+                ) -> list[tuple[int, int]]:
+    """Frame ranges of whole ``time_chunk`` chunks holding about ``chunk_size_mb`` each."""
+    chunks_per_task = max(1, round(chunk_size_mb * 1e6 / (frame_bytes * time_chunk)))
+    step = chunks_per_task * time_chunk
+    return [(a, min(a + step, n_frames)) for a in range(0, n_frames, step)]
+
+
+# --------------------------------------------------------------------------- task
+
+_process_ready = threading.Lock()
+_configured: dict[str, Any] = {}
+_local = threading.local()
+
+
+def _prepare_process(settings: TaskSettings) -> None:
+    """Zarr concurrency and the umask, once per process (workers included)."""
+    with _process_ready:
+        if not _configured:
+            zp.configure_zarr(settings.max_concurrent_writes, settings.compress_threads)
+            zp.apply_permission_policy(settings.group_writable)
+            _configured["done"] = True
+
+
+def _read_piece(f: SourceFile, a: int, b: int) -> pff.Frames:
+    """Global frames a..b-1 (within file ``f``) through this thread's reused buffer."""
+    buf = getattr(_local, "buffer", None)
+    nbytes = f.index.byte_range(a - f.first, b - f.first)[1]
+    if buf is None or buf.size < nbytes:
+        buf = _local.buffer = np.empty(nbytes + nbytes // 8, np.uint8)
+    return pff.read_frames(f.path, f.index, a - f.first, b - f.first, buffer=buf, copy=False)
+
+
+def decode_range(files: Sequence[SourceFile], a: int, b: int
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
+    """Images, headers, time and flags of global frames a..b-1, and the bytes read."""
+    product = files[0].index.product
+    n = b - a
+    images = np.empty((n, *product.shape), product.dtype)
+    headers = {f: np.empty((n, *product.header_shape), pff.FIELD_DTYPE[f])
+               for f in product.fields}
+    time_ns = np.empty(n, np.int64)
+    flags = np.empty(n, np.uint8)
+    prev, nbytes = pff.NAT, 0
+    lo = max(0, a - CONTEXT_FRAMES)
+    for f in files:
+        s, e = max(lo, f.first), min(b, f.stop)
+        if s >= e:
+            continue
+        frames = _read_piece(f, s, e)
+        t, fl = pff.frame_times(frames.headers, f.time_source, prev)
+        prev = pff.last_valid_time(t, prev)
+        keep = slice(max(0, a - s), e - s)  # drop the context frames
+        out = slice(max(s, a) - a, e - a)
+        pff.copy_pixels(images[out], frames.images[keep])
+        for k, v in frames.headers.items():
+            headers[k][out] = v[keep]
+        time_ns[out], flags[out] = t[keep], fl[keep]
+        nbytes += f.index.byte_range(max(s, a) - f.first, e - f.first)[1]
+    return images, headers, time_ns, flags, nbytes
+
+
+def timestamps_of(time_ns: np.ndarray) -> np.ndarray:
+    """float64 Unix seconds (the original pipeline's field), NaN where time is NaT."""
+    return np.where(time_ns == pff.NAT, np.nan, time_ns / 1e9)
+
+
+def convert_range(settings: TaskSettings, a: int, b: int) -> dict[str, Any]:
+    """Task: decode global frames a..b-1 and write their chunks; return a summary."""
+    import zarr
+
+    _prepare_process(settings)
+    images, headers, time_ns, flags, nbytes = decode_range(settings.files, a, b)
+    group = zarr.open_group(store=settings.store, mode="r+", use_consolidated=False)
+    group["images"][a:b] = images
+    group["time"][a:b] = time_ns
+    group["timestamps"][a:b] = timestamps_of(time_ns)
+    group["frame_flags"][a:b] = flags
+    for k, v in headers.items():
+        group[f"headers/{k}"][a:b] = v
+    return {"start": a, "stop": b, "frames": b - a, "bytes_read": nbytes,
+            "flags": pff.flag_counts(flags)}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass
+class Result:
+    """What step 1 did, for the report line and the run record."""
+
+    output: str
+    status: str  # "ok" or "exists"
+    frames: int = 0
+    seconds: float = 0.0
+    input_bytes: int = 0
+    store_bytes: int = 0
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def line(self) -> str:
+        if self.status == "exists":
+            return f"{self.output}: complete L0 store already there, left alone"
+        r = self.report
+        flags = ", ".join(f"{k}={v}" for k, v in r["flag_counts"].items())
+        return (f"{self.output}: {self.frames} frames, {r['mb_per_s']:.0f} MB/s, "
+                f"compression {r['compression_ratio']:.2f}x, "
+                f"dropped {r['partial_bytes_dropped']} bytes, walked {r['frames_walked']} "
+                f"frames, time source {r['time_source']}, flags: {flags}")
+
+
+def _create_store(path: Path, files: Sequence[SourceFile], cfg: Any) -> None:
+    import zarr
+
+    product = files[0].index.product
+    n = files[-1].stop
+    section = cfg.pff_to_zarr
+    codecs = zp.compressors(**zp.codec_settings(section))
+    group = zarr.open_group(store=str(path), mode="w-")
+    chunk = max(1, min(section.time_chunk, n))
+    zp.create_array(group, "images", (n, *product.shape), (chunk, *product.shape),
+                    product.dtype, ("time", "y", "x"), codecs,
+                    {"long_name": f"{product.dp} pixels exactly as in the PFF files"})
+    zp.create_frame_arrays(group, n, chunk, codecs,
+                           {f: (pff.FIELD_DTYPE[f], product.header_shape)
+                            for f in product.fields})
+
+
+def _run_tasks(settings: TaskSettings, ranges: list[tuple[int, int]], num_workers: int,
+               client: Any, progress: Any) -> list[dict[str, Any]]:
+    """Run every range; local thread pool, or the Dask client's workers."""
+    summaries = []
+    if client is None:
+        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+            futures = [pool.submit(convert_range, settings, a, b) for a, b in ranges]
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    summaries.append(fut.result())
+                    progress.update(summaries[-1]["frames"])
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+        return summaries
+    from distributed import as_completed
+
+    futures = [client.submit(convert_range, settings, a, b, pure=False) for a, b in ranges]
+    try:
+        for fut in as_completed(futures):
+            summaries.append(fut.result())
+            progress.update(summaries[-1]["frames"])
+    except BaseException:
+        client.cancel(futures)
+        raise
+    return summaries
+
+
+def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: int,
+            time_chunk: int) -> None:
+    """Frame count = index count; a sample of chunks read back equals the PFF bytes."""
+    import zarr
+
+    got = sum(s["frames"] for s in summaries)
+    if got != n:
+        raise StoreError(f"{path}: wrote {got} frames, the index has {n}")
+    group = zarr.open_group(store=str(path), mode="r", use_consolidated=False)
+    n_chunks = -(-n // time_chunk)
+    for c in sorted({0, n_chunks // 2, n_chunks - 1})[:VERIFY_SAMPLE_CHUNKS]:
+        a, b = c * time_chunk, min(n, (c + 1) * time_chunk)
+        images, headers, time_ns, flags, _ = decode_range(files, a, b)
+        same = (np.array_equal(group["images"][a:b], images)
+                and np.array_equal(group["time"][a:b], time_ns)
+                and np.array_equal(group["frame_flags"][a:b], flags)
+                and all(np.array_equal(group[f"headers/{k}"][a:b], v)
+                        for k, v in headers.items()))
+        if not same:
+            raise StoreError(f"{path}: chunk {c} (frames {a}..{b - 1}) read back differs "
+                             "from the PFF input")
+
+
+def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
+                report: dict[str, Any]) -> dict[str, Any]:
+    first = pff.parse_name(files[0].path)
+    run = pff.run_of(files[0].path)
+    sources = {f.time_source for f in files}
+    counts = dict.fromkeys(pff.FLAG_NAMES.values(), 0)
+    for s in summaries:
+        for k, v in s["flags"].items():
+            counts[k] += v
+    report["flag_counts"] = counts
+    return {
+        "processing_level": zp.LEVEL_L0,
+        "data_product": first.dp,
+        "module": first.module,
+        "run_start": first.start.isoformat(),
+        "observation": run.as_attrs() if run else {},
+        "source_files": [{"name": Path(f.path).name, "size": f.index.file_size,
+                          "seqno": f.seqno, "frames": f.index.n_frames,
+                          "partial_bytes_dropped": f.index.partial_bytes,
+                          "frames_walked": f.index.frames_walked,
+                          "time_source": f.time_source} for f in files],
+        "n_frames": files[-1].stop,
+        "time_source": sources.pop() if len(sources) == 1 else "mixed",
+        "flag_counts": counts,
+        "config": cfg.as_dict(),
+        "software": zp.software_versions(),
+        "created": zp.utc_now(),
+        "report": report,
+    }
+
+
+def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg: Any, *,
+            client: Any = None, overwrite: bool = False, quiet: bool = False,
+            notice: Callable[[str], None] | None = None) -> Result:
+    """Convert the PFF files of one stream into the L0 store ``output``."""
+    from tqdm import tqdm
+
+    notice = notice or (lambda msg: print(msg, file=sys.stderr))
+    output = Path(output)
+    names = check_stream(inputs, notice)
+    if not overwrite and zp.is_published(output, zp.LEVEL_L0):
+        return Result(str(output), "exists")
+    for stale in zp.remove_stale_partials(output):
+        notice(f"{stale}: removed the partial store of an interrupted run")
+    zp.apply_permission_policy(cfg.run.group_writable)
+    t0 = time.perf_counter()
+    files = index_stream(names, notice)
+    section = cfg.pff_to_zarr
+    n = files[-1].stop
+    chunk = max(1, min(section.time_chunk, n))
+    ranges = plan_ranges(n, chunk, files[0].index.product.frame_bytes, section.chunk_size_mb)
+    if client is None:  # one process: its compression threads serve every task thread
+        zp.configure_zarr(section.max_concurrent_writes,
+                          section.blosc_threads * section.num_workers)
+    with zp.publishing(output, overwrite) as tmp:
+        _create_store(tmp, files, cfg)
+        settings = TaskSettings(str(tmp), tuple(files), section.max_concurrent_writes,
+                                section.blosc_threads, cfg.run.group_writable)
+        with tqdm(total=n, unit="frame", unit_scale=True, disable=quiet, file=sys.stderr,
+                  desc=output.name) as progress:
+            summaries = _run_tasks(settings, ranges, section.num_workers, client, progress)
+        _verify(tmp, files, summaries, n, chunk)
+        seconds = time.perf_counter() - t0
+        input_bytes = sum(f.index.file_size for f in files)
+        store_bytes = zp.store_bytes(tmp)
+        report = {"frames": n, "seconds": round(seconds, 3),
+                  "mb_per_s": input_bytes / 1e6 / max(seconds, 1e-9),
+                  "compression_ratio": input_bytes / max(store_bytes, 1),
+                  "input_bytes": input_bytes, "store_bytes": store_bytes,
+                  "partial_bytes_dropped": sum(f.index.partial_bytes for f in files),
+                  "frames_walked": sum(f.index.frames_walked for f in files),
+                  "time_source": ", ".join(sorted({f.time_source for f in files})),
+                  "tasks": len(ranges), "mode": "dask" if client is not None else "local"}
+        import zarr
+
+        group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
+        group.attrs.update(_attributes(files, summaries, cfg, report))
+        zp.consolidate(tmp)
+    return Result(str(output), "ok", n, seconds, input_bytes, store_bytes, report)

@@ -1,0 +1,442 @@
+"""Tests for dask_cluster.py and cluster_lifecycle_manager.py, with real processes.
+
+Every Dask address stays on loopback (``interface = "lo"``). Each manager started here
+carries a unique ``PANOSETI_TEST_TAG`` in its environment, inherited by its worker
+processes, so a leftover can be found after the manager exits and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import dask_cluster  # noqa: E402
+from pipeline_config import load_config  # noqa: E402
+from pipeline_errors import ClusterError, ConfigError  # noqa: E402
+
+psutil = pytest.importorskip("psutil")
+distributed = pytest.importorskip("distributed")
+
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
+MANAGER = str(REPO / "cluster_lifecycle_manager.py")
+PROG = "cluster_lifecycle_manager.py"
+READY_TIMEOUT_S = 30.0
+EXIT_TIMEOUT_S = 30.0
+
+LOCAL = {
+    "cluster_type": "local",
+    "interface": "lo",
+    "local_workers": 2,
+    "local_threads_per_worker": 1,
+    "local_memory_per_worker": "1GB",
+    "dashboard_port": 0,
+    "startup_timeout_s": 30.0,
+}
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def write_config(path: Path, **cluster: object) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps({"cluster": cluster}))
+    return path
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``PANOSETI_TEST_TAG=tag``."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("PANOSETI_TEST_TAG") == tag and proc.status() != "zombie":
+                found.append(proc)
+    return found
+
+
+def stop_by_pid(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+@dataclass
+class Manager:
+    """One cluster_lifecycle_manager.py subprocess and what it left behind."""
+
+    workdir: Path
+    config: Path
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def scheduler_file(self) -> Path:
+        return self.workdir / "scheduler.txt"
+
+    def start(self, *extra: str) -> Manager:
+        env = {**os.environ, "PANOSETI_TEST_TAG": self.tag}
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen(
+            [PYTHON, MANAGER, str(self.config), str(self.scheduler_file), *extra],
+            cwd=self.workdir,
+            env=env,
+            stdout=open(self.workdir / "stdout.txt", "w"),  # noqa: SIM115 -- closed with proc
+            stderr=open(self.workdir / "stderr.txt", "w"),  # noqa: SIM115
+        )
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.scheduler_file.exists():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"manager exited {self.proc.returncode}: {self.stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no scheduler file after {timeout} s: {self.stderr}")
+            time.sleep(0.05)
+        return self.scheduler_file.read_text().strip()
+
+    def wait_exit(self, timeout: float = EXIT_TIMEOUT_S) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def descendants(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    @property
+    def stdout(self) -> str:
+        return (self.workdir / "stdout.txt").read_text()
+
+    @property
+    def stderr(self) -> str:
+        return (self.workdir / "stderr.txt").read_text()
+
+    def stop(self) -> None:
+        """Teardown: the manager and anything carrying its tag, by PID."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        stop_by_pid(tagged_processes(self.tag))
+
+
+@pytest.fixture
+def make_manager(tmp_path: Path) -> Iterator:
+    started: list[Manager] = []
+
+    def make(name: str = "m", **cluster: object) -> Manager:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        manager = Manager(workdir, write_config(workdir / "config.toml", **cluster))
+        started.append(manager)
+        return manager
+
+    yield make
+    for manager in started:
+        manager.stop()
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, str]]:
+    """A manager holding a 2-worker local cluster, shared by the read-only checks."""
+    workdir = tmp_path_factory.mktemp("running")
+    manager = Manager(workdir, write_config(workdir / "config.toml", **LOCAL)).start()
+    try:
+        yield manager, manager.wait_ready()
+    finally:
+        manager.stop()
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def module_probe():
+    """A worker-side probe: where each module was imported from, and the worker's cwd.
+
+    Built inside a function so it is pickled by value: workers cannot import this file.
+    """
+
+    def probe(names: tuple[str, ...]) -> dict:
+        import importlib
+        import os
+
+        return {
+            "cwd": os.getcwd(),
+            "files": {n: importlib.import_module(n).__file__ for n in names},
+        }
+
+    return probe
+
+
+def assert_one_error_line(stderr: str, *needles: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"{PROG}: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def assert_all_gone(manager: Manager, seen: list[psutil.Process]) -> None:
+    _, alive = psutil.wait_procs(seen, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    assert not tagged_processes(manager.tag)
+    assert not manager.scheduler_file.exists()
+
+
+# -- the running cluster ---------------------------------------------------------------
+
+
+def test_manager_publishes_a_loopback_cluster(running: tuple[Manager, str]) -> None:
+    manager, address = running
+    assert address.startswith("tcp://127.")
+    assert f"scheduler {address}" in manager.stdout
+    assert "dashboard off" in manager.stdout
+    # Every socket the manager and its workers listen on is on loopback.
+    listening = []
+    for proc in [psutil.Process(manager.proc.pid), *manager.descendants()]:
+        listening += [c.laddr for c in proc.net_connections("inet") if c.status == "LISTEN"]
+    assert listening
+    assert all(laddr.ip.startswith("127.") for laddr in listening), listening
+    # No file left half-written next to the scheduler file.
+    assert [p.name for p in manager.workdir.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_connect_client_ships_modules_to_workers(running: tuple[Manager, str]) -> None:
+    _, address = running
+    client = dask_cluster.connect_client(address, timeout=10)
+    try:
+        rows = dask_cluster.describe_workers(client)
+        assert len(rows) == 2
+        assert all(r["address"].startswith("tcp://127.") for r in rows)
+        assert all(r["host"].startswith("127.") and r["nthreads"] == 1 for r in rows)
+        assert all(r["memory_limit"] == 10**9 and r["pid"] and r["cwd"] for r in rows)
+        names = tuple(p.stem for p in dask_cluster.worker_module_files())
+        assert "pipeline_errors" in names
+        for row in rows:
+            got = client.submit(module_probe(), names, workers=[row["address"]], pure=False).result(
+                timeout=30
+            )
+            for name, file in got["files"].items():
+                # the uploaded copy, not the repository's
+                assert Path(file).parent == Path(row["local_directory"]), (name, file)
+    finally:
+        client.close()
+
+
+def test_late_worker_elsewhere_gets_modules(running: tuple[Manager, str], tmp_path: Path) -> None:
+    """A worker that joins later, with cwd outside the repo and no PYTHONPATH to it."""
+    _, address = running
+    client = dask_cluster.connect_client(address, timeout=10)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    worker = subprocess.Popen(
+        [PYTHON, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+         "--no-nanny", "--no-dashboard", "--interface", "lo", "--name", "late",
+         "--local-directory", str(tmp_path / "space")],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client.wait_for_workers(3, timeout=30)
+        late = [r for r in dask_cluster.describe_workers(client) if r["name"] == "late"]
+        assert len(late) == 1 and late[0]["address"].startswith("tcp://127.")
+        got = client.submit(
+            module_probe(), ("pipeline_errors", "pff"), workers=[late[0]["address"]], pure=False
+        ).result(timeout=30)
+        assert Path(got["cwd"]) == tmp_path
+        for file in got["files"].values():
+            assert Path(file).is_relative_to(tmp_path / "space"), got
+            assert not Path(file).is_relative_to(REPO)
+    finally:
+        with contextlib.suppress(Exception):
+            client.retire_workers(names=["late"], close_workers=True)
+        client.close()
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=10)
+
+
+def test_scheduler_type_checks_publishes_and_leaves_it_running(
+    running: tuple[Manager, str], make_manager
+) -> None:
+    owner, address = running
+    manager = make_manager(
+        cluster_type="scheduler", scheduler_address=address, startup_timeout_s=10.0
+    )
+    assert manager.start().wait_ready() == address
+    manager.proc.send_signal(signal.SIGTERM)
+    assert manager.wait_exit() == 0, manager.stderr
+    assert not manager.scheduler_file.exists()
+    assert owner.proc.poll() is None and owner.scheduler_file.exists()
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_closes_everything(make_manager, signum: int) -> None:
+    manager = make_manager(**LOCAL).start()
+    address = manager.wait_ready()
+    assert address.startswith("tcp://127.")
+    seen = manager.descendants()
+    assert len(seen) >= 2  # the two worker processes
+    manager.proc.send_signal(signum)
+    assert manager.wait_exit() == 0, manager.stderr
+    assert manager.stderr == ""
+    assert "cluster closed" in manager.stdout
+    assert_all_gone(manager, seen)
+
+
+def test_startup_timeout_fails_cleanly(make_manager) -> None:
+    manager = make_manager(**{**LOCAL, "startup_timeout_s": 0.05}).start()
+    seen: list[psutil.Process] = []
+    while manager.proc.poll() is None:  # collect the workers it starts meanwhile
+        with contextlib.suppress(psutil.Error):
+            seen += manager.descendants()
+        time.sleep(0.02)
+    assert manager.wait_exit() == 1
+    assert_one_error_line(manager.stderr, "workers joined", "startup_timeout_s")
+    assert manager.stdout == ""
+    assert_all_gone(manager, seen)
+
+
+def test_unreachable_scheduler_is_a_clear_error(make_manager) -> None:
+    address = f"tcp://127.0.0.1:{free_loopback_port()}"
+    manager = make_manager(
+        cluster_type="scheduler", scheduler_address=address, startup_timeout_s=2.0
+    )
+    started = time.monotonic()
+    assert manager.start().wait_exit(timeout=20) == 1
+    assert time.monotonic() - started < 20
+    assert_one_error_line(manager.stderr, "cannot reach", address)
+    assert not manager.scheduler_file.exists()
+
+
+def test_use_dask_false_is_a_usage_error(make_manager) -> None:
+    manager = make_manager(use_dask=False)
+    assert manager.start().wait_exit() == 2
+    assert_one_error_line(manager.stderr, "use_dask = false")
+    assert not manager.scheduler_file.exists()
+
+
+def test_unknown_interface_is_a_usage_error(make_manager) -> None:
+    manager = make_manager(**{**LOCAL, "interface": "nosuch0"})
+    assert manager.start().wait_exit() == 2
+    assert_one_error_line(manager.stderr, "config.toml", "interface", "nosuch0")
+    assert not manager.scheduler_file.exists()
+
+
+def test_bad_config_is_a_usage_error(make_manager) -> None:
+    manager = make_manager(local_wrkers=2)
+    assert manager.start().wait_exit() == 2
+    assert "local_wrkers" in manager.stderr
+    assert not manager.scheduler_file.exists()
+
+
+# -- in-process ------------------------------------------------------------------------
+
+
+def test_handle_states_and_idempotent_close(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.toml", **{**LOCAL, "local_workers": 1}))
+    handle = dask_cluster.ClusterHandle(config.cluster)
+    assert handle.state is dask_cluster.ClusterState.NEW
+    with handle:
+        handle.start()
+        assert handle.state is dask_cluster.ClusterState.RUNNING
+        assert handle.address.startswith("tcp://127.")
+        assert len(handle.client.nthreads()) == 1
+        with pytest.raises(ClusterError, match="already running"):
+            handle.start()
+    assert handle.state is dask_cluster.ClusterState.CLOSED
+    handle.close()
+    with pytest.raises(ClusterError, match="closed"):
+        _ = handle.client
+
+
+def test_handle_refuses_use_dask_false(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.toml", use_dask=False))
+    with pytest.raises(ConfigError, match="use_dask"):
+        dask_cluster.ClusterHandle(config.cluster).start()
+
+
+def test_write_scheduler_file_is_atomic(tmp_path: Path) -> None:
+    target = tmp_path / "sched.txt"
+    target.write_text("tcp://old:1\n")
+    dask_cluster.write_scheduler_file(target, "tcp://127.0.0.1:8786")
+    assert dask_cluster.read_scheduler_file(target) == "tcp://127.0.0.1:8786"
+    assert [p.name for p in tmp_path.iterdir()] == ["sched.txt"]
+    assert target.stat().st_mode & 0o002 == 0
+    with pytest.raises(OSError):
+        dask_cluster.write_scheduler_file(tmp_path / "missing" / "s.txt", "tcp://x:1")
+
+
+def test_worker_modules_are_listed_once_in_dependency_order() -> None:
+    modules = dask_cluster.WORKER_MODULES
+    assert len(set(modules)) == len(modules)
+    assert modules[0] == "pipeline_errors"
+    files = dask_cluster.worker_module_files()
+    assert [p.stem for p in files] == [m for m in modules if (REPO / f"{m}.py").is_file()]
+
+
+# -- SSH arguments (no SSH server needed) ----------------------------------------------
+
+
+def ssh_config(tmp_path: Path, **keys: object):
+    base = {
+        "ssh_hosts": ["127.0.0.1", "127.0.0.2"],
+        "interface": "lo",
+        "ssh_workers_per_host": 2,
+        "ssh_threads_per_worker": 3,
+        "ssh_memory_per_worker": "2GB",
+        "ssh_port": 2222,
+        "ssh_username": "panoseti",
+        "ssh_client_keys": ["/keys/id_ed25519"],
+        "ssh_known_hosts": "/keys/known_hosts",
+    }
+    return load_config(write_config(tmp_path / "ssh.toml", **{**base, **keys})).cluster
+
+
+def test_ssh_arguments_map_the_config(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ZARR_ASYNC__CONCURRENCY", "8")
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    args = dask_cluster.ssh_cluster_arguments(ssh_config(tmp_path))
+    assert args["hosts"] == ["127.0.0.1", "127.0.0.1", "127.0.0.2"]
+    connect = args["connect_options"]
+    assert connect["port"] == 2222 and connect["username"] == "panoseti"
+    assert connect["client_keys"] == ["/keys/id_ed25519"]
+    assert connect["known_hosts"] == "/keys/known_hosts"
+    workers = args["worker_options"]
+    assert workers["n_workers"] == 2 and workers["nthreads"] == 3
+    assert workers["memory_limit"] == "2GB" and workers["interface"] == "lo"
+    assert workers["env"]["ZARR_ASYNC__CONCURRENCY"] == "8"
+    assert "UNRELATED_SECRET" not in workers["env"]
+    assert args["scheduler_options"]["interface"] == "lo"
+    assert args["scheduler_options"]["dashboard"] is False
+    assert args["remote_python"] == sys.executable
+    assert dask_cluster.requested_workers(ssh_config(tmp_path)) == 4
+
+
+def test_ssh_host_keys_are_verified_unless_disabled(tmp_path: Path) -> None:
+    default = dask_cluster.ssh_cluster_arguments(ssh_config(tmp_path, ssh_known_hosts=""))
+    assert "known_hosts" not in default["connect_options"]  # asyncssh: ~/.ssh/known_hosts
+    unsafe = dask_cluster.ssh_cluster_arguments(ssh_config(tmp_path, ssh_verify_host_keys=False))
+    assert unsafe["connect_options"]["known_hosts"] is None

@@ -1,0 +1,223 @@
+"""The pipeline's Zarr products (L0, L1): codecs, array layout, atomic publishing.
+
+Both steps write a Zarr v3 group per product (DESIGN.md §4, §5). This module is where
+the layout conventions live, so step 1, step 2 and the tests agree on them:
+
+* every array carries zarr v3 ``dimension_names``; ``time`` is int64 nanoseconds with CF
+  attributes so xarray decodes ``datetime64[ns]`` (NaT is int64 min, the fill value);
+* chunks along time are whole multiples shared by images and per-frame arrays, so a task
+  that owns a chunk-aligned frame range owns every chunk it writes;
+* a product is written under ``<name>.<uuid>.partial`` next to its final path and renamed
+  into place only after it was verified (:func:`publishing`); an existing product under
+  the final name is complete by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from pipeline_errors import InputError, StoreError
+
+LEVEL_L0 = "L0"
+LEVEL_L1 = "L1"
+NAT = np.iinfo(np.int64).min
+TIME_ATTRS = {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian",
+              "standard_name": "time", "long_name": "frame time (UTC)"}
+FLAG_ATTRS = {"flag_masks": [1, 2, 4, 8],
+              "flag_meanings": "missing_quabo invalid_pkt_nsec host_clock_time out_of_order",
+              "long_name": "per-frame quality flags (bit mask)"}
+_SHUFFLES = {"bit": "bitshuffle", "byte": "shuffle", "none": "noshuffle"}
+_PARTIAL = ".partial"
+
+
+def configure_zarr(max_concurrent_writes: int, compress_threads: int) -> None:
+    """Zarr's I/O concurrency and compression threads for this process.
+
+    Must run before the first read or write (zarr reads ``threading.max_workers`` once).
+    Detector data never equals the fill value, so the per-chunk "is it empty?" scan of
+    ``write_empty_chunks=False`` is pure cost (3-5x measured here): switch it off.
+    """
+    zarr.config.set({"async.concurrency": max_concurrent_writes,
+                     "threading.max_workers": compress_threads,
+                     "array.write_empty_chunks": True})
+
+
+def compressors(codec: str, level: int, shuffle: str, checksum: bool) -> list:
+    """Zarr v3 bytes-to-bytes codecs for a ``[pff_to_zarr]``-style codec setting."""
+    out: list = []
+    if codec in ("blosc-lz4", "zstd"):
+        out.append(zarr.codecs.BloscCodec(cname="lz4" if codec == "blosc-lz4" else "zstd",
+                                          clevel=level, shuffle=_SHUFFLES[shuffle]))
+    elif codec == "gzip":
+        out.append(zarr.codecs.GzipCodec(level=level))
+    elif codec != "none":
+        raise ValueError(f"unknown codec {codec!r}")
+    if checksum:
+        out.append(zarr.codecs.Crc32cCodec())
+    return out
+
+
+def codec_settings(section: Any) -> dict[str, Any]:
+    """The codec keys of a config section, as given to :func:`compressors`."""
+    return {"codec": section.codec, "level": section.level, "shuffle": section.shuffle,
+            "checksum": section.checksum}
+
+
+def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+                 dtype: Any, dims: tuple[str, ...], codecs: list, attrs: Mapping | None = None,
+                 fill_value: Any = 0) -> zarr.Array:
+    """One array of a product, with dimension names and the product's codecs."""
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
+                              compressors=codecs or None, fill_value=fill_value,
+                              dimension_names=dims, attributes=dict(attrs or {}))
+
+
+def create_frame_arrays(group: zarr.Group, n_frames: int, time_chunk: int, codecs: list,
+                        header_dtypes: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+    """``time``, ``timestamps``, ``frame_flags`` and ``headers/*``: the per-frame arrays."""
+    chunk = (max(1, min(time_chunk, n_frames)),)
+    create_array(group, "time", (n_frames,), chunk, "<i8", ("time",), codecs, TIME_ATTRS,
+                 fill_value=NAT)
+    create_array(group, "timestamps", (n_frames,), chunk, "<f8", ("time",), codecs,
+                 {"units": "s", "long_name": "Unix seconds (float64; derived from time)"},
+                 fill_value=float("nan"))
+    create_array(group, "frame_flags", (n_frames,), chunk, "u1", ("time",), codecs,
+                 FLAG_ATTRS)
+    headers = group.create_group("headers")
+    for field, (dtype, trailing) in header_dtypes.items():
+        dims = ("time", "quabo")[: 1 + len(trailing)]
+        create_array(headers, field, (n_frames, *trailing), chunk + trailing, dtype, dims,
+                     codecs)
+
+
+def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
+    """Open a published product read-only; :class:`InputError` if it is not one."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such store")
+    try:
+        with _quiet_consolidated():
+            group = zarr.open_group(store=str(p), mode="r", use_consolidated=True)
+    except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
+        raise InputError(f"{p}: not a Zarr store written by this pipeline ({err})") from None
+    got = group.attrs.get("processing_level")
+    if got != level:
+        raise InputError(f"{p}: not an {level} store (processing_level = {got!r})")
+    return group
+
+
+def is_published(path: str | os.PathLike, level: str) -> bool:
+    """True when a complete product of ``level`` sits at ``path`` (resume / skip)."""
+    try:
+        open_product(path, level)
+    except InputError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_consolidated() -> Iterator[None]:
+    """Zarr warns that v3 consolidated metadata is not in the spec yet; we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        yield
+
+
+def consolidate(path: str | os.PathLike) -> None:
+    with _quiet_consolidated():
+        zarr.consolidate_metadata(str(path))
+
+
+@contextlib.contextmanager
+def publishing(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary store path; on success rename it to ``final``, else remove it.
+
+    The temporary store sits next to ``final`` (same file system, so the rename is
+    atomic) as ``<name>.<uuid>.partial``. With ``overwrite`` an existing ``final`` is
+    moved aside and removed only after the new product is in place.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise StoreError(f"{final}: exists (use --overwrite to replace it)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"{final.parent}: cannot create output directory "
+                         f"({err.strerror})") from None
+    if not os.access(final.parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{final.parent}: output directory is not writable")
+    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{_PARTIAL}")
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}.old")
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
+    """Remove ``<final>.*.partial`` left by a killed run (it never became a product)."""
+    final = Path(final)
+    stale = sorted(final.parent.glob(f"{final.name}.*{_PARTIAL}"))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def apply_permission_policy(group_writable: bool) -> None:
+    """Files keep the caller's umask, never world-writable; group-writable if configured."""
+    mask = os.umask(0) | 0o002
+    os.umask(mask & ~0o020 if group_writable else mask | 0o020)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions recorded in every product's attributes (provenance)."""
+    import numcodecs
+
+    versions = {"pipeline": _git_revision(), "python": sys.version.split()[0],
+                "numpy": np.__version__, "zarr": zarr.__version__,
+                "numcodecs": numcodecs.__version__}
+    with contextlib.suppress(ImportError):
+        import dask
+
+        versions["dask"] = dask.__version__
+    return versions
+
+
+def _git_revision() -> str:
+    repo = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def store_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a directory store (for compression ratios)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
