@@ -1,0 +1,264 @@
+"""Step 1 (PFF -> L0): every array of the store against what was written into the PFF."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import l0_convert
+import pff
+import step1_pff_to_zarr
+import synthetic_obs
+
+RUN_DIR = "obs_Lick.start_2024-07-25T04:34:46Z.runtype_sci-obs.pffd"
+
+
+def small_config(tmp_path: Path, **pff_to_zarr) -> Path:
+    keys = {"time_chunk": 64, "chunk_size_mb": 1, "num_workers": 2, **pff_to_zarr}
+    body = "\n".join(f"{k} = {v!r}".replace("'", '"').replace("True", "true")
+                     .replace("False", "false") for k, v in keys.items())
+    path = tmp_path / "cfg.toml"
+    path.write_text(f"[cluster]\nuse_dask = false\n[pff_to_zarr]\n{body}\n")
+    return path
+
+
+def make_stream(root: Path, dp: str, sizes: list[int], *, timing: str = "wr",
+                seed: int = 0, module: int = 1, tail: bytes = b"", edit=None):
+    """Write one stream's seqno files; return (paths, images, headers) as written."""
+    run = root / RUN_DIR
+    run.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    spec = synthetic_obs.StreamSpec(dp=dp, module=module, timing=timing)
+    t0 = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9
+    paths, all_images, all_headers, first = [], [], [], 0
+    for seqno, n in enumerate(sizes):
+        times = t0 + (first + np.arange(n, dtype=np.int64)) * 1_000_000
+        headers = synthetic_obs.synth_headers(rng, spec, times, first_pkt=first)
+        images = synthetic_obs.synth_images(rng, spec, n, first)
+        if edit:
+            edit(seqno, images, headers)
+        path = run / synthetic_obs.file_name(spec, synthetic_obs.DEFAULT_START, seqno)
+        with open(path, "wb") as f:
+            pff.write_frames(f, dp, images, headers)
+            if seqno == len(sizes) - 1:
+                f.write(tail)
+        paths.append(path)
+        all_images.append(images)
+        all_headers.append(headers)
+        first += n
+    headers = {k: np.concatenate([h[k] for h in all_headers]) for k in all_headers[0]}
+    return paths, np.concatenate(all_images), headers
+
+
+def expected_time(paths, headers):
+    """Sequential reference: each file's time source, flags carried across files."""
+    out_t, out_f, prev, at = [], [], pff.NAT, 0
+    for p in paths:
+        with pff.PFFReader(p) as r:
+            source, n = pff.decide_time_source(r), r.index.n_frames
+        t, f = pff.frame_times({k: v[at:at + n] for k, v in headers.items()}, source, prev)
+        prev = pff.last_valid_time(t, prev)
+        out_t.append(t)
+        out_f.append(f)
+        at += n
+    return np.concatenate(out_t), np.concatenate(out_f)
+
+
+def run_step1(*args: str) -> int:
+    return step1_pff_to_zarr.main([*map(str, args), "--quiet"])
+
+
+def assert_store_matches(store: Path, paths, images, headers):
+    g = zarr.open_group(str(store), mode="r")
+    dp = pff.parse_name(paths[0]).dp
+    assert g.attrs["processing_level"] == "L0" and g.attrs["data_product"] == dp
+    assert g["images"].dtype == pff.PRODUCTS[dp].dtype
+    np.testing.assert_array_equal(g["images"][:], images)
+    for k, v in headers.items():
+        assert g[f"headers/{k}"].dtype == pff.FIELD_DTYPE[k], k
+        np.testing.assert_array_equal(g[f"headers/{k}"][:], v, err_msg=k)
+    t, flags = expected_time(paths, headers)
+    np.testing.assert_array_equal(g["time"][:], t)
+    np.testing.assert_array_equal(g["frame_flags"][:], flags)
+    ts = g["timestamps"][:]
+    np.testing.assert_array_equal(np.isnan(ts), t == pff.NAT)
+    np.testing.assert_array_equal(ts[t != pff.NAT], t[t != pff.NAT] / 1e9)
+    assert g.attrs["n_frames"] == len(images)
+    for arr in ("images", "time", "timestamps", "frame_flags"):
+        assert g[arr].metadata.dimension_names[0] == "time"
+    return g
+
+
+@pytest.mark.parametrize("dp", sorted(pff.PRODUCTS))
+def test_every_product_is_bit_exact(tmp_path, dp):
+    paths, images, headers = make_stream(tmp_path, dp, [300])
+    out = tmp_path / "out_L0.zarr"
+    assert run_step1(paths[0], out, small_config(tmp_path)) == 0
+    g = assert_store_matches(out, paths, images, headers)
+    dims = g["headers/pkt_num"].metadata.dimension_names
+    assert dims == (("time",) if dp == "ph256" else ("time", "quabo"))
+    assert g["images"].chunks == (64, *pff.PRODUCTS[dp].shape)
+
+
+def test_multi_seqno_stream_with_awkward_frames(tmp_path, capsys):
+    def edit(seqno, images, headers):
+        if seqno == 1:
+            headers["pkt_nsec"][10, 2] = 1_000_000_321  # header drift
+            headers["pkt_nsec"][20, 0] = pff.NSEC_CLAMPED
+            for f in pff.MODULE_FIELDS:  # missing quabo 0
+                headers[f][30, 0] = 0
+            images[30, :16, :16] = 0
+
+    extra = b"{\n   partial frame"
+    paths, images, headers = make_stream(tmp_path, "img16", [150, 200, 130], edit=edit,
+                                         tail=extra)
+    (tmp_path / RUN_DIR / "start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_1.seqno_3.pff"
+     ).touch()  # an empty file the DAQ left: skipped with a notice
+    out = tmp_path / "stream_L0.zarr"
+    files = [*reversed(paths), tmp_path / RUN_DIR /
+             "start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_1.seqno_3.pff"]
+    assert step1_pff_to_zarr.main([*map(str, files), str(out),
+                                   str(small_config(tmp_path))]) == 0
+    captured = capsys.readouterr()
+    assert "seqno_3.pff: empty (0 bytes), skipped" in captured.err
+    assert f"partial last frame dropped ({len(extra)} bytes" in captured.err
+    assert "walked 1 frames" in captured.out
+    g = assert_store_matches(out, paths, images, headers)
+    src = g.attrs["source_files"]
+    assert [s["seqno"] for s in src] == [0, 1, 2]
+    assert [s["frames"] for s in src] == [150, 200, 130]
+    assert src[1]["frames_walked"] == 1 and src[2]["partial_bytes_dropped"] == len(extra)
+    assert g.attrs["observation"]["site"] == "Lick"
+    flags = g["frame_flags"][:]
+    assert flags[150 + 30] & pff.FLAG_MISSING_QUABO
+    assert flags[150 + 20] == pff.FLAG_INVALID_NSEC | pff.FLAG_HOST_CLOCK
+    assert g.attrs["flag_counts"]["missing_quabo"] == 1
+    assert g.attrs["config"]["pff_to_zarr"]["time_chunk"] == 64
+    assert {"pipeline", "python", "numpy", "zarr", "dask"} <= set(g.attrs["software"])
+
+
+def test_gnss_timed_stream_uses_host_clock(tmp_path):
+    paths, images, headers = make_stream(tmp_path, "img16", [200], timing="gnss")
+    out = tmp_path / "gnss_L0.zarr"
+    assert run_step1(paths[0], out, small_config(tmp_path)) == 0
+    g = assert_store_matches(out, paths, images, headers)
+    assert g.attrs["time_source"] == "host_clock"
+    assert (g["frame_flags"][:] == pff.FLAG_HOST_CLOCK).all()
+
+
+def test_xarray_opens_the_store_with_a_time_index(tmp_path):
+    paths, images, headers = make_stream(tmp_path, "img16", [100])
+    out = tmp_path / "x_L0.zarr"
+    assert run_step1(paths[0], out, small_config(tmp_path)) == 0
+    ds = xr.open_zarr(out)
+    assert ds["time"].dtype == np.dtype("datetime64[ns]")
+    t, _ = expected_time(paths, headers)
+    np.testing.assert_array_equal(ds["time"].values.astype(np.int64), t)
+    assert ds["images"].dims == ("time", "y", "x")
+    np.testing.assert_array_equal(ds["images"].isel(time=5).values, images[5])
+    tree = xr.open_datatree(out, engine="zarr")
+    assert tree["headers"]["pkt_nsec"].dims == ("time", "quabo")
+    assert "time" in tree.ds.indexes
+
+
+def test_dask_cluster_output_is_byte_identical_to_local(tmp_path):
+    from distributed import LocalCluster
+
+    import dask_cluster
+
+    paths, images, headers = make_stream(tmp_path, "img16", [400, 130])
+    cfg = small_config(tmp_path)
+    local, remote = tmp_path / "local_L0.zarr", tmp_path / "dask_L0.zarr"
+    assert step1_pff_to_zarr.main([*map(str, paths), str(local), str(cfg), "--quiet"]) == 0
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, interface="lo",
+                      dashboard_address=None) as cluster:
+        assert step1_pff_to_zarr.main([*map(str, paths), str(remote), str(cfg),
+                                       cluster.scheduler_address, "--quiet"]) == 0
+        with dask_cluster.connect_client(cluster.scheduler_address) as client:
+            assert len(client.scheduler_info()["workers"]) == 2
+    assert zarr.open_group(str(remote)).attrs["report"]["mode"] == "dask"
+    assert_store_matches(remote, paths, images, headers)
+    assert chunk_digests(local) == chunk_digests(remote)
+
+
+def chunk_digests(store: Path) -> dict[str, str]:
+    """sha256 of every chunk file (metadata differs: it records the mode and time)."""
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*")) if p.is_file() and "/c/" in str(p)}
+
+
+def test_rerun_leaves_a_complete_store_alone(tmp_path, capsys):
+    paths, _, _ = make_stream(tmp_path, "ph256", [120])
+    out, cfg = tmp_path / "ph_L0.zarr", small_config(tmp_path)
+    assert run_step1(paths[0], out, cfg) == 0
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    assert run_step1(paths[0], out, cfg) == 0
+    assert "already there, left alone" in capsys.readouterr().out
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    assert before == after
+    assert step1_pff_to_zarr.main([str(paths[0]), str(out), str(cfg), "--quiet",
+                                   "--overwrite"]) == 0
+    assert zarr.open_group(str(out)).attrs["created"]
+
+
+def test_failure_mid_write_leaves_no_store(tmp_path, capsys):
+    paths, _, _ = make_stream(tmp_path, "img16", [600])
+    data = bytearray(paths[0].read_bytes())
+    data[500 * 2540 + 100] = ord("#")  # a digit of frame 500's header: fails in its task
+    os.chmod(paths[0], 0o644)
+    paths[0].write_bytes(bytes(data))
+    digest = hashlib.sha256(paths[0].read_bytes()).hexdigest()
+    out = tmp_path / "bad_L0.zarr"
+    assert run_step1(paths[0], out, small_config(tmp_path)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(paths[0]) in err[0] and f"byte {500 * 2540}" in err[0]
+    assert not out.exists()
+    assert not list(tmp_path.glob("bad_L0.zarr*"))  # nor a partial store
+    assert hashlib.sha256(paths[0].read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("case", ["missing", "mixed", "duplicate", "not_pff", "all_empty",
+                                  "bad_config", "unwritable"])
+def test_bad_input_gets_one_line_and_no_output(tmp_path, capsys, case):
+    paths, _, _ = make_stream(tmp_path, "img16", [70, 70])
+    other, _, _ = make_stream(tmp_path, "ph256", [50])
+    cfg = small_config(tmp_path)
+    out = tmp_path / "out" / "o_L0.zarr"
+    args = {"missing": [tmp_path / "nope.pff"],
+            "mixed": [paths[0], other[0]],
+            "duplicate": [paths[0], paths[0]],
+            "not_pff": [tmp_path / "data.bin"],
+            "all_empty": [tmp_path / RUN_DIR / "start_2024-07-25T04:34:46Z.dp_img8.bpp_1."
+                                                "module_1.seqno_0.pff"],
+            "bad_config": [paths[0]],
+            "unwritable": [paths[0]]}[case]
+    (tmp_path / "data.bin").write_bytes(b"x")
+    args[0].touch() if case == "all_empty" else None
+    if case == "bad_config":
+        cfg.write_text("[pff_to_zarr]\ncodex = 'zstd'\n")
+    if case == "unwritable":  # root may write anywhere: a file where the directory goes
+        out.parent.write_text("not a directory")
+    rc = step1_pff_to_zarr.main([*map(str, args), str(out), str(cfg), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == (2 if case == "bad_config" else 1), err
+    assert "Traceback" not in err and err.startswith("step1_pff_to_zarr.py: error:")
+    expect = {"missing": "nope.pff: no such file", "mixed": "not one stream",
+              "duplicate": "duplicate seqno [0]", "not_pff": "not a PFF data file name",
+              "all_empty": "every input file is empty",
+              "bad_config": "unknown key 'codex' (did you mean 'codec'?)",
+              "unwritable": "cannot create output directory"}[case]
+    assert expect in err
+    assert not out.exists()
+
+
+def test_plan_ranges_are_chunk_aligned():
+    ranges = l0_convert.plan_ranges(100_000, 8192, 2540, 64)
+    assert all(a % 8192 == 0 for a, _ in ranges)
+    assert ranges[0] == (0, 3 * 8192) and ranges[-1][1] == 100_000
+    assert l0_convert.plan_ranges(10, 8192, 2540, 1) == [(0, 10)]
