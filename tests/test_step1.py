@@ -177,7 +177,7 @@ def test_dask_cluster_output_is_byte_identical_to_local(tmp_path):
     local, remote = tmp_path / "local_L0.zarr", tmp_path / "dask_L0.zarr"
     assert step1_pff_to_zarr.main([*map(str, paths), str(local), str(cfg), "--quiet"]) == 0
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, interface="lo",
-                      dashboard_address=None) as cluster:
+                      dashboard_address="127.0.0.1:0") as cluster:
         assert step1_pff_to_zarr.main([*map(str, paths), str(remote), str(cfg),
                                        cluster.scheduler_address, "--quiet"]) == 0
         with dask_cluster.connect_client(cluster.scheduler_address) as client:
