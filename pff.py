@@ -554,7 +554,11 @@ def _walk_frame(path: str, buf: np.ndarray, pos: int, filled: int, base: int,
         raise PFFFormatError(f"{path}: corrupt data at byte {base + pos}: expected a frame "
                              f"header starting with '{{', found {bytes(buf[pos:pos + 1])!r}")
     window = bytes(buf[pos:min(filled, pos + h + _MAX_HEADER_GROWTH + 3)])
-    end = window.find(b"\n\n", h - 1)
+    end = window.find(b"\n\n")
+    if 0 <= end < h:
+        raise PFFFormatError(f"{path}: corrupt frame at byte {base + pos}: header of {end} "
+                             f"bytes, shorter than the fixed-width {product.dp} header "
+                             f"({h} bytes)")
     if end < 0 or end + 3 > len(window):
         if pos + h + _MAX_HEADER_GROWTH + 3 > filled:
             return 0  # not enough bytes left to tell: a partial frame
@@ -597,9 +601,13 @@ def _parse_fixed(hdr: np.ndarray, product: Product) -> tuple[dict[str, np.ndarra
         digit = c - np.uint8(0x30)
         is_digit = digit <= 9
         is_space = c == 0x20
-        # only digits and spaces; no space after a digit; the last character a digit
+        # only digits and spaces; no space after a digit; the last character a digit;
+        # no leading zero (printf never writes one, so "0000028" is a corrupted number)
         ok &= (is_digit | is_space).all(axis=(1, 2)) & is_digit[:, :, -1].all(axis=1)
         ok &= ~(is_digit[:, :, :-1] & is_space[:, :, 1:]).any(axis=(1, 2))
+        leading_zero = c[:, :, :-1] == 0x30
+        leading_zero[:, :, 1:] &= is_space[:, :, :-2]
+        ok &= ~leading_zero.any(axis=(1, 2))
         digit *= is_digit
         values = digit[:, :, 0].astype(np.int64)
         for j in range(1, FIELD_WIDTH[f]):
@@ -648,14 +656,24 @@ def _header_values(path: str, offset: int, header: object, product: Product
 
 def _parse_json_rows(path: str, rows: np.ndarray, offsets: np.ndarray, hlen: int,
                      product: Product, into: dict[str, np.ndarray], at: np.ndarray) -> None:
-    """Slow path for the few frames the column parser rejects: JSON per frame."""
+    """Slow path for the few frames the column parser rejects: JSON per frame.
+
+    The header must also be exactly what the DAQ's printf would write for its values:
+    valid JSON with other padding (a lost or inserted byte) would otherwise read as
+    plausible, wrong numbers.
+    """
     for i, row, off in zip(at, rows, offsets, strict=True):
+        text = row[:hlen].tobytes()
         try:
-            header = json.loads(row[:hlen].tobytes())
+            header = json.loads(text)
         except ValueError:
             raise PFFFormatError(f"{path}: bad {product.dp} frame header at byte {off}: "
                                  "not valid JSON") from None
-        for field, value in _header_values(path, int(off), header, product).items():
+        values = _header_values(path, int(off), header, product)
+        if _format_header(product.header_kind, values).encode() != text:
+            raise PFFFormatError(f"{path}: bad {product.dp} frame header at byte {off}: "
+                                 "not in the DAQ's fixed-width format")
+        for field, value in values.items():
             into[field][i] = value
 
 

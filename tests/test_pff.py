@@ -431,3 +431,26 @@ def test_info_cli_reports_observation_and_bad_file(tmp_path, capsys):
     assert pff.main(["info", str(bad)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("old,new", [(b"   7654321", b"   0654321"),  # leading zeros
+                                     (b"   7654321", b"  7654321 ")])  # moved padding
+def test_numbers_not_as_printf_writes_them_are_refused(tmp_path, old, new):
+    images, headers, _ = synth("img16", 3)
+    headers["pkt_nsec"][1, 2] = 7654321
+    path = write(tmp_path, "img16", images, headers)
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    with pytest.raises(PFFFormatError, match="byte 2540"):
+        pff.read_frames(path, pff.index_file(path), 0, 3)
+
+
+def test_a_lost_padding_byte_is_refused_not_read(tmp_path):
+    images, headers, _ = synth("img8", 4)
+    headers["pkt_num"][2, 1] = 5
+    path = write(tmp_path, "img8", images, headers)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"pkt_num":          5', b'"pkt_num":         5', 1))
+    with pytest.raises(PFFFormatError, match="shorter than the fixed-width"):
+        pff.index_file(path)
