@@ -213,6 +213,7 @@ def convert_range(settings: TaskSettings, a: int, b: int) -> dict[str, Any]:
     import zarr
 
     _prepare_process(settings)
+    time.sleep(float(os.environ.get("PANOSETI_TEST_SLOW_TASK_S") or 0))  # tests: hold step 1
     images, headers, time_ns, flags, nbytes = decode_range(settings.files, a, b)
     group = zarr.open_group(store=settings.store, mode="r+", use_consolidated=False)
     group["images"][a:b] = images

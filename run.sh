@@ -1,0 +1,580 @@
+#!/usr/bin/env bash
+# run.sh: PANOSETI L0 -> L1 over many inputs, with one persistent Dask cluster.
+#
+#     ./run.sh [options] <input_pff_file_or_pffd_dir> [more ...] <output_l1_dir>
+#     CONFIG_FILE=custom.toml ./run.sh data.pff /scratch/output/L1
+#     ./run.sh --demo [dir]      # small synthetic observation -> L1, says where to look
+#     ./run.sh --help
+#
+# Checks everything before any work (run_plan.py plan), starts the cluster once
+# (cluster_lifecycle_manager.py), runs step 1 (PFF -> L0) and step 2 (L0 -> L1) for every
+# input, removes each L0, prints a summary table and writes a run record (TOML) into the
+# output directory. Whatever happens (success, a failed step, Ctrl-C, SIGTERM) the
+# processes it started are stopped by their PID and the temporary files of the failed
+# input are removed. Exit: 0 every input done, 1 an input failed, 2 usage/config/input
+# problem found before any work, 130 interrupted.
+#
+# Bash stays thin: the logic that needs Python is in run_plan.py.
+set -o errexit -o nounset -o pipefail
+
+REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=SCRIPTDIR/env_bootstrap.sh
+source "$REPO_ROOT/env_bootstrap.sh"
+
+# Seconds a step, then the cluster manager, gets to stop after SIGTERM before SIGKILL.
+STEP_STOP_GRACE_S=60
+CLUSTER_STOP_GRACE_S=60
+DEMO_DEFAULT_DIR="panoseti_demo"
+
+# Options (parse_args).
+OPT_DRY_RUN=0
+OPT_KEEP_L0=0
+OPT_OVERWRITE=0
+OPT_KEEP_GOING=0
+OPT_DEBUG=0
+OPT_DEMO=0
+OPT_STEPS="1,2"
+OPT_L0_DIR=""
+ARGS=()
+DEBUG_ARGS=()
+STEP_FLAGS=()
+CONFIG=""
+
+# Run state (read by the cleanup and signal handlers).
+RUN_TMP=""
+STATE_FILE=""
+SCHEDULER_FILE=""
+CLUSTER_LOG=""
+CLUSTER_ADDRESS=""
+MANAGER_PID=""
+STEP_PID=""
+CURRENT_JOB=""
+CURRENT_STEP=""
+STEP_START=""
+STEP_RC=""
+CLEANED_UP=0
+HURRY=0
+USE_DASK=0
+CLUSTER_WAIT_S=180
+CLUSTER_DESC=""
+OUT_DIR=""
+L0_DIR=""
+L0_DIR_CREATED=0
+OUT_DIR_CREATED=0
+RUN_UMASK=""
+FAILED=0
+JOB_ACTION=()
+JOB_NAME=()
+JOB_L0=()
+JOB_L1=()
+JOB_INPUTS=()
+
+usage() {
+  cat <<'EOF'
+Usage: ./run.sh [options] <input_pff_file_or_pffd_dir> [more ...] <output_l1_dir>
+       ./run.sh --demo [dir]
+
+Converts PANOSETI PFF files to L1 Zarr stores: step 1 PFF -> L0 (lossless), step 2
+L0 -> L1 (baseline-subtracted float32), with one Dask cluster for all inputs.
+
+Inputs: .pff data files (start_*.dp_*.bpp_*.module_*.seqno_*.pff), or .pffd observation
+directories (one product per data product and module; seqno files joined in order; 0-byte
+files and hk.pff skipped). Outputs: <output_l1_dir>/<input name>_L1.zarr and
+<output_l1_dir>/run_record_<UTC time>.toml.
+
+Options:
+  --dry-run        print the plan (streams, outputs, cluster) and change nothing
+  --steps S        1, 2 or 1,2 (default 1,2). --steps 1 writes <name>_L0.zarr into the
+                   output directory; with --steps 2 the inputs are L0 stores
+  --keep-l0        keep the intermediate L0 stores (in the L0 directory)
+  --l0-dir DIR     where the L0 stores go (default: [run] l0_dir of the config, or
+                   <output_l1_dir>/.l0_tmp); never inside the input tree
+  --overwrite      redo inputs whose product is already there (default: skip them)
+  --keep-going     a failed input does not stop the others (the exit status is still 1)
+  --demo [DIR]     write a small synthetic observation into DIR (default ./panoseti_demo),
+                   run the whole pipeline on it, and print where to look
+  --debug          tracebacks and Dask logs from every step
+  -h, --help       this help
+
+Environment: CONFIG_FILE (default: config.toml next to run.sh).
+Exit status: 0 every input done (or already there), 1 an input failed, 2 a problem found
+before any work (nothing started), 130 interrupted.
+EOF
+}
+
+say() {
+  printf 'run.sh: %s\n' "$*" >&2
+}
+
+usage_error() {
+  say "error: $*"
+  say "see ./run.sh --help"
+  exit 2
+}
+
+# py SUBCOMMAND ...: the Python side (run_plan.py).
+py() {
+  "$PYTHON" "$REPO_ROOT/run_plan.py" "${DEBUG_ARGS[@]}" "$@"
+}
+
+# now: the time in seconds (fractions where bash has them).
+now() {
+  if [[ -n "${EPOCHREALTIME:-}" ]]; then
+    printf '%s\n' "$EPOCHREALTIME"
+  else
+    date +%s
+  fi
+}
+
+parse_args() {
+  while (($# > 0)); do
+    case "$1" in
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      --dry-run) OPT_DRY_RUN=1 ;;
+      --keep-l0) OPT_KEEP_L0=1 ;;
+      --overwrite) OPT_OVERWRITE=1 ;;
+      --keep-going) OPT_KEEP_GOING=1 ;;
+      --debug) OPT_DEBUG=1 ;;
+      --demo) OPT_DEMO=1 ;;
+      --steps | --l0-dir)
+        (($# >= 2)) || usage_error "$1 needs a value"
+        if [[ "$1" == --steps ]]; then OPT_STEPS="$2"; else OPT_L0_DIR="$2"; fi
+        shift
+        ;;
+      --steps=*) OPT_STEPS="${1#*=}" ;;
+      --l0-dir=*) OPT_L0_DIR="${1#*=}" ;;
+      --)
+        shift
+        ARGS+=("$@")
+        break
+        ;;
+      -*) usage_error "unknown option $1" ;;
+      *) ARGS+=("$1") ;;
+    esac
+    shift
+  done
+  case "$OPT_STEPS" in
+    1 | 2 | 1,2) ;;
+    *) usage_error "--steps $OPT_STEPS: expected 1, 2 or 1,2" ;;
+  esac
+  if ((OPT_DEMO)); then
+    ((${#ARGS[@]} <= 1)) || usage_error "--demo takes at most one directory"
+  elif ((${#ARGS[@]} < 2)); then
+    usage_error "need at least one input and the output directory"
+  fi
+  if ((OPT_DEBUG)); then
+    DEBUG_ARGS=(--debug)
+    STEP_FLAGS+=(--debug)
+  fi
+  if ((OPT_OVERWRITE)); then
+    STEP_FLAGS+=(--overwrite)
+  fi
+}
+
+# absolute PATH: PATH made absolute (not resolved), for messages and the run record.
+absolute() {
+  if [[ "$1" == /* ]]; then printf '%s\n' "$1"; else printf '%s\n' "$PWD/$1"; fi
+}
+
+# ---------------------------------------------------------------------------- processes
+
+# wait_gone PID SECONDS: true once PID has exited (HURRY, a second signal, shortens it).
+wait_gone() {
+  local pid="$1" ticks=$(($2 * 5))
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((ticks <= 0 || HURRY)); then
+      return 1
+    fi
+    ticks=$((ticks - 1))
+    sleep 0.2
+  done
+}
+
+# run_step CMD...: run one step in the background and wait for it, so that a signal
+# reaches our handler at once (bash runs traps only between foreground commands).
+# Its stdout goes to stderr: run.sh's stdout holds only the plan and the summary.
+run_step() {
+  local rc=0
+  STEP_START="$(now)"
+  STEP_RC=""
+  "$@" >&2 </dev/null &
+  STEP_PID=$!
+  wait "$STEP_PID" || rc=$?
+  STEP_PID=""
+  STEP_RC="$rc"
+  return "$rc"
+}
+
+stop_step() {
+  [[ -n "$STEP_PID" ]] || return 0
+  local pid="$STEP_PID"
+  if kill -0 "$pid" 2>/dev/null; then
+    say "stopping the running step (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_gone "$pid" "$STEP_STOP_GRACE_S"; then
+      say "warning: step (pid $pid) still running; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  wait "$pid" 2>/dev/null || true
+  STEP_PID=""
+}
+
+start_cluster() {
+  local rc=0 deadline
+  SCHEDULER_FILE="$RUN_TMP/scheduler_address"
+  CLUSTER_LOG="$RUN_TMP/cluster_manager.out"
+  say "starting the cluster: $CLUSTER_DESC"
+  "$PYTHON" "$REPO_ROOT/cluster_lifecycle_manager.py" "$CONFIG" "$SCHEDULER_FILE" \
+    "${DEBUG_ARGS[@]}" >"$CLUSTER_LOG" </dev/null &
+  MANAGER_PID=$!
+  deadline=$((SECONDS + CLUSTER_WAIT_S))
+  while [[ ! -s "$SCHEDULER_FILE" ]]; do
+    if ! kill -0 "$MANAGER_PID" 2>/dev/null; then
+      wait "$MANAGER_PID" || rc=$?
+      MANAGER_PID=""
+      say "error: the cluster manager exited (status $rc) before the cluster was up (its message is above); nothing was converted"
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      say "error: no scheduler address from the cluster manager within $CLUSTER_WAIT_S s ([cluster] startup_timeout_s + margin); stopping it"
+      return 1
+    fi
+    sleep 0.2
+  done
+  CLUSTER_ADDRESS="$(<"$SCHEDULER_FILE")"
+  while IFS= read -r line; do
+    say "cluster: $line"
+  done <"$CLUSTER_LOG"
+}
+
+# stop_cluster: TERM the lifecycle manager by its PID, wait, then KILL that PID (and the
+# processes that were below it a moment before, e.g. local Dask workers) if it hangs.
+stop_cluster() {
+  [[ -n "$MANAGER_PID" ]] || return 0
+  local pid="$MANAGER_PID" below="" child
+  if kill -0 "$pid" 2>/dev/null; then
+    below="$(py descendants "$pid" 2>/dev/null)" || below=""
+    say "stopping the cluster (manager pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_gone "$pid" "$CLUSTER_STOP_GRACE_S"; then
+      say "warning: cluster manager (pid $pid) did not stop; killing it and its processes"
+      kill -KILL "$pid" 2>/dev/null || true
+      for child in $below; do
+        kill -KILL "$child" 2>/dev/null || true
+      done
+    fi
+  fi
+  wait "$pid" 2>/dev/null || true
+  MANAGER_PID=""
+  if [[ -n "$SCHEDULER_FILE" ]]; then
+    rm -f -- "$SCHEDULER_FILE"
+  fi
+}
+
+# remove_store PATH: rm -rf a store this run wrote, after checking it is one.
+remove_store() {
+  local path="${1:?}"
+  case "$path" in
+    *_L0.zarr | *_L1.zarr | *.partial) rm -rf -- "${path:?}" ;;
+    *) say "warning: not removing $path (not a store name of this pipeline)" ;;
+  esac
+}
+
+# remove_partials FINAL: the <FINAL>.<id>.partial stores a killed step may leave.
+remove_partials() {
+  local final="${1:?}" partial
+  for partial in "$final".*.partial; do
+    if [[ -e "$partial" ]]; then
+      remove_store "$partial"
+    fi
+  done
+}
+
+# remove_leftovers I: after input I failed: partial stores, and its temporary L0.
+remove_leftovers() {
+  local i="$1"
+  if [[ "$OPT_STEPS" == *1* ]]; then
+    remove_partials "${JOB_L0[i]}"
+    if [[ "$OPT_STEPS" == 1,2 ]] && ((!OPT_KEEP_L0)) && [[ -e "${JOB_L0[i]}" ]]; then
+      remove_store "${JOB_L0[i]}"
+    fi
+  fi
+  if [[ "$OPT_STEPS" == *2* ]]; then
+    remove_partials "${JOB_L1[i]}"
+  fi
+}
+
+# cleanup: on every exit (the EXIT trap). Idempotent.
+# shellcheck disable=SC2317  # invoked by the trap
+cleanup() {
+  if ((CLEANED_UP)); then
+    return 0
+  fi
+  CLEANED_UP=1
+  stop_step
+  stop_cluster
+  if [[ -n "$CURRENT_JOB" ]]; then
+    remove_leftovers "$CURRENT_JOB"
+    CURRENT_JOB=""
+  fi
+  if ((L0_DIR_CREATED)); then
+    rmdir -- "$L0_DIR" 2>/dev/null || true
+  fi
+  if ((OUT_DIR_CREATED)); then # only when empty (e.g. the cluster did not start)
+    rmdir -- "$OUT_DIR" 2>/dev/null || true
+  fi
+  if [[ -n "$RUN_TMP" ]]; then
+    rm -rf -- "${RUN_TMP:?}"
+  fi
+}
+
+on_signal() {
+  local sig="$1"
+  trap 'HURRY=1' INT TERM # a second signal: stop without waiting the grace periods
+  say "interrupted by SIG$sig: stopping what this run started"
+  local was_running=0
+  if [[ -n "$STEP_PID" ]]; then was_running=1; fi
+  stop_step
+  if [[ -n "$CURRENT_JOB" && -n "$STATE_FILE" ]]; then
+    if [[ -n "$CURRENT_STEP" ]] && ((!was_running)) && [[ -n "$STEP_RC" ]]; then
+      record "$CURRENT_JOB" "$CURRENT_STEP" "$STEP_RC" # it ended just before the signal
+    elif [[ -n "$CURRENT_STEP" ]]; then
+      py record "$STATE_FILE" "$CURRENT_JOB" "$CURRENT_STEP" interrupted --exit-code 130 \
+        --start "$STEP_START" --end "$(now)" || true
+    else
+      py mark "$STATE_FILE" "$CURRENT_JOB" interrupted || true
+    fi
+  fi
+  stop_cluster
+  if [[ -n "$CURRENT_JOB" ]]; then
+    remove_leftovers "$CURRENT_JOB"
+    CURRENT_JOB=""
+  fi
+  if [[ -n "$STATE_FILE" && -s "$STATE_FILE" ]]; then
+    py summary "$STATE_FILE" --exit-code 130 --cluster-address "$CLUSTER_ADDRESS" \
+      --cluster-log "$CLUSTER_LOG" || true
+  fi
+  exit 130
+}
+
+# ---------------------------------------------------------------------------- the run
+
+# read_plan TEXT: the TAB-separated plan of run_plan.py into the JOB_* arrays.
+read_plan() {
+  local -a f
+  local line
+  while IFS= read -r line; do
+    IFS=$'\t' read -r -a f <<<"$line"
+    case "${f[0]:-}" in
+      cluster)
+        USE_DASK="${f[1]}"
+        CLUSTER_WAIT_S="${f[2]}"
+        CLUSTER_DESC="${f[3]}"
+        ;;
+      l0dir) L0_DIR="${f[1]}" ;;
+      umask) RUN_UMASK="${f[1]}" ;;
+      job)
+        JOB_ACTION+=("${f[2]}")
+        JOB_NAME+=("${f[3]}")
+        JOB_L0+=("${f[4]}")
+        JOB_L1+=("${f[5]}")
+        JOB_INPUTS+=("$(IFS=$'\t' && printf '%s' "${f[*]:6}")")
+        ;;
+      *) ;;
+    esac
+  done <<<"$1"
+}
+
+# record I STEP RC: the step's outcome into the state file (sizes read by run_plan.py).
+record() {
+  local status=ok
+  if (($3 != 0)); then status=failed; fi
+  py record "$STATE_FILE" "$1" "$2" "$status" --exit-code "$3" --start "$STEP_START" \
+    --end "$(now)" "${@:4}" || say "warning: could not record step $2 of input $(($1 + 1))"
+}
+
+# run_job I: step 1, step 2, drop the L0. Returns the failing step's status.
+run_job() {
+  local i="$1" rc=0 tag name="${JOB_NAME[$1]}" l0="${JOB_L0[$1]}" l1="${JOB_L1[$1]}"
+  local -a files=() address=() extra=()
+  tag="[$((i + 1))/${#JOB_NAME[@]}] $name"
+  IFS=$'\t' read -r -a files <<<"${JOB_INPUTS[i]}"
+  CURRENT_JOB="$i"
+
+  if [[ "$OPT_STEPS" == *1* ]]; then
+    if [[ -n "$CLUSTER_ADDRESS" ]]; then address=("$CLUSTER_ADDRESS"); fi
+    say "$tag: step 1, PFF -> L0: ${#files[@]} file(s) -> $l0"
+    CURRENT_STEP=1
+    run_step "$PYTHON" "$REPO_ROOT/step1_pff_to_zarr.py" "${files[@]}" "$l0" "$CONFIG" \
+      "${address[@]}" "${STEP_FLAGS[@]}" || rc=$?
+    record "$i" 1 "$rc"
+    CURRENT_STEP=""
+    STEP_RC=""
+    if ((rc != 0)); then
+      say "error: $tag: step 1 (PFF -> L0) failed with exit status $rc; input: ${files[*]}"
+      remove_leftovers "$i"
+      CURRENT_JOB=""
+      return "$rc"
+    fi
+  fi
+
+  if [[ "$OPT_STEPS" == *2* ]]; then
+    address=()
+    if [[ -n "$CLUSTER_ADDRESS" ]]; then address=(--dask-scheduler "$CLUSTER_ADDRESS"); fi
+    say "$tag: step 2, L0 -> L1: $l1"
+    CURRENT_STEP=2
+    run_step "$PYTHON" "$REPO_ROOT/step2_dask_baseline.py" "$l0" "$l1" --config "$CONFIG" \
+      "${address[@]}" "${STEP_FLAGS[@]}" || rc=$?
+    if ((rc == 0)) && [[ "$OPT_STEPS" == 1,2 ]] && ((!OPT_KEEP_L0)); then
+      remove_store "$l0"
+      extra=(--l0-removed)
+    fi
+    record "$i" 2 "$rc" "${extra[@]}"
+    CURRENT_STEP=""
+    STEP_RC=""
+    if ((rc != 0)); then
+      say "error: $tag: step 2 (L0 -> L1) failed with exit status $rc; input: $l0"
+      remove_leftovers "$i"
+      CURRENT_JOB=""
+      return "$rc"
+    fi
+  fi
+  CURRENT_JOB=""
+  say "$tag: done"
+}
+
+run_jobs() {
+  local i rc n="${#JOB_NAME[@]}"
+  for ((i = 0; i < n; i++)); do
+    if [[ "${JOB_ACTION[i]}" == skip ]]; then
+      say "[$((i + 1))/$n] ${JOB_NAME[i]}: complete product already there, skipped (--overwrite redoes it)"
+      continue
+    fi
+    rc=0
+    run_job "$i" || rc=$?
+    if ((rc != 0)); then
+      FAILED=$((FAILED + 1))
+      if ((rc == 130)); then # the step itself was interrupted
+        on_signal INT
+      fi
+      if ((!OPT_KEEP_GOING)); then
+        say "stopping after the first failed input (--keep-going continues with the others)"
+        break
+      fi
+    fi
+  done
+}
+
+any_job_to_run() {
+  local action
+  for action in "${JOB_ACTION[@]}"; do
+    [[ "$action" == run ]] && return 0
+  done
+  return 1
+}
+
+# run_pipeline INPUT... OUTPUT_DIR: the whole run; sets PIPELINE_RC (0 or 1), exits on
+# problems found before any work (2) and on signals (130).
+run_pipeline() {
+  local -a inputs=("${@:1:$#-1}") plan_args
+  local plan_out rc=0
+  OUT_DIR="$(absolute "${!#}")"
+  plan_args=(--config "$CONFIG" --output "$OUT_DIR" --steps "$OPT_STEPS")
+  if [[ -n "$OPT_L0_DIR" ]]; then plan_args+=(--l0-dir "$OPT_L0_DIR"); fi
+  if ((OPT_KEEP_L0)); then plan_args+=(--keep-l0); fi
+  if ((OPT_OVERWRITE)); then plan_args+=(--overwrite); fi
+  if ((OPT_KEEP_GOING)); then plan_args+=(--keep-going); fi
+
+  if ((OPT_DRY_RUN)); then
+    py plan "${plan_args[@]}" --dry-run -- "${inputs[@]}" || exit $?
+    PIPELINE_RC=0
+    return 0
+  fi
+
+  trap cleanup EXIT
+  trap 'on_signal INT' INT
+  trap 'on_signal TERM' TERM
+  RUN_TMP="$(mktemp -d "${TMPDIR:-/tmp}/panoseti_run.XXXXXX")"
+  STATE_FILE="$RUN_TMP/state.json"
+  plan_out="$(py plan "${plan_args[@]}" --state "$STATE_FILE" \
+    --command-line "$(printf '%q ' "$0" "${ORIGINAL_ARGS[@]}")" -- "${inputs[@]}")" || rc=$?
+  if ((rc != 0)); then
+    exit "$rc"
+  fi
+  read_plan "$plan_out"
+  umask "$RUN_UMASK"
+
+  if [[ ! -d "$OUT_DIR" ]]; then
+    mkdir -p -- "$OUT_DIR"
+    OUT_DIR_CREATED=1
+  fi
+  if [[ "$OPT_STEPS" != 2 && ! -d "$L0_DIR" ]]; then
+    mkdir -p -- "$L0_DIR"
+    L0_DIR_CREATED=1
+  fi
+  say "${#JOB_NAME[@]} input(s) -> $OUT_DIR (config $CONFIG)"
+
+  if ((USE_DASK)) && any_job_to_run; then
+    start_cluster || exit 1
+  elif ((!USE_DASK)); then
+    say "no Dask cluster (use_dask = false): the steps run locally"
+  fi
+
+  run_jobs
+  stop_cluster
+  PIPELINE_RC=0
+  if ((FAILED > 0)); then PIPELINE_RC=1; fi
+  py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --cluster-address "$CLUSTER_ADDRESS" \
+    --cluster-log "$CLUSTER_LOG" || say "warning: could not write the summary or run record"
+  if ((FAILED > 0)); then
+    say "error: $FAILED input(s) failed (listed above)"
+  fi
+}
+
+run_demo() {
+  local dir observation first
+  dir="$(absolute "${ARGS[0]:-$DEMO_DEFAULT_DIR}")"
+  say "demo: writing a small synthetic observation into $dir/input"
+  observation="$(py demo-observation "$dir/input")"
+  py demo-config "$CONFIG" "$dir/demo_config.toml" >/dev/null
+  say "demo: config $dir/demo_config.toml ($CONFIG with the Dask cluster on the loopback interface)"
+  CONFIG="$dir/demo_config.toml"
+  run_pipeline "$observation" "$dir/L1"
+  ((OPT_DRY_RUN)) && return 0
+  first=""
+  for first in "$dir"/L1/*_L1.zarr; do break; done
+  cat <<EOF
+
+Demo finished (exit status $PIPELINE_RC). Look at:
+  input observation  $observation
+  L1 stores          $dir/L1/*_L1.zarr
+  run record         $dir/L1/run_record_*.toml
+  config used        $CONFIG
+Open an L1 store with xarray:
+  $PYTHON -c 'import xarray as xr; print(xr.open_zarr("$first"))'
+EOF
+}
+
+main() {
+  ORIGINAL_ARGS=("$@")
+  if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+    say "error: bash >= 4.4 is needed (this is $BASH_VERSION)"
+    exit 2
+  fi
+  parse_args "$@"
+  CONFIG="$(absolute "${CONFIG_FILE:-$REPO_ROOT/config.toml}")"
+  bootstrap_python_env "$REPO_ROOT" "$REPO_ROOT/requirements.txt" || exit 2
+  PIPELINE_RC=0
+  if ((OPT_DEMO)); then
+    run_demo
+  else
+    run_pipeline "${ARGS[@]}"
+  fi
+  exit "$PIPELINE_RC"
+}
+
+main "$@"

@@ -1,0 +1,409 @@
+"""Tests of run.sh (and run_plan.py), end to end on generated observations.
+
+run.sh runs as a real process in its own session (``start_new_session=True``), so that
+"no process it started is left" can be checked: after it exits, no process of that
+session or process group may be alive (``/proc/<pid>/stat``). Every Dask address stays on
+loopback (``interface = "lo"``).
+
+The SIGINT test holds step 1 mid-run with ``PANOSETI_TEST_SLOW_TASK_S`` (seconds each
+step-1 task sleeps, read in ``l0_convert.convert_range``); it is skipped when l0_convert
+does not have that hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pff  # noqa: E402
+import run_plan  # noqa: E402
+import synthetic_obs  # noqa: E402
+
+RUN_SH = str(REPO / "run.sh")
+RUN_TIMEOUT_S = 240
+FRAMES = 600
+SLOW_HOOK = "PANOSETI_TEST_SLOW_TASK_S"
+
+COMMON = {
+    "pff_to_zarr": {"time_chunk": 256, "num_workers": 2},
+    "baseline_subtract": {"baseline_window": 100, "compute_chunk_size": 256},
+}
+CONFIGS = {
+    "local": {"cluster": {"use_dask": False}, **COMMON},
+    "dask": {"cluster": {"use_dask": True, "cluster_type": "local", "interface": "lo",
+                         "local_workers": 2, "local_threads_per_worker": 1,
+                         "local_memory_per_worker": "1GB", "dashboard_port": 0,
+                         "startup_timeout_s": 60.0}, **COMMON},
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_config(path: Path, mode: str) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(CONFIGS[mode]))
+    return path
+
+
+def session_processes(sid: int) -> list[tuple[int, str]]:
+    """Live processes (not zombies) whose session or process group is ``sid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
+        if state != "Z" and sid in (pgrp, session):
+            with contextlib.suppress(OSError):
+                found.append((int(entry.name), (entry / "cmdline").read_bytes()
+                              .replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+def _kill_session_leftovers(sid: int) -> None:
+    """Test teardown: stop what is left of a run.sh we started (by PID)."""
+    for pid, _ in session_processes(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_env(tmp_path: Path, config: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CONFIG_FILE"] = str(config)
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmpdir)
+    env.pop(SLOW_HOOK, None)
+    if sys.prefix != sys.base_prefix:  # the venv running the tests has the requirements
+        env["VIRTUAL_ENV"] = sys.prefix
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def started(args: Sequence[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([RUN_SH, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _kill_session_leftovers(proc.pid)
+
+
+def run(args: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """run.sh to the end; asserts that it left no process behind."""
+    with started(args, env) as proc:
+        try:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"run.sh did not finish in {RUN_TIMEOUT_S} s\n{err[-4000:]}")
+        left = session_processes(proc.pid)
+    assert not left, f"processes left by run.sh: {left}\n{err[-3000:]}"
+    return proc.returncode, out, err
+
+
+def run_records(out_dir: Path) -> list[dict]:
+    paths = sorted(out_dir.glob(f"{run_plan.RECORD_PREFIX}*.toml"))
+    return [tomllib.loads(p.read_text()) for p in paths]
+
+
+def statuses(record: dict) -> dict[str, str]:
+    return {entry["name"]: entry["status"] for entry in record["inputs"]}
+
+
+def pff_frames(files: Sequence[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Pixels and header fields of the files of one stream, in order, read with pff.py."""
+    images, headers = [], []
+    for path in files:
+        with pff.PFFReader(path) as reader:
+            frames = reader.read(0, reader.index.n_frames)
+        images.append(frames.images)
+        headers.append(frames.headers)
+    return (np.concatenate(images),
+            {k: np.concatenate([h[k] for h in headers]) for k in headers[0]})
+
+
+def check_l1(l1: Path, files: Sequence[Path]) -> None:
+    """L1 images are the PFF pixels minus the stored baseline (ph256: per quabo)."""
+    import zarr
+
+    group = zarr.open_group(str(l1), mode="r")
+    assert group.attrs["processing_level"] == "L1"
+    images = group["images"][:]
+    baseline = group["baseline"][:]
+    raw, headers = pff_frames(files)
+    assert images.dtype == np.float32
+    assert images.shape == raw.shape
+    if baseline.ndim == 3:  # ph256: one baseline per quabo
+        expected = raw.astype(np.float64) - baseline[headers["quabo_num"].astype(int)]
+    else:
+        expected = raw.astype(np.float64) - baseline
+    np.testing.assert_allclose(images, expected, rtol=0, atol=1e-2)
+    assert np.array_equal(group["time"][:].size, raw.shape[0])
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class Data:
+    """Two single files and one .pffd observation (two streams with data)."""
+
+    def __init__(self, root: Path) -> None:
+        self.obs = synthetic_obs.make_observation(root / "obs", frames_per_file=FRAMES,
+                                                  files_per_stream=2,
+                                                  products=("img16", "ph256"))
+        files = root / "files"
+        files.mkdir()
+        self.file_a = synthetic_obs.write_stream(
+            files, synthetic_obs.StreamSpec(dp="img16", module=2, frames_per_file=FRAMES,
+                                            files=1), seed=1)[0]
+        self.file_b = synthetic_obs.write_stream(
+            files, synthetic_obs.StreamSpec(dp="img8", module=3, frames_per_file=FRAMES,
+                                            files=1), seed=2)[0]
+        stem = self.obs.name[: -len(".pffd")]
+        self.expected = {  # L1 name -> PFF files
+            f"{self.file_a.stem}_L1.zarr": [self.file_a],
+            f"{self.file_b.stem}_L1.zarr": [self.file_b],
+            f"{stem}.dp_img16.module_1_L1.zarr": sorted(self.obs.glob("*dp_img16*.pff")),
+            f"{stem}.dp_ph256.module_1_L1.zarr": sorted(self.obs.glob("*dp_ph256*.pff")),
+        }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
+    return Data(tmp_path_factory.mktemp("run_sh_data"))
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in root.rglob("*")}
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local", "dask"])
+def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: str) -> None:
+    config = write_config(tmp_path / f"{mode}.toml", mode)
+    out = tmp_path / "L1"
+    env = run_env(tmp_path, config)
+    args = [str(data.file_a), str(data.obs), str(data.file_b), str(out)]
+    rc, stdout, stderr = run(args, env)
+    assert rc == 0, stderr[-4000:]
+
+    products = sorted(p.name for p in out.glob("*_L1.zarr"))
+    assert products == sorted(data.expected)
+    for name, files in data.expected.items():
+        check_l1(out / name, files)
+    assert not (out / run_plan.DEFAULT_L0_SUBDIR).exists(), "L0 stores not removed"
+    assert not list(out.rglob("*_L0.zarr")) and not list(out.rglob("*.partial"))
+    assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
+
+    (record,) = run_records(out)
+    assert set(statuses(record).values()) == {"ok"}
+    assert record["run"]["exit_status"] == 0
+    assert record["config"]["cluster"]["use_dask"] is (mode == "dask")
+    assert record["software"]["zarr"]
+    assert all(e["frames"] == 2 * FRAMES or e["frames"] == FRAMES for e in record["inputs"])
+    assert all(e["l0_removed"] for e in record["inputs"])
+    assert "hk.pff: housekeeping file, skipped" in stderr
+    assert "empty (0 bytes), skipped" in stderr
+    for name in data.expected:
+        assert name[: -len("_L1.zarr")] in stdout  # the summary table
+    if mode == "dask":
+        assert record["cluster"]["scheduler_address"].startswith("tcp://127.0.0.1:")
+        assert record["cluster"]["workers"] == 2
+
+    # Again: everything is there, so every input is skipped and no cluster starts.
+    rc, stdout, stderr = run(args, env)
+    assert rc == 0, stderr[-3000:]
+    assert set(statuses(run_records(out)[-1]).values()) == {"skipped"}
+    assert "starting the cluster" not in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_corrupt_input_with_and_without_keep_going(data: Data, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "local.toml", "local")
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = bad_dir / "start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_7.seqno_0.pff"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, np.uint8).tobytes())
+    env = run_env(tmp_path, config)
+
+    out = tmp_path / "stop"
+    rc, stdout, stderr = run([str(bad), str(data.file_a), str(out)], env)
+    assert rc == 1
+    assert "step 1 (PFF -> L0) failed" in stderr and bad.name in stderr
+    assert statuses(run_records(out)[-1]) == {bad.stem: "failed", data.file_a.stem: "not-run"}
+    assert not list(out.glob("*_L1.zarr"))
+
+    out = tmp_path / "going"
+    rc, stdout, stderr = run(["--keep-going", str(bad), str(data.file_a), str(data.file_b),
+                              str(out)], env)
+    assert rc == 1, stderr[-3000:]
+    record = run_records(out)[-1]
+    assert statuses(record) == {bad.stem: "failed", data.file_a.stem: "ok",
+                                data.file_b.stem: "ok"}
+    assert record["run"]["exit_status"] == 1
+    assert f"failed: 1. {bad.stem}" in stdout
+    assert sorted(p.name for p in out.glob("*_L1.zarr")) == sorted(
+        f"{f.stem}_L1.zarr" for f in (data.file_a, data.file_b))
+    assert not list(out.rglob("*_L0.zarr")) and not list(out.rglob("*.partial"))
+
+
+def _has_slow_hook() -> bool:
+    return SLOW_HOOK in (REPO / "l0_convert.py").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.skipif(not _has_slow_hook(), reason=f"l0_convert.py lacks the {SLOW_HOOK} hook")
+def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
+                                                                 tmp_path: Path) -> None:
+    config = write_config(tmp_path / "dask.toml", "dask")
+    out = tmp_path / "L1"
+    l0_dir = out / run_plan.DEFAULT_L0_SUBDIR
+    args = [str(data.file_a), str(data.file_b), str(out)]
+    first_l1 = out / f"{data.file_a.stem}_L1.zarr"
+    env = run_env(tmp_path, config, **{SLOW_HOOK: "1.0"})
+    with started(args, env) as proc:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        # Wait for the second input's step 1 to be under way (its partial L0 store).
+        while not (first_l1.exists() and list(l0_dir.glob(f"{data.file_b.stem}*.partial"))):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "step 1 of the second input never started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("run.sh did not stop within 120 s of SIGINT")
+        assert proc.returncode != 0
+        deadline = time.monotonic() + 5  # the kernel may take a moment to reap
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not session_processes(proc.pid), f"left behind: {session_processes(proc.pid)}"
+    assert "interrupted by SIGINT" in err
+    assert not (out / f"{data.file_b.stem}_L1.zarr").exists()
+    assert not list(out.rglob(f"{data.file_b.stem}_L0.zarr"))
+    assert not list(out.rglob("*.partial")), "partial store left after SIGINT"
+    record = run_records(out)[-1]
+    assert statuses(record) == {data.file_a.stem: "ok", data.file_b.stem: "failed"}
+    assert record["run"]["exit_status"] == 130
+
+    # Rerun: the first input is skipped, the second done.
+    rc, _, stderr = run(args, run_env(tmp_path, config))
+    assert rc == 0, stderr[-3000:]
+    assert statuses(run_records(out)[-1]) == {data.file_a.stem: "skipped",
+                                              data.file_b.stem: "ok"}
+    check_l1(out / f"{data.file_b.stem}_L1.zarr", [data.file_b])
+
+
+# --------------------------------------------------------------------------- no work
+
+
+def test_dry_run_changes_nothing(data: Data, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "dask.toml", "dask")
+    env = run_env(tmp_path, config)
+    out = tmp_path / "out"
+    before = tree_state(tmp_path), tree_state(data.obs.parent.parent)
+    rc, stdout, stderr = run(["--dry-run", str(data.obs), str(data.file_a), str(out)], env)
+    assert rc == 0, stderr
+    assert (tree_state(tmp_path), tree_state(data.obs.parent.parent)) == before
+    assert not out.exists()
+    for name in data.expected:
+        if not name.startswith(data.file_b.stem):
+            assert str(out / name) in stdout
+    assert "Dask local cluster: 2 workers" in stdout
+    assert "starting the cluster" not in stderr
+
+
+def test_every_problem_is_listed_before_any_work(data: Data, tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[pff_to_zarr]\ncodex = 'zstd'\nlevel = 12\n")
+    empty = tmp_path / "start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_9.seqno_0.pff"
+    empty.touch()
+    badname = tmp_path / "observation.pff"
+    badname.write_bytes(b"x")
+    out = tmp_path / "out"
+    rc, stdout, stderr = run([str(tmp_path / "missing.pff"), str(badname), str(empty),
+                              str(data.file_a), str(out)], run_env(tmp_path, config))
+    assert rc == 2
+    for text in ("unknown key 'codex'", "level = 12", "missing.pff: no such file",
+                 "observation.pff: not a PFF data file name", "empty (0 bytes)",
+                 "problems found before any work"):
+        assert text in stderr
+    assert not out.exists()
+    assert not list((tmp_path / "tmpdir").glob("panoseti_run.*"))
+
+
+def test_output_inside_the_input_tree_is_refused(data: Data, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "local.toml", "local")
+    plan, *_ = run_plan.make_plan([str(data.obs)], str(config), str(data.obs / "L1"))
+    assert any("inside the input tree" in p for p in plan.problems)
+
+
+def test_free_space_is_checked_against_the_estimate(tmp_path: Path) -> None:
+    job = run_plan.Job(name="x", inputs=["x.pff"], l0="", l1="", input_bytes=10**9,
+                       est_l0_bytes=10**9, est_l1_bytes=2 * 10**9)
+
+    class Usage:
+        free = 2 * 10**9
+
+    problems = run_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2), False,
+                                            disk_usage=lambda _p: Usage)
+    assert len(problems) == 1 and "not enough free space" in problems[0]
+    Usage.free = 4 * 10**9
+    assert not run_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2),
+                                            False, disk_usage=lambda _p: Usage)
+
+
+def test_usage_errors_and_help(tmp_path: Path) -> None:
+    env = run_env(tmp_path, tmp_path / "none.toml")
+    rc, stdout, _ = run(["--help"], env)
+    assert rc == 0 and "--keep-going" in stdout and "--dry-run" in stdout
+    rc, _, stderr = run(["--steps", "3", "a.pff", "out"], env)
+    assert rc == 2 and "--steps 3" in stderr
+    rc, _, stderr = run(["only_one_argument"], env)
+    assert rc == 2 and "need at least one input" in stderr
+
+
+@pytest.mark.slow
+def test_steps_1_then_steps_2(data: Data, tmp_path: Path) -> None:
+    env = run_env(tmp_path, write_config(tmp_path / "local.toml", "local"))
+    l0_out, l1_out = tmp_path / "L0", tmp_path / "L1"
+    rc, _, stderr = run(["--steps", "1", str(data.file_a), str(l0_out)], env)
+    assert rc == 0, stderr[-3000:]
+    l0 = l0_out / f"{data.file_a.stem}_L0.zarr"
+    assert l0.is_dir() and not (l0_out / run_plan.DEFAULT_L0_SUBDIR).exists()
+    rc, _, stderr = run(["--steps", "2", str(l0), str(l1_out)], env)
+    assert rc == 0, stderr[-3000:]
+    check_l1(l1_out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
+    assert l0.is_dir(), "an input L0 store was removed"
