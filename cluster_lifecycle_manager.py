@@ -7,9 +7,10 @@ Usage::
     kill -TERM %1      # closes scheduler and workers, removes the file, exit 0
 
 The scheduler file is written atomically, and only once the workers have joined
-(``min_workers``, 0 = all requested, within ``startup_timeout_s``). The address and the
-dashboard link are printed on stdout. SIGTERM or SIGINT closes everything this process
-started, removes the scheduler file and exits 0.
+(``min_workers``, 0 = all requested, within ``startup_timeout_s``). The address, one line
+per worker (address, host -- for SSH workers the host their session reached --, pid,
+threads, working directory) and the dashboard link are printed on stdout first. SIGTERM
+or SIGINT closes everything this process started, removes the scheduler file and exits 0.
 
 Exit codes: 0 closed cleanly after SIGTERM/SIGINT; 1 the cluster did not start (one line on
 stderr, nothing left running, no scheduler file); 2 usage or configuration error (including
@@ -75,12 +76,16 @@ def _run(args: argparse.Namespace) -> int:
         # From now on SIGTERM/SIGINT only ask to stop; a second one cannot cut the close.
         with _stop_on(stop, signal.SIGTERM, signal.SIGINT):
             try:
-                dask_cluster.write_scheduler_file(scheduler_file, cluster.address)
-                joined = len(cluster.client.nthreads())
-                print(f"scheduler {cluster.address} ({cluster.kind}, {joined} workers)")
+                # Printed (and flushed) before the file is written: whoever waits for the
+                # file finds these lines complete.
+                workers = dask_cluster.describe_workers(cluster.client)
+                print(f"scheduler {cluster.address} ({cluster.kind}, {len(workers)} workers)")
+                for w in workers:
+                    print(_worker_line(w))
                 print(f"dashboard {cluster.dashboard_link or 'off (dashboard_port = 0)'}")
                 print(f"scheduler file {scheduler_file}; stop with: kill -TERM {os.getpid()}")
                 sys.stdout.flush()
+                dask_cluster.write_scheduler_file(scheduler_file, cluster.address)
                 while not stop.wait(1.0):
                     pass
             finally:
@@ -91,6 +96,15 @@ def _run(args: argparse.Namespace) -> int:
         cluster.close()
     print(f"{cluster.kind} cluster closed")
     return 0
+
+
+def _worker_line(w: dict) -> str:
+    """One worker for the log and the run record: where it listens, where it runs."""
+    where = w.get("hostname") or "?"
+    if w.get("ssh_host"):
+        where = f"{w['ssh_host']} via ssh ({where})"
+    return (f"worker {w['address']} on {where}, pid {w.get('pid')}, "
+            f"{w.get('nthreads')} threads, cwd {w.get('cwd')}")
 
 
 @contextlib.contextmanager

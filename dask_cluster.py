@@ -83,6 +83,8 @@ REPO_DIR = Path(__file__).resolve().parent
 _PLUGIN_PREFIX = "panoseti-upload-"
 _POLL_S = 0.1
 _CLOSE_TIMEOUT_S = 30.0
+#: After an SSH host's workers failed, how long the others get to register.
+_FAILED_GRACE_S = 3.0
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +197,8 @@ class ClusterHandle:
         self._cluster: Any = None
         self._client: Client | None = None
         self._pids_before: set[int] = set()
+        #: Why an SSH host's workers did not start (set by the background start).
+        self._worker_failures: list[str] = []
 
     def __repr__(self) -> str:
         where = f" {self.address}" if self.address else ""
@@ -328,16 +332,17 @@ class ClusterHandle:
             self._cluster = SSHCluster(hosts=hosts[:1], silence_logs=self._silence_logs, **args)
         except Exception as err:
             raise ClusterError(
-                f"SSH scheduler on {hosts[0]} did not start: {_describe(err)}; check "
-                f"ssh_hosts, ssh_username, ssh_client_keys, ssh_known_hosts and remote_python"
+                f"SSH scheduler on {hosts[0]} did not start: {_describe(err)}; "
+                f"{_ssh_hint(err, hosts[0], self.config)}"
             ) from err
         self.address = self._cluster.scheduler_address
-        # ... then one worker process group per host, in the background, like scale().
-        from distributed.deploy.ssh import Worker as SSHWorker
-
+        if self.config.dashboard_port:
+            self.dashboard_link = self._cluster.dashboard_link
+        # ... then one worker process group per host, in the background, like scale(),
+        # so that min_workers can be met while a slow or dead host is still tried.
         for i, host in enumerate(hosts[1:]):
             self._cluster.worker_spec[i] = {
-                "cls": SSHWorker,
+                "cls": _ssh_host_workers_class(),
                 "options": {
                     "address": host,
                     "connect_options": args["connect_options"],
@@ -346,18 +351,43 @@ class ClusterHandle:
                     "remote_python": args["remote_python"],
                 },
             }
-        self._cluster.loop.add_callback(self._cluster._correct_state)
+        cluster, failures, config = self._cluster, self._worker_failures, self.config
+
+        async def start_workers() -> None:
+            # SpecCluster raises the first host's failure once every host was tried;
+            # record it for _wait_for_workers instead of logging a traceback.
+            try:
+                await cluster._correct_state()
+            except Exception as err:  # noqa: BLE001 -- reported by _wait_for_workers
+                host = getattr(err, "host", "")
+                failures.append(f"{_describe(err)}; {_ssh_hint(err, host, config)}")
+
+        self._cluster.loop.add_callback(start_workers)
 
     def _wait_for_workers(self, need: int, deadline: float) -> None:
+        """Wait until ``need`` workers joined; fail at the deadline, or soon after an
+        SSH host's workers failed to start (the others have started by then)."""
         assert self._client is not None
         joined = 0
+        failed_at = None
         while True:
             joined = len(self._client.nthreads())
             if joined >= need:
+                if self._worker_failures:
+                    logger.warning("starting SSH workers: %s", "; ".join(self._worker_failures))
                 return
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if self._worker_failures and failed_at is None:
+                failed_at = now
+            if now >= deadline or (failed_at is not None and now - failed_at > _FAILED_GRACE_S):
                 break
             time.sleep(_POLL_S)
+        if self._worker_failures:
+            raise ClusterError(
+                f"{self.kind} cluster at {self.address}: only {joined} of {need} workers "
+                f"joined: {'; '.join(self._worker_failures)}; fix that host or remove it "
+                f"from ssh_hosts, or lower min_workers"
+            )
         raise ClusterError(
             f"{self.kind} cluster at {self.address}: only {joined} of {need} workers joined "
             f"within startup_timeout_s = {self.config.startup_timeout_s:g} s; raise "
@@ -382,14 +412,19 @@ def connect_client(address: str, timeout: float = 30.0) -> Client:
     Each module is registered as a named :class:`~distributed.diagnostics.plugin.UploadFile`
     worker plugin: every worker, including those that join later, writes it to its
     ``local_directory`` (first on its ``sys.path``) and imports it, whatever its working
-    directory. Registering again (the next step) replaces the copies.
+    directory. The scheduler gets them too (``SchedulerUploadFile``): it unpickles the
+    task graph, whose tasks name pipeline functions and classes, and an SSH scheduler
+    starts in the remote home directory as well. Registering again (the next step)
+    replaces the copies.
     """
-    from distributed.diagnostics.plugin import UploadFile
+    from distributed.diagnostics.plugin import SchedulerUploadFile, UploadFile
 
     client = _open_client(address, timeout)
     try:
         for path in worker_module_files():
-            client.register_plugin(UploadFile(str(path)), name=_PLUGIN_PREFIX + path.name)
+            name = _PLUGIN_PREFIX + path.name
+            client.register_plugin(SchedulerUploadFile(str(path)), name=name)
+            client.register_plugin(UploadFile(str(path)), name=name)
     except BaseException as err:
         client.close()
         if isinstance(err, Exception):
@@ -402,19 +437,34 @@ def connect_client(address: str, timeout: float = 30.0) -> Client:
 
 
 def describe_workers(client: Client) -> list[dict[str, Any]]:
-    """One dict per worker for run records: address, name, host, pid, threads, memory, cwd."""
+    """One dict per worker for run records.
+
+    Keys: address, name, host (the address it listens on), hostname (the machine's
+    name), ssh_host (the address its SSH session reached, from ``SSH_CONNECTION``;
+    None when not started over SSH, or when it only inherited the caller's own SSH
+    login), pid, nthreads, memory_limit, local_directory, cwd.
+    """
+    import socket
+
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    try:  # builtins only: the workers need not import this module
+    try:  # module-level builtins only: pickled by name, the workers need not import this
         pids, cwds = client.run(os.getpid), client.run(os.getcwd)
+        hostnames = client.run(socket.gethostname)
+        sessions = client.run(os.getenv, "SSH_CONNECTION")
     except Exception:  # noqa: BLE001 -- a record without them is still a record
-        pids, cwds = {}, {}
+        pids, cwds, hostnames, sessions = {}, {}, {}, {}
+    own_session = os.environ.get("SSH_CONNECTION")  # workers may inherit the user's login
     rows = []
     for address, info in sorted(workers.items()):
+        session = sessions.get(address)
+        session = session.split() if session and session != own_session else []
         rows.append(
             {
                 "address": address,
                 "name": info.get("name"),
                 "host": info.get("host"),
+                "hostname": hostnames.get(address),
+                "ssh_host": session[2] if len(session) == 4 else None,
                 "pid": pids.get(address, info.get("pid")),
                 "nthreads": info.get("nthreads"),
                 "memory_limit": info.get("memory_limit"),
@@ -490,6 +540,55 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _ssh_hint(err: BaseException, host: str, config: Any) -> str:
+    """What to check after an SSH start failure, judged from the underlying error."""
+    import asyncssh
+
+    while err.__cause__ is not None:  # SSHCluster and we wrap the asyncssh error
+        err = err.__cause__
+    port = int(config.ssh_port)
+    if isinstance(err, asyncssh.HostKeyNotVerifiable):
+        known = config.ssh_known_hosts or "~/.ssh/known_hosts"
+        return (
+            f"the host key of [{host}]:{port} is not trusted by ssh_known_hosts ({known}): "
+            f"for a new host, check its fingerprint and add it (ssh-keyscan -p {port} "
+            f"{host} >> {known}); if its key changed, find out why first; on a closed test "
+            f"network only, ssh_verify_host_keys = false skips the check (unsafe)"
+        )
+    if isinstance(err, asyncssh.PermissionDenied):
+        user = config.ssh_username or _current_user()
+        return f"check ssh_username ({user}) and ssh_client_keys (authorized on {host}?)"
+    if isinstance(err, (ConnectionRefusedError, TimeoutError, OSError)):
+        return f"is sshd running on {host} port {port} and reachable from here?"
+    if "failed to start" in str(err):  # the remote command ended before it started
+        python = config.remote_python or sys.executable
+        return (
+            f"is remote_python ({python}) on {host}, with the pipeline's requirements "
+            f"installed?"
+        )
+    return "check ssh_hosts, ssh_username, ssh_client_keys, ssh_known_hosts and remote_python"
+
+
+def _ssh_host_workers_class() -> type:
+    """distributed's SSH worker group, whose start failure names its host."""
+    from distributed.deploy.ssh import Worker as SSHWorker
+
+    class SSHHostWorkers(SSHWorker):
+        async def start(self) -> None:
+            try:
+                await super().start()
+            except Exception as err:
+                with contextlib.suppress(Exception):
+                    await self.close()
+                failure = ClusterError(
+                    f"SSH workers on {self.address} did not start: {_describe(err)}"
+                )
+                failure.host = self.address  # type: ignore[attr-defined]
+                raise failure from err
+
+    return SSHHostWorkers
 
 
 def _close_ssh_workers(client: Client, cluster: Any, timeout_s: float = 20.0) -> None:

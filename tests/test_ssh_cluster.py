@@ -1,0 +1,498 @@
+"""The multi-host SSH cluster, end to end, through a throwaway sshd on loopback.
+
+One sshd (tests/sshd_testbed.py) listens on 127.0.0.1 and 127.0.0.2, which play two
+hosts; every Dask address stays on loopback (``interface = "lo"``). The [cluster] sections
+are the original pipeline's SSH form (``use_dask``, ``ssh_hosts``, ``ssh_*_per_*``) plus
+the test bed's keys (port, user, key, known_hosts, remote_python = this venv's python).
+
+The tests skip, saying why, only when sshd cannot be started here; with ``CI`` set they
+fail instead. After every test nothing started through the sshd (found by the
+``SSH_CONNECTION`` its sessions set) and nothing carrying the test's
+``PANOSETI_TEST_TAG`` may be alive; leftovers are stopped by PID and fail the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sshd_testbed  # noqa: E402
+
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("distributed")
+pytest.importorskip("asyncssh")
+
+import dask_cluster  # noqa: E402
+
+pytestmark = [pytest.mark.ssh]
+
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
+MANAGER = str(REPO / "cluster_lifecycle_manager.py")
+STEP1 = str(REPO / "step1_pff_to_zarr.py")
+RUN_SH = REPO / "run.sh"
+STEP2 = REPO / "step2_dask_baseline.py"
+HOSTS = list(sshd_testbed.HOSTS)
+READY_TIMEOUT_S = 60.0
+STEP_TIMEOUT_S = 120.0
+
+#: The original pipeline's [cluster] form (the test bed's keys are added to it).
+ORIGINAL_SSH_FORM = {
+    "use_dask": True,
+    "ssh_hosts": HOSTS,
+    "ssh_workers_per_host": 2,
+    "ssh_threads_per_worker": 1,
+    "ssh_memory_per_worker": "1GB",
+}
+
+#: Group attributes (at any depth) that describe the run, not the data: times, speeds,
+#: mode, the [cluster] section, where the L0 was, and the L0's size (its metadata holds the
+#: configuration, so it differs by a few hundred bytes).
+VOLATILE_ATTRS = frozenset({"created", "seconds", "mb_per_s", "mode", "cluster", "l0_path",
+                            "l0_bytes", "l1_to_l0_ratio"})
+
+
+# -- the test bed ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd_testbed.SSHTestBed]:
+    """The session's sshd on 127.0.0.1 and 127.0.0.2; skipped (CI: failed) if impossible."""
+    try:
+        testbed = sshd_testbed.start_sshd(tmp_path_factory.mktemp("sshd"))
+    except sshd_testbed.SSHDUnavailable as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SSH-cluster tests, but sshd could not start: {err}")
+        pytest.skip(f"sshd could not be started here: {err}")
+    try:
+        yield testbed
+    finally:
+        testbed.stop()
+
+
+@pytest.fixture
+def tag() -> str:
+    return uuid.uuid4().hex
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(request: pytest.FixtureRequest, tag: str) -> Iterator[None]:
+    """After each test: no process of the sshd's sessions or with this test's tag."""
+    yield
+    testbed = request.getfixturevalue("bed") if "bed" in request.fixturenames else None
+    deadline = time.monotonic() + 15.0
+    while True:  # closing is asynchronous: give the sessions a moment to end
+        left = tagged_processes(tag) + (testbed.processes() if testbed else [])
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    described = [f"{p.pid} {' '.join(sshd_testbed_cmdline(p))[:120]}" for p in left]
+    sshd_testbed.stop_processes(left)
+    assert not described, f"processes left running (stopped now): {described}"
+
+
+def tagged_processes(tag: str) -> list[Any]:
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("PANOSETI_TEST_TAG") == tag and proc.status() != "zombie":
+                found.append(proc)
+    return found
+
+
+def sshd_testbed_cmdline(proc: Any) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def write_config(path: Path, cluster: dict[str, Any], **sections: dict[str, Any]) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps({"cluster": cluster, **sections}))
+    return path
+
+
+def ssh_cluster(bed: sshd_testbed.SSHTestBed, **keys: Any) -> dict[str, Any]:
+    """The original SSH form plus the test bed's keys, then ``keys``."""
+    return {**ORIGINAL_SSH_FORM, **bed.cluster_keys(PYTHON), "startup_timeout_s": 60.0, **keys}
+
+
+def child_env(tag: str) -> dict[str, str]:
+    env = {**os.environ, "PANOSETI_TEST_TAG": tag}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@dataclass
+class Manager:
+    """One cluster_lifecycle_manager.py subprocess."""
+
+    workdir: Path
+    config: Path
+    tag: str
+    proc: subprocess.Popen | None = None
+    files: list[Any] = field(default_factory=list)
+
+    @property
+    def scheduler_file(self) -> Path:
+        return self.workdir / "scheduler.txt"
+
+    def start(self) -> Manager:
+        out = open(self.workdir / "manager.out", "w")  # noqa: SIM115 -- closed in stop()
+        err = open(self.workdir / "manager.err", "w")  # noqa: SIM115
+        self.files += [out, err]
+        self.proc = subprocess.Popen(
+            [PYTHON, MANAGER, str(self.config), str(self.scheduler_file)],
+            cwd=self.workdir, env=child_env(self.tag), stdout=out, stderr=err,
+        )  # fmt: skip
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.scheduler_file.exists():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"manager exited {self.proc.returncode}: {self.stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no scheduler file after {timeout} s: {self.stderr}")
+            time.sleep(0.05)
+        address = self.scheduler_file.read_text().strip()
+        while "stop with:" not in self.stdout and time.monotonic() < deadline:
+            time.sleep(0.05)  # the file is written just before the lines are printed
+        return address
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    @property
+    def stdout(self) -> str:
+        return (self.workdir / "manager.out").read_text()
+
+    @property
+    def stderr(self) -> str:
+        return (self.workdir / "manager.err").read_text()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for f in self.files:
+            f.close()
+
+
+@pytest.fixture
+def make_manager(tmp_path: Path, tag: str) -> Iterator:
+    started: list[Manager] = []
+
+    def make(cluster: dict[str, Any], name: str = "m", **sections: Any) -> Manager:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        config = write_config(workdir / "config.toml", cluster, **sections)
+        manager = Manager(workdir, config, tag)
+        started.append(manager)
+        return manager
+
+    yield make
+    for manager in started:
+        manager.stop()
+
+
+def module_probe():
+    """A probe run on a worker or the scheduler (pickled by value: defined in a function)."""
+
+    def probe(names: tuple[str, ...], dask_scheduler: Any = None) -> dict[str, Any]:
+        import importlib
+        import os
+
+        return {"cwd": os.getcwd(),
+                "files": {n: importlib.import_module(n).__file__ for n in names}}
+
+    return probe
+
+
+def scrub(value: Any) -> Any:
+    """``value`` without the keys of :data:`VOLATILE_ATTRS`, at any depth."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE_ATTRS}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+def assert_same_store(got: Path, want: Path) -> None:
+    """Every chunk and array metadata file byte-identical; group attributes identical
+    except the run's own (:data:`VOLATILE_ATTRS`: times, mode, cluster configuration)."""
+    files = sorted(p.relative_to(want) for p in want.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file())
+    assert any(f.name != "zarr.json" for f in files)
+    for rel in files:
+        a, b = (got / rel).read_bytes(), (want / rel).read_bytes()
+        if a == b:
+            continue
+        assert rel.name == "zarr.json", f"{rel} differs"
+        meta_a, meta_b = json.loads(a), json.loads(b)
+        assert meta_a.get("node_type") == "group", f"array metadata {rel} differs"
+        assert scrub(meta_a) == scrub(meta_b), f"{rel}: attributes differ"
+
+
+def run_step1(inputs: list[Path], output: Path, config: Path, *extra: str, tag: str,
+              cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, STEP1, *map(str, inputs), str(output), str(config), *extra],
+                          cwd=cwd, env=child_env(tag), capture_output=True, text=True,
+                          timeout=STEP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def big_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One clean img16 file large enough for ~60 tasks of a few tenths of a second."""
+    import synthetic_obs
+
+    return synthetic_obs.write_big_file(tmp_path_factory.mktemp("big"), 120)
+
+
+#: Small chunks and tasks so step 1 on big_stream runs for seconds, in many tasks.
+MANY_TASKS = {"time_chunk": 1024, "chunk_size_mb": 2}
+
+
+# -- the cluster itself ------------------------------------------------------------------
+
+
+def test_workers_run_on_both_ssh_hosts_outside_the_repo(bed, make_manager) -> None:
+    manager = make_manager(ssh_cluster(bed)).start()
+    address = manager.wait_ready()
+    assert address.startswith("tcp://127.0.0.1:")
+    assert f"scheduler {address} (ssh, 4 workers)" in manager.stdout
+    client = dask_cluster.connect_client(address, timeout=30)
+    try:
+        rows = dask_cluster.describe_workers(client)
+        # Two workers per "host", each one a process started through that host's sshd.
+        assert sorted(r["ssh_host"] for r in rows) == sorted(HOSTS * 2), rows
+        sessions = {p.pid: sshd_testbed.session_host(p) for p in bed.processes()}
+        for row in rows:
+            assert sessions.get(row["pid"]) == row["ssh_host"], (row, sessions)
+            assert row["address"].startswith("tcp://127.") and row["nthreads"] == 1
+            assert row["memory_limit"] == 10**9
+            # An SSH session starts in the remote home directory, not in the repository.
+            assert Path(row["cwd"]) == Path.home() and Path(row["cwd"]) != REPO
+        # The scheduler is an SSH session process on the first host, not ours.
+        # (`python -m distributed.cli.dask_spec --spec ...`; a nanny names the scheduler.)
+        schedulers = [host for pid, host in sessions.items()
+                      if sshd_testbed_cmdline(psutil.Process(pid))[3:4] == ["--spec"]]
+        assert schedulers == [HOSTS[0]] and manager.proc.pid not in sessions
+        # ... yet the pipeline's code imports on every worker (and on the scheduler),
+        # from the copies connect_client shipped.
+        names = tuple(p.stem for p in dask_cluster.worker_module_files())
+        assert "l0_convert" in names
+        for row in rows:
+            got = client.submit(module_probe(), names, workers=[row["address"]],
+                                pure=False).result(timeout=30)
+            for name, file in got["files"].items():
+                assert Path(file).parent == Path(row["local_directory"]), (name, file)
+                assert not Path(file).is_relative_to(REPO)
+        on_scheduler = client.run_on_scheduler(module_probe(), names)
+        assert all(not Path(f).is_relative_to(REPO) for f in on_scheduler["files"].values())
+    finally:
+        client.close()
+    assert manager.terminate() == 0, manager.stderr
+    assert "ssh cluster closed" in manager.stdout
+    assert not manager.scheduler_file.exists()
+
+
+def test_killed_worker_mid_step1_is_rescheduled(bed, make_manager, big_stream, tmp_path,
+                                                tag) -> None:
+    """SIGKILL a busy SSH worker by PID during step 1: same store as a local run."""
+    manager = make_manager(ssh_cluster(bed), pff_to_zarr=MANY_TASKS).start()
+    address = manager.wait_ready()
+    client = dask_cluster.connect_client(address, timeout=30)
+    out = tmp_path / "ssh_L0.zarr"
+    try:
+        pids = {r["address"]: r for r in dask_cluster.describe_workers(client)}
+        step1 = subprocess.Popen(
+            [PYTHON, STEP1, str(big_stream), str(out), str(manager.config), address, "--quiet"],
+            cwd=tmp_path, env=child_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        victim = None
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while victim is None and step1.poll() is None and time.monotonic() < deadline:
+            if list(tmp_path.glob("ssh_L0.zarr*partial*/images/c/*")):  # writing has begun
+                busy = [w for w, keys in client.processing().items() if keys and w in pids]
+                if busy:
+                    victim = pids[busy[0]]
+                    os.kill(victim["pid"], signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+        assert victim is not None, "step 1 ended before a worker could be killed"
+        assert step1.poll() is None, "step 1 ended right when the worker was killed"
+        stdout, stderr = step1.communicate(timeout=STEP_TIMEOUT_S)
+        assert step1.returncode == 0, stderr
+        assert not psutil.pid_exists(victim["pid"])
+        # The nanny started a replacement on the same host.
+        client.wait_for_workers(4, timeout=30)
+        rows = dask_cluster.describe_workers(client)
+        assert victim["pid"] not in {r["pid"] for r in rows}
+        assert sorted(r["ssh_host"] for r in rows) == sorted(HOSTS * 2)
+    finally:
+        client.close()
+    assert f"{out}: " in stdout
+    local = write_config(tmp_path / "local.toml", {"use_dask": False}, pff_to_zarr=MANY_TASKS)
+    ref = run_step1([big_stream], tmp_path / "local_L0.zarr", local, "--quiet", tag=tag,
+                    cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    assert_same_store(out, tmp_path / "local_L0.zarr")
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    assert manager.terminate() == 0, manager.stderr
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("cluster_lifecycle_manager.py: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["nothing listening", "second host down"])
+def test_unreachable_host_is_a_clear_error(bed, make_manager, case: str) -> None:
+    timeout_s = 20.0
+    if case == "nothing listening":  # a loopback port where nobody listens
+        port = sshd_testbed.free_port()
+        cluster = ssh_cluster(bed, ssh_port=port, startup_timeout_s=timeout_s)
+        bad = f"127.0.0.1 port {port}"
+    else:  # the scheduler's host is fine, a worker host refuses
+        cluster = ssh_cluster(bed, ssh_hosts=[HOSTS[0], "127.0.0.3"],
+                              startup_timeout_s=timeout_s)
+        bad = "127.0.0.3"
+    manager = make_manager(cluster).start()
+    started = time.monotonic()
+    assert manager.proc.wait(timeout=timeout_s + 30) == 1
+    assert time.monotonic() - started < timeout_s + 15  # the close fits in the margin
+    line = one_error_line(manager.stderr)
+    assert bad in line and "is sshd running" in line, line
+    assert not manager.scheduler_file.exists()
+
+
+def test_unknown_host_key_is_refused_by_default(bed, make_manager) -> None:
+    # A known_hosts that names another key for these hosts, and one naming no key at all.
+    for name, known in [("wrong", bed.wrong_known_hosts), ("empty", Path(os.devnull))]:
+        manager = make_manager(ssh_cluster(bed, ssh_known_hosts=str(known)), name=name).start()
+        assert manager.proc.wait(timeout=60) == 1
+        line = one_error_line(manager.stderr)
+        assert "not trusted" in line and "ssh_verify_host_keys = false" in line, line
+        assert not manager.scheduler_file.exists()
+
+
+def test_host_key_check_opt_out_works(bed, make_manager) -> None:
+    cluster = ssh_cluster(bed, ssh_known_hosts=str(bed.wrong_known_hosts),
+                          ssh_verify_host_keys=False, ssh_workers_per_host=1)
+    manager = make_manager(cluster).start()
+    assert manager.wait_ready().startswith("tcp://127.0.0.1:")
+    assert "(ssh, 2 workers)" in manager.stdout
+    assert manager.terminate() == 0, manager.stderr
+
+
+# -- run.sh end to end -------------------------------------------------------------------
+
+needs_driver = pytest.mark.skipif(
+    not (RUN_SH.is_file() and STEP2.is_file()),
+    reason="run.sh and step2_dask_baseline.py are not in the repository yet",
+)
+
+
+@pytest.fixture(scope="session")
+def observation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated .pffd observation: one img16 and one ph256 stream, 2 files each."""
+    import synthetic_obs
+
+    return synthetic_obs.make_observation(tmp_path_factory.mktemp("obs"), frames_per_file=1500,
+                                          products=("img16", "ph256"))
+
+
+def run_sh(args: list[str], config: Path, tag: str, cwd: Path,
+           timeout: float = 240.0) -> subprocess.CompletedProcess:
+    env = child_env(tag)
+    env["CONFIG_FILE"] = str(config)
+    if sys.prefix != sys.base_prefix:  # the venv running the tests has the requirements
+        env["VIRTUAL_ENV"] = sys.prefix
+    (cwd / "tmpdir").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(cwd / "tmpdir")
+    return subprocess.run([str(RUN_SH), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_record(out_dir: Path) -> dict[str, Any]:
+    import tomllib
+
+    records = sorted(out_dir.glob("run_record_*.toml"))
+    assert len(records) == 1, records
+    return tomllib.loads(records[0].read_text())
+
+
+@needs_driver
+def test_run_sh_on_two_ssh_hosts_matches_local(bed, observation, tmp_path, tag) -> None:
+    """run.sh with the original [cluster] SSH form: the same L1 stores as use_dask = false,
+    made by workers started over SSH on both hosts, outside the repository."""
+    small = {"time_chunk": 1024, "chunk_size_mb": 1}
+    ssh = write_config(tmp_path / "ssh.toml", ssh_cluster(bed, ssh_workers_per_host=1),
+                       pff_to_zarr=small)
+    local = write_config(tmp_path / "local.toml", {"use_dask": False}, pff_to_zarr=small)
+    done = run_sh([str(observation), str(tmp_path / "L1_ssh")], ssh, tag, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ref = run_sh([str(observation), str(tmp_path / "L1_local")], local, tag, tmp_path)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+
+    stores = sorted(p.name for p in (tmp_path / "L1_local").glob("*_L1.zarr"))
+    assert len(stores) == 2, stores  # img16 and ph256
+    assert sorted(p.name for p in (tmp_path / "L1_ssh").glob("*_L1.zarr")) == stores
+    for name in stores:
+        assert_same_store(tmp_path / "L1_ssh" / name, tmp_path / "L1_local" / name)
+
+    # The run record names the workers: one per host, reached over SSH, not in the repo.
+    record = run_record(tmp_path / "L1_ssh")
+    workers = [line for line in record["cluster"]["manager_output"]
+               if line.startswith("worker ")]
+    assert len(workers) == 2, record["cluster"]
+    by_host = sorted(workers, key=lambda w: w.split()[3])
+    for host, line in zip(sorted(HOSTS), by_host, strict=True):
+        assert f" on {host} via ssh " in line, line
+        assert f"cwd {Path.home()}," in f"{line}," and str(REPO) not in line, line
+    assert record["cluster"]["scheduler_address"].startswith("tcp://127.0.0.1:")
+    assert [i["status"] for i in record["inputs"]] == ["ok", "ok"], record["inputs"]
+
+
+@needs_driver
+def test_run_sh_with_an_unreachable_host_fails_cleanly(bed, observation, tmp_path,
+                                                       tag) -> None:
+    port = sshd_testbed.free_port()
+    config = write_config(tmp_path / "ssh.toml",
+                          ssh_cluster(bed, ssh_port=port, startup_timeout_s=10.0))
+    started = time.monotonic()
+    done = run_sh([str(observation), str(tmp_path / "L1")], config, tag, tmp_path, timeout=90)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 60
+    assert f"127.0.0.1 port {port}" in done.stderr and "is sshd running" in done.stderr
+    assert not list(tmp_path.glob("L1/*.zarr*"))
