@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import logging
 import os
 import sys
@@ -414,16 +415,29 @@ def connect_client(address: str, timeout: float = 30.0) -> Client:
     ``local_directory`` (first on its ``sys.path``) and imports it, whatever its working
     directory. The scheduler gets them too (``SchedulerUploadFile``): it unpickles the
     task graph, whose tasks name pipeline functions and classes, and an SSH scheduler
-    starts in the remote home directory as well. Registering again (the next step)
-    replaces the copies.
+    starts in the remote home directory as well.
+
+    Plugin names carry the file's content hash, so a module already shipped by an
+    earlier step is not shipped (nor reloaded) again, while a changed one is. A scheduler
+    running inside this very process (an in-process LocalCluster) already imports the
+    repository's modules and is not given copies: reloading them would swap the
+    modules under the running caller.
     """
     from distributed.diagnostics.plugin import SchedulerUploadFile, UploadFile
 
     client = _open_client(address, timeout)
     try:
+        # a lambda travels by value: an SSH scheduler cannot import this module
+        present = set(client.run_on_scheduler(
+            lambda dask_scheduler: [*dask_scheduler.plugins, *dask_scheduler.worker_plugins]))
+        local_scheduler = _scheduler_in_this_process(client)
         for path in worker_module_files():
-            name = _PLUGIN_PREFIX + path.name
-            client.register_plugin(SchedulerUploadFile(str(path)), name=name)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            name = f"{_PLUGIN_PREFIX}{path.name}-{digest}"
+            if name in present:
+                continue
+            if not local_scheduler:
+                client.register_plugin(SchedulerUploadFile(str(path)), name=name)
             client.register_plugin(UploadFile(str(path)), name=name)
     except BaseException as err:
         client.close()
@@ -434,6 +448,13 @@ def connect_client(address: str, timeout: float = 30.0) -> Client:
             ) from err
         raise
     return client
+
+
+def _scheduler_in_this_process(client: Client) -> bool:
+    from distributed.scheduler import Scheduler
+
+    address = client.scheduler.address
+    return any(s.address == address for s in getattr(Scheduler, "_instances", ()))
 
 
 def describe_workers(client: Client) -> list[dict[str, Any]]:
