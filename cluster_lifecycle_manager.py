@@ -66,6 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     import dask_cluster
 
     stop = threading.Event()
+    if not args.debug:  # a stop during start-up must not print the client's reconnect trace
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
     silence = logging.WARNING if args.debug else logging.ERROR
     cluster = dask_cluster.ClusterHandle(config.cluster, silence_logs=silence)
     try:

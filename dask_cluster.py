@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 #: imported on the worker as soon as it is uploaded, so what it imports must come first).
 WORKER_MODULES: tuple[str, ...] = (
     "pipeline_errors",
+    "task_runners",
     "pipeline_config",
     "pff",
     "zarr_products",
@@ -405,6 +406,19 @@ def worker_module_files(repo_dir: Path = REPO_DIR) -> list[Path]:
     """The :data:`WORKER_MODULES` that exist in ``repo_dir``, in upload order."""
     paths = (repo_dir / f"{name}.py" for name in WORKER_MODULES)
     return [p for p in paths if p.is_file()]
+
+
+def quiet_client_logs() -> None:
+    """Silence distributed's own log lines in a step's process.
+
+    A lost scheduler or a cancelled task is reported by the step in one line; the
+    client's reconnect tracebacks would bury it. ``--debug`` skips this.
+    """
+    import distributed  # noqa: F401 -- its logging set-up first, then ours
+
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def connect_client(address: str, timeout: float = 30.0) -> Client:

@@ -19,7 +19,6 @@ boundary).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 import pff
+import task_runners
 import zarr_products as zp
 from pipeline_errors import InputError, PFFNameError, StoreError
 
@@ -87,7 +87,9 @@ def check_stream(paths: Sequence[str | os.PathLike], notice: Callable[[str], Non
         raise InputError("\n".join(problems))
     streams = {n.stream for n in names}
     if len(streams) > 1:
-        listing = "; ".join(f"{n.path.name} ({n.dp}, module {n.module})" for n in names)
+        same_name = len({n.path.name for n in names}) < len(names)  # e.g. copies elsewhere
+        listing = "; ".join(f"{n.path if same_name else n.path.name} ({n.dp}, module "
+                            f"{n.module})" for n in names)
         raise InputError(f"inputs are not one stream (same observation, dp and module): "
                          f"{listing}")
     seqnos = [n.seqno for n in names]
@@ -95,15 +97,14 @@ def check_stream(paths: Sequence[str | os.PathLike], notice: Callable[[str], Non
     if dup:
         raise InputError(f"duplicate seqno {dup} among inputs: "
                          + ", ".join(str(n.path) for n in names if n.seqno in dup))
-    kept = []
-    for n in sorted(names, key=lambda n: n.seqno):
-        if n.path.stat().st_size == 0:
-            notice(f"{n.path}: empty (0 bytes), skipped")
-        else:
-            kept.append(n)
-    if not kept:
-        raise InputError("no data: every input file is empty (0 bytes)")
-    return kept
+    names.sort(key=lambda n: n.seqno)
+    empty = [n for n in names if n.path.stat().st_size == 0]
+    if len(empty) == len(names):
+        raise InputError(f"{', '.join(str(n.path) for n in empty)}: empty (0 bytes): no data "
+                         "to convert (every input file is empty)")
+    for n in empty:
+        notice(f"{n.path}: empty (0 bytes), skipped")
+    return [n for n in names if n not in empty]
 
 
 def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None]
@@ -216,12 +217,16 @@ def convert_range(settings: TaskSettings, a: int, b: int) -> dict[str, Any]:
     time.sleep(float(os.environ.get("PANOSETI_TEST_SLOW_TASK_S") or 0))  # tests: hold step 1
     images, headers, time_ns, flags, nbytes = decode_range(settings.files, a, b)
     group = zarr.open_group(store=settings.store, mode="r+", use_consolidated=False)
-    group["images"][a:b] = images
-    group["time"][a:b] = time_ns
-    group["timestamps"][a:b] = timestamps_of(time_ns)
-    group["frame_flags"][a:b] = flags
-    for k, v in headers.items():
-        group[f"headers/{k}"][a:b] = v
+    try:
+        group["images"][a:b] = images
+        group["time"][a:b] = time_ns
+        group["timestamps"][a:b] = timestamps_of(time_ns)
+        group["frame_flags"][a:b] = flags
+        for k, v in headers.items():
+            group[f"headers/{k}"][a:b] = v
+    except BaseException:
+        zp.wait_for_pending_writes()  # no write may land after the driver's cleanup
+        raise
     return {"start": a, "stop": b, "frames": b - a, "bytes_read": nbytes,
             "flags": pff.flag_counts(flags)}
 
@@ -267,35 +272,6 @@ def _create_store(path: Path, files: Sequence[SourceFile], cfg: Any) -> None:
     zp.create_frame_arrays(group, n, chunk, codecs,
                            {f: (pff.FIELD_DTYPE[f], product.header_shape)
                             for f in product.fields})
-
-
-def _run_tasks(settings: TaskSettings, ranges: list[tuple[int, int]], num_workers: int,
-               client: Any, progress: Any) -> list[dict[str, Any]]:
-    """Run every range; local thread pool, or the Dask client's workers."""
-    summaries = []
-    if client is None:
-        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-            futures = [pool.submit(convert_range, settings, a, b) for a, b in ranges]
-            try:
-                for fut in concurrent.futures.as_completed(futures):
-                    summaries.append(fut.result())
-                    progress.update(summaries[-1]["frames"])
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
-        return summaries
-    from distributed import as_completed
-
-    futures = [client.submit(convert_range, settings, a, b, pure=False) for a, b in ranges]
-    try:
-        for fut in as_completed(futures):
-            summaries.append(fut.result())
-            progress.update(summaries[-1]["frames"])
-    except BaseException:
-        client.cancel(futures)
-        raise
-    return summaries
 
 
 def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: int,
@@ -356,8 +332,6 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
             client: Any = None, overwrite: bool = False, quiet: bool = False,
             notice: Callable[[str], None] | None = None) -> Result:
     """Convert the PFF files of one stream into the L0 store ``output``."""
-    from tqdm import tqdm
-
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
     output = Path(output)
     names = check_stream(inputs, notice)
@@ -379,9 +353,15 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
         _create_store(tmp, files, cfg)
         settings = TaskSettings(str(tmp), tuple(files), section.max_concurrent_writes,
                                 section.blosc_threads, cfg.run.group_writable)
-        with tqdm(total=n, unit="frame", unit_scale=True, disable=quiet, file=sys.stderr,
-                  desc=output.name) as progress:
-            summaries = _run_tasks(settings, ranges, section.num_workers, client, progress)
+        summaries: list[dict[str, Any]] = []
+
+        def fold(_i: int, summary: dict[str, Any]) -> int:
+            summaries.append(summary)
+            return summary["frames"]
+
+        runner = task_runners.runner_for(client, section.num_workers, not quiet)
+        runner.map(convert_range, [(settings, a, b) for a, b in ranges], str(output), fold,
+                   total=n, unit="frame")
         _verify(tmp, files, summaries, n, chunk)
         seconds = time.perf_counter() - t0
         input_bytes = sum(f.index.file_size for f in files)
@@ -393,7 +373,7 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
                   "partial_bytes_dropped": sum(f.index.partial_bytes for f in files),
                   "frames_walked": sum(f.index.frames_walked for f in files),
                   "time_source": ", ".join(sorted({f.time_source for f in files})),
-                  "tasks": len(ranges), "mode": "dask" if client is not None else "local"}
+                  "tasks": len(ranges), "mode": runner.mode}
         import zarr
 
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)

@@ -56,7 +56,6 @@ Examples
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import shutil
@@ -65,13 +64,14 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import pff
+import task_runners
 import zarr_products as zp
 from pipeline_errors import InputError, StoreError
 
@@ -247,16 +247,9 @@ def _prepare_process(group_writable: bool) -> None:
     """Zarr settings and the umask, once per process (Dask workers included)."""
     with _process_lock:
         if not _process_ready:
-            zp.configure_zarr(ZARR_CONCURRENCY, _cpus())
+            zp.configure_zarr(ZARR_CONCURRENCY, task_runners.cpus())
             zp.apply_permission_policy(group_writable)
             _process_ready["done"] = True
-
-
-def _cpus() -> int:
-    """CPUs this process may use (the affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _array(token: str, path: str, name: str, writable: bool = False) -> Any:
@@ -456,82 +449,28 @@ def apply_task(info: L0Info, spec: Subtraction, l1_path: str, start: int, stop: 
     chunk files are copied byte for byte (no decode/encode).
     """
     _prepare_process(group_writable)
+    time.sleep(float(os.environ.get("PANOSETI_TEST_SLOW_TASK_S") or 0))  # tests: hold step 2
     aux = (_array(info.token, info.path, "headers/quabo_num")[start:stop] if info.ph256
            else None)
     x = _array(info.token, info.path, "images")[start:stop]
     out = subtract(info, spec, x, aux, _out_buffer(x.shape))
-    _array(info.token, l1_path, "images", writable=True)[start:stop] = out
+    try:
+        _array(info.token, l1_path, "images", writable=True)[start:stop] = out
+        for name in info.per_frame:
+            src = _array(info.token, info.path, name)
+            if copy_files:
+                index = (start // src.chunks[0],) + (0,) * (src.ndim - 1)
+                key = src.metadata.encode_chunk_key(index)
+                target = Path(l1_path, name, key)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(info.path, name, key), target)
+            else:
+                _array(info.token, l1_path, name, writable=True)[start:stop] = src[start:stop]
+    except BaseException:
+        zp.wait_for_pending_writes()  # no write may land after the driver's cleanup
+        raise
     nan = int(np.isnan(out).sum()) if spec.threshold is not None else 0
-    for name in info.per_frame:
-        src = _array(info.token, info.path, name)
-        if copy_files:
-            index = (start // src.chunks[0],) + (0,) * (src.ndim - 1)
-            key = src.metadata.encode_chunk_key(index)
-            target = Path(l1_path, name, key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(info.path, name, key), target)
-        else:
-            _array(info.token, l1_path, name, writable=True)[start:stop] = src[start:stop]
     return {"start": start, "frames": stop - start, "nan": nan}
-
-
-# --------------------------------------------------------------------------- runners
-
-
-class LocalRunner:
-    """Tasks on a thread pool of this process (numpy and the codecs release the GIL)."""
-
-    mode = "local"
-
-    def __init__(self, threads: int | None = None, progress: bool = True) -> None:
-        self.threads = threads or _cpus()
-        self.progress = progress
-
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
-            fold: Callable[[int, Any], None]) -> None:
-        """Run ``fn(*call)`` for every call; ``fold(i, result)`` as each one completes."""
-        with _bar(len(calls), desc, self.progress) as bar, \
-                concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-            futures = {pool.submit(fn, *c): i for i, c in enumerate(calls)}
-            try:
-                for fut in concurrent.futures.as_completed(futures):
-                    fold(futures[fut], fut.result())
-                    bar.update()
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-
-class DaskRunner:
-    """Tasks on a Dask cluster; they read and write the stores themselves."""
-
-    mode = "dask"
-
-    def __init__(self, client: Any, progress: bool = True) -> None:
-        self.client = client
-        self.progress = progress
-
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
-            fold: Callable[[int, Any], None]) -> None:
-        from distributed import as_completed
-
-        futures = [self.client.submit(fn, *c, pure=False) for c in calls]
-        index = {f.key: i for i, f in enumerate(futures)}
-        with _bar(len(calls), desc, self.progress) as bar:
-            try:
-                for fut in as_completed(futures):
-                    fold(index[fut.key], fut.result())
-                    fut.release()
-                    bar.update()
-            except BaseException:
-                self.client.cancel(futures)
-                raise
-
-
-def _bar(total: int, desc: str, progress: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="task", disable=not progress, file=sys.stderr,
-                leave=False)
 
 
 # --------------------------------------------------------------------------- baseline
@@ -847,8 +786,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     for stale in zp.remove_stale_partials(output):
         notice(f"{stale}: removed the partial store of an interrupted run")
     zp.apply_permission_policy(gw)
-    runner = (DaskRunner(client, not quiet) if client is not None
-              else LocalRunner(threads, not quiet))
+    runner = task_runners.runner_for(client, threads, not quiet)
     baseline = compute_baseline(runner, l0, info, section, gw)
     if baseline.frames.get("window_truncated"):
         notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "

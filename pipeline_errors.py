@@ -91,8 +91,15 @@ def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
     except OSError as err:  # disk full, permission denied ... : name the file
         if debug:
             raise
-        where = f" {err.filename}" if err.filename else ""
-        print(f"{prog}: error:{where}: {err.strerror or err}", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{prog}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as err:  # a bug or a library error: still one line, no traceback
+        if debug:
+            raise
+        text = " ".join(str(err).split()) or "(no message)"
+        print(f"{prog}: error: unexpected {type(err).__name__}: {text} (rerun with --debug "
+              "for the traceback)", file=sys.stderr)
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -196,13 +196,31 @@ wait_gone() {
 # run_step CMD...: run one step in the background and wait for it, so that a signal
 # reaches our handler at once (bash runs traps only between foreground commands).
 # Its stdout goes to stderr: run.sh's stdout holds only the plan and the summary.
+# While a cluster is in use, the lifecycle manager is watched too: if it dies (the Dask
+# client of the step would wait ~30 s for a scheduler that is gone), the step is stopped
+# at once and fails (status 1); run_jobs then reports the lost cluster (cluster_alive).
 run_step() {
-  local rc=0
+  local rc=0 lost=0
   STEP_START="$(now)"
   STEP_RC=""
   "$@" >&2 </dev/null &
   STEP_PID=$!
-  wait "$STEP_PID" || rc=$?
+  if [[ -n "$MANAGER_PID" ]]; then
+    while kill -0 "$STEP_PID" 2>/dev/null; do
+      if ! kill -0 "$MANAGER_PID" 2>/dev/null; then
+        lost=1
+        say "the cluster manager (pid $MANAGER_PID) is gone: stopping the running step (pid $STEP_PID)"
+        stop_step
+        break
+      fi
+      sleep 0.5
+    done
+  fi
+  if ((!lost)); then
+    wait "$STEP_PID" || rc=$?
+  else
+    rc=1
+  fi
   STEP_PID=""
   STEP_RC="$rc"
   return "$rc"
@@ -273,6 +291,20 @@ stop_cluster() {
   if [[ -n "$SCHEDULER_FILE" ]]; then
     rm -f -- "$SCHEDULER_FILE"
   fi
+}
+
+# cluster_alive: false, with the reason on stderr, when the lifecycle manager this run
+# started has exited under us (e.g. killed): the cluster is gone, so is every later step.
+cluster_alive() {
+  [[ -n "$MANAGER_PID" ]] || return 0
+  if kill -0 "$MANAGER_PID" 2>/dev/null; then
+    return 0
+  fi
+  local rc=0
+  wait "$MANAGER_PID" 2>/dev/null || rc=$?
+  say "error: the cluster manager (pid $MANAGER_PID) exited with status $rc during the run: the Dask cluster is gone; stopping (rerun to finish the remaining inputs)"
+  MANAGER_PID=""
+  return 1
 }
 
 # remove_store PATH: rm -rf a store this run wrote, after checking it is one.
@@ -460,6 +492,9 @@ run_jobs() {
       FAILED=$((FAILED + 1))
       if ((rc == 130)); then # the step itself was interrupted
         on_signal INT
+      fi
+      if ! cluster_alive; then
+        break
       fi
       if ((!OPT_KEEP_GOING)); then
         say "stopping after the first failed input (--keep-going continues with the others)"

@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.address:
             import dask_cluster
 
+            if not args.debug:
+                dask_cluster.quiet_client_logs()
             client = dask_cluster.connect_client(args.address)
         try:
             result = l0_convert.convert(args.inputs, args.output, cfg, client=client,

@@ -67,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dask_scheduler:
             import dask_cluster
 
+            if not args.debug:
+                dask_cluster.quiet_client_logs()
             client = dask_cluster.connect_client(args.dask_scheduler)
         try:
             result = l1_baseline.subtract_baseline(args.input, args.output, cfg,

@@ -14,12 +14,15 @@ the layout conventions live, so step 1, step 2 and the tests agree on them:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
+import errno
 import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -30,7 +33,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline_errors import InputError, StoreError
+from pipeline_errors import InputError, PipelineError, StoreError
 
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
@@ -113,6 +116,9 @@ def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
         with _quiet_consolidated():
             group = zarr.open_group(store=str(p), mode="r", use_consolidated=True)
     except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
+        if (p / "zarr.json").is_file() and "onsolidated" in str(err):
+            raise InputError(f"{p}: incomplete store: no consolidated metadata (its writing "
+                             f"never finished; rerun the step that makes it)") from None
         raise InputError(f"{p}: not a Zarr store written by this pipeline ({err})") from None
     got = group.attrs.get("processing_level")
     if got != level:
@@ -163,6 +169,7 @@ def publishing(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{_PARTIAL}")
     try:
         yield tmp
+        _test_hold(final)
         old = None
         if final.exists():
             old = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}.old")
@@ -170,9 +177,65 @@ def publishing(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         tmp.rename(final)
         if old is not None:
             shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        try:
+            wait_for_pending_writes()  # else writes still in flight re-create the partial
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(err, tmp):  # e.g. disk full: name the store, not "errno 28"
+            raise StoreError(f"{final}: cannot write the store: {err.strerror or err}; "
+                             "nothing was published (its partial store was removed)") from err
         raise
+
+
+def wait_for_pending_writes(timeout_s: float = 20.0) -> None:
+    """Wait (bounded) for zarr I/O still in flight in this process.
+
+    When one chunk write of an ``array[a:b] = ...`` fails (e.g. disk full), zarr raises at
+    once while the other chunk writes of that call go on in its I/O thread; a partial store
+    removed before they end is re-created by them (measured: a disk-full step 1 left one).
+    Call this before removing a store after an error. Never from zarr's own loop thread.
+    """
+    try:
+        from zarr.core import sync as zarr_sync
+
+        loop = zarr_sync.loop[0]
+    except (ImportError, AttributeError, IndexError):
+        return
+    if loop is None or not loop.is_running() or loop.is_closed():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout_s + 5)
+
+
+def _test_hold(final: Path) -> None:
+    """Tests only: ``PANOSETI_TEST_SLOW_PUBLISH_S="SECONDS[:NAME_SUFFIX]"`` holds a verified
+    store (whose name ends with NAME_SUFFIX) just before it is published, so that kill and
+    signal tests can hit that point."""
+    spec = os.environ.get("PANOSETI_TEST_SLOW_PUBLISH_S")
+    if spec:
+        seconds, _, suffix = spec.partition(":")
+        if final.name.endswith(suffix):
+            time.sleep(float(seconds))
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _is_write_failure(err: BaseException, tmp: Path) -> bool:
+    """An OSError about the store being written (not about an input file)."""
+    if not isinstance(err, OSError) or isinstance(err, PipelineError):
+        return False
+    if err.filename:
+        return str(err.filename).startswith(str(tmp))
+    return err.errno in _OUTPUT_ERRNOS
 
 
 def remove_stale_partials(final: str | os.PathLike) -> list[Path]:

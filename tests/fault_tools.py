@@ -1,0 +1,253 @@
+"""Shared tools of the fault campaign (tests/test_faults.py).
+
+* snapshots of a tree (checksums, modes, directory mtimes) to prove inputs untouched;
+* chunk digests to prove a rerun is byte-identical to an uninterrupted run;
+* processes: run a CLI in its own session, wait for a point, kill it, and check that
+  nothing of that session is left (``/proc/<pid>/stat``);
+* permissions as root: :func:`as_unprivileged` drops CAP_DAC_OVERRIDE and
+  CAP_DAC_READ_SEARCH (``setpriv --bounding-set``), so root then obeys file modes the way
+  any user does (a uid switch cannot work here: the venv's interpreter lives under
+  ``/root``, mode 0700);
+* a small tmpfs for disk-full cases (:func:`tmpfs`), always unmounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEP1 = str(REPO / "step1_pff_to_zarr.py")
+STEP2 = str(REPO / "step2_dask_baseline.py")
+RUN_SH = str(REPO / "run.sh")
+SLOW_TASK = "PANOSETI_TEST_SLOW_TASK_S"
+SLOW_PUBLISH = "PANOSETI_TEST_SLOW_PUBLISH_S"
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (and root): files by sha256, mode and mtime, directories
+    by mode and mtime (a file created and removed again changes its directory's mtime)."""
+    snap: dict[str, tuple] = {}
+    for p in [root, *sorted(root.rglob("*"))]:
+        st = p.lstat()
+        key = str(p.relative_to(root))
+        if stat.S_ISREG(st.st_mode):
+            snap[key] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mode,
+                         st.st_mtime_ns)
+        else:
+            snap[key] = ("other", st.st_mode, st.st_mtime_ns)
+    return snap
+
+
+def chunk_digests(store: Path) -> dict[str, str]:
+    """sha256 of every chunk file (metadata differs: it records times and the mode)."""
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*")) if p.is_file() and "/c/" in str(p)}
+
+
+def store_arrays(store: Path) -> dict[str, object]:
+    """Every array of a store, read back (values, not bytes)."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    return {name: arr[...] for name, arr in group.arrays()} | {
+        f"headers/{name}": arr[...] for name, arr in group["headers"].arrays()}
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Stores that must not survive a failure: partial stores and their old copies."""
+    return sorted(str(p) for p in directory.rglob("*")
+                  if p.name.endswith((".partial", ".old")))
+
+
+def permission_problems(root: Path, group_writable: bool) -> list[str]:
+    """Entries under ``root`` that are world-writable, or group-writable against policy."""
+    bad = []
+    for p in [root, *root.rglob("*")]:
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        if mode & stat.S_IWOTH:
+            bad.append(f"{p}: world-writable ({stat.filemode(mode)})")
+        if not group_writable and mode & stat.S_IWGRP:
+            bad.append(f"{p}: group-writable ({stat.filemode(mode)}) without group_writable")
+    return bad
+
+
+# --------------------------------------------------------------------------- stderr
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Lines of stderr that are not progress bars (tqdm redraws with a carriage return)."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and "\r" not in line and "frame/s" not in line]
+
+
+def assert_one_error(stderr: str, prog: str, *needles: str) -> str:
+    """Exactly one line on stderr, ``PROG: error: ...``, holding every needle."""
+    lines = error_lines(stderr)
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    line = lines[0]
+    assert line.startswith(f"{prog}: error: "), line
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def session_processes(sid: int) -> list[tuple[int, str]]:
+    """Live processes (not zombies) whose session or process group is ``sid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
+        if state != "Z" and sid in (pgrp, session):
+            with contextlib.suppress(OSError):
+                found.append((int(entry.name), (entry / "cmdline").read_bytes()
+                              .replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+def assert_nothing_left(sid: int, grace_s: float = 5.0) -> None:
+    """No process of session ``sid`` after a short grace (the kernel reaps asynchronously);
+    whatever is left is killed by PID, then the test fails."""
+    deadline = time.monotonic() + grace_s
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = session_processes(sid)
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running: {left}"
+
+
+def as_unprivileged(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` run so that file modes apply (root: without the DAC-override capabilities)."""
+    if os.geteuid() != 0:
+        return list(cmd)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot make file modes apply")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (SLOW_TASK, SLOW_PUBLISH)}
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmpdir)
+    if sys.prefix != sys.base_prefix:  # the venv running the tests has the requirements
+        env["VIRTUAL_ENV"] = sys.prefix
+    env.update(extra)
+    return env
+
+
+class Spawned:
+    """A command in its own session; stopped (by PID) and checked on exit."""
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str], umask: int = -1) -> None:
+        self.proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True, umask=umask)
+        self.pid = self.proc.pid
+        self.stdout = self.stderr = ""
+
+    def __enter__(self) -> Spawned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.proc.communicate()
+        for pid, _ in session_processes(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                self.finish()
+                pytest.fail(f"exited ({self.proc.returncode}) before {what}:\n"
+                            f"{self.stderr[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not reached within {timeout} s")
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 180) -> int:
+        try:
+            self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.stdout, self.stderr = self.proc.communicate()
+            pytest.fail(f"did not finish within {timeout} s:\n{self.stderr[-3000:]}")
+        return self.proc.returncode
+
+    def find(self, needle: str) -> int | None:
+        """PID of a process of this session whose command line holds ``needle``."""
+        for pid, cmdline in session_processes(self.pid):
+            if needle in cmdline:
+                return pid
+        return None
+
+
+def run_cmd(cmd: Sequence[str], env: dict[str, str], umask: int = -1,
+            timeout: float = 240) -> tuple[int, str, str]:
+    """Run to the end in its own session; assert it left no process behind."""
+    with Spawned(cmd, env, umask) as s:
+        rc = s.finish(timeout)
+        assert_nothing_left(s.pid)
+    return rc, s.stdout, s.stderr
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size_kb: int) -> Iterator[Path]:
+    """A ``size_kb`` tmpfs mounted at ``path`` (skips without the privilege to mount)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0755", "tmpfs",
+                           str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(directory: Path, leave_bytes: int) -> Path:
+    """A ballast file that leaves about ``leave_bytes`` free on ``directory``'s file system."""
+    ballast = directory / "ballast"
+    free = shutil.disk_usage(directory).free
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+    return ballast
