@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 #: imported on the worker as soon as it is uploaded, so what it imports must come first).
 WORKER_MODULES: tuple[str, ...] = (
     "pipeline_errors",
+    "store_files",
     "task_runners",
     "pipeline_config",
     "pff",

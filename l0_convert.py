@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 import pff
+import store_files
 import task_runners
 import zarr_products as zp
 from pipeline_errors import InputError, PFFNameError, StoreError
@@ -147,7 +148,7 @@ def _prepare_process(settings: TaskSettings) -> None:
     with _process_ready:
         if not _configured:
             zp.configure_zarr(settings.max_concurrent_writes, settings.compress_threads)
-            zp.apply_permission_policy(settings.group_writable)
+            store_files.apply_permission_policy(settings.group_writable)
             _configured["done"] = True
 
 
@@ -323,7 +324,7 @@ def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
         "flag_counts": counts,
         "config": cfg.as_dict(),
         "software": zp.software_versions(),
-        "created": zp.utc_now(),
+        "created": store_files.utc_now(),
         "report": report,
     }
 
@@ -335,11 +336,11 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
     output = Path(output)
     names = check_stream(inputs, notice)
-    if not overwrite and zp.is_published(output, zp.LEVEL_L0):
+    if not overwrite and store_files.is_published(output, zp.LEVEL_L0):
         return Result(str(output), "exists")
-    for stale in zp.remove_stale_partials(output):
+    for stale in store_files.remove_stale_partials(output):
         notice(f"{stale}: removed the partial store of an interrupted run")
-    zp.apply_permission_policy(cfg.run.group_writable)
+    store_files.apply_permission_policy(cfg.run.group_writable)
     t0 = time.perf_counter()
     files = index_stream(names, notice)
     section = cfg.pff_to_zarr
@@ -365,7 +366,7 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
         _verify(tmp, files, summaries, n, chunk)
         seconds = time.perf_counter() - t0
         input_bytes = sum(f.index.file_size for f in files)
-        store_bytes = zp.store_bytes(tmp)
+        store_bytes = store_files.store_bytes(tmp)
         report = {"frames": n, "seconds": round(seconds, 3),
                   "mb_per_s": input_bytes / 1e6 / max(seconds, 1e-9),
                   "compression_ratio": input_bytes / max(store_bytes, 1),

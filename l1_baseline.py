@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 import pff
+import store_files
 import task_runners
 import zarr_products as zp
 from pipeline_errors import InputError, StoreError
@@ -248,7 +249,7 @@ def _prepare_process(group_writable: bool) -> None:
     with _process_lock:
         if not _process_ready:
             zp.configure_zarr(ZARR_CONCURRENCY, task_runners.cpus())
-            zp.apply_permission_policy(group_writable)
+            store_files.apply_permission_policy(group_writable)
             _process_ready["done"] = True
 
 
@@ -778,14 +779,14 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     _check_paths(l0_path, output)
     gw = cfg.run.group_writable
     _prepare_process(gw)
-    if not overwrite and zp.is_published(output, zp.LEVEL_L1):
+    if not overwrite and store_files.is_published(output, zp.LEVEL_L1):
         return Result(str(output), "exists")
     t0 = time.perf_counter()
     info = inspect_l0(l0_path)
     l0 = zp.open_product(l0_path, zp.LEVEL_L0)
-    for stale in zp.remove_stale_partials(output):
+    for stale in store_files.remove_stale_partials(output):
         notice(f"{stale}: removed the partial store of an interrupted run")
-    zp.apply_permission_policy(gw)
+    store_files.apply_permission_policy(gw)
     runner = task_runners.runner_for(client, threads, not quiet)
     baseline = compute_baseline(runner, l0, info, section, gw)
     if baseline.frames.get("window_truncated"):
@@ -803,7 +804,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         summaries: list[dict] = []
         runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
         verify_l1(tmp, info, spec, summaries, section.keep_mantissa_bits)
-        l0_bytes, l1_bytes = zp.store_bytes(l0_path), zp.store_bytes(tmp)
+        l0_bytes, l1_bytes = store_files.store_bytes(l0_path), store_files.store_bytes(tmp)
         seconds = time.perf_counter() - t0
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
         group.attrs.update({
@@ -824,7 +825,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
             "l0_path": str(l0_path.resolve()),
             "l0": l0.attrs.asdict(),
             "software": zp.software_versions(),
-            "created": zp.utc_now(),
+            "created": store_files.utc_now(),
             "size": {"l0_bytes": l0_bytes, "l1_bytes": l1_bytes,
                      "l1_to_l0_ratio": round(l1_bytes / max(l0_bytes, 1), 4)},
             "report": {"seconds": round(seconds, 3), "mode": runner.mode,

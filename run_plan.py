@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import store_files
 from pipeline_errors import EXIT_OK, EXIT_USAGE, ConfigError, run_main
 
 PROG = "run_plan.py"
@@ -130,17 +131,6 @@ def _check_writable_dir(path: Path, what: str) -> str | None:
 
 def _l1_estimate(frames: int, pixels: int) -> int:
     return frames * (pixels * 4 + L1_FRAME_OVERHEAD)
-
-
-def _product_published(path: Path, level: str) -> bool:
-    """A complete product of ``level`` at ``path`` (publishing is atomic, so the root
-    metadata with its processing_level is only there once the store is complete)."""
-    try:
-        with open(path / "zarr.json", encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("attributes", {}).get("processing_level") == level
 
 
 def _images_shape(store: Path) -> list[int] | None:
@@ -228,7 +218,7 @@ def _file_job(path: Path, plan: Plan) -> Job | None:
 
 def _l0_job(path: Path, plan: Plan) -> Job | None:
     """--steps 2: the input is an L0 store written by step 1."""
-    if not path.is_dir() or not _product_published(path, "L0"):
+    if not path.is_dir() or not store_files.is_published(path, "L0"):
         plan.problems.append(f"{path}: not a complete L0 Zarr store (with --steps 2 every "
                              "input is an L0 store written by step 1)")
         return None
@@ -241,7 +231,7 @@ def _l0_job(path: Path, plan: Plan) -> Job | None:
     pixels = 1
     for s in shape[1:]:
         pixels *= s
-    size = store_bytes(path)
+    size = store_files.store_bytes(path)
     return Job(name=stem, inputs=[str(path)], l0=str(path), l1="", input_bytes=size,
                est_l0_bytes=0, est_l1_bytes=_l1_estimate(shape[0], pixels), kind="L0 store")
 
@@ -408,7 +398,7 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
                                  f"output of {names[job.name]}")
         names[job.name] = job.inputs[0]
         level = "L1" if job.l1 else "L0"
-        if not overwrite and _product_published(final, level):
+        if not overwrite and store_files.is_published(final, level):
             job.action = "skip"
         elif final.exists() and not final.is_dir():
             plan.problems.append(f"{final}: exists and is not a Zarr store")
@@ -498,7 +488,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cluster = _cluster_summary(cfg)
     state = {
         "version": 1,
-        "started": _utc_now(),
+        "started": store_files.utc_now(),
         "started_epoch": time.time(),
         "command": args.command_line.strip(),
         "config_file": os.path.abspath(args.config),
@@ -518,20 +508,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     timeout = int(cfg.cluster.startup_timeout_s) + CLUSTER_WAIT_MARGIN_S
     print(f"cluster\t{int(cfg.cluster.use_dask)}\t{timeout}\t{cluster['description']}")
     print(f"l0dir\t{l0}")
-    print(f"umask\t{permission_umask(cfg.run.group_writable):04o}")
+    current = os.umask(0)
+    os.umask(current)
+    print(f"umask\t{store_files.permission_umask(cfg.run.group_writable, current):04o}")
     for k, j in enumerate(plan.jobs):
         print("\t".join(["job", str(k), j.action, j.name, j.l0, j.l1 or "-", *j.inputs]))
     return EXIT_OK
-
-
-def permission_umask(group_writable: bool, current: int | None = None) -> int:
-    """The umask run.sh works under: the caller's, never world-writable, group-writable
-    only if configured (the policy of zarr_products.apply_permission_policy)."""
-    if current is None:
-        current = os.umask(0)
-        os.umask(current)
-    mask = current | 0o002
-    return mask & ~0o020 if group_writable else mask | 0o020
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -553,21 +535,8 @@ def _epoch(text: str) -> float:
     return float(text.replace(",", "."))  # bash's EPOCHREALTIME follows the locale
 
 
-def store_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the files of a directory store (zarr_products.store_bytes without
-    importing zarr: the record step runs once per step and should be quick)."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def _store_facts(store: str) -> dict[str, Any]:
-    facts: dict[str, Any] = {"bytes": store_bytes(store)}
+    facts: dict[str, Any] = {"bytes": store_files.store_bytes(store)}
     shape = _images_shape(Path(store))
     if shape:
         facts["frames"] = shape[0]
@@ -702,7 +671,7 @@ def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
         inputs.append(entry)
     finished = time.time()
     record = {
-        "run": {"started": state["started"], "finished": _utc_now(),
+        "run": {"started": state["started"], "finished": store_files.utc_now(),
                 "seconds": round(finished - state["started_epoch"], 3),
                 "exit_status": exit_code, "host": socket.gethostname(),
                 "user": _user(), "command": state["command"],
@@ -725,10 +694,6 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
-
-
-def _utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def cmd_summary(args: argparse.Namespace) -> int:

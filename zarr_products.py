@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import errno
 import os
 import shutil
@@ -34,6 +33,7 @@ import zarr
 import zarr.codecs
 
 from pipeline_errors import InputError, PipelineError, StoreError
+from store_files import PARTIAL_SUFFIX
 
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
@@ -44,7 +44,6 @@ FLAG_ATTRS = {"flag_masks": [1, 2, 4, 8],
               "flag_meanings": "missing_quabo invalid_pkt_nsec host_clock_time out_of_order",
               "long_name": "per-frame quality flags (bit mask)"}
 _SHUFFLES = {"bit": "bitshuffle", "byte": "shuffle", "none": "noshuffle"}
-_PARTIAL = ".partial"
 
 
 def configure_zarr(max_concurrent_writes: int, compress_threads: int) -> None:
@@ -126,15 +125,6 @@ def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
     return group
 
 
-def is_published(path: str | os.PathLike, level: str) -> bool:
-    """True when a complete product of ``level`` sits at ``path`` (resume / skip)."""
-    try:
-        open_product(path, level)
-    except InputError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def _quiet_consolidated() -> Iterator[None]:
     """Zarr warns that v3 consolidated metadata is not in the spec yet; we know."""
@@ -166,7 +156,7 @@ def publishing(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
                          f"({err.strerror})") from None
     if not os.access(final.parent, os.W_OK | os.X_OK):
         raise StoreError(f"{final.parent}: output directory is not writable")
-    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{_PARTIAL}")
+    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
     try:
         yield tmp
         _test_hold(final)
@@ -238,21 +228,6 @@ def _is_write_failure(err: BaseException, tmp: Path) -> bool:
     return err.errno in _OUTPUT_ERRNOS
 
 
-def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
-    """Remove ``<final>.*.partial`` left by a killed run (it never became a product)."""
-    final = Path(final)
-    stale = sorted(final.parent.glob(f"{final.name}.*{_PARTIAL}"))
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
-
-
-def apply_permission_policy(group_writable: bool) -> None:
-    """Files keep the caller's umask, never world-writable; group-writable if configured."""
-    mask = os.umask(0) | 0o002
-    os.umask(mask & ~0o020 if group_writable else mask | 0o020)
-
-
 def software_versions() -> dict[str, str]:
     """Versions recorded in every product's attributes (provenance)."""
     import numcodecs
@@ -275,12 +250,3 @@ def _git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() or "unknown"
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def store_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of a directory store (for compression ratios)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
