@@ -50,6 +50,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -407,6 +408,25 @@ def worker_module_files(repo_dir: Path = REPO_DIR) -> list[Path]:
     """The :data:`WORKER_MODULES` that exist in ``repo_dir``, in upload order."""
     paths = (repo_dir / f"{name}.py" for name in WORKER_MODULES)
     return [p for p in paths if p.is_file()]
+
+
+@contextlib.contextmanager
+def step_client(address: str | None, debug: bool = False) -> Iterator[Client | None]:
+    """The client a step runs its tasks through; None (run locally) without an address.
+
+    Ships the pipeline's modules (:func:`connect_client`), keeps distributed's log lines
+    out of the step's one-line errors unless ``debug``, and closes the client at the end.
+    """
+    if not address:
+        yield None
+        return
+    if not debug:
+        quiet_client_logs()
+    client = connect_client(address)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def quiet_client_logs() -> None:

@@ -60,26 +60,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        import dask_cluster
         import l0_convert
         from pipeline_config import load_config
 
         cfg = load_config(args.config)
         notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
                                                                            file=sys.stderr))
-        client = None
-        if args.address:
-            import dask_cluster
-
-            if not args.debug:
-                dask_cluster.quiet_client_logs()
-            client = dask_cluster.connect_client(args.address)
-        try:
+        with dask_cluster.step_client(args.address, args.debug) as client:
             result = l0_convert.convert(args.inputs, args.output, cfg, client=client,
                                         overwrite=args.overwrite, quiet=args.quiet,
                                         notice=notice)
-        finally:
-            if client is not None:
-                client.close()
         print(result.line())
         return EXIT_OK
 

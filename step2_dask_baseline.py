@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        import dask_cluster
         import l1_baseline
         from pipeline_config import load_config
 
@@ -63,20 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "baseline_subtract", baseline_window=args.baseline_window, method=args.method)
         notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
                                                                            file=sys.stderr))
-        client = None
-        if args.dask_scheduler:
-            import dask_cluster
-
-            if not args.debug:
-                dask_cluster.quiet_client_logs()
-            client = dask_cluster.connect_client(args.dask_scheduler)
-        try:
+        with dask_cluster.step_client(args.dask_scheduler, args.debug) as client:
             result = l1_baseline.subtract_baseline(args.input, args.output, cfg,
                                                    client=client, overwrite=args.overwrite,
                                                    quiet=args.quiet, notice=notice)
-        finally:
-            if client is not None:
-                client.close()
         if not args.quiet:
             print(result.line())
         return EXIT_OK

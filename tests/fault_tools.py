@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from process_tools import session_processes
 
 REPO = Path(__file__).resolve().parents[1]
 STEP1 = str(REPO / "step1_pff_to_zarr.py")
@@ -110,25 +111,6 @@ def assert_one_error(stderr: str, prog: str, *needles: str) -> str:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def session_processes(sid: int) -> list[tuple[int, str]]:
-    """Live processes (not zombies) whose session or process group is ``sid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
-        if state != "Z" and sid in (pgrp, session):
-            with contextlib.suppress(OSError):
-                found.append((int(entry.name), (entry / "cmdline").read_bytes()
-                              .replace(b"\0", b" ").decode(errors="replace")))
-    return found
 
 
 def assert_nothing_left(sid: int, grace_s: float = 5.0) -> None:

@@ -28,6 +28,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from process_tools import session_processes  # noqa: E402
+
 import pff  # noqa: E402
 import run_plan  # noqa: E402
 import synthetic_obs  # noqa: E402
@@ -58,25 +60,6 @@ def write_config(path: Path, mode: str) -> Path:
 
     path.write_text(tomli_w.dumps(CONFIGS[mode]))
     return path
-
-
-def session_processes(sid: int) -> list[tuple[int, str]]:
-    """Live processes (not zombies) whose session or process group is ``sid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
-        if state != "Z" and sid in (pgrp, session):
-            with contextlib.suppress(OSError):
-                found.append((int(entry.name), (entry / "cmdline").read_bytes()
-                              .replace(b"\0", b" ").decode(errors="replace")))
-    return found
 
 
 def _kill_session_leftovers(sid: int) -> None:
@@ -278,13 +261,8 @@ def test_corrupt_input_with_and_without_keep_going(data: Data, tmp_path: Path) -
     assert not list(out.rglob("*_L0.zarr")) and not list(out.rglob("*.partial"))
 
 
-def _has_slow_hook() -> bool:
-    return SLOW_HOOK in (REPO / "l0_convert.py").read_text()
-
-
 @pytest.mark.slow
 @pytest.mark.faults
-@pytest.mark.skipif(not _has_slow_hook(), reason=f"l0_convert.py lacks the {SLOW_HOOK} hook")
 def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
                                                                  tmp_path: Path) -> None:
     config = write_config(tmp_path / "dask.toml", "dask")
