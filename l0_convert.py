@@ -212,19 +212,13 @@ def timestamps_of(time_ns: np.ndarray) -> np.ndarray:
 
 def convert_range(settings: TaskSettings, a: int, b: int) -> dict[str, Any]:
     """Task: decode global frames a..b-1 and write their chunks; return a summary."""
-    import zarr
-
     _prepare_process(settings)
     time.sleep(float(os.environ.get("PANOSETI_TEST_SLOW_TASK_S") or 0))  # tests: hold step 1
     images, headers, time_ns, flags, nbytes = decode_range(settings.files, a, b)
-    group = zarr.open_group(store=settings.store, mode="r+", use_consolidated=False)
     try:
-        group["images"][a:b] = images
-        group["time"][a:b] = time_ns
-        group["timestamps"][a:b] = timestamps_of(time_ns)
-        group["frame_flags"][a:b] = flags
-        for k, v in headers.items():
-            group[f"headers/{k}"][a:b] = v
+        zp.write_frames(settings.store, a, b, {
+            "images": images, "time": time_ns, "timestamps": timestamps_of(time_ns),
+            "frame_flags": flags, **{f"headers/{k}": v for k, v in headers.items()}})
     except BaseException:
         zp.wait_for_pending_writes()  # no write may land after the driver's cleanup
         raise

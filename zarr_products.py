@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import subprocess
@@ -104,6 +105,33 @@ def create_frame_arrays(group: zarr.Group, n_frames: int, time_chunk: int, codec
         dims = ("time", "quabo")[: 1 + len(trailing)]
         create_array(headers, field, (n_frames, *trailing), chunk + trailing, dtype, dims,
                      codecs)
+
+
+@functools.lru_cache(maxsize=256)
+def _open_array(store: str, name: str) -> zarr.Array:
+    return zarr.open_array(store=f"{store}/{name}", mode="r+")
+
+
+def write_frames(store: str, start: int, stop: int, values: Mapping[str, np.ndarray]) -> None:
+    """Write frames ``start..stop-1`` of several arrays of one store, concurrently.
+
+    One call gathers every array's chunk writes on zarr's event loop, so the small
+    per-frame arrays are written while the images compress: written one after the other
+    they cost ~2 ms per array and chunk, 40 % of step 1 here. Every write has finished
+    (or failed) when this returns; the first failure is raised.
+    """
+    from zarr.core.sync import sync
+
+    arrays = [(_open_array(store, name).async_array, value) for name, value in values.items()]
+
+    async def write_all() -> list:
+        return await asyncio.gather(
+            *(array.setitem(slice(start, stop), value) for array, value in arrays),
+            return_exceptions=True)
+
+    for result in sync(write_all()):
+        if isinstance(result, BaseException):
+            raise result
 
 
 def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
