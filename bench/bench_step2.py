@@ -76,10 +76,10 @@ print(json.dumps({"seconds": seconds, "frames": r.frames, "l0_bytes": r.l0_bytes
 
 def bench_l0(megabytes: int) -> str:
     """The L0 store of the generated file, made once with step 1."""
-    import zarr_products as zp
+    import store_files
 
     l0 = OUT / f"img16_{megabytes}MB_L0.zarr"
-    if not zp.is_published(l0, zp.LEVEL_L0):
+    if not store_files.is_published(l0, "L0"):
         pff_path = big_file(megabytes)
         print(f"making {l0} with step 1 ...", flush=True)
         run_child(MAKE_L0, str(pff_path), str(l0))
