@@ -62,8 +62,21 @@ class TaskSettings:
     store: str
     files: tuple[SourceFile, ...]
     max_concurrent_writes: int
-    compress_threads: int
+    blosc_threads: int  # compression threads per concurrently running task
+    tasks_per_process: int  # 0: as many as the Dask worker has threads
     group_writable: bool
+
+    def compress_threads(self) -> int:
+        """Compression threads for this process: zarr's pool serves every task thread."""
+        tasks = self.tasks_per_process
+        if not tasks:
+            from distributed import get_worker
+
+            try:
+                tasks = get_worker().state.nthreads
+            except ValueError:  # not inside a worker (e.g. the driver verifying)
+                tasks = 1
+        return self.blosc_threads * tasks
 
 
 # --------------------------------------------------------------------------- inputs
@@ -144,12 +157,18 @@ _local = threading.local()
 
 
 def _prepare_process(settings: TaskSettings) -> None:
-    """Zarr concurrency and the umask, once per process (workers included)."""
+    """Zarr concurrency and the umask of this process (a Dask worker's too), per run.
+
+    zarr sizes its compression thread pool at its first read or write in a process: a
+    long-lived worker keeps the first run's size (async concurrency and umask follow).
+    """
+    wanted = (settings.max_concurrent_writes, settings.compress_threads(),
+              settings.group_writable)
     with _process_ready:
-        if not _configured:
-            zp.configure_zarr(settings.max_concurrent_writes, settings.compress_threads)
+        if _configured.get("settings") != wanted:
+            zp.configure_zarr(wanted[0], wanted[1])
             store_files.apply_permission_policy(settings.group_writable)
-            _configured["done"] = True
+            _configured["settings"] = wanted
 
 
 def _scratch(name: str, nbytes: int) -> np.ndarray:
@@ -341,13 +360,14 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     n = files[-1].stop
     chunk = max(1, min(section.time_chunk, n))
     ranges = plan_ranges(n, chunk, files[0].index.product.frame_bytes, section.chunk_size_mb)
-    if client is None:  # one process: its compression threads serve every task thread
-        zp.configure_zarr(section.max_concurrent_writes,
-                          section.blosc_threads * section.num_workers)
     with zp.publishing(output, overwrite) as tmp:
-        _create_store(tmp, files, cfg)
         settings = TaskSettings(str(tmp), tuple(files), section.max_concurrent_writes,
-                                section.blosc_threads, cfg.run.group_writable)
+                                section.blosc_threads,
+                                section.num_workers if client is None else 0,
+                                cfg.run.group_writable)
+        if client is None:  # the tasks run here: set zarr up before its first write
+            _prepare_process(settings)
+        _create_store(tmp, files, cfg)
         summaries: list[dict[str, Any]] = []
 
         def fold(_i: int, summary: dict[str, Any]) -> int:

@@ -262,3 +262,29 @@ def test_plan_ranges_are_chunk_aligned():
     assert all(a % 8192 == 0 for a, _ in ranges)
     assert ranges[0] == (0, 3 * 8192) and ranges[-1][1] == 100_000
     assert l0_convert.plan_ranges(10, 8192, 2540, 1) == [(0, 10)]
+
+
+@pytest.mark.parametrize("keys,codecs", [
+    ({}, ["bytes", "blosc", "crc32c"]),
+    ({"codec": "zstd", "level": 1, "shuffle": "byte", "checksum": False}, ["bytes", "blosc"]),
+    ({"codec": "gzip", "level": 9}, ["bytes", "gzip", "crc32c"]),
+    ({"codec": "none", "checksum": False}, ["bytes"]),
+])
+def test_every_pff_to_zarr_key_acts(tmp_path, keys, codecs):
+    paths, images, headers = make_stream(tmp_path, "img16", [500])
+    out = tmp_path / "k_L0.zarr"
+    cfg = small_config(tmp_path, time_chunk=100, chunk_size_mb=1, num_workers=3,
+                       blosc_threads=2, max_concurrent_writes=3, **keys)
+    assert run_step1(paths[0], out, cfg) == 0
+    g = assert_store_matches(out, paths, images, headers)
+    assert [c.to_dict()["name"] for c in g["images"].metadata.codecs] == codecs
+    if "blosc" in codecs:
+        blosc = g["images"].metadata.codecs[1].to_dict()["configuration"]
+        assert blosc["cname"] == ("zstd" if keys.get("codec") == "zstd" else "lz4")
+        assert blosc["clevel"] == keys.get("level", 5)
+        assert blosc["shuffle"] == {"byte": "shuffle"}.get(keys.get("shuffle"), "bitshuffle")
+    assert g["images"].chunks[0] == 100 and g["headers/pkt_nsec"].chunks == (100, 4)
+    # chunk_size_mb = 1 is ~394 img16 frames: tasks of 4 chunks of 100 frames
+    assert g.attrs["report"]["tasks"] == 2
+    assert zarr.config.get("async.concurrency") == 3
+    assert zarr.config.get("threading.max_workers") == 2 * 3  # blosc_threads per task
