@@ -936,16 +936,14 @@ def encode_frames(dp: str, images: np.ndarray, headers: dict[str, np.ndarray]) -
         fits = v < 10 ** FIELD_WIDTH[f]
         wide |= ~fits
         rows[:, col:col + FIELD_WIDTH[f]] = _encode_fixed(np.where(fits, v, 0), FIELD_WIDTH[f])
-    if not wide.any():
-        return rows.tobytes()
-    parts = []
-    for i in range(n):  # only a few frames are ever wider than the printf minimum
-        if not wide[i]:
-            parts.append(rows[i].tobytes())
-            continue
-        vals = {f: (values[f][i].tolist()) for f in product.fields}
+    parts, done = [], 0
+    for i in np.flatnonzero(wide):  # only a few frames are ever wider than the minimum
+        parts.append(rows[done:i].tobytes())
+        vals = {f: values[f][i].tolist() for f in product.fields}
         text = _format_header(product.header_kind, vals).encode()
         parts.append(text + _DELIM + rows[i, layout.size + 3:].tobytes())
+        done = i + 1
+    parts.append(rows[done:].tobytes())
     return b"".join(parts)
 
 
