@@ -389,8 +389,8 @@ class PffToZarrConfig(_Section):
     checksum: bool = _CHECKSUM.field(True)
     time_chunk: int = key(8192, "frames per Zarr chunk", lo=1)
     num_workers: int = key(2, "parallel tasks in local mode (use_dask = false)", lo=1)
-    blosc_threads: int = key(1, "Blosc threads per task", lo=1)
-    max_concurrent_writes: int = key(4, "chunk writes in flight per task", lo=1)
+    blosc_threads: int = key(1, "compression threads per concurrently running task", lo=1)
+    max_concurrent_writes: int = key(4, "chunk writes in flight per process", lo=1)
     chunk_size_mb: int = key(64, "raw MB per task, rounded to whole time_chunks", lo=1)
 
 
