@@ -360,7 +360,7 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     n = files[-1].stop
     chunk = max(1, min(section.time_chunk, n))
     ranges = plan_ranges(n, chunk, files[0].index.product.frame_bytes, section.chunk_size_mb)
-    with zp.publishing(output, overwrite) as tmp:
+    with zp.publishing(output, zp.LEVEL_L0, overwrite) as tmp:
         settings = TaskSettings(str(tmp), tuple(files), section.max_concurrent_writes,
                                 section.blosc_threads,
                                 section.num_workers if client is None else 0,

@@ -797,7 +797,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
             notice(f"{l0_path}: no frame of quabo {q['quabo']} feeds its baseline; its "
                    "L1 pixels are NaN")
     spec = subtraction_for(section, baseline)
-    with zp.publishing(output, overwrite) as tmp:
+    with zp.publishing(output, zp.LEVEL_L1, overwrite) as tmp:
         chunk, copy_files = create_l1(tmp, l0, info, section, baseline)
         calls = [(info, spec, str(tmp), a, b, copy_files, gw)
                  for a, b in _ranges(info.n_frames, chunk)]

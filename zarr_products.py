@@ -33,8 +33,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+import store_files
 from pipeline_errors import InputError, PipelineError, StoreError
-from store_files import PARTIAL_SUFFIX
 
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
@@ -167,16 +167,23 @@ def consolidate(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def publishing(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def publishing(final: str | os.PathLike, level: str, overwrite: bool = False
+               ) -> Iterator[Path]:
     """Yield a temporary store path; on success rename it to ``final``, else remove it.
 
     The temporary store sits next to ``final`` (same file system, so the rename is
     atomic) as ``<name>.<uuid>.partial``. With ``overwrite`` an existing ``final`` is
-    moved aside and removed only after the new product is in place.
+    replaced only if it is a published product of ``level``: anything else there (a
+    directory of raw data given as the output by mistake) is refused, never removed.
+    The old product is moved aside and deleted only once the new one is in place.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise StoreError(f"{final}: exists (use --overwrite to replace it)")
+    if final.exists() or final.is_symlink():
+        if not store_files.is_published(final, level):
+            raise StoreError(f"{final}: exists and is not an {level} store written by this "
+                             "pipeline; refusing to replace it (choose another output)")
+        if not overwrite:
+            raise StoreError(f"{final}: exists (use --overwrite to replace it)")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -184,17 +191,11 @@ def publishing(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
                          f"({err.strerror})") from None
     if not os.access(final.parent, os.W_OK | os.X_OK):
         raise StoreError(f"{final.parent}: output directory is not writable")
-    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{store_files.PARTIAL_SUFFIX}")
     try:
         yield tmp
         _test_hold(final)
-        old = None
-        if final.exists():
-            old = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}.old")
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old)
+        _replace(tmp, final)
     except BaseException as err:
         try:
             wait_for_pending_writes()  # else writes still in flight re-create the partial
@@ -204,6 +205,21 @@ def publishing(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             raise StoreError(f"{final}: cannot write the store: {err.strerror or err}; "
                              "nothing was published (its partial store was removed)") from err
         raise
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an old product there is kept until that succeeded."""
+    if not final.exists():
+        tmp.rename(final)
+        return
+    old = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}.old")
+    final.rename(old)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        old.rename(final)  # put the previous product back under its name
+        raise
+    shutil.rmtree(old)
 
 
 def wait_for_pending_writes(timeout_s: float = 20.0) -> None:

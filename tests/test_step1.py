@@ -288,3 +288,29 @@ def test_every_pff_to_zarr_key_acts(tmp_path, keys, codecs):
     assert g.attrs["report"]["tasks"] == 2
     assert zarr.config.get("async.concurrency") == 3
     assert zarr.config.get("threading.max_workers") == 2 * 3  # blosc_threads per task
+
+
+def test_overwrite_never_removes_what_is_not_a_product(tmp_path, capsys):
+    import step2_dask_baseline
+
+    paths, _, _ = make_stream(tmp_path, "img16", [50])
+    run, cfg = paths[0].parent, small_config(tmp_path)
+    before = {p: p.read_bytes() for p in run.iterdir()}
+    # the observation directory itself given as the output, by mistake
+    assert run_step1(paths[0], run, cfg, "--overwrite") == 1
+    assert "is not an L0 store written by this pipeline" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.iterdir()} == before
+    l0 = tmp_path / "ok_L0.zarr"
+    assert run_step1(paths[0], l0, cfg) == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    assert step2_dask_baseline.main([str(l0), str(notes), "--config", str(cfg), "--quiet",
+                                     "--overwrite"]) == 1
+    assert "is not an L1 store written by this pipeline" in capsys.readouterr().err
+    assert (notes / "notes.txt").read_text() == "keep me"
+    # an L0 product is not replaced by step 2 either
+    assert step2_dask_baseline.main([str(l0), str(tmp_path / "l1.zarr"), "--config",
+                                     str(cfg), "--quiet"]) == 0
+    assert run_step1(paths[0], tmp_path / "l1.zarr", cfg, "--overwrite") == 1
+    assert zarr.open_group(str(tmp_path / "l1.zarr")).attrs["processing_level"] == "L1"
