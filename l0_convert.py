@@ -104,14 +104,18 @@ def check_stream(paths: Sequence[str | os.PathLike], notice: Callable[[str], Non
         same_name = len({n.path.name for n in names}) < len(names)  # e.g. copies elsewhere
         listing = "; ".join(f"{n.path if same_name else n.path.name} ({n.dp}, module "
                             f"{n.module})" for n in names)
-        raise InputError(f"inputs are not one stream (same observation, dp and module): "
-                         f"{listing}")
+        raise InputError(f"inputs are not one stream (same directory, start time, dp and "
+                         f"module): {listing}")
     seqnos = [n.seqno for n in names]
     dup = sorted({s for s in seqnos if seqnos.count(s) > 1})
     if dup:
         raise InputError(f"duplicate seqno {dup} among inputs: "
                          + ", ".join(str(n.path) for n in names if n.seqno in dup))
     names.sort(key=lambda n: n.seqno)
+    missing = pff.missing_seqnos(names)
+    if missing:
+        notice(f"{names[0].path.parent}: {names[0].dp} module {names[0].module}: seqno "
+               f"{', '.join(map(str, missing))} missing between the inputs; joined without it")
     empty = [n for n in names if n.path.stat().st_size == 0]
     if len(empty) == len(names):
         raise InputError(f"{', '.join(str(n.path) for n in empty)}: empty (0 bytes): no data "

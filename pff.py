@@ -254,9 +254,20 @@ class PFFName:
         return PRODUCTS[self.dp]
 
     @property
-    def stream(self) -> tuple[str, str, int]:
-        """(run directory, dp, module): files of one stream differ only in seqno."""
-        return (str(self.path.parent.resolve()), self.dp, self.module)
+    def stream(self) -> tuple:
+        """What files of one stream share: run directory, start, dp, module, other keys.
+
+        They differ only in seqno; the same dp and module with another start time is
+        another recording, never to be joined.
+        """
+        return (str(self.path.parent.resolve()), self.start, self.dp, self.module,
+                tuple(sorted(self.extra.items())))
+
+
+def missing_seqnos(names: Sequence[PFFName]) -> list[int]:
+    """Seqnos absent between the first and last of a stream's files (a lost file)."""
+    have = {n.seqno for n in names}
+    return [k for k in range(min(have), max(have)) if k not in have] if have else []
 
 
 @dataclasses.dataclass(frozen=True)

@@ -195,6 +195,16 @@ def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
             plan.problems.append(f"{directory}: dp_{dp} module_{module} has the same seqno "
                                  f"twice ({', '.join(n.path.name for n in names)})")
             continue
+        if len({n.stream for n in names}) > 1:
+            plan.problems.append(f"{directory}: dp_{dp} module_{module} files of different "
+                                 "recordings (start time or other name keys differ: "
+                                 f"{', '.join(n.path.name for n in names)}); give each "
+                                 "recording its own .pffd directory")
+            continue
+        missing = pff.missing_seqnos(names)
+        if missing:
+            plan.notices.append(f"{directory}: dp_{dp} module_{module}: seqno "
+                                f"{', '.join(map(str, missing))} missing; joined without it")
         stem = directory.name[: -len(".pffd")]
         jobs.append(_stream_job(names, f"{stem}.dp_{dp}.module_{module}",
                                 f"stream of {directory.name}"))

@@ -314,3 +314,17 @@ def test_overwrite_never_removes_what_is_not_a_product(tmp_path, capsys):
                                      str(cfg), "--quiet"]) == 0
     assert run_step1(paths[0], tmp_path / "l1.zarr", cfg, "--overwrite") == 1
     assert zarr.open_group(str(tmp_path / "l1.zarr")).attrs["processing_level"] == "L1"
+
+
+def test_other_recordings_are_not_joined_and_gaps_are_told(tmp_path, capsys):
+    paths, _, _ = make_stream(tmp_path, "img16", [40, 40, 40])
+    later = paths[1].with_name(paths[1].name.replace("2024-07-25T04:34:46Z",
+                                                     "2025-01-01T00:00:00Z"))
+    later.write_bytes(paths[1].read_bytes())
+    cfg = small_config(tmp_path)
+    assert run_step1(paths[0], later, tmp_path / "a_L0.zarr", cfg) == 1
+    assert "not one stream" in capsys.readouterr().err
+    assert step1_pff_to_zarr.main([str(paths[0]), str(paths[2]), str(tmp_path / "b_L0.zarr"),
+                                   str(cfg)]) == 0
+    assert "seqno 1 missing between the inputs" in capsys.readouterr().err
+    assert zarr.open_group(str(tmp_path / "b_L0.zarr")).attrs["n_frames"] == 80
