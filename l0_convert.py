@@ -12,9 +12,8 @@ Plan (driver) → tasks (local threads or Dask workers) → verify → publish:
 * the driver checks the frame count and reads a sample of chunks back against the PFF
   bytes, writes the attributes, consolidates metadata and renames the store into place.
 
-Tasks read a few frames before their range so the out-of-order flag is the same as a
-sequential read (up to ``CONTEXT_FRAMES`` consecutive frames without time at a range
-boundary).
+Tasks look back before their range for the last frame with a time, so the out-of-order
+flag is the same as a sequential read's wherever the ranges are cut.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +124,17 @@ def check_stream(paths: Sequence[str | os.PathLike], notice: Callable[[str], Non
     return [n for n in names if n not in empty]
 
 
-def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None]
-                 ) -> list[SourceFile]:
-    """Index every file and decide its time source; number frames across the stream."""
+def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None], *,
+                 exact: bool = False) -> list[SourceFile]:
+    """Index every file and decide its time source; number frames across the stream.
+
+    ``exact``: index every frame (one pass over the files) instead of assuming the
+    nominal frame length and verifying it while reading.
+    """
     files, first = [], 0
     for k, name in enumerate(names):
-        with pff.PFFReader(name.path) as reader:
+        index = pff.index_file(name.path, name.dp) if exact else None
+        with pff.PFFReader(name.path, index) as reader:
             source = pff.decide_time_source(reader)
             index = reader.index
         if index.n_frames == 0:
@@ -195,6 +199,34 @@ def _read_piece(f: SourceFile, a: int, b: int) -> pff.Frames:
                            buffer=_scratch("read", nbytes), copy=False)
 
 
+def _pieces(files: Sequence[SourceFile], lo: int, hi: int
+            ) -> Iterator[tuple[SourceFile, int, int]]:
+    """(file, first, stop) global frame ranges of each file overlapping lo..hi-1."""
+    for f in files:
+        s, e = max(lo, f.first), min(hi, f.stop)
+        if s < e:
+            yield f, s, e
+
+
+def previous_time(files: Sequence[SourceFile], a: int) -> int:
+    """Time of the last frame before frame ``a`` that has one (NaT at the stream start).
+
+    The out-of-order flag compares with it, so a task's flags equal a sequential read's
+    wherever the task boundary falls. Looks back in growing windows: nearly always the
+    frame just before has a time.
+    """
+    span = CONTEXT_FRAMES
+    while a > 0:
+        lo, last = max(0, a - span), pff.NAT
+        for f, s, e in _pieces(files, lo, a):
+            t, _ = pff.frame_times(_read_piece(f, s, e).headers, f.time_source)
+            last = pff.last_valid_time(t, last)
+        if last != pff.NAT or lo == 0:
+            return last
+        span *= 8
+    return pff.NAT
+
+
 def decode_range(files: Sequence[SourceFile], a: int, b: int
                  ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
     """Images, headers, time and flags of global frames a..b-1, and the bytes read.
@@ -209,22 +241,16 @@ def decode_range(files: Sequence[SourceFile], a: int, b: int
                for f in product.fields}
     time_ns = np.empty(n, np.int64)
     flags = np.empty(n, np.uint8)
-    prev, nbytes = pff.NAT, 0
-    lo = max(0, a - CONTEXT_FRAMES)
-    for f in files:
-        s, e = max(lo, f.first), min(b, f.stop)
-        if s >= e:
-            continue
+    prev, nbytes = previous_time(files, a), 0
+    for f, s, e in _pieces(files, a, b):
         frames = _read_piece(f, s, e)
-        t, fl = pff.frame_times(frames.headers, f.time_source, prev)
-        prev = pff.last_valid_time(t, prev)
-        keep = slice(max(0, a - s), e - s)  # drop the context frames
-        out = slice(max(s, a) - a, e - a)
-        pff.copy_pixels(images[out], frames.images[keep])
+        out = slice(s - a, e - a)
+        time_ns[out], flags[out] = pff.frame_times(frames.headers, f.time_source, prev)
+        prev = pff.last_valid_time(time_ns[out], prev)
+        pff.copy_pixels(images[out], frames.images)
         for k, v in frames.headers.items():
-            headers[k][out] = v[keep]
-        time_ns[out], flags[out] = t[keep], fl[keep]
-        nbytes += f.index.byte_range(max(s, a) - f.first, e - f.first)[1]
+            headers[k][out] = v
+        nbytes += f.index.byte_range(s - f.first, e - f.first)[1]
     return images, headers, time_ns, flags, nbytes
 
 
@@ -307,6 +333,8 @@ def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: i
         images, headers, time_ns, flags, _ = decode_range(files, a, b)
         same = (np.array_equal(group["images"][a:b], images)
                 and np.array_equal(group["time"][a:b], time_ns)
+                and np.array_equal(group["timestamps"][a:b], timestamps_of(time_ns),
+                                   equal_nan=True)
                 and np.array_equal(group["frame_flags"][a:b], flags)
                 and all(np.array_equal(group[f"headers/{k}"][a:b], v)
                         for k, v in headers.items()))
@@ -349,7 +377,12 @@ def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
 def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg: Any, *,
             client: Any = None, overwrite: bool = False, quiet: bool = False,
             notice: Callable[[str], None] | None = None) -> Result:
-    """Convert the PFF files of one stream into the L0 store ``output``."""
+    """Convert the PFF files of one stream into the L0 store ``output``.
+
+    Files are first read assuming the nominal frame length (verified at the start,
+    middle and end). If a task then meets a frame elsewhere (longer headers that happen
+    to add up to whole frames), the stream is indexed frame by frame and converted again.
+    """
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
     output = Path(output)
     names = check_stream(inputs, notice)
@@ -360,6 +393,17 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     store_files.apply_permission_policy(cfg.run.group_writable)
     t0 = time.perf_counter()
     files = index_stream(names, notice)
+    try:
+        return _publish(files, output, cfg, client, overwrite, quiet, t0)
+    except pff.StrideMismatch as err:
+        notice(f"{err}: indexing the stream frame by frame and converting again")
+    files = index_stream(names, lambda _msg: None, exact=True)
+    return _publish(files, output, cfg, client, overwrite, quiet, t0)
+
+
+def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overwrite: bool,
+             quiet: bool, t0: float) -> Result:
+    """Write, verify and publish the L0 store of an indexed stream."""
     section = cfg.pff_to_zarr
     n = files[-1].stop
     chunk = max(1, min(section.time_chunk, n))

@@ -328,3 +328,33 @@ def test_other_recordings_are_not_joined_and_gaps_are_told(tmp_path, capsys):
                                    str(cfg)]) == 0
     assert "seqno 1 missing between the inputs" in capsys.readouterr().err
     assert zarr.open_group(str(tmp_path / "b_L0.zarr")).attrs["n_frames"] == 80
+
+
+def test_longer_headers_that_add_up_to_whole_frames_are_found(tmp_path, capsys):
+    # 636 one-byte-longer ph256 headers = exactly one frame more: the start, middle and
+    # end samples still line up, the tasks in between do not
+    def edit(_seqno, _images, headers):
+        headers["pkt_nsec"][1100:1736] = 1_000_000_000 + np.arange(636)
+
+    paths, images, headers = make_stream(tmp_path, "ph256", [5000], edit=edit)
+    assert paths[0].stat().st_size == 5001 * 636
+    out = tmp_path / "long_L0.zarr"
+    assert step1_pff_to_zarr.main([str(paths[0]), str(out),
+                                   str(small_config(tmp_path))]) == 0
+    assert "converting again" in capsys.readouterr().err
+    g = assert_store_matches(out, paths, images, headers)
+    assert g.attrs["source_files"][0]["frames_walked"] == 636
+
+
+def test_out_of_order_flag_does_not_depend_on_task_boundaries(tmp_path):
+    def edit(_seqno, _images, headers):
+        for f in pff.MODULE_FIELDS:
+            headers[f][374:384] = 0  # ten frames with no live quabo before the boundary
+            headers[f][384] = headers[f][300]  # then a time earlier than frame 373's
+
+    paths, images, headers = make_stream(tmp_path, "img16", [800], edit=edit)
+    out = tmp_path / "ooo_L0.zarr"
+    assert run_step1(paths[0], out, small_config(tmp_path)) == 0
+    g = assert_store_matches(out, paths, images, headers)
+    assert g.attrs["report"]["tasks"] == 3  # frames 0..383, 384..767, 768..799
+    assert g["frame_flags"][384] & pff.FLAG_OUT_OF_ORDER
