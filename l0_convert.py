@@ -423,7 +423,8 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
             return summary["frames"]
 
         runner = task_runners.runner_for(client, section.num_workers, not quiet)
-        runner.map(convert_range, [(settings, a, b) for a, b in ranges], str(output), fold,
+        shared = runner.share(settings)  # the frame indexes travel once, not with every task
+        runner.map(convert_range, [(shared, a, b) for a, b in ranges], str(output), fold,
                    total=n, unit="frame")
         _verify(tmp, files, summaries, n, chunk)
         seconds = time.perf_counter() - t0

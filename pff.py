@@ -519,8 +519,10 @@ def index_file(path: str | os.PathLike, dp: str | None = None, *,
         base = 0  # file offset of buf[0]
         pos = 0  # buffer position of the next frame start
         eof = filled < buf.size
+        whole = buf.size // nominal
+        span = whole  # frames checked at once: small right after a walk, then growing
         while True:
-            m = (filled - pos) // nominal
+            m = min((filled - pos) // nominal, span)
             if m:
                 frames = buf[pos:pos + m * nominal].reshape(m, nominal)
                 ok = ((frames[:, 0] == 0x7B) & (frames[:, h] == 0x0A)
@@ -528,13 +530,17 @@ def index_file(path: str | os.PathLike, dp: str | None = None, *,
                 good = m if ok.all() else int(np.argmin(ok))
                 segments.add(base + pos, nominal, good)
                 pos += good * nominal
+                span = min(whole, span * 8)
                 if good < m:  # walk the frame that broke the stride
                     length = _walk_frame(path, buf, pos, filled, base, product)
                     if length and pos + length <= filled:
                         segments.add(base + pos, length, 1)
                         walked += 1
                         pos += length
+                        span = 16  # long headers come in runs: look ahead a little
                         continue
+                elif filled - pos >= nominal:  # the window was clean; check the rest
+                    continue
             if eof:
                 rest = filled - pos
                 if rest and (length := _walk_frame(path, buf, pos, filled, base, product)):
