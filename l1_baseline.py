@@ -245,12 +245,12 @@ _buffers = threading.local()
 
 
 def _prepare_process(group_writable: bool) -> None:
-    """Zarr settings and the umask, once per process (Dask workers included)."""
+    """Zarr settings and the umask of this process (Dask workers included), per run."""
     with _process_lock:
-        if not _process_ready:
+        if _process_ready.get("group_writable") != group_writable:
             zp.configure_zarr(ZARR_CONCURRENCY, task_runners.cpus())
             store_files.apply_permission_policy(group_writable)
-            _process_ready["done"] = True
+            _process_ready["group_writable"] = group_writable
 
 
 def _array(token: str, path: str, name: str, writable: bool = False) -> Any:
@@ -299,10 +299,12 @@ def _frame_record(use: np.ndarray, excluded: np.ndarray, start: int) -> list[dic
     out = []
     for q in range(use.shape[1]):
         idx = np.flatnonzero(use[:, q])
+        gone = np.flatnonzero(excluded[:, q])
         out.append({"count": int(idx.size),
                     "first": int(start + idx[0]) if idx.size else None,
                     "last": int(start + idx[-1]) if idx.size else None,
-                    "excluded": (start + np.flatnonzero(excluded[:, q])).tolist()})
+                    "excluded_count": int(gone.size),  # a dead quabo: counted, listed short
+                    "excluded": (start + gone[:MAX_LISTED_FRAMES]).tolist()})
     return out
 
 
@@ -381,7 +383,7 @@ def stats_task(info: L0Info, sel: Selection, start: int, stop: int, method: str,
     x, use, aux, record = _selected(info, sel, start, stop)
     k_total = info.groups * info.pixels
     orders = {"mean": (0, 1), "ph_pedestal": (0, 1, 2)}.get(method, (0,))
-    out: dict[str, Any] = {"start": start, "frames": record,
+    out: dict[str, Any] = {"start": start, "frames": record, "frames_any": len(x),
                            "moments": np.zeros((3, k_total), np.int64)}
     if method != "mean":
         out["hist"] = np.zeros((k_total, 256), np.int64)
@@ -497,13 +499,13 @@ def _combine_frames(records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]
     for q in range(pff.N_QUABOS):
         rows = [r[q] for r in records]
         firsts = [r["first"] for r in rows if r["first"] is not None]
-        excluded = [i for r in rows for i in r["excluded"]]
+        excluded = [i for r in rows for i in r["excluded"]][:MAX_LISTED_FRAMES]
         out.append({"quabo": q, "count": sum(r["count"] for r in rows),
                     "first": min(firsts) if firsts else None,
                     "last": max(r["last"] for r in rows if r["last"] is not None)
                     if firsts else None,
-                    "excluded_missing_quabo": len(excluded),
-                    "excluded_frames": excluded[:MAX_LISTED_FRAMES]})
+                    "excluded_missing_quabo": sum(r["excluded_count"] for r in rows),
+                    "excluded_frames": excluded})
     return out
 
 
@@ -532,6 +534,7 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, section: Any,
 
     def fold_stats(i: int, r: dict[str, Any]) -> None:
         acc["moments"] += r["moments"]
+        acc["frames_any"] = acc.get("frames_any", 0) + r["frames_any"]
         if "hist" in r:
             acc["hist"] += r["hist"]
         records[i] = r["frames"]
@@ -540,7 +543,7 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, section: Any,
 
     runner.map(stats_task, calls, "baseline statistics", fold_stats)
     frames["per_quabo"] = _combine_frames(records)
-    frames["frames_used"] = int(sum(q["count"] for q in frames["per_quabo"]))
+    frames["frames_used"] = int(acc.get("frames_any", 0))  # frames in any quadrant's baseline
     shape = (info.groups, *info.shape)
     count, total, squares = acc["moments"]
     if method == "mean":

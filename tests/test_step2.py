@@ -188,6 +188,7 @@ def test_ph256_baseline_is_per_quabo(stores, tmp_path):
     np.testing.assert_allclose(level, [0, 200, 400, 600], atol=15)  # pedestals as written
     per_quabo = g.attrs["baseline_frames"]["per_quabo"]
     assert [q["count"] for q in per_quabo] == [100] * 4  # first 100 frames of each quabo
+    assert g.attrs["baseline_frames"]["frames_used"] == 400  # a ph256 frame is one quabo's
     qn = zarr.open_group(str(stores["ph256"]), mode="r")["headers/quabo_num"][:]
     assert [q["last"] for q in per_quabo] == [int(np.flatnonzero(qn == q)[99])
                                               for q in range(4)]
@@ -215,6 +216,7 @@ def test_missing_quabo_frames_do_not_enter_the_baseline(stores, tmp_path):
     assert frames[0]["excluded_frames"] == [3, 57, 400]
     assert frames[0]["excluded_missing_quabo"] == 3
     assert [q["count"] for q in frames] == [497, 500, 500, 500]
+    assert g.attrs["baseline_frames"]["frames_used"] == 500  # each in some quadrant
     assert (frames[0]["first"], frames[0]["last"]) == (0, 499)
     l0 = zarr.open_group(str(stores["img16"]), mode="r")["images"][:500].astype(float)
     keep = np.setdiff1d(np.arange(500), [3, 57, 400])
