@@ -68,7 +68,10 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     if not args.debug:  # a stop during start-up must not print the client's reconnect trace
         logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
-    silence = logging.WARNING if args.debug else logging.ERROR
+    # Dask's own log lines only with --debug: a worker losing its scheduler while the
+    # run is being stopped logs a traceback that is noise there; real failures reach the
+    # steps, which report them in one line.
+    silence = logging.WARNING if args.debug else logging.CRITICAL
     cluster = dask_cluster.ClusterHandle(config.cluster, silence_logs=silence)
     try:
         try:
