@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def session_processes(sid: int) -> list[tuple[int, str]]:
@@ -23,3 +31,115 @@ def session_processes(sid: int) -> list[tuple[int, str]]:
                 found.append((int(entry.name), (entry / "cmdline").read_bytes()
                               .replace(b"\0", b" ").decode(errors="replace")))
     return found
+
+
+# --------------------------------------------------------------------------- tagged
+
+
+def tagged_processes(tag: str) -> list:
+    """Live processes whose environment carries ``PANOSETI_TEST_TAG=tag``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("PANOSETI_TEST_TAG") == tag and proc.status() != "zombie":
+                found.append(proc)
+    return found
+
+
+def stop_by_pid(procs: list) -> None:
+    """Kill the given processes (by PID) and reap them."""
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+def tagged_env(tag: str) -> dict[str, str]:
+    """This environment, marked with ``tag`` and without the repository on PYTHONPATH."""
+    env = {**os.environ, "PANOSETI_TEST_TAG": tag}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+# --------------------------------------------------------------------------- manager
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
+MANAGER = str(REPO / "cluster_lifecycle_manager.py")
+
+
+@dataclass
+class ManagerProcess:
+    """One cluster_lifecycle_manager.py subprocess a test started, and its output."""
+
+    workdir: Path
+    config: Path
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    proc: subprocess.Popen | None = None
+    files: list[Any] = field(default_factory=list)
+
+    @property
+    def scheduler_file(self) -> Path:
+        return self.workdir / "scheduler.txt"
+
+    def start(self, *extra: str) -> ManagerProcess:
+        out = open(self.workdir / "manager.out", "w")  # noqa: SIM115 -- closed in stop()
+        err = open(self.workdir / "manager.err", "w")  # noqa: SIM115
+        self.files += [out, err]
+        self.proc = subprocess.Popen(
+            [PYTHON, MANAGER, str(self.config), str(self.scheduler_file), *extra],
+            cwd=self.workdir, env=tagged_env(self.tag), stdout=out, stderr=err)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        """The scheduler address, once the file and the manager's report lines are there."""
+        import pytest
+
+        deadline = time.monotonic() + timeout
+        while not self.scheduler_file.exists():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"manager exited {self.proc.returncode}: {self.stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no scheduler file after {timeout} s: {self.stderr}")
+            time.sleep(0.05)
+        address = self.scheduler_file.read_text().strip()
+        while "stop with:" not in self.stdout and time.monotonic() < deadline:
+            time.sleep(0.05)  # the file is written just before the lines are printed
+        return address
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def descendants(self) -> list:
+        import psutil
+
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    @property
+    def stdout(self) -> str:
+        return (self.workdir / "manager.out").read_text()
+
+    @property
+    def stderr(self) -> str:
+        return (self.workdir / "manager.err").read_text()
+
+    def stop(self) -> None:
+        """Teardown: the manager and anything carrying its tag, by PID."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for f in self.files:
+            f.close()
+        stop_by_pid(tagged_processes(self.tag))

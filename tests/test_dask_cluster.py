@@ -14,15 +14,15 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from process_tools import PYTHON, ManagerProcess, tagged_processes  # noqa: E402
 
 import dask_cluster  # noqa: E402
 from pipeline_config import load_config  # noqa: E402
@@ -31,11 +31,7 @@ from pipeline_errors import ClusterError, ConfigError  # noqa: E402
 psutil = pytest.importorskip("psutil")
 distributed = pytest.importorskip("distributed")
 
-PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
-MANAGER = str(REPO / "cluster_lifecycle_manager.py")
 PROG = "cluster_lifecycle_manager.py"
-READY_TIMEOUT_S = 30.0
-EXIT_TIMEOUT_S = 30.0
 
 LOCAL = {
     "cluster_type": "local",
@@ -58,91 +54,14 @@ def write_config(path: Path, **cluster: object) -> Path:
     return path
 
 
-def tagged_processes(tag: str) -> list[psutil.Process]:
-    """Live processes whose environment carries ``PANOSETI_TEST_TAG=tag``."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("PANOSETI_TEST_TAG") == tag and proc.status() != "zombie":
-                found.append(proc)
-    return found
-
-
-def stop_by_pid(procs: list[psutil.Process]) -> None:
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(procs, timeout=10)
-
-
-@dataclass
-class Manager:
-    """One cluster_lifecycle_manager.py subprocess and what it left behind."""
-
-    workdir: Path
-    config: Path
-    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def scheduler_file(self) -> Path:
-        return self.workdir / "scheduler.txt"
-
-    def start(self, *extra: str) -> Manager:
-        env = {**os.environ, "PANOSETI_TEST_TAG": self.tag}
-        env.pop("PYTHONPATH", None)
-        self.proc = subprocess.Popen(
-            [PYTHON, MANAGER, str(self.config), str(self.scheduler_file), *extra],
-            cwd=self.workdir,
-            env=env,
-            stdout=open(self.workdir / "stdout.txt", "w"),  # noqa: SIM115 -- closed with proc
-            stderr=open(self.workdir / "stderr.txt", "w"),  # noqa: SIM115
-        )
-        return self
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout
-        while not self.scheduler_file.exists():
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"manager exited {self.proc.returncode}: {self.stderr}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no scheduler file after {timeout} s: {self.stderr}")
-            time.sleep(0.05)
-        return self.scheduler_file.read_text().strip()
-
-    def wait_exit(self, timeout: float = EXIT_TIMEOUT_S) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
-
-    def descendants(self) -> list[psutil.Process]:
-        assert self.proc is not None
-        return psutil.Process(self.proc.pid).children(recursive=True)
-
-    @property
-    def stdout(self) -> str:
-        return (self.workdir / "stdout.txt").read_text()
-
-    @property
-    def stderr(self) -> str:
-        return (self.workdir / "stderr.txt").read_text()
-
-    def stop(self) -> None:
-        """Teardown: the manager and anything carrying its tag, by PID."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        stop_by_pid(tagged_processes(self.tag))
-
-
 @pytest.fixture
 def make_manager(tmp_path: Path) -> Iterator:
-    started: list[Manager] = []
+    started: list[ManagerProcess] = []
 
-    def make(name: str = "m", **cluster: object) -> Manager:
+    def make(name: str = "m", **cluster: object) -> ManagerProcess:
         workdir = tmp_path / name
         workdir.mkdir()
-        manager = Manager(workdir, write_config(workdir / "config.toml", **cluster))
+        manager = ManagerProcess(workdir, write_config(workdir / "config.toml", **cluster))
         started.append(manager)
         return manager
 
@@ -152,10 +71,10 @@ def make_manager(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Manager, str]]:
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ManagerProcess, str]]:
     """A manager holding a 2-worker local cluster, shared by the read-only checks."""
     workdir = tmp_path_factory.mktemp("running")
-    manager = Manager(workdir, write_config(workdir / "config.toml", **LOCAL)).start()
+    manager = ManagerProcess(workdir, write_config(workdir / "config.toml", **LOCAL)).start()
     try:
         yield manager, manager.wait_ready()
     finally:
@@ -194,7 +113,7 @@ def assert_one_error_line(stderr: str, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-def assert_all_gone(manager: Manager, seen: list[psutil.Process]) -> None:
+def assert_all_gone(manager: ManagerProcess, seen: list[psutil.Process]) -> None:
     _, alive = psutil.wait_procs(seen, timeout=10)
     assert not alive, [p.pid for p in alive]
     assert not tagged_processes(manager.tag)
@@ -204,7 +123,7 @@ def assert_all_gone(manager: Manager, seen: list[psutil.Process]) -> None:
 # -- the running cluster ---------------------------------------------------------------
 
 
-def test_manager_publishes_a_loopback_cluster(running: tuple[Manager, str]) -> None:
+def test_manager_publishes_a_loopback_cluster(running: tuple[ManagerProcess, str]) -> None:
     manager, address = running
     assert address.startswith("tcp://127.")
     assert f"scheduler {address}" in manager.stdout
@@ -219,7 +138,7 @@ def test_manager_publishes_a_loopback_cluster(running: tuple[Manager, str]) -> N
     assert [p.name for p in manager.workdir.iterdir() if p.name.endswith(".partial")] == []
 
 
-def test_connect_client_ships_modules_to_workers(running: tuple[Manager, str]) -> None:
+def test_connect_client_ships_modules_to_workers(running: tuple[ManagerProcess, str]) -> None:
     _, address = running
     client = dask_cluster.connect_client(address, timeout=10)
     try:
@@ -241,7 +160,8 @@ def test_connect_client_ships_modules_to_workers(running: tuple[Manager, str]) -
         client.close()
 
 
-def test_late_worker_elsewhere_gets_modules(running: tuple[Manager, str], tmp_path: Path) -> None:
+def test_late_worker_elsewhere_gets_modules(running: tuple[ManagerProcess, str],
+                                            tmp_path: Path) -> None:
     """A worker that joins later, with cwd outside the repo and no PYTHONPATH to it."""
     _, address = running
     client = dask_cluster.connect_client(address, timeout=10)
@@ -276,7 +196,7 @@ def test_late_worker_elsewhere_gets_modules(running: tuple[Manager, str], tmp_pa
 
 
 def test_scheduler_type_checks_publishes_and_leaves_it_running(
-    running: tuple[Manager, str], make_manager
+    running: tuple[ManagerProcess, str], make_manager
 ) -> None:
     owner, address = running
     manager = make_manager(

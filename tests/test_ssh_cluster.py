@@ -13,7 +13,6 @@ fail instead. After every test nothing started through the sshd (found by the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -22,7 +21,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +36,16 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("distributed")
 pytest.importorskip("asyncssh")
 
+from process_tools import PYTHON, ManagerProcess, tagged_env, tagged_processes  # noqa: E402
+
 import dask_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.ssh]
 
-PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
-MANAGER = str(REPO / "cluster_lifecycle_manager.py")
 STEP1 = str(REPO / "step1_pff_to_zarr.py")
 RUN_SH = REPO / "run.sh"
 STEP2 = REPO / "step2_dask_baseline.py"
 HOSTS = list(sshd_testbed.HOSTS)
-READY_TIMEOUT_S = 60.0
 STEP_TIMEOUT_S = 120.0
 
 #: The original pipeline's [cluster] form (the test bed's keys are added to it).
@@ -106,15 +103,6 @@ def nothing_left(request: pytest.FixtureRequest, tag: str) -> Iterator[None]:
     assert not described, f"processes left running (stopped now): {described}"
 
 
-def tagged_processes(tag: str) -> list[Any]:
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("PANOSETI_TEST_TAG") == tag and proc.status() != "zombie":
-                found.append(proc)
-    return found
-
-
 def sshd_testbed_cmdline(proc: Any) -> list[str]:
     try:
         return proc.cmdline()
@@ -137,80 +125,15 @@ def ssh_cluster(bed: sshd_testbed.SSHTestBed, **keys: Any) -> dict[str, Any]:
     return {**ORIGINAL_SSH_FORM, **bed.cluster_keys(PYTHON), "startup_timeout_s": 60.0, **keys}
 
 
-def child_env(tag: str) -> dict[str, str]:
-    env = {**os.environ, "PANOSETI_TEST_TAG": tag}
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-@dataclass
-class Manager:
-    """One cluster_lifecycle_manager.py subprocess."""
-
-    workdir: Path
-    config: Path
-    tag: str
-    proc: subprocess.Popen | None = None
-    files: list[Any] = field(default_factory=list)
-
-    @property
-    def scheduler_file(self) -> Path:
-        return self.workdir / "scheduler.txt"
-
-    def start(self) -> Manager:
-        out = open(self.workdir / "manager.out", "w")  # noqa: SIM115 -- closed in stop()
-        err = open(self.workdir / "manager.err", "w")  # noqa: SIM115
-        self.files += [out, err]
-        self.proc = subprocess.Popen(
-            [PYTHON, MANAGER, str(self.config), str(self.scheduler_file)],
-            cwd=self.workdir, env=child_env(self.tag), stdout=out, stderr=err,
-        )  # fmt: skip
-        return self
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout
-        while not self.scheduler_file.exists():
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"manager exited {self.proc.returncode}: {self.stderr}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no scheduler file after {timeout} s: {self.stderr}")
-            time.sleep(0.05)
-        address = self.scheduler_file.read_text().strip()
-        while "stop with:" not in self.stdout and time.monotonic() < deadline:
-            time.sleep(0.05)  # the file is written just before the lines are printed
-        return address
-
-    def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-    @property
-    def stdout(self) -> str:
-        return (self.workdir / "manager.out").read_text()
-
-    @property
-    def stderr(self) -> str:
-        return (self.workdir / "manager.err").read_text()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        for f in self.files:
-            f.close()
-
-
 @pytest.fixture
 def make_manager(tmp_path: Path, tag: str) -> Iterator:
-    started: list[Manager] = []
+    started: list[ManagerProcess] = []
 
-    def make(cluster: dict[str, Any], name: str = "m", **sections: Any) -> Manager:
+    def make(cluster: dict[str, Any], name: str = "m", **sections: Any) -> ManagerProcess:
         workdir = tmp_path / name
         workdir.mkdir()
         config = write_config(workdir / "config.toml", cluster, **sections)
-        manager = Manager(workdir, config, tag)
+        manager = ManagerProcess(workdir, config, tag)
         started.append(manager)
         return manager
 
@@ -260,7 +183,7 @@ def assert_same_store(got: Path, want: Path) -> None:
 def run_step1(inputs: list[Path], output: Path, config: Path, *extra: str, tag: str,
               cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, STEP1, *map(str, inputs), str(output), str(config), *extra],
-                          cwd=cwd, env=child_env(tag), capture_output=True, text=True,
+                          cwd=cwd, env=tagged_env(tag), capture_output=True, text=True,
                           timeout=STEP_TIMEOUT_S)
 
 
@@ -331,7 +254,7 @@ def test_killed_worker_mid_step1_is_rescheduled(bed, make_manager, big_stream, t
         pids = {r["address"]: r for r in dask_cluster.describe_workers(client)}
         step1 = subprocess.Popen(
             [PYTHON, STEP1, str(big_stream), str(out), str(manager.config), address, "--quiet"],
-            cwd=tmp_path, env=child_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=tmp_path, env=tagged_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip
         victim = None
@@ -434,7 +357,7 @@ def observation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_sh(args: list[str], config: Path, tag: str, cwd: Path,
            timeout: float = 240.0) -> subprocess.CompletedProcess:
-    env = child_env(tag)
+    env = tagged_env(tag)
     env["CONFIG_FILE"] = str(config)
     if sys.prefix != sys.base_prefix:  # the venv running the tests has the requirements
         env["VIRTUAL_ENV"] = sys.prefix
