@@ -108,7 +108,6 @@ class HeaderLayout:
     template: np.ndarray  # uint8 (header_bytes,), numbers blanked to spaces
     static: np.ndarray  # bool (header_bytes,): True where the byte is not part of a number
     columns: dict[tuple[str, int], int]  # (field, quabo) -> first byte of the number
-    numbers: tuple[tuple[str, int], ...]  # (field, quabo), field-major
     digit_cols: np.ndarray  # int64 (n_digits,): byte columns of every digit, field-major
     spans: dict[str, tuple[int, int]]  # field -> its slice of digit_cols
     n_quabos: int  # numbers per field: 4 (module) or 1 (ph256)
@@ -154,7 +153,7 @@ def _header_layout(kind: str) -> HeaderLayout:
     for f in fields:
         spans[f] = (at, at + n_q * FIELD_WIDTH[f])
         at = spans[f][1]
-    return HeaderLayout(template, static, columns, numbers, np.array(digit_cols), spans,
+    return HeaderLayout(template, static, columns, np.array(digit_cols), spans,
                         n_q, template.size // 4)
 
 
