@@ -1,11 +1,15 @@
 # shellcheck shell=bash
 # env_bootstrap.sh: choose a Python >= 3.12 and make the pipeline's requirements importable.
 #
-# A library, sourced (not executed) by run.sh and tests/run_tests.sh:
+# A library, sourced by run.sh and tests/run_tests.sh:
 #
 #     source "$REPO_ROOT/env_bootstrap.sh"
 #     bootstrap_python_env "$REPO_ROOT" "$REPO_ROOT/requirements.txt"   # exports PYTHON
 #     "$PYTHON" "$REPO_ROOT/step1_pff_to_zarr.py" ...
+#
+# or executed, `bash env_bootstrap.sh [REQUIREMENTS_FILE]`, which does the same for the
+# repository it sits in (default requirements.txt) and prints the chosen interpreter on
+# stdout: the Python scripts re-run themselves with it (panoseti_pipeline/bootstrap.py).
 #
 # The interpreter, in this order (DESIGN.md §9):
 #   1. the active virtual env ($VIRTUAL_ENV) or conda env ($CONDA_PREFIX), if its python
@@ -18,9 +22,10 @@
 #
 # The requirements: an active env (1) that already satisfies the requirements file is used
 # as it is. Otherwise <repo>/.venv is created (or reused) with the chosen interpreter and
-# `pip install -r FILE` runs in it, but only when FILE (or a file it includes with -r/-c)
-# changed since the last successful install: a stamp in .venv holds their hash, so a
-# repeated run costs a few interpreter probes and no pip.
+# `pip install -r FILE -e <repo>` (the requirements and the pipeline's own package,
+# editable) runs in it, but only when FILE (or a file it includes with -r/-c) or
+# pyproject.toml changed since the last successful install: a stamp in .venv holds their
+# hash, so a repeated run costs a few interpreter probes and no pip.
 #
 # Every message is one line on stderr ("env_bootstrap: ..."), so stdout stays the caller's.
 # Safe under `set -o errexit -o nounset -o pipefail`. Names defined: bootstrap_python_env,
@@ -216,11 +221,21 @@ _envb_ensure_venv() {
   ENV_BOOTSTRAP_VENV_VERSION="${probe%%$'\t'*}"
 }
 
-# _envb_install_if_changed VENV FILE: pip install -r FILE into VENV unless the stamp says
-# this exact FILE (with its includes) was installed already.
+# _envb_has_package PYTHON REPO: true if PYTHON imports the pipeline package from REPO
+# (run from / so that the current directory does not make it importable).
+_envb_has_package() {
+  local found
+  found="$(cd / && "$1" -c 'import panoseti_pipeline as p; print(p.__file__)' 2>/dev/null \
+    </dev/null)" || return 1
+  [[ "$found" == "$2/panoseti_pipeline/__init__.py" ]]
+}
+
+# _envb_install_if_changed VENV FILE REPO: pip install -r FILE -e REPO into VENV unless
+# the stamp says this exact FILE (with its includes) and pyproject.toml were installed.
 _envb_install_if_changed() {
-  local venv="$1" req="$2" digest stamp installed=""
+  local venv="$1" req="$2" repo="$3" digest stamp installed=""
   digest="$(env_bootstrap_requirements_digest "$req")" || return 1
+  digest+=" $(env_bootstrap_requirements_digest "$repo/pyproject.toml")" || return 1
   stamp="$venv/.panoseti-installed-${req##*/}.sha256"
   if [[ -r "$stamp" ]]; then
     installed="$(<"$stamp")"
@@ -231,8 +246,8 @@ _envb_install_if_changed() {
   _envb_say "installing ${req##*/} into $venv (first run, or the requirements changed) ..."
   rm -f -- "$stamp"
   if ! "$venv/bin/python" -m pip install --disable-pip-version-check --quiet -r "$req" \
-    >&2 </dev/null; then
-    _envb_say "error: '$venv/bin/python -m pip install -r $req' failed (pip's messages above)"
+    -e "$repo" >&2 </dev/null; then
+    _envb_say "error: '$venv/bin/python -m pip install -r $req -e $repo' failed (pip's messages above)"
     return 1
   fi
   printf '%s\n' "$digest" >"$stamp"
@@ -251,18 +266,27 @@ bootstrap_python_env() {
   env_bootstrap_find_python || return 1
 
   if [[ -n "$ENV_BOOTSTRAP_ACTIVE_ENV" ]] && ! _envb_same_dir "$ENV_BOOTSTRAP_ACTIVE_ENV" "$venv"; then
-    if _envb_satisfies "$ENV_BOOTSTRAP_BASE_PYTHON" "$req"; then
+    if _envb_satisfies "$ENV_BOOTSTRAP_BASE_PYTHON" "$req" \
+      && _envb_has_package "$ENV_BOOTSTRAP_BASE_PYTHON" "$repo_root"; then
       PYTHON="$ENV_BOOTSTRAP_BASE_PYTHON"
       export PYTHON
-      _envb_say "using $PYTHON (Python $ENV_BOOTSTRAP_BASE_VERSION, $ENV_BOOTSTRAP_HOW, which has ${req##*/})"
+      _envb_say "using $PYTHON (Python $ENV_BOOTSTRAP_BASE_VERSION, $ENV_BOOTSTRAP_HOW, which has ${req##*/} and the pipeline package)"
       return 0
     fi
-    _envb_say "the active env $ENV_BOOTSTRAP_ACTIVE_ENV lacks some of ${req##*/}; using $venv instead"
+    _envb_say "the active env $ENV_BOOTSTRAP_ACTIVE_ENV lacks some of ${req##*/} or the pipeline package (pip install -e $repo_root); using $venv instead"
   fi
 
   _envb_ensure_venv "$venv" "$ENV_BOOTSTRAP_BASE_PYTHON" || return 1
-  _envb_install_if_changed "$venv" "$req" || return 1
+  _envb_install_if_changed "$venv" "$req" "$repo_root" || return 1
   PYTHON="$venv/bin/python"
   export PYTHON
   _envb_say "using $PYTHON (Python $ENV_BOOTSTRAP_VENV_VERSION; base interpreter $ENV_BOOTSTRAP_BASE_PYTHON, $ENV_BOOTSTRAP_HOW)"
 }
+
+# Executed rather than sourced: bootstrap this repository and print the interpreter.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  set -o errexit -o nounset -o pipefail
+  _envb_repo="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+  bootstrap_python_env "$_envb_repo" "${1:-$_envb_repo/requirements.txt}"
+  printf '%s\n' "$PYTHON"
+fi

@@ -6,7 +6,7 @@
 #     ./run.sh --demo [dir]      # small synthetic observation -> L1, says where to look
 #     ./run.sh --help
 #
-# Checks everything before any work (run_plan.py plan), starts the cluster once
+# Checks everything before any work (`python3 -m panoseti_pipeline driver plan`), starts the cluster once
 # (cluster_lifecycle_manager.py), runs step 1 (PFF -> L0) and step 2 (L0 -> L1) for every
 # input, removes each L0, prints a summary table and writes a run record (TOML) into the
 # output directory. Whatever happens (success, a failed step, Ctrl-C, SIGTERM) the
@@ -14,7 +14,7 @@
 # input are removed. Exit: 0 every input done, 1 an input failed, 2 usage/config/input
 # problem found before any work, 130 interrupted.
 #
-# Bash stays thin: the logic that needs Python is in run_plan.py.
+# Bash stays thin: the logic that needs Python is in panoseti_pipeline (driver.py).
 set -o errexit -o nounset -o pipefail
 
 REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -112,9 +112,9 @@ usage_error() {
   exit 2
 }
 
-# py SUBCOMMAND ...: the Python side (run_plan.py).
+# py SUBCOMMAND ...: the Python side (panoseti_pipeline.driver).
 py() {
-  "$PYTHON" "$REPO_ROOT/run_plan.py" "${DEBUG_ARGS[@]}" "$@"
+  "$PYTHON" -m panoseti_pipeline driver "${DEBUG_ARGS[@]}" "$@"
 }
 
 # now: the time in seconds (fractions where bash has them).
@@ -395,7 +395,7 @@ on_signal() {
 
 # ---------------------------------------------------------------------------- the run
 
-# read_plan TEXT: the TAB-separated plan of run_plan.py into the JOB_* arrays.
+# read_plan TEXT: the TAB-separated plan of the driver into the JOB_* arrays.
 read_plan() {
   local -a f
   local line
@@ -421,7 +421,7 @@ read_plan() {
   done <<<"$1"
 }
 
-# record I STEP RC: the step's outcome into the state file (sizes read by run_plan.py).
+# record I STEP RC: the step's outcome into the state file (sizes read by the driver).
 record() {
   local status=ok
   if (($3 != 0)); then status=failed; fi

@@ -1,82 +1,18 @@
-"""Step 1: convert the PFF file(s) of one stream into a lossless L0 Zarr v3 store.
-
-Usage::
+#!/usr/bin/env python3
+"""Step 1: the PFF file(s) of one stream -> a lossless L0 Zarr v3 store.
 
     python3 step1_pff_to_zarr.py input.pff output_L0.zarr config.toml [tcp://scheduler:8786]
-    python3 step1_pff_to_zarr.py seqno0.pff seqno1.pff output_L0.zarr config.toml
 
-Several inputs must be the seqno files of one stream (same observation, dp and
-module); they are joined in seqno order, 0-byte files skipped. Without a scheduler
-address the conversion runs in this process ([pff_to_zarr] num_workers threads); with
-one, every chunk-aligned frame range is a task on the cluster's workers, which write
-their chunks directly.
-
-The store is written under a temporary name and renamed into place only once it is
-verified. An existing complete store is left alone (exit 0) unless --overwrite.
-Exit status: 0 store complete and checked (or already there), 1 input or write
-failed, 2 usage or configuration error.
+See panoseti_pipeline/cli/step1.py and the README.
 """
 
-from __future__ import annotations
-
-import argparse
-import re
 import sys
-from collections.abc import Sequence
 
-from pipeline_errors import EXIT_OK, run_main
+from panoseti_pipeline.bootstrap import ensure_requirements
 
-_ADDRESS = re.compile(r"^[a-z]+://")
+ensure_requirements()  # re-runs this script under the project's .venv when needed
 
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="step1_pff_to_zarr.py",
-        description="Convert the PFF file(s) of one stream into a lossless L0 Zarr store.",
-        epilog="Positional arguments: INPUT.pff [INPUT.pff ...] OUTPUT_L0.zarr CONFIG.toml "
-               "[SCHEDULER_ADDRESS]. See the module docstring or README for details.")
-    parser.add_argument("args", nargs="+", metavar="ARG",
-                        help="input PFF file(s), the output store, the config file, and "
-                             "optionally a Dask scheduler address (tcp://host:port)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output store")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    ns = parser.parse_args(argv)
-    args = list(ns.args)
-    ns.address = args.pop() if args and _ADDRESS.match(args[-1]) else None
-    if len(args) < 3:
-        parser.error("need at least INPUT.pff OUTPUT_L0.zarr CONFIG.toml")
-    ns.inputs, ns.output, ns.config = args[:-2], args[-2], args[-1]
-    if not ns.config.endswith(".toml"):
-        parser.error(f"the config file must be a .toml file, got {ns.config!r} "
-                     "(order: INPUT... OUTPUT CONFIG [ADDRESS])")
-    if ns.output.endswith(".pff"):
-        parser.error(f"the output must be a Zarr store path, got {ns.output!r}")
-    return ns
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def body() -> int:
-        import dask_cluster
-        import l0_convert
-        from pipeline_config import load_config
-
-        cfg = load_config(args.config)
-        notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
-                                                                           file=sys.stderr))
-        with dask_cluster.step_client(args.address, args.debug) as client:
-            result = l0_convert.convert(args.inputs, args.output, cfg, client=client,
-                                        overwrite=args.overwrite, quiet=args.quiet,
-                                        notice=notice)
-        print(result.line())
-        return EXIT_OK
-
-    return run_main(body, "step1_pff_to_zarr.py", args.debug)
-
+from panoseti_pipeline.cli.step1 import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -16,7 +16,7 @@ from benchlib import big_file, run_child
 
 PFF_READ = """
 import json, resource, sys, time
-import pff
+from panoseti_pipeline import pff
 path = sys.argv[1]
 t0 = time.perf_counter()
 prev, frames = pff.NAT, 0

@@ -39,7 +39,7 @@ import sshd_testbed  # noqa: E402
 
 STEP1 = """
 import json, pathlib, sys, time
-import step1_pff_to_zarr
+from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
 t0 = time.perf_counter()
 rc = step1_pff_to_zarr.main([*sys.argv[1:], "--quiet"])
 seconds = time.perf_counter() - t0
@@ -69,8 +69,8 @@ def step1(pff: Path, out: Path, config: Path, address: str | None) -> tuple[floa
 
 def ssh_cluster(bed: sshd_testbed.SSHTestBed, hosts: list[str], tmp: Path) -> tuple[Any, Path]:
     """A started ClusterHandle with 1 worker x 1 thread on each of ``hosts``, its config."""
-    import dask_cluster
-    from pipeline_config import load_config
+    from panoseti_pipeline import cluster as dask_cluster
+    from panoseti_pipeline.config import load_config
 
     cluster = {"use_dask": True, "ssh_hosts": hosts, "ssh_workers_per_host": 1,
                "ssh_threads_per_worker": 1, "ssh_memory_per_worker": "3GB",

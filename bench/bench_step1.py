@@ -23,7 +23,7 @@ from benchlib import OUT, big_file, run_child
 
 STEP1 = """
 import json, resource, sys, time
-import step1_pff_to_zarr
+from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
 t0 = time.perf_counter()
 rc = step1_pff_to_zarr.main([sys.argv[1], sys.argv[2], sys.argv[3], "--quiet"])
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -36,7 +36,7 @@ def codec_bound(path: Path, time_chunk: int, threads: int) -> float:
     import google_crc32c
     import numcodecs
 
-    import pff
+    from panoseti_pipeline import pff
 
     blosc = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 

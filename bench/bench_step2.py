@@ -23,7 +23,7 @@ from benchlib import OUT, big_file, run_child
 
 MAKE_L0 = """
 import json, sys
-import step1_pff_to_zarr
+from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
 rc = step1_pff_to_zarr.main([sys.argv[1], sys.argv[2], "config.toml", "--quiet"])
 print(json.dumps({"rc": rc}))
 """
@@ -31,8 +31,8 @@ print(json.dumps({"rc": rc}))
 BOUND = """
 import concurrent.futures, json, os, resource, sys, time
 import numpy as np, zarr
-import zarr_products as zp
-from pipeline_config import load_config
+from panoseti_pipeline.store import layout as zp
+from panoseti_pipeline.config import load_config
 section = load_config("config.toml").baseline_subtract
 zp.configure_zarr(4, 2)
 images = zp.open_product(sys.argv[1], "L0")["images"]
@@ -60,8 +60,8 @@ print(json.dumps({"seconds": seconds, "frames": frames, "threads": threads,
 
 STEP2 = """
 import json, resource, sys, time
-import l1_baseline
-from pipeline_config import load_config
+from panoseti_pipeline import step2 as l1_baseline
+from panoseti_pipeline.config import load_config
 cfg = load_config("config.toml").with_overrides(
     "baseline_subtract", method=sys.argv[3], keep_mantissa_bits=int(sys.argv[4]))
 t0 = time.perf_counter()
@@ -76,7 +76,7 @@ print(json.dumps({"seconds": seconds, "frames": r.frames, "l0_bytes": r.l0_bytes
 
 def bench_l0(megabytes: int) -> str:
     """The L0 store of the generated file, made once with step 1."""
-    import store_files
+    from panoseti_pipeline.store import publish as store_files
 
     l0 = OUT / f"img16_{megabytes}MB_L0.zarr"
     if not store_files.is_published(l0, "L0"):

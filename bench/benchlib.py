@@ -15,12 +15,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("BENCH_DIR", REPO / "bench" / "out"))
-sys.path.insert(0, str(REPO))
 
 
 def big_file(megabytes: int) -> Path:
     """A generated clean img16 file of about ``megabytes`` MB, made once and reused."""
-    import synthetic_obs
+    from panoseti_pipeline import synthetic as synthetic_obs
 
     directory = OUT / f"img16_{megabytes}MB"
     found = sorted(directory.glob("*.pff"))

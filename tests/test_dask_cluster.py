@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from process_tools import PYTHON, ManagerProcess, tagged_processes  # noqa: E402
 
-import dask_cluster  # noqa: E402
-from pipeline_config import load_config  # noqa: E402
-from pipeline_errors import ClusterError, ConfigError  # noqa: E402
+from panoseti_pipeline import cluster as dask_cluster  # noqa: E402
+from panoseti_pipeline.config import load_config  # noqa: E402
+from panoseti_pipeline.errors import ClusterError, ConfigError  # noqa: E402
 
 psutil = pytest.importorskip("psutil")
 distributed = pytest.importorskip("distributed")
@@ -138,7 +137,17 @@ def test_manager_publishes_a_loopback_cluster(running: tuple[ManagerProcess, str
     assert [p.name for p in manager.workdir.iterdir() if p.name.endswith(".partial")] == []
 
 
-def test_connect_client_ships_modules_to_workers(running: tuple[ManagerProcess, str]) -> None:
+#: pipeline modules that tasks import on the workers
+TASK_MODULES = ("panoseti_pipeline.step1", "panoseti_pipeline.step2", "panoseti_pipeline.pff")
+
+
+def installed_file(name: str) -> Path:
+    """Where the repository holds module ``name`` (a module file or a package)."""
+    path = REPO / name.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def test_workers_import_the_installed_package(running: tuple[ManagerProcess, str]) -> None:
     _, address = running
     client = dask_cluster.connect_client(address, timeout=10)
     try:
@@ -147,21 +156,18 @@ def test_connect_client_ships_modules_to_workers(running: tuple[ManagerProcess, 
         assert all(r["address"].startswith("tcp://127.") for r in rows)
         assert all(r["host"].startswith("127.") and r["nthreads"] == 1 for r in rows)
         assert all(r["memory_limit"] == 10**9 and r["pid"] and r["cwd"] for r in rows)
-        names = tuple(p.stem for p in dask_cluster.worker_module_files())
-        assert "pipeline_errors" in names
         for row in rows:
-            got = client.submit(module_probe(), names, workers=[row["address"]], pure=False).result(
-                timeout=30
-            )
+            got = client.submit(module_probe(), TASK_MODULES, workers=[row["address"]],
+                                pure=False).result(timeout=30)
             for name, file in got["files"].items():
-                # the uploaded copy, not the repository's
-                assert Path(file).parent == Path(row["local_directory"]), (name, file)
+                # the package of this repository, installed (editable) in the venv
+                assert Path(file) == installed_file(name), (name, file)
     finally:
         client.close()
 
 
-def test_late_worker_elsewhere_gets_modules(running: tuple[ManagerProcess, str],
-                                            tmp_path: Path) -> None:
+def test_late_worker_elsewhere_imports_the_package(running: tuple[ManagerProcess, str],
+                                                  tmp_path: Path) -> None:
     """A worker that joins later, with cwd outside the repo and no PYTHONPATH to it."""
     _, address = running
     client = dask_cluster.connect_client(address, timeout=10)
@@ -177,12 +183,11 @@ def test_late_worker_elsewhere_gets_modules(running: tuple[ManagerProcess, str],
         late = [r for r in dask_cluster.describe_workers(client) if r["name"] == "late"]
         assert len(late) == 1 and late[0]["address"].startswith("tcp://127.")
         got = client.submit(
-            module_probe(), ("pipeline_errors", "pff"), workers=[late[0]["address"]], pure=False
+            module_probe(), TASK_MODULES, workers=[late[0]["address"]], pure=False
         ).result(timeout=30)
         assert Path(got["cwd"]) == tmp_path
-        for file in got["files"].values():
-            assert Path(file).is_relative_to(tmp_path / "space"), got
-            assert not Path(file).is_relative_to(REPO)
+        for name, file in got["files"].items():
+            assert Path(file) == installed_file(name), got
     finally:
         with contextlib.suppress(Exception):
             client.retire_workers(names=["late"], close_workers=True)
@@ -309,14 +314,6 @@ def test_write_scheduler_file_is_atomic(tmp_path: Path) -> None:
         dask_cluster.write_scheduler_file(tmp_path / "missing" / "s.txt", "tcp://x:1")
 
 
-def test_worker_modules_are_listed_once_in_dependency_order() -> None:
-    modules = dask_cluster.WORKER_MODULES
-    assert len(set(modules)) == len(modules)
-    assert modules[0] == "pipeline_errors"
-    files = dask_cluster.worker_module_files()
-    assert [p.stem for p in files] == [m for m in modules if (REPO / f"{m}.py").is_file()]
-
-
 # -- SSH arguments (no SSH server needed) ----------------------------------------------
 
 
@@ -352,7 +349,7 @@ def test_ssh_arguments_map_the_config(tmp_path: Path, monkeypatch) -> None:
     assert args["scheduler_options"]["interface"] == "lo"
     assert args["scheduler_options"]["dashboard"] is False
     assert args["remote_python"] == sys.executable
-    assert dask_cluster.requested_workers(ssh_config(tmp_path)) == 4
+    assert ssh_config(tmp_path).n_workers == 4
 
 
 def test_ssh_host_keys_are_verified_unless_disabled(tmp_path: Path) -> None:

@@ -75,6 +75,7 @@ def tree(tmp_path: Path) -> Path:
         (tools / name).symlink_to(found)
     for name in ("bin", "home", "repo"):
         (tmp_path / name).mkdir()
+    (tmp_path / "repo" / "pyproject.toml").write_text('[project]\nname = "fake"\n')
     return tmp_path
 
 
@@ -145,14 +146,17 @@ def test_real_machine_has_a_python_3_12_or_newer():
 
 
 def test_active_env_with_the_requirements_is_used_and_said(tmp_path: Path):
-    """This test's own environment has pytest: as the active env it is used as it is,
-    without making a .venv, and the chosen interpreter is named on stderr only."""
+    """This test's own environment has pytest and, through PYTHONPATH, the repository's
+    package: as the active env it is used as it is, without making a .venv, and the chosen
+    interpreter is named on stderr only."""
     prefix = Path(sys.prefix)
     if not (prefix / "bin" / "python").exists():
         pytest.skip(f"{prefix} has no bin/python")
     requirements = tmp_path / "requirements-test.txt"
     requirements.write_text("pytest>=7\n")
-    env = {**os.environ, "VIRTUAL_ENV": str(prefix)}
+    (tmp_path / "panoseti_pipeline").mkdir()
+    (tmp_path / "panoseti_pipeline" / "__init__.py").write_text("")
+    env = {**os.environ, "VIRTUAL_ENV": str(prefix), "PYTHONPATH": str(tmp_path)}
     env.pop("CONDA_PREFIX", None)
     result = run_library(
         f'bootstrap_python_env "{tmp_path}" "{requirements}"\nprintf "%s\\n" "$PYTHON"', env
@@ -162,7 +166,7 @@ def test_active_env_with_the_requirements_is_used_and_said(tmp_path: Path):
     assert result.stderr.splitlines() == [
         f"env_bootstrap: using {prefix / 'bin' / 'python'} (Python "
         f"{'.'.join(map(str, sys.version_info[:3]))}, the active env {prefix} ($VIRTUAL_ENV), "
-        "which has requirements-test.txt)"
+        "which has requirements-test.txt and the pipeline package)"
     ]
     assert not (tmp_path / ".venv").exists()
 
@@ -272,7 +276,7 @@ def test_venv_is_made_and_installed_into_only_when_requirements_change(tree: Pat
     assert first.stderr.splitlines()[-1].startswith(f"env_bootstrap: using {venv_python} (")
     assert len(pip_calls(tree)) == 1
     assert pip_calls(tree)[0].endswith(
-        f"-m pip install --disable-pip-version-check --quiet -r {requirements}"
+        f"-m pip install --disable-pip-version-check --quiet -r {requirements} -e {repo}"
     )
 
     second = bootstrap(tree, requirements)
@@ -287,6 +291,12 @@ def test_venv_is_made_and_installed_into_only_when_requirements_change(tree: Pat
     assert third.returncode == 0, third.stderr
     assert "installing requirements-test.txt" in third.stderr
     assert len(pip_calls(tree)) == 2
+
+    # So does a change in pyproject.toml (the package's own metadata).
+    (repo / "pyproject.toml").write_text('[project]\nname = "fake"\nversion = "2"\n')
+    fourth = bootstrap(tree, requirements)
+    assert fourth.returncode == 0, fourth.stderr
+    assert len(pip_calls(tree)) == 3
 
 
 def test_failed_install_leaves_no_stamp_and_fails(tree: Path):
@@ -310,7 +320,7 @@ def test_active_env_lacking_requirements_falls_back_to_venv(tree: Path):
     result = bootstrap(tree, requirements, VIRTUAL_ENV=str(tree / "env"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [str(repo / ".venv" / "bin" / "python")]
-    assert "lacks some of requirements.txt" in result.stderr
+    assert "lacks some of requirements.txt or the pipeline package" in result.stderr
     assert (repo / ".venv" / "bin" / "python").exists()
 
 

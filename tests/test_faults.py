@@ -59,11 +59,11 @@ from fault_tools import (
     tree_snapshot,
 )
 
-import pff
-import run_plan
-import step1_pff_to_zarr
-import step2_dask_baseline
-import synthetic_obs
+from panoseti_pipeline import driver as run_plan
+from panoseti_pipeline import pff
+from panoseti_pipeline import synthetic as synthetic_obs
+from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
+from panoseti_pipeline.cli import step2 as step2_dask_baseline
 
 pytestmark = pytest.mark.faults
 
@@ -336,7 +336,7 @@ def test_config_errors_stop_every_entry_point_before_any_work(
     rc = step2_dask_baseline.main([str(data.l0), str(out / "x_L1.zarr"), "--config", str(cfg)])
     assert rc == 2
     assert_one_error(capsys.readouterr().err, "step2_dask_baseline.py", str(cfg), needle)
-    # run.sh's check (run_plan.py plan): a count line, then one line per problem.
+    # run.sh's check (driver plan): a count line, then one line per problem.
     rc = run_plan.main(["plan", "--config", str(cfg), "--output", str(out), "--dry-run",
                         "--", str(data.obs)])
     captured = capsys.readouterr()

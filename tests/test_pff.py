@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pff
-import synthetic_obs
-from pipeline_errors import PFFFormatError, PFFNameError
+from panoseti_pipeline import pff
+from panoseti_pipeline import synthetic as synthetic_obs
+from panoseti_pipeline.errors import PFFFormatError, PFFNameError
 
 MODULE_EXAMPLE = (
     "{\n"

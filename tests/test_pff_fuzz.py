@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pff
-import synthetic_obs
-from pipeline_errors import PFFFormatError
+from panoseti_pipeline import pff
+from panoseti_pipeline import synthetic as synthetic_obs
+from panoseti_pipeline.errors import PFFFormatError
 
 EXAMPLES = int(os.environ.get("PANOSETI_FUZZ_EXAMPLES", "300"))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-import pipeline_config as pc
-from pipeline_errors import ConfigError
+from panoseti_pipeline import config as pc
+from panoseti_pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "config.toml"
@@ -373,7 +373,7 @@ def test_cli_check_bad(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        f"pipeline_config.py: error: 2 problems in {path}:",
+        f"panoseti_pipeline config: error: 2 problems in {path}:",
         f"{path}: [pff_to_zarr] level = 10 is out of range (1..9)",
         f"{path}: [pff_to_zarr] unknown key 'codex' (did you mean 'codec'?)",
     ]
@@ -384,7 +384,7 @@ def test_cli_check_missing_and_syntax(tmp_path, capsys):
     assert pc.main(["check", str(tmp_path / "nope.toml")]) == 2
     assert (
         capsys.readouterr().err
-        == f"pipeline_config.py: error: {tmp_path / 'nope.toml'}: config file not found\n"
+        == f"panoseti_pipeline config: error: {tmp_path / 'nope.toml'}: config file not found\n"
     )
     assert pc.main(["check", str(write(tmp_path, "[run\n"))]) == 2
     assert ": line 1: invalid TOML" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Tests of run.sh (and run_plan.py), end to end on generated observations.
+"""Tests of run.sh (and its Python side, the driver), end to end on generated observations.
 
 run.sh runs as a real process in its own session (``start_new_session=True``), so that
 "no process it started is left" can be checked: after it exits, no process of that
@@ -26,13 +26,12 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from process_tools import session_processes  # noqa: E402
 
-import pff  # noqa: E402
-import run_plan  # noqa: E402
-import synthetic_obs  # noqa: E402
+from panoseti_pipeline import driver as run_plan  # noqa: E402
+from panoseti_pipeline import pff  # noqa: E402
+from panoseti_pipeline import synthetic as synthetic_obs  # noqa: E402
 
 RUN_SH = str(REPO / "run.sh")
 RUN_TIMEOUT_S = 240

@@ -11,10 +11,10 @@ import pytest
 import xarray as xr
 import zarr
 
-import l0_convert
-import pff
-import step1_pff_to_zarr
-import synthetic_obs
+from panoseti_pipeline import pff
+from panoseti_pipeline import step1 as l0_convert
+from panoseti_pipeline import synthetic as synthetic_obs
+from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
 
 RUN_DIR = "obs_Lick.start_2024-07-25T04:34:46Z.runtype_sci-obs.pffd"
 
@@ -170,7 +170,7 @@ def test_xarray_opens_the_store_with_a_time_index(tmp_path):
 def test_dask_cluster_output_is_byte_identical_to_local(tmp_path):
     from distributed import LocalCluster
 
-    import dask_cluster
+    from panoseti_pipeline import cluster as dask_cluster
 
     paths, images, headers = make_stream(tmp_path, "img16", [400, 130])
     cfg = small_config(tmp_path)
@@ -291,7 +291,7 @@ def test_every_pff_to_zarr_key_acts(tmp_path, keys, codecs):
 
 
 def test_overwrite_never_removes_what_is_not_a_product(tmp_path, capsys):
-    import step2_dask_baseline
+    from panoseti_pipeline.cli import step2 as step2_dask_baseline
 
     paths, _, _ = make_stream(tmp_path, "img16", [50])
     run, cfg = paths[0].parent, small_config(tmp_path)

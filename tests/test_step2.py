@@ -17,12 +17,12 @@ import pytest
 import xarray as xr
 import zarr
 
-import l1_baseline
-import pff
-import step1_pff_to_zarr
-import step2_dask_baseline
-import synthetic_obs
-from pipeline_config import load_config
+from panoseti_pipeline import pff
+from panoseti_pipeline import step2 as l1_baseline
+from panoseti_pipeline import synthetic as synthetic_obs
+from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
+from panoseti_pipeline.cli import step2 as step2_dask_baseline
+from panoseti_pipeline.config import load_config
 
 N_FRAMES = 600
 METHODS = ("mean", "median", "image_median", "ph_pedestal")
@@ -392,7 +392,7 @@ def chunk_digests(store: Path) -> dict[str, str]:
 def test_dask_cluster_output_is_byte_identical_to_local(stores, tmp_path):
     from distributed import LocalCluster
 
-    import dask_cluster
+    from panoseti_pipeline import cluster as dask_cluster
 
     cfg = write_config(tmp_path / "c.toml", method="ph_pedestal", compute_chunk_size=128)
     cfg_img = write_config(tmp_path / "i.toml", method="image_median")

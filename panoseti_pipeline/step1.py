@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-import pff
-import store_files
-import task_runners
-import zarr_products as zp
-from pipeline_errors import InputError, PFFNameError, StoreError
+from panoseti_pipeline import pff
+from panoseti_pipeline import runners as task_runners
+from panoseti_pipeline.errors import InputError, PFFNameError, StoreError
+from panoseti_pipeline.store import layout as zp
+from panoseti_pipeline.store import publish as store_files
 
 CONTEXT_FRAMES = 8
 VERIFY_SAMPLE_CHUNKS = 3

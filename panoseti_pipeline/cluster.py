@@ -15,13 +15,13 @@ Three kinds, chosen by the effective ``cluster_type`` of the configuration:
 ``scheduler``
     an existing scheduler at ``scheduler_address``: only checked, never closed.
 
-Steps connect with :func:`connect_client`, which also ships the pipeline's own modules
-(:data:`WORKER_MODULES`) to every worker, present and future, because an SSH worker
-starts in the remote home directory and cannot import them from the repository.
+Steps connect with :func:`connect_client`. Workers and the scheduler import the installed
+``panoseti_pipeline`` package: on a cluster, ``remote_python`` is the interpreter of the
+same environment on the shared filesystem (``pip install -e`` of this repository).
 
 Examples
 --------
->>> from pipeline_config import load_config
+>>> from panoseti_pipeline.config import load_config
 >>> with ClusterHandle(load_config("config.toml").cluster) as cluster:  # doctest: +SKIP
 ...     cluster.start()
 ...     client = connect_client(cluster.address)
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import logging
 import os
 import sys
@@ -54,37 +53,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline_errors import ClusterError, ConfigError
+from panoseti_pipeline.errors import ClusterError, ConfigError
 
 if TYPE_CHECKING:
     from distributed import Client
-
-#: Top-level modules that tasks import on the workers, in dependency order (a module is
-#: imported on the worker as soon as it is uploaded, so what it imports must come first).
-WORKER_MODULES: tuple[str, ...] = (
-    "pipeline_errors",
-    "store_files",
-    "task_runners",
-    "pipeline_config",
-    "pff",
-    "zarr_products",
-    "l0_convert",
-    "l1_baseline",
-)
 
 #: Environment variables (exact names or prefixes ending in "_") forwarded to SSH workers.
 WORKER_ENV_PREFIXES: tuple[str, ...] = (
     "ZARR_",
     "NUMCODECS_",
     "BLOSC_",
-    "PANOSETI_",
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
 )
 
-REPO_DIR = Path(__file__).resolve().parent
-_PLUGIN_PREFIX = "panoseti-upload-"
 _POLL_S = 0.1
 _CLOSE_TIMEOUT_S = 30.0
 #: After an SSH host's workers failed, how long the others get to register.
@@ -98,28 +81,6 @@ class ClusterState(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     CLOSED = "closed"
-
-
-def effective_cluster_type(cluster_config: Any) -> str:
-    """``cluster_type`` as configured, or ``ssh``/``local`` by whether hosts are listed."""
-    kind = getattr(cluster_config, "cluster_type", "") or ""
-    if not kind:
-        kind = "ssh" if list(getattr(cluster_config, "ssh_hosts", []) or []) else "local"
-    if kind not in ("local", "ssh", "scheduler"):
-        raise ConfigError(
-            f"[cluster] cluster_type = {kind!r}: expected 'local', 'ssh' or 'scheduler'"
-        )
-    return kind
-
-
-def requested_workers(cluster_config: Any) -> int:
-    """How many workers the configuration asks for (0 for an existing scheduler)."""
-    kind = effective_cluster_type(cluster_config)
-    if kind == "local":
-        return int(cluster_config.local_workers)
-    if kind == "ssh":
-        return len(cluster_config.ssh_hosts) * int(cluster_config.ssh_workers_per_host)
-    return 0
 
 
 def forwarded_worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -146,9 +107,7 @@ def ssh_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
     without an SSH server.
     """
     c = cluster_config
-    hosts = list(c.ssh_hosts)
-    if not hosts:
-        raise ConfigError("[cluster] cluster_type = 'ssh' needs at least one entry in ssh_hosts")
+    hosts = list(c.ssh_hosts)  # non-empty for cluster_type "ssh": the config checked it
     connect_options: dict[str, Any] = {"port": int(c.ssh_port)}
     connect_options["username"] = c.ssh_username or _current_user()
     if c.ssh_client_keys:
@@ -193,7 +152,7 @@ class ClusterHandle:
 
     def __init__(self, cluster_config: Any, *, silence_logs: int = logging.ERROR) -> None:
         self.config = cluster_config
-        self.kind = effective_cluster_type(cluster_config)
+        self.kind = cluster_config.cluster_type  # resolved and checked by the config
         self.state = ClusterState.NEW
         self.address: str | None = None
         self.dashboard_link: str | None = None
@@ -222,20 +181,10 @@ class ClusterHandle:
         return self._client
 
     @property
-    def requested_workers(self) -> int:
-        return requested_workers(self.config)
-
-    @property
     def min_workers(self) -> int:
-        """Workers that must join before :meth:`start` returns."""
-        wanted = int(self.config.min_workers)
-        requested = self.requested_workers
-        if self.kind != "scheduler" and wanted > requested:
-            raise ConfigError(
-                f"[cluster] min_workers = {wanted} is more than the {requested} workers "
-                f"requested; lower min_workers (0 = all requested)"
-            )
-        return wanted or requested
+        """Workers that must join before :meth:`start` returns (the config checked that
+        ``min_workers`` is at most what it requests)."""
+        return int(self.config.min_workers) or int(self.config.n_workers or 0)
 
     def start(self) -> ClusterHandle:
         """Start (or reach) the cluster and wait for its workers."""
@@ -253,12 +202,7 @@ class ClusterHandle:
             elif self.kind == "ssh":
                 self._start_ssh()
             else:
-                self.address = self.config.scheduler_address
-                if not self.address:
-                    raise ConfigError(
-                        "[cluster] cluster_type = 'scheduler' needs scheduler_address, "
-                        "e.g. 'tcp://10.0.0.1:8786'"
-                    )
+                self.address = self.config.scheduler_address  # set: the config checked it
             self._client = _open_client(self.address, _remaining(deadline, floor=1.0))
             self._wait_for_workers(need, deadline)
             if self.kind == "scheduler":
@@ -404,18 +348,12 @@ def start_cluster(cluster_config: Any) -> ClusterHandle:
     return ClusterHandle(cluster_config).start()
 
 
-def worker_module_files(repo_dir: Path = REPO_DIR) -> list[Path]:
-    """The :data:`WORKER_MODULES` that exist in ``repo_dir``, in upload order."""
-    paths = (repo_dir / f"{name}.py" for name in WORKER_MODULES)
-    return [p for p in paths if p.is_file()]
-
-
 @contextlib.contextmanager
 def step_client(address: str | None, debug: bool = False) -> Iterator[Client | None]:
     """The client a step runs its tasks through; None (run locally) without an address.
 
-    Ships the pipeline's modules (:func:`connect_client`), keeps distributed's log lines
-    out of the step's one-line errors unless ``debug``, and closes the client at the end.
+    Keeps distributed's log lines out of the step's one-line errors unless ``debug``,
+    and closes the client at the end.
     """
     if not address:
         yield None
@@ -443,53 +381,8 @@ def quiet_client_logs() -> None:
 
 
 def connect_client(address: str, timeout: float = 30.0) -> Client:
-    """Connect to the scheduler at ``address`` and ship the pipeline's modules.
-
-    Each module is registered as a named :class:`~distributed.diagnostics.plugin.UploadFile`
-    worker plugin: every worker, including those that join later, writes it to its
-    ``local_directory`` (first on its ``sys.path``) and imports it, whatever its working
-    directory. The scheduler gets them too (``SchedulerUploadFile``): it unpickles the
-    task graph, whose tasks name pipeline functions and classes, and an SSH scheduler
-    starts in the remote home directory as well.
-
-    Plugin names carry the file's content hash, so a module already shipped by an
-    earlier step is not shipped (nor reloaded) again, while a changed one is. A scheduler
-    running inside this very process (an in-process LocalCluster) already imports the
-    repository's modules and is not given copies: reloading them would swap the
-    modules under the running caller.
-    """
-    from distributed.diagnostics.plugin import SchedulerUploadFile, UploadFile
-
-    client = _open_client(address, timeout)
-    try:
-        # a lambda travels by value: an SSH scheduler cannot import this module
-        present = set(client.run_on_scheduler(
-            lambda dask_scheduler: [*dask_scheduler.plugins, *dask_scheduler.worker_plugins]))
-        local_scheduler = _scheduler_in_this_process(client)
-        for path in worker_module_files():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-            name = f"{_PLUGIN_PREFIX}{path.name}-{digest}"
-            if name in present:
-                continue
-            if not local_scheduler:
-                client.register_plugin(SchedulerUploadFile(str(path)), name=name)
-            client.register_plugin(UploadFile(str(path)), name=name)
-    except BaseException as err:
-        client.close()
-        if isinstance(err, Exception):
-            raise ClusterError(
-                f"could not install the pipeline modules on the workers of {address}: "
-                f"{_describe(err)}"
-            ) from err
-        raise
-    return client
-
-
-def _scheduler_in_this_process(client: Client) -> bool:
-    from distributed.scheduler import Scheduler
-
-    address = client.scheduler.address
-    return any(s.address == address for s in getattr(Scheduler, "_instances", ()))
+    """Connect to the scheduler at ``address`` (a :class:`ClusterError` if it is not there)."""
+    return _open_client(address, timeout)
 
 
 def describe_workers(client: Client) -> list[dict[str, Any]]:

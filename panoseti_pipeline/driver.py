@@ -48,10 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import store_files
-from pipeline_errors import EXIT_OK, EXIT_USAGE, ConfigError, run_main
+from panoseti_pipeline.errors import EXIT_OK, EXIT_USAGE, ConfigError, run_main
+from panoseti_pipeline.store import publish as store_files
 
-PROG = "run_plan.py"
+PROG = "panoseti_pipeline driver"
 L0_SUFFIX = "_L0.zarr"
 L1_SUFFIX = "_L1.zarr"
 DEFAULT_L0_SUBDIR = ".l0_tmp"
@@ -155,8 +155,8 @@ def _stream_job(files: list[Any], name: str, kind: str) -> Job:
 
 def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
     """One job per (dp, module) stream of an observation directory."""
-    import pff
-    from pipeline_errors import PFFNameError
+    from panoseti_pipeline import pff
+    from panoseti_pipeline.errors import PFFNameError
 
     streams: dict[tuple[str, int], list[Any]] = {}
     others = []
@@ -212,8 +212,8 @@ def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
 
 
 def _file_job(path: Path, plan: Plan) -> Job | None:
-    import pff
-    from pipeline_errors import PFFNameError
+    from panoseti_pipeline import pff
+    from panoseti_pipeline.errors import PFFNameError
 
     try:
         name = pff.parse_name(path)
@@ -359,7 +359,7 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
               steps: tuple[int, ...] = (1, 2), l0_dir: str = "", keep_l0: bool = False,
               overwrite: bool = False) -> tuple[Plan, Any, Path, Path]:
     """Validate everything and list the jobs; problems are collected, never raised."""
-    from pipeline_config import load_config
+    from panoseti_pipeline.config import load_config
 
     plan = Plan()
     cfg = None
@@ -653,8 +653,8 @@ def _toml_clean(value: Any) -> Any:
 
 def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
                cluster_log: str = "") -> dict[str, Any]:
-    from pipeline_config import load_config
-    from zarr_products import software_versions
+    from panoseti_pipeline.config import load_config
+    from panoseti_pipeline.store.layout import software_versions
 
     steps = state["steps"]
     cluster = dict(state["cluster"])
@@ -758,7 +758,7 @@ def loopback_interface() -> str:
 
 
 def cmd_demo_observation(args: argparse.Namespace) -> int:
-    import synthetic_obs
+    from panoseti_pipeline import synthetic as synthetic_obs
 
     root = Path(args.directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -773,7 +773,7 @@ def cmd_demo_config(args: argparse.Namespace) -> int:
     """The shipped config with the Dask cluster bound to the loopback interface."""
     import tomli_w
 
-    from pipeline_config import load_config
+    from panoseti_pipeline.config import load_config
 
     cfg = load_config(args.config)
     interface = loopback_interface()
@@ -794,7 +794,7 @@ def cmd_demo_config(args: argparse.Namespace) -> int:
 
 
 def cmd_config_get(args: argparse.Namespace) -> int:
-    from pipeline_config import load_config
+    from panoseti_pipeline.config import load_config
 
     section, _, name = args.key.partition(".")
     values = load_config(args.config).as_dict()

@@ -70,11 +70,11 @@ from typing import Any
 
 import numpy as np
 
-import pff
-import store_files
-import task_runners
-import zarr_products as zp
-from pipeline_errors import InputError, StoreError
+from panoseti_pipeline import pff
+from panoseti_pipeline import runners as task_runners
+from panoseti_pipeline.errors import InputError, StoreError
+from panoseti_pipeline.store import layout as zp
+from panoseti_pipeline.store import publish as store_files
 
 BLOCK = 8  # image_median: side of the spatial median blocks (pixels)
 QUADRANT = np.zeros((32, 32), np.int8)  # module image pixel -> quabo (PFF_FORMAT.md §5)

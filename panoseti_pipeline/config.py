@@ -54,7 +54,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from pipeline_errors import ConfigError, run_main
+from panoseti_pipeline.errors import ConfigError, run_main
 
 DEFAULTS_SOURCE = "<defaults>"
 
@@ -552,7 +552,7 @@ def _syntax_error(err: tomllib.TOMLDecodeError) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``check CONFIG`` or ``show CONFIG``; see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="pipeline_config.py", description="Check or show a pipeline config."
+        prog="panoseti_pipeline config", description="Check or show a pipeline config."
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("config", metavar="CONFIG", help="TOML configuration file")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-import pff
+from panoseti_pipeline import pff
 
 FAULTS = ("long_nsec", "clamped_nsec", "missing_quabo", "out_of_order", "partial_last")
 DEFAULT_START = dt.datetime(2024, 7, 25, 4, 34, 46, tzinfo=dt.timezone.utc)
@@ -204,9 +204,10 @@ def write_big_file(directory: str | Path, megabytes: int, *, dp: str = "img16", 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a synthetic PANOSETI observation (or one big file) for tests and demos."""
-    from pipeline_errors import run_main
+    from panoseti_pipeline.errors import run_main
 
-    parser = argparse.ArgumentParser(prog="synthetic_obs.py", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="panoseti_pipeline synthetic",
+                                     description=main.__doc__)
     parser.add_argument("root", help="directory to write into (created if needed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modules", type=int, nargs="+", default=[1])
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                faults=faults))
         return 0
 
-    return run_main(body, "synthetic_obs.py", args.debug)
+    return run_main(body, "synthetic", args.debug)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline_errors import ClusterError
+from panoseti_pipeline.errors import ClusterError
 
 #: ``fold(index, summary)`` may return the progress it represents (e.g. frames); None = 1
 Fold = Callable[[int, Any], "int | None"]

@@ -33,8 +33,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-import store_files
-from pipeline_errors import InputError, PipelineError, StoreError
+from panoseti_pipeline.errors import InputError, PipelineError, StoreError
+from panoseti_pipeline.store import publish as store_files
 
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
