@@ -1,0 +1,1 @@
+"""Zarr products: the store layout (codecs, arrays) and atomic publishing."""
