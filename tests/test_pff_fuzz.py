@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from panoseti_pipeline import pff
 from panoseti_pipeline import synthetic as synthetic_obs
 from panoseti_pipeline.errors import PFFFormatError
+from panoseti_pipeline.pff.headers import header_values
 
 EXAMPLES = int(os.environ.get("PANOSETI_FUZZ_EXAMPLES", "300"))
 
@@ -53,7 +54,7 @@ def reference_read(data: bytes, product: pff.Product):
         if data[end + 2:end + 3] != b"*":
             raise Invalid(pos)
         try:
-            fields = pff._header_values("ref", pos, json.loads(data[pos:end]), product)
+            fields = header_values("ref", pos, json.loads(data[pos:end]), product)
         except (ValueError, PFFFormatError):
             raise Invalid(pos) from None
         headers.append(fields)

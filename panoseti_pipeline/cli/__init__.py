@@ -17,7 +17,7 @@ COMMANDS = {
     "step2": ("panoseti_pipeline.cli.step2:main", "L0 Zarr -> baseline-subtracted L1 Zarr"),
     "cluster": ("panoseti_pipeline.cli.cluster_manager:main",
                 "start a Dask cluster from [cluster], hold it until SIGTERM"),
-    "pff": ("panoseti_pipeline.pff:main", "pff info FILE_OR_DIR...: what is in PFF files"),
+    "pff": ("panoseti_pipeline.pff.info:main", "pff info FILE_OR_DIR...: what is in PFF files"),
     "config": ("panoseti_pipeline.config:main", "config check|show CONFIG.toml"),
     "synthetic": ("panoseti_pipeline.synthetic:main",
                   "write a synthetic observation (tests, demo, benchmarks)"),

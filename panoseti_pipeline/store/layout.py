@@ -34,16 +34,14 @@ import zarr
 import zarr.codecs
 
 from panoseti_pipeline.errors import InputError, PipelineError, StoreError
+from panoseti_pipeline.flags import FLAG_ATTRS
+from panoseti_pipeline.pff.timing import NAT
 from panoseti_pipeline.store import publish as store_files
 
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
-NAT = np.iinfo(np.int64).min
 TIME_ATTRS = {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian",
               "standard_name": "time", "long_name": "frame time (UTC)"}
-FLAG_ATTRS = {"flag_masks": [1, 2, 4, 8],
-              "flag_meanings": "missing_quabo invalid_pkt_nsec host_clock_time out_of_order",
-              "long_name": "per-frame quality flags (bit mask)"}
 _SHUFFLES = {"bit": "bitshuffle", "byte": "shuffle", "none": "noshuffle"}
 
 
