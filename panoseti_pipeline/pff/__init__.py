@@ -11,6 +11,8 @@ Contract, one module per part:
 
 * :mod:`.names`: the file name says the data product, module and seqno; the ``.pffd``
   directory name says the observation run. Bad names are refused with the reason.
+* :mod:`.streams`: which files make one stream and in what order (seqno, whatever their
+  ``start_``: the DAQ names each rolled-over file with the rollover time).
 * :mod:`.products`: each data product's pixels and header; the byte template of a
   header as the DAQ's printf writes it.
 * :mod:`.index`: :func:`index_file` finds every frame's byte offset in one streamed pass
@@ -71,6 +73,7 @@ from panoseti_pipeline.pff.products import (
     get_product,
 )
 from panoseti_pipeline.pff.reader import Frames, PFFReader, copy_pixels, read_frames
+from panoseti_pipeline.pff.streams import Stream, group_streams
 from panoseti_pipeline.pff.timing import (
     NAT,
     NSEC_CLAMPED,
@@ -86,6 +89,7 @@ from panoseti_pipeline.pff.writer import encode_frames, write_frames
 __all__ = [
     # names
     "HOUSEKEEPING_NAME", "PFFName", "RunName", "is_housekeeping", "missing_seqnos",
+    "Stream", "group_streams",
     "parse_name", "parse_run_dir", "parse_start", "run_of",
     # products
     "FIELD_DTYPE", "FIELD_MAX", "FIELD_WIDTH", "MODULE_FIELDS", "N_QUABOS", "PH256_FIELDS",
