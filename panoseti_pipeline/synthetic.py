@@ -9,6 +9,9 @@ White Rabbit or GNSS timing, and the awkward cases real files have, each opt-in:
 * ``out_of_order``  one frame whose time is earlier than the previous one
 * ``partial_last``  the last file of each stream ends in a partial frame
 
+A run directory also gets what the DAQ writes besides data: its configs, hashpipe's log,
+the sentinels and ``hk.pff`` (:func:`write_run_metadata`, :func:`write_housekeeping`).
+
 Examples::
 
     python3 synthetic_obs.py /tmp/demo --frames 3000 --files-per-stream 2 --faults all
@@ -20,6 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from panoseti_pipeline import pff
+from panoseti_pipeline.run_bundle import SENTINELS
 
 FAULTS = ("long_nsec", "clamped_nsec", "missing_quabo", "out_of_order", "partial_last")
 DEFAULT_START = dt.datetime(2024, 7, 25, 4, 34, 46, tzinfo=dt.timezone.utc)
@@ -149,13 +155,188 @@ def write_stream(directory: Path, spec: StreamSpec, *, seed: int = 0,
     return paths
 
 
-def write_housekeeping(directory: Path, records: int = 5) -> Path:
-    """hk.pff: single-line JSON records separated by blank lines, the last one cut."""
-    lines = [f'{{ "type": "hk", "seq": "{i}", "temp": "{20 + i / 10:.1f}" }}'
-             for i in range(records)]
-    text = "\n\n".join(lines)
+DAQ_NODE_IP = "192.168.1.100"  # the DAQ node of PANOSETI's example run: hp_stdout_<its IP>
+HK_PERIOD_S = 10  # one housekeeping record per source every HK_PERIOD_S seconds
+_DOME = {"name": "astrograph", "obslat": 37.3425, "obslon": -121.63777, "obsalt": 1283}
+
+
+def module_ip(module: int, quabo: int = 0) -> str:
+    """IP address of a quabo; quabo 0's is the module's, as obs_config.json gives it.
+
+    The DAQ derives the module number from bits 2..9 of the address (PANOSETI control's
+    ``ip_addr_to_module_id``): module 254 is 192.168.3.248, module 1 is 192.168.0.4, and
+    quabo q answers at the module's address + q. Its last two bytes, 4 * module + q, are
+    the quabo's BOARDLOC in hk.pff.
+    """
+    if not 0 <= module <= 255:
+        raise ValueError(f"module {module}: DAQ module numbers are 0-255 (bits 2..9 of the "
+                         "module's IP address)")
+    boardloc = 4 * module + quabo
+    return f"192.168.{boardloc // 256}.{boardloc % 256}"
+
+
+def quabo_uids(seed: int, module: int) -> list[str]:
+    """The four quabo board UIDs of a module (hex, as quabo_uids.json writes them)."""
+    rng = np.random.default_rng([seed, module, 5])
+    return [f"{int(u):015x}" for u in rng.integers(1 << 56, 1 << 60, 4)]
+
+
+def write_run_metadata(run: Path, *, modules: Sequence[int], products: Sequence[str],
+                       start: dt.datetime, end: dt.datetime, timing: str = "wr",
+                       site: str = "Lick", seed: int = 0) -> list[Path]:
+    """What the DAQ writes into a run directory besides data: configs, log, sentinels.
+
+    Names and structure as in PANOSETI's example run (panoseti/pypff ``example/``) and its
+    control software: the head node copies obs/daq/data_config.json, quabo_uids.json,
+    quabo_ph_baseline.json, sw_info.json and one quabo_config_<quabo IP>.json per quabo into
+    the run; hashpipe's output is hp_stdout_<DAQ node IP>; the sentinels recording_ended,
+    collect_complete and run_complete hold the time the run ended (the head node's clock,
+    here UTC; no zone, no newline). Small, and valid for pypff's config models. Returns the
+    paths written.
+    """
+    paths = []
+
+    def put_json(name: str, value: object, indent: int = 4) -> None:
+        paths.append(run / name)
+        (run / name).write_text(json.dumps(value, indent=indent) + "\n")
+
+    put_json("obs_config.json", {
+        "name": site, "comment": "synthetic observation (panoseti_pipeline)",
+        "wps": {"url": "http://admin:1234@192.168.0.100", "quabo_socket": 1},
+        "wr_ip_addr": "wrs", "gps_port": "/dev/ttyUSB0",
+        "domes": [{**_DOME, "modules": [
+            {"mobo_serialno": f"M{10 + i}", "quabo_version": "qfp", "ip_addr": module_ip(m),
+             "wps": "wps", "timing_mode": timing, "azimuth": 187.01, "elevation": 62.912,
+             "position_angle": -89.105} for i, m in enumerate(modules)]}]})
+    put_json("daq_config.json", {
+        "head_node_data_dir": "/data/panoseti_data", "head_node_ip_addr": DAQ_NODE_IP,
+        "daq_nodes": [{"username": "panosetigraph", "data_dir": "/data/panoseti_data",
+                       "ip_addr": DAQ_NODE_IP, "module_ids": "0-255", "bindhost": "enp3s0"}]})
+    data_config: dict[str, object] = {"run_type": "sci-obs", "gain": 60}
+    if any(dp.startswith("ph") for dp in products):
+        data_config["pulse_height"] = {"pe_threshold": 12.5, "two_pixel_trigger": 0,
+                                       "three_pixel_trigger": 0}
+    if any(dp.startswith("img") for dp in products):
+        data_config["image"] = {"integration_time_usec": 1000, "pe_threshold": 2,
+                                "quabo_sample_size": 16 if "img16" in products else 8}
+    put_json("data_config.json", {**data_config, "max_file_size_mb": 4000})
+    for m in modules:
+        for q in range(pff.N_QUABOS):
+            put_json(f"quabo_config_{module_ip(m, q)}.json", {
+                **{f"CHANMASK_{i}": "0xffffffff" for i in range(8)}, "CHANMASK_8": "0x155",
+                "GOEMASK": "0x3", "DAC1": "200,200,200,200", "DAC2": "245,245,245,245",
+                "GAIN0": "66,66,66,66"}, indent=2)
+    put_json("quabo_uids.json", {"domes": [{"modules": [
+        {"ip_addr": module_ip(m), "quabos": [{"uid": u} for u in quabo_uids(seed, m)]}
+        for m in modules]}]})
+    rng = np.random.default_rng([seed, 6])
+    put_json("quabo_ph_baseline.json", {
+        "date": f"{start - dt.timedelta(days=1):%Y-%m-%dT%H:%M:%S}.125137",
+        "quabos": [{"uid": u, "coefs": rng.integers(650, 790, 256).tolist()}
+                   for m in modules for u in quabo_uids(seed, m)]})
+    put_json("sw_info.json", {"commit": hashlib.sha1(b"synthetic").hexdigest(),
+                              "author": "panoseti_pipeline", "branch": "master",
+                              "commit_date": f"{start - dt.timedelta(days=30):%Y-%m-%d %H:%M:%S}"})
+    paths.append(_write_hashpipe_log(run, modules, products, start))
+    for name in SENTINELS:
+        (run / name).write_text(f"{end:%Y-%m-%dT%H:%M:%S}")
+        paths.append(run / name)
+    return paths
+
+
+def _write_hashpipe_log(run: Path, modules: Sequence[int], products: Sequence[str],
+                        start: dt.datetime) -> Path:
+    """hp_stdout_<DAQ node IP>: hashpipe's console output, as the DAQ node keeps it."""
+    lines = ["initing  thread 'net_thread' with databufs 0 and 1",
+             "initing  thread 'compute_thread' with databufs 1 and 2",
+             "initing  thread 'output_thread' with databufs 2 and 3", "",
+             "-----------Start Setup of Output Thread--------------",
+             f"Run directory: {run.name}", "Config Location: ./module.config",
+             "Max file size is 4000 megabytes", "",
+             "---------------SETTING UP DATA File------------------"]
+    for m in modules:
+        lines += [f"Created file module_{m}/{run.name}//"
+                  f"{file_name(StreamSpec(dp=dp, module=m), start, 0)}" for dp in pff.PRODUCTS]
+        lines.append(f"Created Data file for Module {m}")
+    lines += ["-----------Finished Setup of Output Thread-----------", "",
+              "NET_THREAD Ended", "COMPUTE_THREAD Ended", "OUTPUT_THREAD Ended",
+              "Joined thread 'output_thread'", "Joined thread 'compute_thread'",
+              "Joined thread 'net_thread'", ""]
+    path = run / f"hp_stdout_{DAQ_NODE_IP}"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _quabo_hk(rng: np.random.Generator, boardloc: int, uid: str) -> dict[str, str]:
+    """A QUABO_<BOARDLOC> record's fields, formatted as PANOSETI's capture_hk.py does."""
+    def g(mean: float, sd: float) -> str:
+        return f"{rng.normal(mean, sd):0.5g}"
+
+    return {"BOARDLOC": str(boardloc), **{f"HVMON{i}": g(-55.6, 0.1) for i in range(4)},
+            **{f"HVIMON{i}": g(1.1e-4, 2e-6) for i in range(4)}, "RAWHVMON": g(72.57, 0.05),
+            "V12MON": g(1.18, 0.003), "V18MON": g(1.78, 0.003), "V33MON": g(3.28, 0.005),
+            "V37MON": g(3.71, 0.005), "I10MON": g(1.46, 0.01), "I18MON": g(0.364, 0.003),
+            "I33MON": g(0.131, 0.002), "TEMP1": str(round(rng.normal(40, 0.5) * 16) / 16),
+            "TEMP2": g(64.1, 0.3), "VCCINT": g(0.988, 0.001), "VCCAUX": g(1.785, 0.001),
+            "UID": "0x" + uid.zfill(16), "SHUTTER_STATUS": "0", "LIGHT_SENSOR_STATUS": "0",
+            "PCBREV_N": "0", "FWTIME": "0x28b4667a", "FWVER": "0208", "StartUp": "0",
+            "STATUS_MSG": "", "AGG_STATUS_MSG": "ok,", "AGG_STATUS_LEVEL": "0",
+            **{f"DETR{i}_CURR": g(-1.3e-6, 4e-7) for i in range(4)}}
+
+
+def _gps_hk(unix_s: float) -> tuple[dict[str, str], dict[str, str]]:
+    """GPSPRIM and GPSSUPP fields of a disciplined receiver at Lick at ``unix_s``."""
+    gps_s = int(unix_s) - 315_964_800 + 18  # GPS epoch 1980-01-06, 18 leap seconds
+    week, tow = divmod(gps_s, 604_800)
+    when = f"{dt.datetime.fromtimestamp(int(unix_s), dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+    prim = {"GPSTIME": when, "TOW": str(tow), "WEEKNUMBER": str(week), "UTCOFFSET": "18",
+            "TIMEFLAG": "UTC", "PPSFLAG": "UTC", "TIMESET": "1", "UTCINFO": "1",
+            "TIMEFROMGPS": "1"}
+    alarms = ("DACatRail", "DACnearRail", "AntennaOpen", "AntennaShorted",
+              "NotTrackingSatellites", "NotDiscipliningOscillator", "SurveyInProgress",
+              "NoStoredPosition", "LeapSecondPending", "InTestMode", "PositionIsQuestionable",
+              "EEPROMCorrupt", "AlmanacNotComplete", "PPSNotGenerated")
+    supp = {"GPSTIME": when, "RECEIVERMODE": "Overdetermined Clock",
+            "DISCIPLININGMODE": "Normal", "SELFSURVEYPROGRESS": "100", "HOLDOVERDURATION": "0",
+            **dict.fromkeys(alarms, "0"), "GPSDECODINGSTATUS": "Doing fixes",
+            "DISCIPLININGACTIVITY": "Phase locking", "SPARESTATUS1": "0", "SPARESTATUS2": "0",
+            "PPSOFFSET": "-0.41", "CLOCKOFFSET": "1.27", "DACVALUE": "524301",
+            "DACVOLTAGE": "2.50006", "TEMPERATURE": "48.36", "LATITUDE": str(_DOME["obslat"]),
+            "LONGITUDE": str(_DOME["obslon"]), "ALTITUDE": str(_DOME["obsalt"]),
+            "PPSQUANTIZATIONERROR": "1.59"}
+    return prim, supp
+
+
+def write_housekeeping(directory: Path, records: int | None = None, *,
+                       modules: Sequence[int] = (1,), start: dt.datetime = DEFAULT_START,
+                       seed: int = 0) -> Path:
+    """hk.pff as PANOSETI's housekeeping recorder writes it (PFF_FORMAT.md §8).
+
+    One single-line JSON record per source and period: ``{"<source>": {fields}}`` with
+    every value a string and ``Computer_UTC`` in each; sources QUABO_<BOARDLOC> of every
+    quabo, GPSPRIM, GPSSUPP, WRSWITCH (its ``Port 1_LINK`` quirk) and WPS, in that order.
+    Records end with a blank line, and the last one is cut half-way (the recorder is
+    killed). ``records`` defaults to one period of every source plus the cut one.
+    """
+    rng = np.random.default_rng([seed, 8])
+    boards = [(4 * m + q, uid) for m in modules for q, uid in enumerate(quabo_uids(seed, m))]
+    links = {f"Port{p:2d}_LINK": str(int(p <= len(modules))) for p in range(1, 19)}
+    records = len(boards) + 5 if records is None else records
+    texts: list[str] = []
+    period = 0
+    while len(texts) < records:
+        t0 = start.timestamp() + HK_PERIOD_S * period
+        prim, supp = _gps_hk(t0)
+        sources = [*((f"QUABO_{b}", _quabo_hk(rng, b, uid)) for b, uid in boards),
+                   ("GPSPRIM", prim), ("GPSSUPP", supp), ("WRSWITCH", {**links, "SOFTPLL": "1"}),
+                   ("WPS", {"POWER": "ON"})]
+        for k, (source, fields) in enumerate(sources[: records - len(texts)]):
+            t = t0 + 0.02 * k + rng.uniform(0, 0.01)
+            texts.append(json.dumps({source: {"Computer_UTC": f"{t:.7f}", **fields}}))
+        period += 1
+    last = texts.pop() if texts else ""
     path = directory / pff.HOUSEKEEPING_NAME
-    path.write_text(text[: len(text) - 7])
+    path.write_text("".join(f"{text}\n\n" for text in texts) + last[: len(last) // 2])
     return path
 
 
@@ -164,12 +345,17 @@ def make_observation(root: str | Path, *, seed: int = 0, modules: Sequence[int] 
                      files_per_stream: int = 2, timing: str = "wr",
                      faults: Sequence[str] = (), site: str = "Lick",
                      start: dt.datetime = DEFAULT_START) -> Path:
-    """Write ``obs_<site>.start_<t>Z.runtype_sci-obs.pffd`` under ``root``; return it."""
+    """Write ``obs_<site>.start_<t>Z.runtype_sci-obs.pffd`` under ``root``; return it.
+
+    Data files of every stream, 0-byte files of the products not asked for, and what the
+    DAQ writes besides data (:func:`write_run_metadata`, :func:`write_housekeeping`).
+    """
     unknown = set(faults) - set(FAULTS)
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
     run = Path(root) / f"obs_{site}.start_{start:%Y-%m-%dT%H:%M:%S}Z.runtype_sci-obs.pffd"
     run.mkdir(parents=True, exist_ok=True)
+    longest_ns = 0
     for module in modules:
         for dp in pff.PRODUCTS:
             spec = StreamSpec(dp=dp, module=module, frames_per_file=frames_per_file,
@@ -178,9 +364,13 @@ def make_observation(root: str | Path, *, seed: int = 0, modules: Sequence[int] 
                               faults=frozenset(faults))
             if dp in products:
                 write_stream(run, spec, seed=seed, start=start)
+                longest_ns = max(longest_ns, spec.files * spec.frames_per_file * spec.cadence_ns)
             else:  # the DAQ creates every product's file at start
                 (run / file_name(spec, start, 0)).touch()
-    write_housekeeping(run)
+    end = start + dt.timedelta(seconds=longest_ns // 1_000_000_000 + 2)
+    write_run_metadata(run, modules=modules, products=products, start=start, end=end,
+                       timing=timing, site=site, seed=seed)
+    write_housekeeping(run, modules=modules, start=start, seed=seed)
     return run
 
 

@@ -1,0 +1,297 @@
+"""The run bundle: ``<run>.panoseti-meta/``, a run's own metadata kept beside its products.
+
+A PANOSETI run directory (``obs_<site>.start_<t>Z.runtype_<type>.pffd/``) holds more than
+PFF data: the configurations the DAQ ran with, its logs, the sentinels that say how far the
+run got, and ``hk.pff`` (housekeeping). The products alone would lose them, so each run's
+output directory gets the bundle PANOSETI's own library ``pypff`` (>= 1.0.4) defines and
+reads (``pypff.zarr.open_zarr_run(out_dir).configs`` reads its ``configs/*.json``):
+
+=====================  ======================================================
+bundle path            copied from the run directory (top level, files only)
+=====================  ======================================================
+``configs/``           ``*.json`` (``dp_manifest*.json`` included), ``*.toml``
+``logs/``              ``*.log``, ``*.txt``, ``hp_stdout_*``
+``manifests/``         ``dp_manifest*``
+``sentinels/``         ``collect_complete``, ``run_complete``, ``recording_ended``
+``hk.pff``             ``hk.pff``
+``manifest.json``      written here (below)
+=====================  ======================================================
+
+These are pypff's rules, so a bundle of ours and one of ``pypff.zarr.convert_run`` hold the
+same files. Files are copied byte for byte, keeping their modification time; the copies get
+the caller's umask like every other output (DESIGN.md §8), not the input's mode bits.
+Inputs are only read: a read-only run directory works.
+
+``manifest.json`` has pypff's keys (``panoseti_meta_version``, ``created_utc``,
+``source_run_dir``, ``zarr_stores``) and ours: ``written_by`` (so that a re-run replaces
+only a bundle this pipeline wrote), ``products`` (per store: level, frames, first and last
+frame time) and ``files`` (sha256 and size of every copied file, checked by
+:func:`verify_bundle`). pypff's reader does not read the manifest, so the extra keys cost
+it nothing.
+
+The bundle is built under ``<bundle>.<id>.partial`` in the output directory and renamed into
+place when complete, as the products are: a bundle under its final name is whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from panoseti_pipeline.errors import InputError, PipelineError, StoreError
+from panoseti_pipeline.pff import HOUSEKEEPING_NAME
+from panoseti_pipeline.store.publish import PARTIAL_SUFFIX
+
+Notice = Callable[[str], None]
+
+BUNDLE_SUFFIX = ".panoseti-meta"
+MANIFEST_NAME = "manifest.json"
+META_VERSION = "1.0"  # pypff 1.0.4's panoseti_meta_version
+WRITTEN_BY = "panoseti_pipeline"
+SENTINELS = ("collect_complete", "run_complete", "recording_ended")
+# (bundle sub-directory, name patterns), pypff's table; "" is the bundle's top level
+RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("configs", ("*.json", "*.toml")),
+    ("logs", ("*.log", "*.txt", "hp_stdout_*")),
+    ("manifests", ("dp_manifest*",)),
+    ("sentinels", SENTINELS),
+    ("", (HOUSEKEEPING_NAME,)),
+)
+SUBDIRS = tuple(sub for sub, _ in RULES if sub)  # created even when empty, as pypff does
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductSummary:
+    """One product store of the run, as the bundle's manifest lists it.
+
+    ``store`` is the store's directory name: the bundle sits beside its stores. Times are
+    int64 nanoseconds since the Unix epoch (``None`` when the store has no timed frame).
+    """
+
+    store: str
+    data_product: str
+    module: int
+    level: str
+    frames: int
+    first_ns: int | None
+    last_ns: int | None
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"name": self.store, "data_product": self.data_product, "module": self.module,
+                "level": self.level, "frames": self.frames,
+                "first_time": iso_ns(self.first_ns), "last_time": iso_ns(self.last_ns),
+                "first_time_ns": self.first_ns, "last_time_ns": self.last_ns}
+
+
+def iso_ns(t_ns: int | None) -> str | None:
+    """ISO 8601 UTC with all nine digits of nanoseconds (datetime stops at microseconds)."""
+    if t_ns is None:
+        return None
+    sec, ns = divmod(t_ns, 1_000_000_000)
+    return f"{dt.datetime.fromtimestamp(sec, dt.timezone.utc):%Y-%m-%dT%H:%M:%S}.{ns:09d}Z"
+
+
+def bundle_name(run_dir: str | os.PathLike) -> str:
+    """``<run dir name>.panoseti-meta``: pypff's name, ``.pffd`` included."""
+    return Path(os.path.abspath(run_dir)).name + BUNDLE_SUFFIX
+
+
+def bundle_files(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """What the bundle holds: bundle-relative path -> file of the run directory.
+
+    Only regular files at the run directory's top level (a symlink counts as the file it
+    points to), by :data:`RULES`; one file may go to two places (``dp_manifest.json`` is a
+    config and a manifest).
+    """
+    files: dict[str, Path] = {}
+    for entry in sorted(Path(run_dir).iterdir()):
+        if not entry.is_file():
+            continue
+        for sub, patterns in RULES:
+            if any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
+                files[f"{sub}/{entry.name}" if sub else entry.name] = entry
+    return dict(sorted(files.items()))
+
+
+def run_configs(run_dir: str | os.PathLike, *, notice: Notice) -> dict[str, Any]:
+    """The run's JSON configs parsed as they are, keyed by file stem.
+
+    The same files, parsed the same way (raw ``json``, no schema) as pypff's reader parses
+    the bundle's ``configs/``, so the ``run_configs`` attribute of a store and
+    ``open_zarr_run(...).configs`` agree. A file that is not valid JSON is left out with a
+    notice (it is still copied into the bundle), as the reader leaves it out.
+    """
+    configs: dict[str, Any] = {}
+    for rel, path in bundle_files(run_dir).items():
+        if not (rel.startswith("configs/") and rel.endswith(".json")):
+            continue
+        try:
+            text = path.read_bytes()
+        except OSError as err:
+            raise InputError(f"{path}: cannot read the run config ({err.strerror})") from None
+        try:
+            configs[path.stem] = json.loads(text)
+        except ValueError as err:
+            notice(f"{path}: not valid JSON ({err}); left out of run_configs, copied as it is")
+    return configs
+
+
+def write_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 products: Sequence[ProductSummary], *, notice: Notice) -> Path:
+    """Write ``<out_dir>/<run dir name>.panoseti-meta/`` for ``products``; return its path.
+
+    Built under a ``.partial`` name in ``out_dir`` and renamed into place when complete. An
+    existing bundle there is replaced only if this pipeline wrote it and it holds nothing
+    else; anything else under that name is refused, never removed. Entries of the run
+    directory that are neither PFF data nor bundled (sub-directories, ``*.jsonl``, ...) are
+    named in one notice, so that a user knows what the bundle does not keep.
+    """
+    run_dir, out_dir = Path(os.path.abspath(run_dir)), Path(out_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: not a directory (expected an obs_*.pffd run directory)")
+    try:
+        files = bundle_files(run_dir)
+        _notice_left_out(run_dir, set(files.values()), notice)
+    except OSError as err:
+        raise InputError(f"{run_dir}: cannot list the run directory ({err.strerror})") from None
+    final = out_dir / bundle_name(run_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
+    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+    try:
+        tmp.mkdir()
+        for sub in SUBDIRS:
+            (tmp / sub).mkdir()
+        manifest = {
+            "panoseti_meta_version": META_VERSION,
+            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "source_run_dir": str(run_dir),
+            "zarr_stores": list(dict.fromkeys(p.store for p in products)),
+            "written_by": WRITTEN_BY,
+            "products": [p.to_manifest() for p in products],
+            "files": {rel: _copy(src, tmp / rel) for rel, src in files.items()},
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
+                                         encoding="utf-8")
+        _publish(tmp, final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, PipelineError):
+            raise StoreError(f"{final}: cannot write the run bundle ({err.strerror or err}); "
+                             "nothing was published") from err
+        raise
+    return final
+
+
+def verify_bundle(path: str | os.PathLike) -> list[str]:
+    """Problems of a bundle against its ``manifest.json`` (an empty list: it is intact).
+
+    Each problem is one line naming the file: missing, a size or sha256 that differs from
+    the manifest, or an entry the manifest does not list.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if manifest is None:
+        return [f"{path / MANIFEST_NAME}: missing, or not a manifest this pipeline wrote "
+                "(no checksums to verify against)"]
+    problems = []
+    for rel, want in manifest["files"].items():
+        file = path / rel
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+            continue
+        size, digest = _file_facts(file)
+        if size != want.get("size"):
+            problems.append(f"{file}: {size} bytes, the manifest says {want.get('size')}")
+        elif digest != want.get("sha256"):
+            problems.append(f"{file}: sha256 {digest} differs from the manifest's")
+    problems += [f"{path / rel}: not listed in {MANIFEST_NAME}"
+                 for rel in _unlisted(path, manifest["files"])]
+    return problems
+
+
+def _notice_left_out(run_dir: Path, bundled: set[Path], notice: Notice) -> None:
+    left = [entry.name + ("/" if entry.is_dir() else "") for entry in sorted(run_dir.iterdir())
+            if entry not in bundled
+            and not (entry.suffix == ".pff" and entry.is_file())]  # data: the products
+    if left:
+        shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
+        notice(f"{run_dir}: {len(left)} entries neither PFF data nor run metadata, not in "
+               f"the run bundle ({shown})")
+
+
+def _copy(src: Path, dst: Path) -> dict[str, Any]:
+    """Copy ``src`` byte for byte (keeping its mtime); return the copy's size and sha256."""
+    try:
+        shutil.copyfile(src, dst)
+        st = src.stat()
+    except OSError as err:
+        if err.filename == str(src) and err.filename2 is None:  # reading, not writing
+            raise InputError(f"{src}: cannot read ({err.strerror})") from None
+        raise
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    size, digest = _file_facts(dst)
+    return {"sha256": digest, "size": size}
+
+
+def _file_facts(path: Path) -> tuple[int, str]:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return f.tell(), digest
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a bundle of ours, or None (absent, unreadable, or not ours)."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(manifest, dict) or manifest.get("written_by") != WRITTEN_BY
+            or not isinstance(manifest.get("files"), dict)):
+        return None
+    return manifest
+
+
+def _unlisted(path: Path, listed: Iterable[str]) -> list[str]:
+    """Bundle-relative entries that are neither listed files nor the bundle's own layout."""
+    known = {*listed, MANIFEST_NAME, *SUBDIRS}
+    found = []
+    for root, dirs, names in os.walk(path):
+        rel_root = Path(root).relative_to(path)
+        found += [(rel_root / n).as_posix() for n in names]
+        found += [(rel_root / d).as_posix() + "/" for d in dirs
+                  if (rel_root / d).as_posix() not in known]
+    return sorted(rel for rel in found if rel not in known)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an old bundle there is kept until that succeeded.
+
+    Only a bundle this pipeline wrote, holding nothing it did not write, is replaced: any
+    other directory or file of that name is someone's data.
+    """
+    # the products' swap; imported here because store.layout imports zarr
+    from panoseti_pipeline.store.layout import _replace
+
+    if final.exists() or final.is_symlink():
+        manifest = None if final.is_symlink() else _read_manifest(final)
+        if manifest is None:
+            raise StoreError(f"{final}: exists and is not a run bundle written by this "
+                             "pipeline; refusing to replace it (move it away or choose "
+                             "another output)")
+        extra = _unlisted(final, manifest["files"])
+        if extra:
+            raise StoreError(f"{final}: holds {extra[0]}, which this pipeline did not write; "
+                             "refusing to replace the bundle (move that file away)")
+    _replace(tmp, final)
