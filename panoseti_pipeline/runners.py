@@ -1,20 +1,31 @@
-"""Where the steps' tasks run: threads of this process, or a Dask cluster.
+"""Where the steps' tasks run (threads of this process, or a Dask cluster), and what a
+task process keeps between tasks.
 
-Both steps cut their work into chunk-aligned tasks that read and write the stores
-themselves and return small summaries. A runner maps a task function over argument
-tuples and folds each summary as it completes, with a progress bar; the step code does
-not care where the tasks ran, which is how local and cluster runs stay byte-identical.
+Both steps cut their work into chunk-aligned tasks (:mod:`panoseti_pipeline.chunking`)
+that read and write the stores themselves and return small summaries. A runner maps a
+task function over argument tuples and folds each summary as it completes, with a
+progress bar; the step code does not care where the tasks ran, which is how local and
+cluster runs stay byte-identical.
+
+A process that runs tasks (this one, or a long-lived Dask worker serving step 1 and
+step 2 of many inputs in turn) is set up by :func:`prepare_process` before each task,
+and each of its threads reuses its large buffers (:func:`thread_array`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from panoseti_pipeline.errors import ClusterError
+from panoseti_pipeline.store import layout, publish
 
 #: ``fold(index, summary)`` may return the progress it represents (e.g. frames); None = 1
 Fold = Callable[[int, Any], "int | None"]
@@ -25,6 +36,80 @@ def cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- task processes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSettings:
+    """How a step wants the processes that run its tasks set up (small, sent to workers).
+
+    The compression thread count is worked out in the process itself: it depends on the
+    CPUs and Dask threads of that process, not of the one that planned the tasks.
+    """
+
+    io_concurrency: int  # zarr's async I/O concurrency
+    threads_per_task: int  # compression threads per concurrently running task; 0: all CPUs
+    tasks_per_process: int  # tasks running at once; 0: the Dask worker's thread count
+    group_writable: bool
+
+    def compress_threads(self) -> int:
+        """Compression threads for this process: zarr's pool serves every task thread."""
+        if not self.threads_per_task:
+            return cpus()
+        tasks = self.tasks_per_process
+        if not tasks:
+            from distributed import get_worker
+
+            try:
+                tasks = get_worker().state.nthreads
+            except ValueError:  # not inside a worker (e.g. the driver verifying)
+                tasks = 1
+        return self.threads_per_task * tasks
+
+
+_setup_lock = threading.Lock()
+_applied: dict[str, tuple] = {}
+
+
+def prepare_process(settings: ProcessSettings) -> None:
+    """Zarr's concurrency and compression threads, and the umask, of this process.
+
+    Applied whenever they differ from what this process last applied, so a long-lived
+    worker running step 1, then step 2, then step 1 again gets each step's own settings.
+    zarr sizes its compression thread pool at its first read or write in a process, so
+    that pool keeps its first size (the concurrency and the umask follow each step).
+    """
+    wanted = (settings.io_concurrency, settings.compress_threads(), settings.group_writable)
+    with _setup_lock:
+        if _applied.get("settings") != wanted:
+            layout.configure_zarr(wanted[0], wanted[1])
+            publish.apply_permission_policy(settings.group_writable)
+            _applied["settings"] = wanted
+
+
+_threads = threading.local()
+
+
+def thread_array(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array in this thread's reusable buffer ``name``.
+
+    Fresh large allocations are returned to the OS when freed, so every task would pay
+    page faults on new memory again (measured ~0.15 s per 64 MB here; they also
+    serialise a process's threads); reuse avoids it. Valid until this thread asks for
+    ``name`` again.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = getattr(_threads, name, None)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(nbytes + nbytes // 8, np.uint8)
+        setattr(_threads, name, buf)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+# --------------------------------------------------------------------------- runners
 
 
 def _bar(total: int, desc: str, unit: str, progress: bool) -> Any:

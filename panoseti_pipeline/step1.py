@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,11 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from panoseti_pipeline import pff
-from panoseti_pipeline import runners as task_runners
+from panoseti_pipeline import chunking, pff, runners
 from panoseti_pipeline.errors import InputError, PFFNameError, StoreError
-from panoseti_pipeline.store import layout as zp
-from panoseti_pipeline.store import publish as store_files
+from panoseti_pipeline.store import layout, publish
 
 CONTEXT_FRAMES = 8
 VERIFY_SAMPLE_CHUNKS = 3
@@ -60,22 +57,7 @@ class TaskSettings:
 
     store: str
     files: tuple[SourceFile, ...]
-    max_concurrent_writes: int
-    blosc_threads: int  # compression threads per concurrently running task
-    tasks_per_process: int  # 0: as many as the Dask worker has threads
-    group_writable: bool
-
-    def compress_threads(self) -> int:
-        """Compression threads for this process: zarr's pool serves every task thread."""
-        tasks = self.tasks_per_process
-        if not tasks:
-            from distributed import get_worker
-
-            try:
-                tasks = get_worker().state.nthreads
-            except ValueError:  # not inside a worker (e.g. the driver verifying)
-                tasks = 1
-        return self.blosc_threads * tasks
+    process: runners.ProcessSettings
 
 
 # --------------------------------------------------------------------------- inputs
@@ -149,54 +131,15 @@ def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None], *,
     return files
 
 
-def plan_ranges(n_frames: int, time_chunk: int, frame_bytes: int, chunk_size_mb: int
-                ) -> list[tuple[int, int]]:
-    """Frame ranges of whole ``time_chunk`` chunks holding about ``chunk_size_mb`` each."""
-    chunks_per_task = max(1, round(chunk_size_mb * 1e6 / (frame_bytes * time_chunk)))
-    step = chunks_per_task * time_chunk
-    return [(a, min(a + step, n_frames)) for a in range(0, n_frames, step)]
-
-
 # --------------------------------------------------------------------------- task
-
-_process_ready = threading.Lock()
-_configured: dict[str, Any] = {}
-_local = threading.local()
-
-
-def _prepare_process(settings: TaskSettings) -> None:
-    """Zarr concurrency and the umask of this process (a Dask worker's too), per run.
-
-    zarr sizes its compression thread pool at its first read or write in a process: a
-    long-lived worker keeps the first run's size (async concurrency and umask follow).
-    """
-    wanted = (settings.max_concurrent_writes, settings.compress_threads(),
-              settings.group_writable)
-    with _process_ready:
-        if _configured.get("settings") != wanted:
-            zp.configure_zarr(wanted[0], wanted[1])
-            store_files.apply_permission_policy(settings.group_writable)
-            _configured["settings"] = wanted
-
-
-def _scratch(name: str, nbytes: int) -> np.ndarray:
-    """This thread's reusable uint8 buffer ``name`` of at least ``nbytes``.
-
-    Fresh large allocations are returned to the OS when freed, so every task would pay
-    page faults on new memory again (measured ~0.15 s per 64 MB here); reuse avoids it.
-    """
-    buf = getattr(_local, name, None)
-    if buf is None or buf.size < nbytes:
-        buf = np.empty(nbytes + nbytes // 8, np.uint8)
-        setattr(_local, name, buf)
-    return buf
 
 
 def _read_piece(f: SourceFile, a: int, b: int) -> pff.Frames:
     """Global frames a..b-1 (within file ``f``) through this thread's read buffer."""
     nbytes = f.index.byte_range(a - f.first, b - f.first)[1]
     return pff.read_frames(f.path, f.index, a - f.first, b - f.first,
-                           buffer=_scratch("read", nbytes), copy=False)
+                           buffer=runners.thread_array("read", (nbytes,), np.uint8),
+                           copy=False)
 
 
 def _pieces(files: Sequence[SourceFile], lo: int, hi: int
@@ -231,12 +174,11 @@ def decode_range(files: Sequence[SourceFile], a: int, b: int
                  ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
     """Images, headers, time and flags of global frames a..b-1, and the bytes read.
 
-    The images live in this thread's scratch buffer: use them before the next call.
+    The images live in this thread's reused buffer: use them before the next call.
     """
     product = files[0].index.product
     n = b - a
-    images = (_scratch("images", n * product.pixel_bytes)[:n * product.pixel_bytes]
-              .view(product.dtype).reshape(n, *product.shape))
+    images = runners.thread_array("images", (n, *product.shape), product.dtype)
     headers = {f: np.empty((n, *product.header_shape), pff.FIELD_DTYPE[f])
                for f in product.fields}
     time_ns = np.empty(n, np.int64)
@@ -261,15 +203,14 @@ def timestamps_of(time_ns: np.ndarray) -> np.ndarray:
 
 def convert_range(settings: TaskSettings, a: int, b: int) -> dict[str, Any]:
     """Task: decode global frames a..b-1 and write their chunks; return a summary."""
-    _prepare_process(settings)
-    time.sleep(float(os.environ.get("PANOSETI_TEST_SLOW_TASK_S") or 0))  # tests: hold step 1
+    runners.prepare_process(settings.process)
     images, headers, time_ns, flags, nbytes = decode_range(settings.files, a, b)
     try:
-        zp.write_frames(settings.store, a, b, {
+        layout.write_frames(settings.store, a, b, {
             "images": images, "time": time_ns, "timestamps": timestamps_of(time_ns),
             "frame_flags": flags, **{f"headers/{k}": v for k, v in headers.items()}})
     except BaseException:
-        zp.wait_for_pending_writes()  # no write may land after the driver's cleanup
+        publish.wait_for_pending_writes()  # no write may land after the driver's cleanup
         raise
     return {"start": a, "stop": b, "frames": b - a, "bytes_read": nbytes,
             "flags": pff.flag_counts(flags)}
@@ -301,19 +242,17 @@ class Result:
                 f"frames, time source {r['time_source']}, flags: {flags}")
 
 
-def _create_store(path: Path, files: Sequence[SourceFile], cfg: Any) -> None:
+def _create_store(path: Path, files: Sequence[SourceFile], chunk: int, cfg: Any) -> None:
     import zarr
 
     product = files[0].index.product
     n = files[-1].stop
-    section = cfg.pff_to_zarr
-    codecs = zp.compressors(**zp.codec_settings(section))
+    codecs = layout.compressors(**layout.codec_settings(cfg.pff_to_zarr))
     group = zarr.open_group(store=str(path), mode="w-")
-    chunk = max(1, min(section.time_chunk, n))
-    zp.create_array(group, "images", (n, *product.shape), (chunk, *product.shape),
+    layout.create_array(group, "images", (n, *product.shape), (chunk, *product.shape),
                     product.dtype, ("time", "y", "x"), codecs,
                     {"long_name": f"{product.dp} pixels exactly as in the PFF files"})
-    zp.create_frame_arrays(group, n, chunk, codecs,
+    layout.create_frame_arrays(group, n, chunk, codecs,
                            {f: (pff.FIELD_DTYPE[f], product.header_shape)
                             for f in product.fields})
 
@@ -354,7 +293,7 @@ def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
             counts[k] += v
     report["flag_counts"] = counts
     return {
-        "processing_level": zp.LEVEL_L0,
+        "processing_level": layout.LEVEL_L0,
         "data_product": first.dp,
         "module": first.module,
         "run_start": first.start.isoformat(),
@@ -368,8 +307,8 @@ def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
         "time_source": sources.pop() if len(sources) == 1 else "mixed",
         "flag_counts": counts,
         "config": cfg.as_dict(),
-        "software": zp.software_versions(),
-        "created": store_files.utc_now(),
+        "software": layout.software_versions(),
+        "created": publish.utc_now(),
         "report": report,
     }
 
@@ -386,11 +325,11 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
     output = Path(output)
     names = check_stream(inputs, notice)
-    if not overwrite and store_files.is_published(output, zp.LEVEL_L0):
+    if not overwrite and publish.is_published(output, layout.LEVEL_L0):
         return Result(str(output), "exists")
-    for stale in store_files.remove_stale_partials(output):
+    for stale in publish.remove_stale_partials(output):
         notice(f"{stale}: removed the partial store of an interrupted run")
-    store_files.apply_permission_policy(cfg.run.group_writable)
+    publish.apply_permission_policy(cfg.run.group_writable)
     t0 = time.perf_counter()
     files = index_stream(names, notice)
     try:
@@ -406,30 +345,31 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
     """Write, verify and publish the L0 store of an indexed stream."""
     section = cfg.pff_to_zarr
     n = files[-1].stop
-    chunk = max(1, min(section.time_chunk, n))
-    ranges = plan_ranges(n, chunk, files[0].index.product.frame_bytes, section.chunk_size_mb)
-    with zp.publishing(output, zp.LEVEL_L0, overwrite) as tmp:
-        settings = TaskSettings(str(tmp), tuple(files), section.max_concurrent_writes,
-                                section.blosc_threads,
-                                section.num_workers if client is None else 0,
-                                cfg.run.group_writable)
+    chunk = chunking.time_chunk(section.time_chunk, n)
+    ranges = chunking.task_ranges(n, chunk, chunking.chunks_per_task(
+        chunk, files[0].index.product.frame_bytes, section.chunk_size_mb))
+    process = runners.ProcessSettings(section.max_concurrent_writes, section.blosc_threads,
+                                      section.num_workers if client is None else 0,
+                                      cfg.run.group_writable)
+    with publish.publishing(output, layout.LEVEL_L0, overwrite) as tmp:
+        settings = TaskSettings(str(tmp), tuple(files), process)
         if client is None:  # the tasks run here: set zarr up before its first write
-            _prepare_process(settings)
-        _create_store(tmp, files, cfg)
+            runners.prepare_process(process)
+        _create_store(tmp, files, chunk, cfg)
         summaries: list[dict[str, Any]] = []
 
         def fold(_i: int, summary: dict[str, Any]) -> int:
             summaries.append(summary)
             return summary["frames"]
 
-        runner = task_runners.runner_for(client, section.num_workers, not quiet)
+        runner = runners.runner_for(client, section.num_workers, not quiet)
         shared = runner.share(settings)  # the frame indexes travel once, not with every task
         runner.map(convert_range, [(shared, a, b) for a, b in ranges], str(output), fold,
                    total=n, unit="frame")
         _verify(tmp, files, summaries, n, chunk)
         seconds = time.perf_counter() - t0
         input_bytes = sum(f.index.file_size for f in files)
-        store_bytes = store_files.store_bytes(tmp)
+        store_bytes = publish.store_bytes(tmp)
         report = {"frames": n, "seconds": round(seconds, 3),
                   "mb_per_s": input_bytes / 1e6 / max(seconds, 1e-9),
                   "compression_ratio": input_bytes / max(store_bytes, 1),
@@ -442,5 +382,5 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
 
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
         group.attrs.update(_attributes(files, summaries, cfg, report))
-        zp.consolidate(tmp)
+        layout.consolidate(tmp)
     return Result(str(output), "ok", n, seconds, input_bytes, store_bytes, report)

@@ -8,7 +8,10 @@
   CAP_DAC_READ_SEARCH (``setpriv --bounding-set``), so root then obeys file modes the way
   any user does (a uid switch cannot work here: the venv's interpreter lives under
   ``/root``, mode 0700);
-* a small tmpfs for disk-full cases (:func:`tmpfs`), always unmounted.
+* a small tmpfs for disk-full cases (:func:`tmpfs`), always unmounted;
+* kill points: :func:`with_plugin` puts the test plugin (``tests/plugins/sitecustomize.py``)
+  on a command's PYTHONPATH when its environment asks for a slowdown (``SLOW_TASK``,
+  ``SLOW_PUBLISH``), so the command and the Dask workers it starts run slowed.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEP1 = str(REPO / "step1_pff_to_zarr.py")
 STEP2 = str(REPO / "step2_dask_baseline.py")
 RUN_SH = str(REPO / "run.sh")
-SLOW_TASK = "PANOSETI_TEST_SLOW_TASK_S"
-SLOW_PUBLISH = "PANOSETI_TEST_SLOW_PUBLISH_S"
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+SLOW_TASK = "TEST_PLUGIN_SLOW_TASK_S"  # SECONDS: each step task sleeps first
+SLOW_PUBLISH = "TEST_PLUGIN_SLOW_PUBLISH_S"  # SECONDS[:NAME_SUFFIX]: held before the rename
 
 
 # --------------------------------------------------------------------------- trees
@@ -144,6 +148,14 @@ def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     if sys.prefix != sys.base_prefix:  # the venv running the tests has the requirements
         env["VIRTUAL_ENV"] = sys.prefix
     env.update(extra)
+    return with_plugin(env)
+
+
+def with_plugin(env: dict[str, str]) -> dict[str, str]:
+    """``env``, with the test plugin first on PYTHONPATH if ``env`` asks for a slowdown."""
+    if SLOW_TASK in env or SLOW_PUBLISH in env:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS),
+                                                          env.get("PYTHONPATH")]))
     return env
 
 

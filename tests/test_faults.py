@@ -13,9 +13,10 @@ How the faults are made (tests/fault_tools.py):
   user (the venv's interpreter is under /root, mode 0700, so a uid switch cannot work);
 * disk full: a small tmpfs mounted by the test and filled with a ballast file; the
   ballast is removed for the rerun; always unmounted;
-* kill points: ``PANOSETI_TEST_SLOW_TASK_S`` (each step-1 task sleeps first) and
-  ``PANOSETI_TEST_SLOW_PUBLISH_S="SECONDS[:NAME_SUFFIX]"`` (a verified store is held just
-  before its rename, zarr_products.publishing): test-only environment hooks;
+* kill points: ``SLOW_TASK`` (each step task sleeps first) and
+  ``SLOW_PUBLISH="SECONDS[:NAME_SUFFIX]"`` (a verified store is held just before its
+  rename): variables of the test-only plugin ``tests/plugins/sitecustomize.py``, which
+  ``base_env`` puts on PYTHONPATH; the pipeline reads none of them;
 * signals to run.sh: SIGINT to its process group (as a terminal's Ctrl-C), SIGTERM to its
   PID only; the lifecycle manager is found among run.sh's session and killed by PID.
 

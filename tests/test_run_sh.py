@@ -5,9 +5,8 @@ run.sh runs as a real process in its own session (``start_new_session=True``), s
 session or process group may be alive (``/proc/<pid>/stat``). Every Dask address stays on
 loopback (``interface = "lo"``).
 
-The SIGINT test holds step 1 mid-run with ``PANOSETI_TEST_SLOW_TASK_S`` (seconds each
-step-1 task sleeps, read in ``l0_convert.convert_range``); it is skipped when l0_convert
-does not have that hook.
+The SIGINT test holds step 1 mid-run with the test plugin's ``SLOW_TASK`` (seconds each
+step task sleeps; tests/plugins/sitecustomize.py, put on PYTHONPATH by ``with_plugin``).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+from fault_tools import SLOW_TASK, with_plugin  # noqa: E402
 from process_tools import session_processes  # noqa: E402
 
 from panoseti_pipeline import driver as run_plan  # noqa: E402
@@ -36,7 +36,6 @@ from panoseti_pipeline import synthetic as synthetic_obs  # noqa: E402
 RUN_SH = str(REPO / "run.sh")
 RUN_TIMEOUT_S = 240
 FRAMES = 600
-SLOW_HOOK = "PANOSETI_TEST_SLOW_TASK_S"
 
 COMMON = {
     "pff_to_zarr": {"time_chunk": 256, "num_workers": 2},
@@ -74,11 +73,11 @@ def run_env(tmp_path: Path, config: Path, **extra: str) -> dict[str, str]:
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir(exist_ok=True)
     env["TMPDIR"] = str(tmpdir)
-    env.pop(SLOW_HOOK, None)
+    env.pop(SLOW_TASK, None)
     if sys.prefix != sys.base_prefix:  # the venv running the tests has the requirements
         env["VIRTUAL_ENV"] = sys.prefix
     env.update(extra)
-    return env
+    return with_plugin(env)
 
 
 @contextlib.contextmanager
@@ -269,7 +268,7 @@ def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
     l0_dir = out / run_plan.DEFAULT_L0_SUBDIR
     args = [str(data.file_a), str(data.file_b), str(out)]
     first_l1 = out / f"{data.file_a.stem}_L1.zarr"
-    env = run_env(tmp_path, config, **{SLOW_HOOK: "1.0"})
+    env = run_env(tmp_path, config, **{SLOW_TASK: "1.0"})
     with started(args, env) as proc:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         # Wait for the second input's step 1 to be under way (its partial L0 store).

@@ -12,7 +12,6 @@ import xarray as xr
 import zarr
 
 from panoseti_pipeline import pff
-from panoseti_pipeline import step1 as l0_convert
 from panoseti_pipeline import synthetic as synthetic_obs
 from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
 
@@ -255,13 +254,6 @@ def test_bad_input_gets_one_line_and_no_output(tmp_path, capsys, case):
               "unwritable": "cannot create output directory"}[case]
     assert expect in err
     assert not out.exists()
-
-
-def test_plan_ranges_are_chunk_aligned():
-    ranges = l0_convert.plan_ranges(100_000, 8192, 2540, 64)
-    assert all(a % 8192 == 0 for a, _ in ranges)
-    assert ranges[0] == (0, 3 * 8192) and ranges[-1][1] == 100_000
-    assert l0_convert.plan_ranges(10, 8192, 2540, 1) == [(0, 10)]
 
 
 @pytest.mark.parametrize("keys,codecs", [

@@ -60,17 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        from panoseti_pipeline import cluster as dask_cluster
-        from panoseti_pipeline import step1 as l0_convert
+        from panoseti_pipeline import cluster, step1
         from panoseti_pipeline.config import load_config
 
         cfg = load_config(args.config)
         notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
                                                                            file=sys.stderr))
-        with dask_cluster.step_client(args.address, args.debug) as client:
-            result = l0_convert.convert(args.inputs, args.output, cfg, client=client,
-                                        overwrite=args.overwrite, quiet=args.quiet,
-                                        notice=notice)
+        with cluster.step_client(args.address, args.debug) as client:
+            result = step1.convert(args.inputs, args.output, cfg, client=client,
+                                   overwrite=args.overwrite, quiet=args.quiet, notice=notice)
         print(result.line())
         return EXIT_OK
 

@@ -56,18 +56,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        from panoseti_pipeline import cluster as dask_cluster
-        from panoseti_pipeline import step2 as l1_baseline
+        from panoseti_pipeline import cluster, step2
         from panoseti_pipeline.config import load_config
 
         cfg = load_config(args.config).with_overrides(
             "baseline_subtract", baseline_window=args.baseline_window, method=args.method)
         notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
                                                                            file=sys.stderr))
-        with dask_cluster.step_client(args.dask_scheduler, args.debug) as client:
-            result = l1_baseline.subtract_baseline(args.input, args.output, cfg,
-                                                   client=client, overwrite=args.overwrite,
-                                                   quiet=args.quiet, notice=notice)
+        with cluster.step_client(args.dask_scheduler, args.debug) as client:
+            result = step2.subtract_baseline(args.input, args.output, cfg, client=client,
+                                             overwrite=args.overwrite, quiet=args.quiet,
+                                             notice=notice)
         if not args.quiet:
             print(result.line())
         return EXIT_OK

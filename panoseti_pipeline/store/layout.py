@@ -1,29 +1,25 @@
-"""The pipeline's Zarr products (L0, L1): codecs, array layout, atomic publishing.
+"""The layout of the pipeline's Zarr products (L0, L1): codecs, arrays, opening them.
 
 Both steps write a Zarr v3 group per product (DESIGN.md §4, §5). This module is where
 the layout conventions live, so step 1, step 2 and the tests agree on them:
 
 * every array carries zarr v3 ``dimension_names``; ``time`` is int64 nanoseconds with CF
   attributes so xarray decodes ``datetime64[ns]`` (NaT is int64 min, the fill value);
-* chunks along time are whole multiples shared by images and per-frame arrays, so a task
-  that owns a chunk-aligned frame range owns every chunk it writes;
-* a product is written under ``<name>.<uuid>.partial`` next to its final path and renamed
-  into place only after it was verified (:func:`publishing`); an existing product under
-  the final name is complete by construction.
+* chunks along time are whole multiples shared by images and per-frame arrays
+  (:mod:`panoseti_pipeline.chunking`), so a task that owns a chunk-aligned frame range
+  owns every chunk it writes;
+* a published product carries its ``processing_level``; :func:`open_product` opens only
+  that. How a product gets published atomically: :mod:`panoseti_pipeline.store.publish`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import os
-import shutil
 import subprocess
 import sys
-import time
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,10 +29,9 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from panoseti_pipeline.errors import InputError, PipelineError, StoreError
+from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.flags import FLAG_ATTRS
 from panoseti_pipeline.pff.timing import NAT
-from panoseti_pipeline.store import publish as store_files
 
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
@@ -89,8 +84,11 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
 
 def create_frame_arrays(group: zarr.Group, n_frames: int, time_chunk: int, codecs: list,
                         header_dtypes: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
-    """``time``, ``timestamps``, ``frame_flags`` and ``headers/*``: the per-frame arrays."""
-    chunk = (max(1, min(time_chunk, n_frames)),)
+    """``time``, ``timestamps``, ``frame_flags`` and ``headers/*``: the per-frame arrays.
+
+    ``time_chunk`` is the store's (:func:`panoseti_pipeline.chunking.time_chunk`).
+    """
+    chunk = (time_chunk,)
     create_array(group, "time", (n_frames,), chunk, "<i8", ("time",), codecs, TIME_ATTRS,
                  fill_value=NAT)
     create_array(group, "timestamps", (n_frames,), chunk, "<f8", ("time",), codecs,
@@ -105,11 +103,6 @@ def create_frame_arrays(group: zarr.Group, n_frames: int, time_chunk: int, codec
                      codecs)
 
 
-@functools.lru_cache(maxsize=256)
-def _open_array(store: str, name: str) -> zarr.Array:
-    return zarr.open_array(store=f"{store}/{name}", mode="r+")
-
-
 def write_frames(store: str, start: int, stop: int, values: Mapping[str, np.ndarray]) -> None:
     """Write frames ``start..stop-1`` of several arrays of one store, concurrently.
 
@@ -120,7 +113,7 @@ def write_frames(store: str, start: int, stop: int, values: Mapping[str, np.ndar
     """
     from zarr.core.sync import sync
 
-    arrays = [(_open_array(store, name).async_array, value) for name, value in values.items()]
+    arrays = [(open_array(store, name).async_array, value) for name, value in values.items()]
 
     async def write_all() -> list:
         return await asyncio.gather(
@@ -151,6 +144,21 @@ def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
     return group
 
 
+@functools.lru_cache(maxsize=256)
+def open_array(path: str, name: str, level: str | None = None, run: str = "") -> zarr.Array:
+    """Array ``name`` of the store at ``path``, opened once per process and ``run``.
+
+    Tasks open the same arrays again and again, and metadata reads cost milliseconds
+    each. ``level``: a published product of that level, read-only (checked as
+    :func:`open_product` does); None: a store being written (not consolidated yet),
+    writable. ``run`` tells runs apart, so a store rewritten between runs under the same
+    path is opened afresh.
+    """
+    if level is None:
+        return zarr.open_array(store=f"{path}/{name}", mode="r+")
+    return open_product(path, level)[name]
+
+
 @contextlib.contextmanager
 def _quiet_consolidated() -> Iterator[None]:
     """Zarr warns that v3 consolidated metadata is not in the spec yet; we know."""
@@ -162,112 +170,6 @@ def _quiet_consolidated() -> Iterator[None]:
 def consolidate(path: str | os.PathLike) -> None:
     with _quiet_consolidated():
         zarr.consolidate_metadata(str(path))
-
-
-@contextlib.contextmanager
-def publishing(final: str | os.PathLike, level: str, overwrite: bool = False
-               ) -> Iterator[Path]:
-    """Yield a temporary store path; on success rename it to ``final``, else remove it.
-
-    The temporary store sits next to ``final`` (same file system, so the rename is
-    atomic) as ``<name>.<uuid>.partial``. With ``overwrite`` an existing ``final`` is
-    replaced only if it is a published product of ``level``: anything else there (a
-    directory of raw data given as the output by mistake) is refused, never removed.
-    The old product is moved aside and deleted only once the new one is in place.
-    """
-    final = Path(final)
-    if final.exists() or final.is_symlink():
-        if not store_files.is_published(final, level):
-            raise StoreError(f"{final}: exists and is not an {level} store written by this "
-                             "pipeline; refusing to replace it (choose another output)")
-        if not overwrite:
-            raise StoreError(f"{final}: exists (use --overwrite to replace it)")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StoreError(f"{final.parent}: cannot create output directory "
-                         f"({err.strerror})") from None
-    if not os.access(final.parent, os.W_OK | os.X_OK):
-        raise StoreError(f"{final.parent}: output directory is not writable")
-    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{store_files.PARTIAL_SUFFIX}")
-    try:
-        yield tmp
-        _test_hold(final)
-        _replace(tmp, final)
-    except BaseException as err:
-        try:
-            wait_for_pending_writes()  # else writes still in flight re-create the partial
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _is_write_failure(err, tmp):  # e.g. disk full: name the store, not "errno 28"
-            raise StoreError(f"{final}: cannot write the store: {err.strerror or err}; "
-                             "nothing was published (its partial store was removed)") from err
-        raise
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an old product there is kept until that succeeded."""
-    if not final.exists():
-        tmp.rename(final)
-        return
-    old = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}.old")
-    final.rename(old)
-    try:
-        tmp.rename(final)
-    except BaseException:
-        old.rename(final)  # put the previous product back under its name
-        raise
-    shutil.rmtree(old)
-
-
-def wait_for_pending_writes(timeout_s: float = 20.0) -> None:
-    """Wait (bounded) for zarr I/O still in flight in this process.
-
-    When one chunk write of an ``array[a:b] = ...`` fails (e.g. disk full), zarr raises at
-    once while the other chunk writes of that call go on in its I/O thread; a partial store
-    removed before they end is re-created by them (measured: a disk-full step 1 left one).
-    Call this before removing a store after an error. Never from zarr's own loop thread.
-    """
-    try:
-        from zarr.core import sync as zarr_sync
-
-        loop = zarr_sync.loop[0]
-    except (ImportError, AttributeError, IndexError):
-        return
-    if loop is None or not loop.is_running() or loop.is_closed():
-        return
-
-    async def drain() -> None:
-        me = asyncio.current_task()
-        pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout_s)
-
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout_s + 5)
-
-
-def _test_hold(final: Path) -> None:
-    """Tests only: ``PANOSETI_TEST_SLOW_PUBLISH_S="SECONDS[:NAME_SUFFIX]"`` holds a verified
-    store (whose name ends with NAME_SUFFIX) just before it is published, so that kill and
-    signal tests can hit that point."""
-    spec = os.environ.get("PANOSETI_TEST_SLOW_PUBLISH_S")
-    if spec:
-        seconds, _, suffix = spec.partition(":")
-        if final.name.endswith(suffix):
-            time.sleep(float(seconds))
-
-
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-
-
-def _is_write_failure(err: BaseException, tmp: Path) -> bool:
-    """An OSError about the store being written (not about an input file)."""
-    if not isinstance(err, OSError) or isinstance(err, PipelineError):
-        return False
-    if err.filename:
-        return str(err.filename).startswith(str(tmp))
-    return err.errno in _OUTPUT_ERRNOS
 
 
 def software_versions() -> dict[str, str]:

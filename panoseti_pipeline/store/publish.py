@@ -1,18 +1,30 @@
-"""Facts about product stores on disk that need no zarr: naming, completeness, size, modes.
+"""Atomic publishing of product stores, and the facts about them on disk.
 
-``run.sh``'s planner calls these for every input and must start fast, so they read the
-root ``zarr.json`` directly instead of importing zarr (0.7 s). A product is written as
-``<final>.<id>.partial`` and renamed into place only when complete and verified, so a
-root document with the right ``processing_level`` under the final name means complete.
+A product is written as ``<final>.<id>.partial`` next to its final path (same file
+system, so the rename is atomic) and renamed into place only when complete and verified
+(:func:`publishing`): a root document with the right ``processing_level`` under the final
+name means complete (:func:`is_published`). Partial stores of killed runs are removed
+before a rerun (:func:`remove_stale_partials`). Files follow the caller's umask, never
+world-writable, group-writable exactly when configured (:func:`permission_umask`).
+
+``run.sh``'s planner calls these for every input and must start fast, so this module
+imports no zarr (0.7 s): it reads the root ``zarr.json`` directly.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+from panoseti_pipeline.errors import PipelineError, StoreError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -34,6 +46,100 @@ def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
+
+
+@contextlib.contextmanager
+def publishing(final: str | os.PathLike, level: str, overwrite: bool = False
+               ) -> Iterator[Path]:
+    """Yield a temporary store path; on success rename it to ``final``, else remove it.
+
+    The temporary store sits next to ``final`` (same file system, so the rename is
+    atomic) as ``<name>.<uuid>.partial``. With ``overwrite`` an existing ``final`` is
+    replaced only if it is a published product of ``level``: anything else there (a
+    directory of raw data given as the output by mistake) is refused, never removed.
+    The old product is moved aside and deleted only once the new one is in place.
+    """
+    final = Path(final)
+    if final.exists() or final.is_symlink():
+        if not is_published(final, level):
+            raise StoreError(f"{final}: exists and is not an {level} store written by this "
+                             "pipeline; refusing to replace it (choose another output)")
+        if not overwrite:
+            raise StoreError(f"{final}: exists (use --overwrite to replace it)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"{final.parent}: cannot create output directory "
+                         f"({err.strerror})") from None
+    if not os.access(final.parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{final.parent}: output directory is not writable")
+    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+    try:
+        yield tmp
+        _replace(tmp, final)
+    except BaseException as err:
+        try:
+            wait_for_pending_writes()  # else writes still in flight re-create the partial
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(err, tmp):  # e.g. disk full: name the store, not "errno 28"
+            raise StoreError(f"{final}: cannot write the store: {err.strerror or err}; "
+                             "nothing was published (its partial store was removed)") from err
+        raise
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an old product there is kept until that succeeded."""
+    if not final.exists():
+        tmp.rename(final)
+        return
+    old = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}.old")
+    final.rename(old)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        old.rename(final)  # put the previous product back under its name
+        raise
+    shutil.rmtree(old)
+
+
+def wait_for_pending_writes(timeout_s: float = 20.0) -> None:
+    """Wait (bounded) for zarr I/O still in flight in this process.
+
+    When one chunk write of an ``array[a:b] = ...`` fails (e.g. disk full), zarr raises at
+    once while the other chunk writes of that call go on in its I/O thread; a partial store
+    removed before they end is re-created by them (measured: a disk-full step 1 left one).
+    Call this before removing a store after an error. Never from zarr's own loop thread.
+    """
+    try:
+        from zarr.core import sync as zarr_sync
+
+        loop = zarr_sync.loop[0]
+    except (ImportError, AttributeError, IndexError):
+        return
+    if loop is None or not loop.is_running() or loop.is_closed():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout_s + 5)
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _is_write_failure(err: BaseException, tmp: Path) -> bool:
+    """An OSError about the store being written (not about an input file)."""
+    if not isinstance(err, OSError) or isinstance(err, PipelineError):
+        return False
+    if err.filename:
+        return str(err.filename).startswith(str(tmp))
+    return err.errno in _OUTPUT_ERRNOS
 
 
 def store_bytes(path: str | os.PathLike) -> int:

@@ -1,0 +1,41 @@
+"""Step 2 (L0 -> L1): subtract a baseline from an L0 store, giving a float32 L1 store.
+
+The L1 store holds ``images`` as float32 ``L0 - baseline`` (never cast back to the L0
+integer type: the original pipeline did, and every negative residual wrapped to ~65535),
+the ``baseline`` that was subtracted, and every per-frame array of the L0 store (``time``,
+``timestamps``, ``frame_flags``, ``headers/*``) value-identical (DESIGN.md §5).
+
+Where things are:
+
+* :mod:`.l0_input` -- checking the L0 store, reading frames, which frames feed a baseline;
+* :mod:`.methods` -- the baseline methods (mean, median, image_median, ph_pedestal): their
+  frame selections, the reduction passes, what is subtracted;
+* :mod:`.histogram` -- the exact statistics the methods use: integer moments and the
+  two-pass histogram median;
+* :mod:`.subtract` -- the step itself: create, fill, verify and publish the L1 store.
+
+How it runs (DESIGN.md §7): every task owns one chunk-aligned frame range of
+``compute_chunk_size`` frames, reads its L0 slice, and either returns small partial
+statistics or writes its own L1 chunks. Each task holds about one chunk (``ph_pedestal``
+included: no task ever holds all times of a pixel). The baseline is computed once and
+broadcast to the tasks that write, so local threads and a Dask cluster give
+byte-identical stores.
+
+Notes
+-----
+Fresh 32 MB output arrays per chunk cost page faults that serialise a process's threads
+on these machines (measured: 2 threads no faster than 1); hence each thread reuses its
+float32 output buffer (:func:`panoseti_pipeline.runners.thread_array`).
+
+Examples
+--------
+>>> from panoseti_pipeline.config import load_config
+>>> result = subtract_baseline("run_L0.zarr", "run_L1.zarr", load_config(None))  # doctest: +SKIP
+>>> print(result.line())                                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from panoseti_pipeline.step2.subtract import Result, subtract_baseline
+
+__all__ = ["Result", "subtract_baseline"]

@@ -1,0 +1,225 @@
+"""The baseline methods: which frames feed the baseline, how it is computed, what is subtracted.
+
+Methods (``[baseline_subtract] method``; chosen by the config, never from a path name):
+
+``mean``
+    per-pixel mean of the first ``baseline_window`` frames (the original pipeline's).
+``median``
+    per-pixel median of the same frames (robust to flashes).
+``image_median``
+    on every ``frame_step``-th frame: 8x8 block medians, median over time, upsampled back
+    and subtracted; then the temporal median of every ``frame_step``-th frame of that
+    result is subtracted; the residual is divided by ``adc_to_pe``. (The two subtracted
+    images add up to the temporal median of the sampled frames; both are kept as the
+    published method defines them, and ``baseline`` is their sum, in ADC counts.)
+``ph_pedestal``
+    per-pixel median over all frames subtracted; values not above ``sigma_threshold`` x
+    the per-pixel standard deviation (ddof = 0) become NaN. ``baseline_std`` is stored.
+
+Groups: a module product (img16, img8, ph1024) has one baseline image (y, x); ph256 has
+one per quabo (quabo, y, x) because each ph256 frame is one quabo's 16x16 image, and for
+``mean``/``median`` the window is the first ``baseline_window`` frames *of that quabo*.
+
+:func:`compute_baseline` runs the reduction passes (the statistics are exact:
+:mod:`panoseti_pipeline.step2.histogram`); :func:`subtraction_for` turns the result into
+the :class:`Subtraction` every apply task receives. image_median's block medians are the
+one partial that is not an integer sum: they are concatenated in chunk order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import numpy as np
+
+from panoseti_pipeline import chunking, pff, runners
+from panoseti_pipeline.step2 import histogram
+from panoseti_pipeline.step2.l0_input import (
+    QUADRANT,
+    L0Info,
+    Selection,
+    combine_frames,
+    selected,
+    window_selection,
+)
+
+BLOCK = 8  # image_median: side of the spatial median blocks (pixels)
+
+
+@dataclasses.dataclass
+class Baseline:
+    """The result of the reduction passes."""
+
+    values: np.ndarray  # (groups, y, x) float64, NaN where no frame was used
+    std: np.ndarray | None
+    frames: dict[str, Any]
+    extra: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Subtraction:
+    """What the apply tasks do: ``(L0 - baseline[g]) / scale``, NaN where not above cut."""
+
+    baseline: np.ndarray  # (groups, y, x) float32
+    scale: float = 1.0
+    threshold: np.ndarray | None = None  # (groups, y, x) float32, ph_pedestal
+
+    def residuals(self, x: np.ndarray, quabo: np.ndarray | None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """float32 residuals of integer frames ``x``; ``quabo``: quabo_num (ph256 only)."""
+        pick = quabo.astype(np.intp) if quabo is not None else None
+        base = self.baseline[pick] if pick is not None else self.baseline[0]
+        out = np.subtract(x, base, out=out, dtype=np.float32)  # exact: |pixel| < 2**24
+        if self.scale != 1.0:
+            out /= np.float32(self.scale)
+        if self.threshold is not None:
+            cut = self.threshold[pick] if pick is not None else self.threshold[0]
+            below = np.greater(out, cut)
+            np.logical_not(below, out=below)  # NaN compares False: stays NaN
+            out[below] = np.nan
+        return out
+
+
+def selection_for(l0: Any, info: L0Info, section: Any) -> tuple[Selection, dict[str, Any]]:
+    """The frame selection of a method, and its description for the attributes."""
+    n = info.n_frames
+    if section.method in ("mean", "median"):
+        sel, short = window_selection(l0, info, section.baseline_window,
+                                      section.compute_chunk_size)
+        what = (f"first {section.baseline_window} frames"
+                + (" of each quabo" if info.ph256 else ""))
+        return sel, {"selection": what, "window_requested": section.baseline_window,
+                     "window_truncated": short}
+    if section.method == "image_median":
+        return Selection((n,) * pff.N_QUABOS, section.frame_step), {
+            "selection": f"every {section.frame_step}th frame (index % {section.frame_step}"
+                         " == 0)"}
+    return Selection((n,) * pff.N_QUABOS, 1), {"selection": "all frames"}
+
+
+def _block_medians(info: L0Info, x: np.ndarray, use: np.ndarray, aux: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per selected frame, the median of every BLOCK x BLOCK block and its group (-1 = none)."""
+    rows = np.flatnonzero(use.any(axis=1))
+    h, w = info.shape
+    bh, bw = h // BLOCK, w // BLOCK
+    blocks = x[rows].reshape(rows.size, bh, BLOCK, bw, BLOCK).swapaxes(2, 3)
+    med = np.median(blocks.reshape(rows.size, bh, bw, BLOCK * BLOCK), axis=-1)
+    if info.ph256:
+        gid = np.broadcast_to(aux[rows].astype(np.int8)[:, None, None], med.shape)
+    else:
+        quadrant = QUADRANT[: h: BLOCK, : w: BLOCK]
+        gid = np.where(use[rows][:, quadrant], 0, -1).astype(np.int8)
+    return med, np.ascontiguousarray(gid)
+
+
+def stats_task(info: L0Info, sel: Selection, start: int, stop: int, method: str,
+               process: runners.ProcessSettings) -> dict[str, Any]:
+    """Pass 1 over frames start..stop-1: exact counts and moments, high-byte histograms
+    (median-based methods), block medians (image_median)."""
+    runners.prepare_process(process)
+    x, use, aux, record = selected(info, sel, start, stop)
+    orders = {"mean": (0, 1), "ph_pedestal": (0, 1, 2)}.get(method, (0,))
+    out: dict[str, Any] = {"start": start, "frames": record, "frames_any": len(x),
+                           **histogram.first_pass(info, x, use, aux, orders,
+                                                  high_bytes=method != "mean")}
+    if method == "image_median":
+        out["block_median"], out["block_group"] = _block_medians(info, x, use, aux)
+    return out
+
+
+def compute_baseline(runner: Any, l0: Any, info: L0Info, section: Any,
+                     process: runners.ProcessSettings) -> Baseline:
+    """Run the reduction passes of ``section.method`` and finish the baseline."""
+    method = section.method
+    sel, frames = selection_for(l0, info, section)
+    calls = [(info, sel, a, b, method, process)
+             for a, b in chunking.task_ranges(sel.stop, section.compute_chunk_size)]
+    k_total = info.groups * info.pixels
+    acc: dict[str, Any] = {"moments": np.zeros((3, k_total), np.int64),
+                           "hist": np.zeros((k_total, 256), np.int64)}
+    records: list[Any] = [None] * len(calls)
+    blocks: list[Any] = [None] * len(calls)
+
+    def fold_stats(i: int, r: dict[str, Any]) -> None:
+        acc["moments"] += r["moments"]
+        acc["frames_any"] = acc.get("frames_any", 0) + r["frames_any"]
+        if "hist" in r:
+            acc["hist"] += r["hist"]
+        records[i] = r["frames"]
+        if "block_median" in r:
+            blocks[i] = (r["block_median"], r["block_group"])
+
+    runner.map(stats_task, calls, "baseline statistics", fold_stats)
+    frames["per_quabo"] = combine_frames(records)
+    frames["frames_used"] = int(acc.get("frames_any", 0))  # frames in any quadrant's baseline
+    shape = (info.groups, *info.shape)
+    count, total, squares = acc["moments"]
+    if method == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / count + info.offset
+        return Baseline(mean.reshape(shape), None, frames, {})
+    values = histogram.exact_median(runner, info, sel, section.compute_chunk_size,
+                                    acc["hist"], count, process).reshape(shape)
+    if method == "ph_pedestal":
+        return Baseline(values, histogram.std(count, total, squares).reshape(shape), frames,
+                        {})
+    if method == "image_median":
+        block_map = _block_map(info, blocks)  # (groups, y/B, x/B)
+        upsampled = block_map.repeat(BLOCK, axis=1).repeat(BLOCK, axis=2)
+        supermedian = values - upsampled  # median over time of (sampled frame - upsampled)
+        extra = {"block_size": BLOCK,
+                 "block_median_map": _json_floats(block_map if info.ph256 else block_map[0])}
+        return Baseline(upsampled + supermedian, None, frames, extra)
+    return Baseline(values, None, frames, {})
+
+
+def _block_map(info: L0Info, blocks: list[Any]) -> np.ndarray:
+    """Median over the sampled frames of each block median, per group (NaN: none)."""
+    med = np.concatenate([b[0] for b in blocks if b is not None])
+    gid = np.concatenate([b[1] for b in blocks if b is not None])
+    out = []
+    for g in range(info.groups):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: no frame for a block
+            out.append(np.nanmedian(np.where(gid == g, med, np.nan), axis=0))
+    return np.stack(out)
+
+
+def _json_floats(a: np.ndarray) -> Any:
+    """Nested lists with NaN as None (JSON has no NaN)."""
+    return np.where(np.isnan(a), None, a).tolist()
+
+
+def method_parameters(section: Any) -> dict[str, Any]:
+    """The configuration values the chosen method uses (recorded in the attributes)."""
+    if section.method in ("mean", "median"):
+        return {"baseline_window": section.baseline_window}
+    if section.method == "image_median":
+        return {"frame_step": section.frame_step, "adc_to_pe": section.adc_to_pe,
+                "block_size": BLOCK}
+    return {"sigma_threshold": section.sigma_threshold, "std_ddof": 0}
+
+
+def subtraction_for(section: Any, baseline: Baseline) -> Subtraction:
+    """The per-frame operation of a method, with the baseline broadcast to every task."""
+    values = baseline.values.astype(np.float32)
+    if section.method == "image_median":
+        return Subtraction(values, scale=section.adc_to_pe)
+    if section.method == "ph_pedestal":
+        return Subtraction(values, threshold=(section.sigma_threshold
+                                              * baseline.std).astype(np.float32))
+    return Subtraction(values)
+
+
+def formula(info: L0Info, section: Any) -> str:
+    """What the L1 images are, in words (an attribute of the store and of ``images``)."""
+    base = "baseline[headers/quabo_num]" if info.ph256 else "baseline"
+    if section.method == "image_median":
+        return f"images = (L0 images - {base}) / adc_to_pe"
+    if section.method == "ph_pedestal":
+        return (f"d = L0 images - {base}; images = d where d > sigma_threshold * "
+                f"{base.replace('baseline', 'baseline_std')}, else NaN")
+    return f"images = L0 images - {base}"

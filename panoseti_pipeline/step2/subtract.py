@@ -1,0 +1,262 @@
+"""Step 2's run: check the L0, compute the baseline, write, verify and publish the L1 store.
+
+:func:`subtract_baseline` is the step: the L1 store is created under a temporary name
+with every array defined and the baseline written (:func:`create_l1`); each apply task
+(:func:`apply_task`) owns one chunk-aligned frame range and writes its L1 chunks itself;
+:func:`verify_l1` checks the result before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from panoseti_pipeline import chunking, runners
+from panoseti_pipeline.errors import InputError, StoreError
+from panoseti_pipeline.step2.l0_input import L0Info, arrays_of, inspect_l0
+from panoseti_pipeline.step2.methods import (
+    Baseline,
+    Subtraction,
+    compute_baseline,
+    formula,
+    method_parameters,
+    subtraction_for,
+)
+from panoseti_pipeline.store import layout, publish
+
+ZARR_CONCURRENCY = 4  # zarr async I/O concurrency per process
+
+
+def apply_task(info: L0Info, spec: Subtraction, l1_path: str, start: int, stop: int,
+               copy_files: bool, process: runners.ProcessSettings) -> dict[str, Any]:
+    """Write L1 frames start..stop-1 (images and every per-frame array); chunk-aligned.
+
+    ``copy_files``: the per-frame arrays have the same chunks in L0 and L1, so their
+    chunk files are copied byte for byte (no decode/encode).
+    """
+    runners.prepare_process(process)
+    quabo = info.array("headers/quabo_num")[start:stop] if info.ph256 else None
+    x = info.array("images")[start:stop]
+    out = spec.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32))
+    try:
+        layout.open_array(l1_path, "images", None, info.token)[start:stop] = out
+        for name in info.per_frame:
+            src = info.array(name)
+            if copy_files:
+                index = (start // src.chunks[0],) + (0,) * (src.ndim - 1)
+                key = src.metadata.encode_chunk_key(index)
+                target = Path(l1_path, name, key)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(info.path, name, key), target)
+            else:
+                layout.open_array(l1_path, name, None, info.token)[start:stop] = \
+                    src[start:stop]
+    except BaseException:
+        publish.wait_for_pending_writes()  # no write may land after the driver's cleanup
+        raise
+    nan = int(np.isnan(out).sum()) if spec.threshold is not None else 0
+    return {"start": start, "frames": stop - start, "nan": nan}
+
+
+def image_filters(section: Any) -> list:
+    """BitRound on the float32 images when fewer than 23 mantissa bits are kept (lossy)."""
+    if section.keep_mantissa_bits >= 23:
+        return []
+    from zarr.codecs.numcodecs import BitRound
+
+    return [BitRound(keepbits=section.keep_mantissa_bits)]
+
+
+def create_l1(path: Path, l0: Any, info: L0Info, section: Any, baseline: Baseline
+              ) -> tuple[int, bool]:
+    """The L1 group with every array defined and the baseline written.
+
+    Per-frame arrays keep their L0 dtype, codecs, fill value, chunk key encoding,
+    attributes and dimension names; only their time chunk becomes ``compute_chunk_size``,
+    shared with ``images``, so one task owns every chunk of its frame range. Returns that
+    chunk and whether the per-frame chunks are unchanged (then their files are copied).
+    """
+    import zarr
+
+    n = info.n_frames
+    chunk = chunking.time_chunk(section.compute_chunk_size, n)
+    codecs = layout.compressors(**layout.codec_settings(section))
+    group = zarr.open_group(store=str(path), mode="w-")
+    units = "photoelectrons" if section.method == "image_median" else "ADC counts"
+    group.create_array("images", shape=(n, *info.shape), chunks=(chunk, *info.shape),
+                       dtype="<f4", filters=image_filters(section) or None,
+                       compressors=codecs or None, fill_value=float("nan"),
+                       dimension_names=("time", "y", "x"),
+                       attributes={"long_name": f"baseline-subtracted {info.dp} pixels",
+                                   "units": units, "formula": formula(info, section)})
+    dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
+    planes = {"baseline": baseline.values, "baseline_std": baseline.std}
+    for name, values in planes.items():
+        if values is None:
+            continue
+        data = (values if info.ph256 else values[0]).astype(np.float32)
+        array = layout.create_array(group, name, data.shape, data.shape, "<f4", dims, codecs,
+                                    {"long_name": f"{name.replace('_', ' ')} "
+                                                  f"({section.method})",
+                                     "units": "ADC counts"},
+                                    fill_value=float("nan"))
+        array[...] = data
+    same_chunks = True
+    for name in info.per_frame:
+        src = l0[name]
+        same_chunks &= src.chunks == (chunk, *src.shape[1:])
+        parent, _, leaf = name.rpartition("/")
+        where = group
+        if parent:
+            where = group.require_group(parent)
+            where.attrs.update(l0[parent].attrs.asdict())
+        where.create_array(leaf, shape=src.shape, chunks=(chunk, *src.shape[1:]),
+                           dtype=src.dtype, filters=src.filters or None,
+                           compressors=src.compressors or None, serializer=src.serializer,
+                           fill_value=src.fill_value,
+                           chunk_key_encoding=src.metadata.chunk_key_encoding,
+                           dimension_names=src.metadata.dimension_names,
+                           attributes=src.attrs.asdict())
+    return chunk, same_chunks
+
+
+def verify_l1(path: Path, info: L0Info, spec: Subtraction, summaries: list[dict],
+              keep_bits: int) -> None:
+    """Every frame written, every chunk present, first and last chunk read back right."""
+    import zarr
+
+    got = sum(s["frames"] for s in summaries)
+    if got != info.n_frames:
+        raise StoreError(f"{path}: wrote {got} frames, the L0 store has {info.n_frames}")
+    l1 = zarr.open_group(store=str(path), mode="r", use_consolidated=False)
+    for name, array in arrays_of(l1).items():
+        if array.nchunks_initialized != array.nchunks:
+            raise StoreError(f"{path}: {name} has {array.nchunks - array.nchunks_initialized}"
+                             f" of {array.nchunks} chunks missing after writing")
+    l0 = layout.open_product(info.path, layout.LEVEL_L0)
+    n = info.n_frames
+    for a, b in {(0, min(n, 64)), (max(0, n - 64), n)}:
+        quabo = l0["headers/quabo_num"][a:b] if info.ph256 else None
+        expect = spec.residuals(l0["images"][a:b], quabo)
+        same_images = np.allclose(l1["images"][a:b], expect, rtol=2.0 ** -keep_bits, atol=0,
+                                  equal_nan=True)
+        same_frames = all(np.array_equal(l1[k][a:b], l0[k][a:b], equal_nan=k == "timestamps")
+                          for k in info.per_frame)
+        if not (same_images and same_frames):
+            raise StoreError(f"{path}: frames {a}..{b - 1} read back differ from the "
+                             "L0 input and the baseline")
+
+
+def _check_paths(l0_path: Path, l1_path: Path) -> None:
+    a, b = l0_path.resolve(), l1_path.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise InputError(f"{l1_path}: the L1 output must not be, contain or sit inside "
+                         f"the L0 input {l0_path}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What one run did, for the summary line and the driver's table."""
+
+    output: str
+    status: str  # "ok" or "exists"
+    method: str = ""
+    frames: int = 0
+    seconds: float = 0.0
+    l0_bytes: int = 0
+    l1_bytes: int = 0
+    mode: str = ""
+
+    def line(self) -> str:
+        if self.status == "exists":
+            return f"{self.output}: complete L1 store exists, left alone (--overwrite replaces it)"
+        ratio = self.l1_bytes / max(self.l0_bytes, 1)
+        return (f"{self.output}: L1 written ({self.method} baseline, {self.frames} frames, "
+                f"{self.seconds:.1f} s, {self.mode}; {self.l1_bytes / 1e6:.1f} MB = "
+                f"{ratio:.2f}x the L0 size)")
+
+
+def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cfg: Any, *,
+                      client: Any = None, overwrite: bool = False, quiet: bool = False,
+                      notice: Callable[[str], None] | None = None,
+                      threads: int | None = None) -> Result:
+    """L0 store -> L1 store with the configured baseline method; published atomically.
+
+    ``client``: a Dask client whose workers run the tasks (None: threads of this process).
+    An existing complete L1 store is left alone unless ``overwrite``.
+    """
+    import zarr
+
+    notice = notice or (lambda msg: print(msg, file=sys.stderr))
+    section = cfg.baseline_subtract
+    l0_path, output = Path(l0_path), Path(l1_path)
+    _check_paths(l0_path, output)
+    gw = cfg.run.group_writable
+    process = runners.ProcessSettings(ZARR_CONCURRENCY, 0, 0, gw)  # compression: all CPUs
+    runners.prepare_process(process)
+    if not overwrite and publish.is_published(output, layout.LEVEL_L1):
+        return Result(str(output), "exists")
+    t0 = time.perf_counter()
+    info = inspect_l0(l0_path)
+    l0 = layout.open_product(l0_path, layout.LEVEL_L0)
+    for stale in publish.remove_stale_partials(output):
+        notice(f"{stale}: removed the partial store of an interrupted run")
+    publish.apply_permission_policy(gw)
+    runner = runners.runner_for(client, threads, not quiet)
+    baseline = compute_baseline(runner, l0, info, section, process)
+    if baseline.frames.get("window_truncated"):
+        notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "
+               "frames there are; the baseline uses all of them")
+    for q in baseline.frames["per_quabo"]:
+        if q["count"] == 0 and not info.ph256:  # a ph256 quabo with no frame has no pixels
+            notice(f"{l0_path}: no frame of quabo {q['quabo']} feeds its baseline; its "
+                   "L1 pixels are NaN")
+    spec = subtraction_for(section, baseline)
+    with publish.publishing(output, layout.LEVEL_L1, overwrite) as tmp:
+        chunk, copy_files = create_l1(tmp, l0, info, section, baseline)
+        calls = [(info, spec, str(tmp), a, b, copy_files, process)
+                 for a, b in chunking.task_ranges(info.n_frames, chunk)]
+        summaries: list[dict] = []
+        runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
+        verify_l1(tmp, info, spec, summaries, section.keep_mantissa_bits)
+        l0_bytes, l1_bytes = publish.store_bytes(l0_path), publish.store_bytes(tmp)
+        seconds = time.perf_counter() - t0
+        group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
+        group.attrs.update({
+            "processing_level": layout.LEVEL_L1,
+            "data_product": info.dp,
+            "module": l0.attrs.get("module"),
+            "n_frames": info.n_frames,
+            "time_source": l0.attrs.get("time_source"),
+            "flag_counts": l0.attrs.get("flag_counts"),
+            "baseline_method": section.method,
+            "baseline_window": section.baseline_window,
+            "parameters": method_parameters(section) | baseline.extra,
+            "baseline_frames": baseline.frames,
+            "formula": formula(info, section),
+            "precision": {"keep_mantissa_bits": section.keep_mantissa_bits,
+                          "lossy": section.keep_mantissa_bits < 23},
+            "config": cfg.as_dict(),
+            "l0_path": str(l0_path.resolve()),
+            "l0": l0.attrs.asdict(),
+            "software": layout.software_versions(),
+            "created": publish.utc_now(),
+            "size": {"l0_bytes": l0_bytes, "l1_bytes": l1_bytes,
+                     "l1_to_l0_ratio": round(l1_bytes / max(l0_bytes, 1), 4)},
+            "report": {"seconds": round(seconds, 3), "mode": runner.mode,
+                       "tasks": len(calls), "time_chunk": chunk,
+                       "per_frame_arrays": "chunk files copied" if copy_files
+                       else "values copied",
+                       "nan_values": sum(s["nan"] for s in summaries)},
+        })
+        layout.consolidate(tmp)
+    return Result(str(output), "ok", section.method, info.n_frames, seconds, l0_bytes,
+                  l1_bytes, runner.mode)

@@ -1,0 +1,38 @@
+"""Tests of the per-process set-up and per-thread buffers of task processes (runners.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from panoseti_pipeline import runners
+
+
+def test_each_step_gets_its_own_process_settings_on_a_long_lived_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 1, step 2, step 1 again in one process: each applies its settings; a repeat
+    of the same settings does nothing."""
+    applied: list[tuple] = []
+    monkeypatch.setattr(runners, "_applied", {})
+    monkeypatch.setattr(runners.layout, "configure_zarr",
+                        lambda concurrency, threads: applied.append(("zarr", concurrency,
+                                                                     threads)))
+    monkeypatch.setattr(runners.publish, "apply_permission_policy",
+                        lambda gw: applied.append(("umask", gw)))
+    step1 = runners.ProcessSettings(16, 2, 3, False)
+    step2 = runners.ProcessSettings(4, 0, 0, True)
+    for settings in (step1, step1, step2, step2, step1):
+        runners.prepare_process(settings)
+    cpus = runners.cpus()
+    assert applied == [("zarr", 16, 6), ("umask", False), ("zarr", 4, cpus), ("umask", True),
+                       ("zarr", 16, 6), ("umask", False)]
+
+
+def test_thread_array_reuses_this_threads_buffer() -> None:
+    a = runners.thread_array("test", (4, 8), np.float32)
+    assert a.shape == (4, 8) and a.dtype == np.float32
+    a[...] = 1
+    b = runners.thread_array("test", (2, 3), np.uint16)  # smaller: the same memory
+    assert b.shape == (2, 3) and np.shares_memory(a, b)
+    c = runners.thread_array("test", (1000,), np.float64)  # larger: a new buffer
+    assert c.shape == (1000,) and not np.shares_memory(a, c)
