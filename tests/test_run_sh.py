@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 from process_tools import session_processes  # noqa: E402
 
-from panoseti_pipeline import driver as run_plan  # noqa: E402
 from panoseti_pipeline import pff  # noqa: E402
 from panoseti_pipeline import synthetic as synthetic_obs  # noqa: E402
+from panoseti_pipeline.driver import plan as driver_plan  # noqa: E402
+from panoseti_pipeline.driver.record import RECORD_PREFIX  # noqa: E402
 
 RUN_SH = str(REPO / "run.sh")
 RUN_TIMEOUT_S = 240
@@ -41,6 +43,8 @@ SLOW_HOOK = "PANOSETI_TEST_SLOW_TASK_S"
 COMMON = {
     "pff_to_zarr": {"time_chunk": 256, "num_workers": 2},
     "baseline_subtract": {"baseline_window": 100, "compute_chunk_size": 256},
+    # A step or manager that hangs costs the test 20 s, not the default 60 s.
+    "run": {"stop_grace_s": 20.0},
 }
 CONFIGS = {
     "local": {"cluster": {"use_dask": False}, **COMMON},
@@ -54,11 +58,20 @@ CONFIGS = {
 # --------------------------------------------------------------------------- helpers
 
 
-def write_config(path: Path, mode: str) -> Path:
+def write_config(path: Path, mode: str, **sections: dict) -> Path:
+    """The config of ``mode``, with the keys of ``sections`` replaced."""
     import tomli_w
 
-    path.write_text(tomli_w.dumps(CONFIGS[mode]))
+    config = {name: dict(keys) for name, keys in CONFIGS[mode].items()}
+    for name, keys in sections.items():
+        config.setdefault(name, {}).update(keys)
+    path.write_text(tomli_w.dumps(config))
     return path
+
+
+def session_process(sid: int, needle: str) -> int | None:
+    """The PID of a live process of session ``sid`` whose command line holds ``needle``."""
+    return next((pid for pid, cmdline in session_processes(sid) if needle in cmdline), None)
 
 
 def _kill_session_leftovers(sid: int) -> None:
@@ -110,7 +123,7 @@ def run(args: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
 
 
 def run_records(out_dir: Path) -> list[dict]:
-    paths = sorted(out_dir.glob(f"{run_plan.RECORD_PREFIX}*.toml"))
+    paths = sorted(out_dir.glob(f"{RECORD_PREFIX}*.toml"))
     return [tomllib.loads(p.read_text()) for p in paths]
 
 
@@ -203,7 +216,7 @@ def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: 
     assert products == sorted(data.expected)
     for name, files in data.expected.items():
         check_l1(out / name, files)
-    assert not (out / run_plan.DEFAULT_L0_SUBDIR).exists(), "L0 stores not removed"
+    assert not (out / driver_plan.DEFAULT_L0_SUBDIR).exists(), "L0 stores not removed"
     assert not list(out.rglob("*_L0.zarr")) and not list(out.rglob("*.partial"))
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
 
@@ -266,7 +279,7 @@ def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
                                                                  tmp_path: Path) -> None:
     config = write_config(tmp_path / "dask.toml", "dask")
     out = tmp_path / "L1"
-    l0_dir = out / run_plan.DEFAULT_L0_SUBDIR
+    l0_dir = out / driver_plan.DEFAULT_L0_SUBDIR
     args = [str(data.file_a), str(data.file_b), str(out)]
     first_l1 = out / f"{data.file_a.stem}_L1.zarr"
     env = run_env(tmp_path, config, **{SLOW_HOOK: "1.0"})
@@ -301,6 +314,46 @@ def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
     assert statuses(run_records(out)[-1]) == {data.file_a.stem: "skipped",
                                               data.file_b.stem: "ok"}
     check_l1(out / f"{data.file_b.stem}_L1.zarr", [data.file_b])
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_hung_step_and_manager_are_killed_after_stop_grace_s(data: Data, tmp_path: Path) -> None:
+    """A step and a cluster manager that do not stop on SIGTERM (here: SIGSTOPped) get
+    [run] stop_grace_s each, then SIGKILL; the manager's workers are killed with it."""
+    grace_s = 0.5
+    config = write_config(tmp_path / "dask.toml", "dask", run={"stop_grace_s": grace_s})
+    out = tmp_path / "L1"
+    with started([str(data.file_a), str(out)], run_env(tmp_path, config)) as proc:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while (step := session_process(proc.pid, "step1_pff_to_zarr.py")) is None:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "step 1 never started"
+            time.sleep(0.02)
+        manager = session_process(proc.pid, "cluster_lifecycle_manager.py")
+        assert manager is not None
+        import psutil
+
+        workers = psutil.Process(manager).children(recursive=True)
+        assert workers  # the local cluster's processes
+        os.kill(step, signal.SIGSTOP)
+        os.kill(manager, signal.SIGSTOP)
+        stopping = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail("run.sh did not stop after SIGTERM")
+        took = time.monotonic() - stopping
+        deadline = time.monotonic() + 5  # the kernel may take a moment to reap
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not session_processes(proc.pid), f"left behind: {session_processes(proc.pid)}"
+    assert proc.returncode == 130, err[-3000:]
+    assert f"step (pid {step}) still running; killing it" in err
+    assert f"cluster manager (pid {manager}) did not stop; killing it and its processes" in err
+    assert took < 60, took  # the default grace alone is 60 s for each of the two
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*_L0.zarr"))
 
 
 # --------------------------------------------------------------------------- no work
@@ -343,23 +396,61 @@ def test_every_problem_is_listed_before_any_work(data: Data, tmp_path: Path) -> 
 
 def test_output_inside_the_input_tree_is_refused(data: Data, tmp_path: Path) -> None:
     config = write_config(tmp_path / "local.toml", "local")
-    plan, *_ = run_plan.make_plan([str(data.obs)], str(config), str(data.obs / "L1"))
+    plan, *_ = driver_plan.make_plan([str(data.obs)], str(config), str(data.obs / "L1"))
     assert any("inside the input tree" in p for p in plan.problems)
 
 
 def test_free_space_is_checked_against_the_estimate(tmp_path: Path) -> None:
-    job = run_plan.Job(name="x", inputs=["x.pff"], l0="", l1="", input_bytes=10**9,
+    job = driver_plan.Job(name="x", inputs=["x.pff"], l0="", l1="", input_bytes=10**9,
                        est_l0_bytes=10**9, est_l1_bytes=2 * 10**9)
 
     class Usage:
         free = 2 * 10**9
 
-    problems = run_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2), False,
+    problems = driver_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2), False,
                                             disk_usage=lambda _p: Usage)
     assert len(problems) == 1 and "not enough free space" in problems[0]
     Usage.free = 4 * 10**9
-    assert not run_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2),
+    assert not driver_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2),
                                             False, disk_usage=lambda _p: Usage)
+
+
+def test_plan_for_bash_carries_the_stop_grace(data: Data, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "local.toml", "local", run={"stop_grace_s": 2.5})
+    plan, cfg, out, l0 = driver_plan.make_plan([str(data.file_a)], str(config),
+                                               str(tmp_path / "out"))
+    assert not plan.problems, plan.problems
+    lines = driver_plan.bash_lines(plan, cfg, l0, 0o022)
+    assert "stop\t25" in lines
+    assert all(field for line in lines for field in line.split("\t"))  # no empty field
+
+
+def bash_scripts() -> list[str]:
+    """The repository's bash scripts: tracked files named *.sh or with a bash shebang."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    found = []
+    for name in filter(None, listed):
+        if name.endswith(".sh"):
+            found.append(name)
+            continue
+        with contextlib.suppress(OSError), open(REPO / name, "rb") as f:
+            if f.readline().rstrip() in (b"#!/usr/bin/env bash", b"#!/bin/bash"):
+                found.append(name)
+    return sorted(found)
+
+
+def test_bash_scripts_are_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must check the bash scripts, but shellcheck is not installed "
+                        "(apt-get install shellcheck; .ci/run installs it)")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck); CI runs it")
+    scripts = bash_scripts()
+    assert {"run.sh", "env_bootstrap.sh", "tests/run_tests.sh", ".ci/run"} <= set(scripts)
+    done = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_usage_errors_and_help(tmp_path: Path) -> None:
@@ -379,7 +470,7 @@ def test_steps_1_then_steps_2(data: Data, tmp_path: Path) -> None:
     rc, _, stderr = run(["--steps", "1", str(data.file_a), str(l0_out)], env)
     assert rc == 0, stderr[-3000:]
     l0 = l0_out / f"{data.file_a.stem}_L0.zarr"
-    assert l0.is_dir() and not (l0_out / run_plan.DEFAULT_L0_SUBDIR).exists()
+    assert l0.is_dir() and not (l0_out / driver_plan.DEFAULT_L0_SUBDIR).exists()
     rc, _, stderr = run(["--steps", "2", str(l0), str(l1_out)], env)
     assert rc == 0, stderr[-3000:]
     check_l1(l1_out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
