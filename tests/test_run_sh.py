@@ -33,6 +33,7 @@ from process_tools import session_processes  # noqa: E402
 from panoseti_pipeline import pff  # noqa: E402
 from panoseti_pipeline import synthetic as synthetic_obs  # noqa: E402
 from panoseti_pipeline.driver import plan as driver_plan  # noqa: E402
+from panoseti_pipeline.driver import record as driver_record  # noqa: E402
 from panoseti_pipeline.driver.record import RECORD_PREFIX  # noqa: E402
 
 RUN_SH = str(REPO / "run.sh")
@@ -108,18 +109,23 @@ def started(args: Sequence[str], env: dict[str, str]) -> Iterator[subprocess.Pop
         _kill_session_leftovers(proc.pid)
 
 
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    """A started run.sh to the end; asserts that it left no process behind."""
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"run.sh did not finish in {RUN_TIMEOUT_S} s\n{err[-4000:]}")
+    left = session_processes(proc.pid)
+    assert not left, f"processes left by run.sh: {left}\n{err[-3000:]}"
+    return proc.returncode, out, err
+
+
 def run(args: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
     """run.sh to the end; asserts that it left no process behind."""
     with started(args, env) as proc:
-        try:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"run.sh did not finish in {RUN_TIMEOUT_S} s\n{err[-4000:]}")
-        left = session_processes(proc.pid)
-    assert not left, f"processes left by run.sh: {left}\n{err[-3000:]}"
-    return proc.returncode, out, err
+        return finish(proc)
 
 
 def run_records(out_dir: Path) -> list[dict]:
@@ -252,16 +258,17 @@ def test_corrupt_input_with_and_without_keep_going(data: Data, tmp_path: Path) -
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, np.uint8).tobytes())
     env = run_env(tmp_path, config)
 
-    out = tmp_path / "stop"
-    rc, stdout, stderr = run([str(bad), str(data.file_a), str(out)], env)
-    assert rc == 1
-    assert "step 1 (PFF -> L0) failed" in stderr and bad.name in stderr
-    assert statuses(run_records(out)[-1]) == {bad.stem: "failed", data.file_a.stem: "not-run"}
-    assert not list(out.glob("*_L1.zarr"))
+    stop, out = tmp_path / "stop", tmp_path / "going"
+    with started([str(bad), str(data.file_a), str(stop)], env) as first:  # both runs at once
+        rc, stdout, stderr = run(["--keep-going", str(bad), str(data.file_a),
+                                  str(data.file_b), str(out)], env)
+        stop_rc, _, stop_stderr = finish(first)
 
-    out = tmp_path / "going"
-    rc, stdout, stderr = run(["--keep-going", str(bad), str(data.file_a), str(data.file_b),
-                              str(out)], env)
+    assert stop_rc == 1
+    assert "step 1 (PFF -> L0) failed" in stop_stderr and bad.name in stop_stderr
+    assert statuses(run_records(stop)[-1]) == {bad.stem: "failed", data.file_a.stem: "not-run"}
+    assert not list(stop.glob("*_L1.zarr"))
+
     assert rc == 1, stderr[-3000:]
     record = run_records(out)[-1]
     assert statuses(record) == {bad.stem: "failed", data.file_a.stem: "ok",
@@ -424,6 +431,24 @@ def test_plan_for_bash_carries_the_stop_grace(data: Data, tmp_path: Path) -> Non
     lines = driver_plan.bash_lines(plan, cfg, l0, 0o022)
     assert "stop\t25" in lines
     assert all(field for line in lines for field in line.split("\t"))  # no empty field
+
+
+def test_job_status_says_why() -> None:
+    ok = {"status": "ok", "exit_code": 0}
+
+    def status(**job: object) -> tuple[str, str]:
+        return driver_record.job_status({"action": "run", "steps": {}, **job}, [1, 2])
+
+    assert status() == ("not-run", "not started (an earlier input failed or the run was "
+                                   "stopped)")
+    assert status(action="skip") == ("skipped", "complete product already there")
+    assert status(steps={"1": ok, "2": ok}) == ("ok", "")
+    assert status(steps={"1": ok}, mark="interrupted") == (
+        "failed", "interrupted before step 2 (L0 -> L1)")
+    assert status(steps={"1": {"status": "failed", "exit_code": 1}}) == (
+        "failed", "step 1 (PFF -> L0) failed (exit status 1)")
+    assert status(steps={"1": ok, "2": {"status": "failed", "exit_code": 143}}) == (
+        "failed", "step 2 (L0 -> L1) failed (interrupted)")
 
 
 def bash_scripts() -> list[str]:

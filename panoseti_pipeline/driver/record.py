@@ -115,14 +115,14 @@ def mark_job(state: dict[str, Any], job_index: int, mark: str) -> None:
 
 def job_status(job: dict[str, Any], steps: Sequence[int]) -> tuple[str, str]:
     """(status, why) of a job: ok, skipped, failed, not-run."""
-    mark = job.get("mark", "")
-    if job["action"] == "skip" or mark == "skipped":
+    if job["action"] == "skip":
         return "skipped", "complete product already there"
     done = job.get("steps", {})
+    interrupted = job.get("mark") == "interrupted"  # between two steps
     for step in steps:
         entry = done.get(str(step))
         if entry is None:
-            if mark == "interrupted" or any(e["status"] != "ok" for e in done.values()):
+            if interrupted or any(e["status"] != "ok" for e in done.values()):
                 return "failed", f"interrupted before {STEP_NAMES[step]}"
             return "not-run", "not started (an earlier input failed or the run was stopped)"
         if entry["status"] != "ok":
