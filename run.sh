@@ -4,6 +4,7 @@
 #     ./run.sh [options] <input_pff_file_or_pffd_dir> [more ...] <output_l1_dir>
 #     CONFIG_FILE=custom.toml ./run.sh data.pff /scratch/output/L1
 #     ./run.sh --demo [dir]      # small synthetic observation -> L1, says where to look
+#     ./run.sh --sbatch "-c 8 --mem=32G -t 4:00:00" data.pffd /scratch/L1   # as one SLURM job
 #     ./run.sh --help
 #
 # Checks everything before any work (`python3 -m panoseti_pipeline driver plan`), starts the cluster once
@@ -40,7 +41,10 @@ OPT_DEBUG=0
 OPT_DEMO=0
 OPT_STEPS="1,2"
 OPT_L0_DIR=""
+OPT_SBATCH=""
+OPT_SBATCH_SET=0
 ARGS=()
+PLAN_ARGS=()
 DEBUG_ARGS=()
 STEP_FLAGS=()
 CONFIG=""
@@ -101,6 +105,10 @@ Options:
   --keep-going     a failed input does not stop the others (the exit status is still 1)
   --demo [DIR]     write a small synthetic observation into DIR (default ./panoseti_demo),
                    run the whole pipeline on it, and print where to look
+  --sbatch OPTS    check the run here, then submit it as one SLURM job (sbatch OPTS, e.g.
+                   "-c 8 --mem=32G -t 4:00:00 -A acct -o log_%j.out") running run.sh on
+                   its node with the config's cluster (there: cluster_type = "local",
+                   local_workers = the job's cores); prints the job id
   --debug          tracebacks and Dask logs from every step
   -h, --help       this help
 
@@ -147,13 +155,18 @@ parse_args() {
       --keep-going) OPT_KEEP_GOING=1 ;;
       --debug) OPT_DEBUG=1 ;;
       --demo) OPT_DEMO=1 ;;
-      --steps | --l0-dir)
+      --steps | --l0-dir | --sbatch)
         (($# >= 2)) || usage_error "$1 needs a value"
-        if [[ "$1" == --steps ]]; then OPT_STEPS="$2"; else OPT_L0_DIR="$2"; fi
+        case "$1" in
+          --steps) OPT_STEPS="$2" ;;
+          --l0-dir) OPT_L0_DIR="$2" ;;
+          *) OPT_SBATCH="$2" OPT_SBATCH_SET=1 ;;
+        esac
         shift
         ;;
       --steps=*) OPT_STEPS="${1#*=}" ;;
       --l0-dir=*) OPT_L0_DIR="${1#*=}" ;;
+      --sbatch=*) OPT_SBATCH="${1#*=}" OPT_SBATCH_SET=1 ;;
       --)
         shift
         ARGS+=("$@")
@@ -168,6 +181,9 @@ parse_args() {
     1 | 2 | 1,2) ;;
     *) usage_error "--steps $OPT_STEPS: expected 1, 2 or 1,2" ;;
   esac
+  if ((OPT_DEMO && OPT_SBATCH_SET)); then
+    usage_error "--demo and --sbatch do not go together"
+  fi
   if ((OPT_DEMO)); then
     ((${#ARGS[@]} <= 1)) || usage_error "--demo takes at most one directory"
   elif ((${#ARGS[@]} < 2)); then
@@ -527,20 +543,50 @@ any_job_to_run() {
   return 1
 }
 
+# set_plan_args: PLAN_ARGS, the options of `py plan` for this run (OUT_DIR set).
+set_plan_args() {
+  PLAN_ARGS=(--config "$CONFIG" --output "$OUT_DIR" --steps "$OPT_STEPS")
+  if [[ -n "$OPT_L0_DIR" ]]; then PLAN_ARGS+=(--l0-dir "$OPT_L0_DIR"); fi
+  if ((OPT_KEEP_L0)); then PLAN_ARGS+=(--keep-l0); fi
+  if ((OPT_OVERWRITE)); then PLAN_ARGS+=(--overwrite); fi
+  if ((OPT_KEEP_GOING)); then PLAN_ARGS+=(--keep-going); fi
+}
+
+# submit_sbatch INPUT... OUTPUT_DIR: --sbatch. Checks the run here (the plan, printed),
+# then submits this script with the same options, absolute paths and CONFIG_FILE as one
+# SLURM job (sbatch OPT_SBATCH); the steps run on the job's node. With --dry-run only
+# the plan is printed. Exits 2 on a problem in the plan or when sbatch refuses the job.
+submit_sbatch() {
+  local -a inputs=() opts=() job_args=(--steps "$OPT_STEPS")
+  local arg job
+  for arg in "${@:1:$#-1}"; do inputs+=("$(absolute "$arg")"); done
+  OUT_DIR="$(absolute "${!#}")"
+  set_plan_args
+  py plan "${PLAN_ARGS[@]}" --dry-run -- "${inputs[@]}" || exit $?
+  ((!OPT_DRY_RUN)) || return 0
+  if [[ -n "$OPT_L0_DIR" ]]; then job_args+=(--l0-dir "$(absolute "$OPT_L0_DIR")"); fi
+  for arg in KEEP_L0:--keep-l0 OVERWRITE:--overwrite KEEP_GOING:--keep-going DEBUG:--debug; do
+    local flag="OPT_${arg%%:*}"
+    if ((${!flag})); then job_args+=("${arg#*:}"); fi
+  done
+  read -r -a opts <<<"$OPT_SBATCH"
+  job="$(sbatch --parsable --job-name=panoseti-l1 "${opts[@]}" --wrap "$(printf '%q ' env \
+    CONFIG_FILE="$CONFIG" "$REPO_ROOT/run.sh" "${job_args[@]}" -- "${inputs[@]}" "$OUT_DIR")")" ||
+    usage_error "sbatch did not accept the job (its message is above); OPTS: ${opts[*]}"
+  job="${job%%;*}"
+  say "submitted SLURM job $job (sbatch ${opts[*]}): run.sh on its node; follow it with squeue -j $job"
+}
+
 # run_pipeline INPUT... OUTPUT_DIR: the whole run; sets PIPELINE_RC (0 or 1), exits on
 # problems found before any work (2) and on signals (130).
 run_pipeline() {
-  local -a inputs=("${@:1:$#-1}") plan_args
+  local -a inputs=("${@:1:$#-1}")
   local plan_out rc=0
   OUT_DIR="$(absolute "${!#}")"
-  plan_args=(--config "$CONFIG" --output "$OUT_DIR" --steps "$OPT_STEPS")
-  if [[ -n "$OPT_L0_DIR" ]]; then plan_args+=(--l0-dir "$OPT_L0_DIR"); fi
-  if ((OPT_KEEP_L0)); then plan_args+=(--keep-l0); fi
-  if ((OPT_OVERWRITE)); then plan_args+=(--overwrite); fi
-  if ((OPT_KEEP_GOING)); then plan_args+=(--keep-going); fi
+  set_plan_args
 
   if ((OPT_DRY_RUN)); then
-    py plan "${plan_args[@]}" --dry-run -- "${inputs[@]}" || exit $?
+    py plan "${PLAN_ARGS[@]}" --dry-run -- "${inputs[@]}" || exit $?
     PIPELINE_RC=0
     return 0
   fi
@@ -550,7 +596,7 @@ run_pipeline() {
   trap 'on_signal TERM' TERM
   RUN_TMP="$(mktemp -d "${TMPDIR:-/tmp}/panoseti_run.XXXXXX")"
   STATE_FILE="$RUN_TMP/state.json"
-  plan_out="$(py plan "${plan_args[@]}" --state "$STATE_FILE" \
+  plan_out="$(py plan "${PLAN_ARGS[@]}" --state "$STATE_FILE" \
     --command-line "$(printf '%q ' "$0" "${ORIGINAL_ARGS[@]}")" -- "${inputs[@]}")" || rc=$?
   if ((rc != 0)); then
     exit "$rc"
@@ -621,6 +667,8 @@ main() {
   PIPELINE_RC=0
   if ((OPT_DEMO)); then
     run_demo
+  elif ((OPT_SBATCH_SET)); then
+    submit_sbatch "${ARGS[@]}"
   else
     run_pipeline "${ARGS[@]}"
   fi

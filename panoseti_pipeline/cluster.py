@@ -5,13 +5,17 @@ One :class:`ClusterHandle` owns one cluster for its whole life::
     new --start()--> starting --(workers joined)--> running --close()--> closed
                          \\--(timeout, error, Ctrl-C)--> closed   (everything started is closed)
 
-Three kinds, chosen by the effective ``cluster_type`` of the configuration:
+Four kinds, chosen by the effective ``cluster_type`` of the configuration:
 
 ``local``
     a :class:`distributed.LocalCluster` with ``local_workers`` worker processes.
 ``ssh``
     a :class:`distributed.SSHCluster` (asyncssh): the FIRST of ``ssh_hosts`` runs the
     scheduler and EVERY listed host runs ``ssh_workers_per_host`` workers.
+``slurm``
+    a :class:`dask_jobqueue.SLURMCluster`: the scheduler runs in this process, the workers
+    in ``slurm_jobs`` batch jobs (``sbatch``), kept at that number (a lost job is
+    replaced) and cancelled by job id (``scancel``) on close.
 ``scheduler``
     an existing scheduler at ``scheduler_address``: only checked, never closed.
 
@@ -29,7 +33,9 @@ Examples
 Notes
 -----
 * ``interface`` is given to the scheduler and to every worker, so ``interface = "lo"``
-  keeps every Dask address on 127.0.0.0/8 (the tests rely on it).
+  keeps every Dask address on 127.0.0.0/8 (the tests rely on it). A SLURM worker's HTTP
+  server (``dask worker --dashboard-address``, default all interfaces) is bound to the
+  interface's address too, looked up in the job on its node.
 * ``dashboard_port = 0`` disables the dashboard; the scheduler's small HTTP server
   (health checks) then binds the scheduler's own host on a random port, never 0.0.0.0.
 * SSHCluster reads each remote process's log to learn its address and hangs when
@@ -49,7 +55,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +75,8 @@ WORKER_ENV_PREFIXES: tuple[str, ...] = (
 )
 
 _POLL_S = 0.1
+#: How often a start asks squeue about its SLURM jobs.
+_SQUEUE_POLL_S = 1.0
 _CLOSE_TIMEOUT_S = 30.0
 #: After an SSH host's workers failed, how long the others get to register.
 _FAILED_GRACE_S = 3.0
@@ -124,6 +132,8 @@ def ssh_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
         "memory_limit": c.ssh_memory_per_worker,
         "env": forwarded_worker_env(),
     }
+    if c.local_directory:
+        worker_options["local_directory"] = _expanded(c.local_directory)
     if c.interface:
         scheduler_options["interface"] = c.interface
         worker_options["interface"] = c.interface
@@ -138,6 +148,45 @@ def ssh_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
         "scheduler_options": scheduler_options,
         "worker_options": worker_options,
         "remote_python": c.remote_python or sys.executable,
+    }
+
+
+def slurm_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
+    """Keyword arguments for :class:`dask_jobqueue.SLURMCluster` (nothing is submitted).
+
+    The ``slurm_*`` keys map to the option after the prefix. With an ``interface``, the
+    job script looks up that interface's address on its node (with the workers' Python)
+    and binds the worker's HTTP server to it.
+    """
+    c = cluster_config
+    python = c.remote_python or sys.executable
+    prologue = list(c.slurm_job_script_prologue)
+    worker_args = list(c.slurm_worker_extra_args)
+    host = ""
+    if c.interface:
+        host = _interface_ip(c.interface)
+        prologue.append(_worker_ip_line(python, c.interface))
+        worker_args += ["--dashboard-address", f'"${_WORKER_IP_VAR}:0"']
+    return {
+        "cores": int(c.slurm_cores),
+        "memory": c.slurm_memory,
+        "processes": int(c.slurm_processes),
+        "queue": c.slurm_queue or None,
+        "account": c.slurm_account or None,
+        "walltime": c.slurm_walltime,
+        "job_extra_directives": list(c.slurm_job_extra_directives),
+        "job_script_prologue": prologue,
+        "worker_extra_args": worker_args,
+        # unquoted in the job script: $VARIABLES expand on the node
+        "local_directory": c.local_directory or None,
+        "log_directory": c.slurm_log_directory or None,
+        "interface": c.interface or None,
+        "python": python,
+        "scheduler_options": {
+            "port": 0,
+            "dashboard": bool(c.dashboard_port),
+            "dashboard_address": f"{host}:{int(c.dashboard_port)}",
+        },
     }
 
 
@@ -160,8 +209,10 @@ class ClusterHandle:
         self._cluster: Any = None
         self._client: Client | None = None
         self._pids_before: set[int] = set()
-        #: Why an SSH host's workers did not start (set by the background start).
+        #: Why workers did not start (set by the background start, or squeue's view).
         self._worker_failures: list[str] = []
+        #: Every SLURM job id this handle submitted (appended as sbatch answers).
+        self._job_ids: list[str] = []
 
     def __repr__(self) -> str:
         where = f" {self.address}" if self.address else ""
@@ -201,6 +252,8 @@ class ClusterHandle:
                 self._start_local()
             elif self.kind == "ssh":
                 self._start_ssh()
+            elif self.kind == "slurm":
+                self._start_slurm()
             else:
                 self.address = self.config.scheduler_address  # set: the config checked it
             self._client = _open_client(self.address, _remaining(deadline, floor=1.0))
@@ -233,6 +286,8 @@ class ClusterHandle:
                 logger.warning("closing the %s cluster: %s", self.kind, err)
         if self.kind == "local":
             _reap(started)
+        elif self.kind == "slurm":
+            _cancel_jobs(self._job_ids)
 
     # -- starting ------------------------------------------------------------------
 
@@ -253,6 +308,7 @@ class ClusterHandle:
                 threads_per_worker=int(c.local_threads_per_worker),
                 memory_limit=c.local_memory_per_worker,
                 processes=True,
+                local_directory=_expanded(c.local_directory),
                 interface=c.interface or None,
                 host=None if c.interface else host,
                 dashboard_address=dashboard_address,
@@ -299,56 +355,114 @@ class ClusterHandle:
                     "remote_python": args["remote_python"],
                 },
             }
-        cluster, failures, config = self._cluster, self._worker_failures, self.config
+        config = self.config
+        self._start_workers_in_background(
+            lambda err: f"{_describe(err)}; {_ssh_hint(err, getattr(err, 'host', ''), config)}"
+        )
+
+    def _start_slurm(self) -> None:
+        from dask_jobqueue import SLURMCluster
+
+        c = self.config
+        try:
+            self._cluster = SLURMCluster(
+                job_cls=_recorded_slurm_job_class(self._job_ids),
+                silence_logs=self._silence_logs,
+                **slurm_cluster_arguments(c),
+            )
+        except Exception as err:
+            raise ClusterError(f"SLURM cluster did not start: {_describe(err)}") from err
+        self.address = self._cluster.scheduler_address
+        if c.dashboard_port:
+            self.dashboard_link = self._cluster.dashboard_link
+        # The spec scale(jobs=) would set, and sbatch in the background by our own call,
+        # so that a refusal reaches _wait_for_workers; adapt() then resubmits a job
+        # whose workers were lost (scancel, walltime) after the lost-worker-timeout.
+        jobs = int(c.slurm_jobs)
+        while len(self._cluster.worker_spec) < jobs:
+            self._cluster.worker_spec.update(self._cluster.new_worker_spec())
+        self._start_workers_in_background(_sbatch_problem)
+        self._cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
+
+    def _start_workers_in_background(self, why: Callable[[BaseException], str]) -> None:
+        """Bring the cluster's workers to its spec in the background; a failure is
+        recorded as ``why(error)`` for :meth:`_wait_for_workers` instead of logged."""
+        cluster, failures = self._cluster, self._worker_failures
 
         async def start_workers() -> None:
-            # SpecCluster raises the first host's failure once every host was tried;
-            # record it for _wait_for_workers instead of logging a traceback.
+            # SpecCluster raises the first failure once every worker was tried.
             try:
                 await cluster._correct_state()
             except Exception as err:  # noqa: BLE001 -- reported by _wait_for_workers
-                host = getattr(err, "host", "")
-                failures.append(f"{_describe(err)}; {_ssh_hint(err, host, config)}")
+                failures.append(why(err))
 
-        self._cluster.loop.add_callback(start_workers)
+        cluster.loop.add_callback(start_workers)
 
     def _wait_for_workers(self, need: int, deadline: float) -> None:
-        """Wait until ``need`` workers joined; fail at the deadline, or once an SSH host's
-        workers failed to start: at once if ``need`` counts on that host's workers, else
-        after a short grace (the other hosts' workers have started by then)."""
+        """Wait until ``need`` workers joined; fail at the deadline, or once workers
+        failed to start: at once if ``need`` counts on them (an SSH host's, any SLURM
+        job's), else after a short grace (the other hosts' workers have started by then)."""
         assert self._client is not None
         joined = 0
         failed_at = None
+        next_squeue = time.monotonic() + _SQUEUE_POLL_S
         while True:
             joined = len(self._client.nthreads())
             if joined >= need:
                 if self._worker_failures:
-                    logger.warning("starting SSH workers: %s", "; ".join(self._worker_failures))
+                    logger.warning("starting %s workers: %s", self.kind,
+                                   "; ".join(self._worker_failures))
                 return
             now = time.monotonic()
+            if self.kind == "slurm" and now >= next_squeue and not self._worker_failures:
+                next_squeue = now + _SQUEUE_POLL_S
+                self._check_slurm_jobs()
             if self._worker_failures:
-                if need > self._workers_without_one_host():
+                if need > self._workers_despite_failure():
                     break
                 failed_at = now if failed_at is None else failed_at
             if now >= deadline or (failed_at is not None and now - failed_at > _FAILED_GRACE_S):
                 break
             time.sleep(_POLL_S)
         if self._worker_failures:
+            advice = (
+                "check the [cluster] slurm_* keys and the jobs' output"
+                if self.kind == "slurm"
+                else "fix that host or remove it from ssh_hosts, or lower min_workers"
+            )
             raise ClusterError(
                 f"{self.kind} cluster at {self.address}: only {joined} of {need} workers "
-                f"joined: {'; '.join(self._worker_failures)}; fix that host or remove it "
-                f"from ssh_hosts, or lower min_workers"
+                f"joined: {'; '.join(self._worker_failures)}; {advice}"
             )
+        queued = ""
+        if self.kind == "slurm":
+            states = _slurm_job_states(self._job_ids) or {}
+            shown = ", ".join(f"{i} {state}" for i, state in states.items())
+            queued = f" (SLURM jobs: {shown or 'none in the queue'})"
         raise ClusterError(
             f"{self.kind} cluster at {self.address}: only {joined} of {need} workers joined "
-            f"within startup_timeout_s = {self.config.startup_timeout_s:g} s; raise "
+            f"within startup_timeout_s = {self.config.startup_timeout_s:g} s{queued}; raise "
             f"startup_timeout_s or lower min_workers, or check the workers' hosts and memory"
         )
 
-
-    def _workers_without_one_host(self) -> int:
-        """The most workers that can join once one SSH host's workers failed."""
+    def _workers_despite_failure(self) -> int:
+        """The most workers that can join once some failed to start: all but one SSH
+        host's; none for SLURM (its jobs are alike: what refused one refuses all)."""
+        if self.kind != "ssh":
+            return 0
         return (len(self.config.ssh_hosts) - 1) * int(self.config.ssh_workers_per_host)
+
+    def _check_slurm_jobs(self) -> None:
+        """Record a failure when every SLURM job was submitted and all of them have
+        already ended, before their workers joined (e.g. no Python on the node)."""
+        ids = list(self._job_ids)
+        if len(ids) < int(self.config.slurm_jobs) or _slurm_job_states(ids) != {}:
+            return
+        where = self.config.slurm_log_directory or f"slurm-<job id>.out in {os.getcwd()}"
+        self._worker_failures.append(
+            f"the SLURM jobs {', '.join(ids)} ended before their workers joined; "
+            f"see their output ({where})"
+        )
 
 
 def start_cluster(cluster_config: Any) -> ClusterHandle:
@@ -399,7 +513,8 @@ def describe_workers(client: Client) -> list[dict[str, Any]]:
     Keys: address, name, host (the address it listens on), hostname (the machine's
     name), ssh_host (the address its SSH session reached, from ``SSH_CONNECTION``;
     None when not started over SSH, or when it only inherited the caller's own SSH
-    login), pid, nthreads, memory_limit, local_directory, cwd.
+    login), slurm_job (the SLURM job it runs in, ``SLURM_JOB_ID``, or None), pid,
+    nthreads, memory_limit, local_directory, cwd.
     """
     import socket
 
@@ -408,8 +523,9 @@ def describe_workers(client: Client) -> list[dict[str, Any]]:
         pids, cwds = client.run(os.getpid), client.run(os.getcwd)
         hostnames = client.run(socket.gethostname)
         sessions = client.run(os.getenv, "SSH_CONNECTION")
+        jobs = client.run(os.getenv, "SLURM_JOB_ID")
     except Exception:  # noqa: BLE001 -- a record without them is still a record
-        pids, cwds, hostnames, sessions = {}, {}, {}, {}
+        pids, cwds, hostnames, sessions, jobs = {}, {}, {}, {}, {}
     own_session = os.environ.get("SSH_CONNECTION")  # workers may inherit the user's login
     rows = []
     for address, info in sorted(workers.items()):
@@ -422,6 +538,7 @@ def describe_workers(client: Client) -> list[dict[str, Any]]:
                 "host": info.get("host"),
                 "hostname": hostnames.get(address),
                 "ssh_host": session[2] if len(session) == 4 else None,
+                "slurm_job": jobs.get(address),
                 "pid": pids.get(address, info.get("pid")),
                 "nthreads": info.get("nthreads"),
                 "memory_limit": info.get("memory_limit"),
@@ -480,6 +597,108 @@ def _interface_ip(interface: str) -> str:
         return get_ip_interface(interface)
     except ValueError as err:
         raise ConfigError(f"[cluster] interface = {interface!r}: {_describe(err)}") from err
+
+
+def _expanded(path: str) -> str | None:
+    """A configured path with ``~`` and ``$VARIABLES`` expanded here; None for ""."""
+    return os.path.expanduser(os.path.expandvars(path)) if path else None
+
+
+#: The job-script variable holding the address of ``interface`` on the worker's node.
+_WORKER_IP_VAR = "PANOSETI_WORKER_IP"
+
+
+def _worker_ip_line(python: str, interface: str) -> str:
+    """A job-script line setting :data:`_WORKER_IP_VAR` to ``interface``'s IPv4 address on
+    the node (as distributed's ``get_ip_interface`` finds it), or ending the job."""
+    import shlex
+
+    code = ("import psutil, socket, sys; print(next(a.address for a in "
+            "psutil.net_if_addrs()[sys.argv[1]] if a.family == socket.AF_INET))")
+    lookup = f"{shlex.quote(python)} -c {shlex.quote(code)} {shlex.quote(interface)}"
+    return (f'{_WORKER_IP_VAR}="$({lookup})" || {{ echo "no IPv4 address on interface '
+            f'{interface} of $(hostname)" >&2; exit 1; }}')
+
+
+def _recorded_slurm_job_class(job_ids: list[str]) -> type:
+    """dask-jobqueue's SLURM job, appending its id to ``job_ids`` as soon as sbatch
+    answers (so that every job submitted can be cancelled, whatever happens next), and
+    marked failed when sbatch refused it (SpecCluster's close insists on that)."""
+    from dask_jobqueue.slurm import SLURMJob
+    from distributed.core import Status
+
+    class RecordedSLURMJob(SLURMJob):
+        async def start(self) -> None:
+            try:
+                await super().start()
+            except BaseException:
+                self.status = Status.failed
+                raise
+
+        def _job_id_from_submit_output(self, out: str) -> str:
+            job_id = super()._job_id_from_submit_output(out)
+            job_ids.append(job_id)
+            return job_id
+
+    return RecordedSLURMJob
+
+
+def _sbatch_problem(err: BaseException) -> str:
+    """Why a worker job was not submitted: sbatch's own error lines, when it ran."""
+    said = [line.strip() for line in str(err).splitlines()
+            if line.strip().startswith("sbatch:")]
+    if said:
+        return f"sbatch refused the worker job: {' '.join(said)}"
+    if isinstance(err, FileNotFoundError):
+        return f"cannot run sbatch ({_describe(err)}): are SLURM's commands on PATH here?"
+    return f"submitting the worker job: {_describe(err)}"
+
+
+def _slurm_job_states(job_ids: list[str]) -> dict[str, str] | None:
+    """``{job id: state}`` of those of ``job_ids`` still in the queue (pending, running,
+    completing), from ``squeue``; None when squeue cannot tell."""
+    import subprocess
+
+    if not job_ids:
+        return {}
+    try:
+        done = subprocess.run(["squeue", "-h", "--me", "-o", "%i %T %r"], capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        logger.warning("squeue: %s", _describe(err))
+        return None
+    if done.returncode != 0:
+        logger.warning("squeue: %s", _describe(RuntimeError(done.stderr)))
+        return None
+    wanted, states = set(job_ids), {}
+    for line in done.stdout.splitlines():
+        job_id, state, reason = (line.split(maxsplit=2) + ["", ""])[:3]
+        if job_id in wanted:
+            states[job_id] = f"{state} ({reason})" if state == "PENDING" else state
+    return states
+
+
+def _cancel_jobs(job_ids: list[str], timeout_s: float = _CLOSE_TIMEOUT_S) -> None:
+    """Cancel those of ``job_ids`` still in the queue, by id, and wait until they left it.
+
+    SLURMCluster's close cancels its jobs already; this is the check that none is left
+    (e.g. a close that timed out), and waits for the jobs' processes to end.
+    """
+    import subprocess
+
+    ids = list(job_ids)
+    left = _slurm_job_states(ids)
+    if left == {}:
+        return
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # None: squeue cannot tell
+        subprocess.run(["scancel", *(left or ids)], capture_output=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while left and time.monotonic() < deadline:
+        time.sleep(_POLL_S * 2)
+        left = _slurm_job_states(ids)
+    if left:
+        logger.warning("SLURM jobs still in the queue after scancel: %s", left)
 
 
 def _describe(err: BaseException) -> str:

@@ -47,6 +47,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import tomllib
 import typing
@@ -61,7 +62,9 @@ DEFAULTS_SOURCE = "<defaults>"
 CODECS = ("blosc-lz4", "zstd", "gzip", "none")
 SHUFFLES = ("bit", "byte", "none")
 BASELINE_METHODS = ("mean", "median", "image_median", "ph_pedestal")
-CLUSTER_TYPES = ("local", "ssh", "scheduler")
+CLUSTER_TYPES = ("local", "ssh", "slurm", "scheduler")
+#: A SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.
+SLURM_TIME = r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}"
 
 
 # --------------------------------------------------------------------------- messages
@@ -128,7 +131,8 @@ class Key:
 
     ``lo``/``hi`` are inclusive bounds, ``above`` an exclusive lower bound, ``choices``
     the allowed strings, ``memory`` marks a size string that ``dask.utils.parse_bytes``
-    must accept.
+    must accept, ``pattern`` a regular expression the whole string must match and
+    ``shape`` what such a string is, for the message.
     """
 
     doc: str
@@ -137,6 +141,8 @@ class Key:
     above: int | float | None = None
     choices: tuple[str, ...] = ()
     memory: bool = False
+    pattern: str = ""
+    shape: str = ""
 
     def field(self, default: Any) -> Any:
         """A dataclass field with this key's rules and ``default``."""
@@ -150,6 +156,8 @@ class Key:
             return f"{name} = {_show(value)} is not one of {allowed}{hint}"
         if self.memory and not _is_memory_size(value):
             return f'{name} = {_show(value)} is not a memory size (e.g. "4GB", "512MiB")'
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            return f"{name} = {_show(value)} is not {self.shape}"
         too_low = (self.lo is not None and value < self.lo) or (
             self.above is not None and value <= self.above
         )
@@ -306,7 +314,7 @@ class ClusterConfig(_Section):
     use_dask: bool = key(True, "false: steps run in this process, no cluster")
     cluster_type: str = key(
         "",
-        'local | ssh | scheduler; absent or "": ssh if ssh_hosts else local',
+        'local | ssh | slurm | scheduler; absent or "": ssh if ssh_hosts else local',
         choices=CLUSTER_TYPES,
     )
     scheduler_address: str = key(
@@ -334,6 +342,36 @@ class ClusterConfig(_Section):
     local_memory_per_worker: str = key(
         "4GB", "memory limit per local worker (dask size string)", memory=True
     )
+    # SLURM (dask-jobqueue's SLURMCluster; its own names after "slurm_").
+    slurm_jobs: int = key(1, "SLURM jobs submitted, each running slurm_processes workers", lo=1)
+    slurm_queue: str = key("", 'partition (#SBATCH -p); "" = the cluster\'s default')
+    slurm_account: str = key("", 'account charged (#SBATCH -A); "" = your default')
+    slurm_cores: int = key(1, "cores per job (--cpus-per-task), shared by its workers", lo=1)
+    slurm_memory: str = key(
+        "4GB", "memory per job (#SBATCH --mem), shared by its workers", memory=True
+    )
+    slurm_processes: int = key(1, "worker processes per job", lo=1)
+    slurm_walltime: str = key(
+        "00:30:00",
+        'time limit per job (#SBATCH -t), e.g. "04:00:00" or "1-00:00:00"',
+        pattern=SLURM_TIME,
+        shape='a SLURM time limit (e.g. "30", "04:00:00", "1-12:00:00")',
+    )
+    slurm_job_extra_directives: tuple[str, ...] = key(
+        (), 'more #SBATCH options, e.g. ["--qos=normal", "--tmp=100G"]'
+    )
+    slurm_job_script_prologue: tuple[str, ...] = key(
+        (), 'shell lines run before the worker, e.g. ["module load python"]'
+    )
+    slurm_worker_extra_args: tuple[str, ...] = key(
+        (), 'more dask worker options, e.g. ["--lifetime", "3h50m", "--lifetime-stagger", "5m"]'
+    )
+    slurm_log_directory: str = key(
+        "", 'directory of the jobs\' output files; "" = slurm-<id>.out where the cluster started'
+    )
+    local_directory: str = key(
+        "", 'workers\' scratch (spill) directory, node-local; "" = Dask\'s default (temp dir)'
+    )
     min_workers: int = key(0, "workers that must join before work starts; 0 = all requested", lo=0)
     startup_timeout_s: float = key(
         120.0, "seconds to wait for the cluster and its workers", above=0
@@ -354,14 +392,20 @@ class ClusterConfig(_Section):
             ]
         if kind == "ssh" and not hosts:
             return ['cluster_type = "ssh" needs a non-empty ssh_hosts list']
-        if kind == "local" and hosts:
+        if kind in ("local", "slurm") and hosts:
             return [
-                'cluster_type = "local" but ssh_hosts is set: set cluster_type = "ssh" '
+                f'cluster_type = "{kind}" but ssh_hosts is set: set cluster_type = "ssh" '
                 "(or remove it) to use the hosts, or empty ssh_hosts"
+            ]
+        if kind == "slurm" and values["slurm_processes"] > values["slurm_cores"]:
+            return [
+                f"slurm_processes = {values['slurm_processes']} is more than slurm_cores = "
+                f"{values['slurm_cores']}: each worker process needs a core"
             ]
         requested = {
             "ssh": len(hosts) * values["ssh_workers_per_host"],
             "local": values["local_workers"],
+            "slurm": values["slurm_jobs"] * values["slurm_processes"],
         }
         if values["min_workers"] > requested.get(kind, math.inf):
             wanted = values["min_workers"]
@@ -373,6 +417,8 @@ class ClusterConfig(_Section):
         """Workers this config starts (None for an external scheduler)."""
         if self.cluster_type == "ssh":
             return len(self.ssh_hosts) * self.ssh_workers_per_host
+        if self.cluster_type == "slurm":
+            return self.slurm_jobs * self.slurm_processes
         return self.local_workers if self.cluster_type == "local" else None
 
 

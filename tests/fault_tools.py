@@ -1,7 +1,8 @@
 """Shared tools of the fault campaign (tests/test_faults.py).
 
 * snapshots of a tree (checksums, modes, directory mtimes) to prove inputs untouched;
-* chunk digests to prove a rerun is byte-identical to an uninterrupted run;
+* chunk digests to prove a rerun is byte-identical to an uninterrupted run, and
+  :func:`assert_same_store` to prove two runs (local, SSH, SLURM) wrote the same store;
 * processes: run a CLI in its own session, wait for a point, kill it, and check that
   nothing of that session is left (``/proc/<pid>/stat``);
 * permissions as root: :func:`as_unprivileged` drops CAP_DAC_OVERRIDE and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -27,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from process_tools import session_processes
@@ -62,6 +65,38 @@ def chunk_digests(store: Path) -> dict[str, str]:
     """sha256 of every chunk file (metadata differs: it records times and the mode)."""
     return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(store.rglob("*")) if p.is_file() and "/c/" in str(p)}
+
+
+#: Group attributes (at any depth) that describe the run, not the data: times, speeds,
+#: mode, the [cluster] section, where the L0 was, and the L0's size (its metadata holds the
+#: configuration, so it differs by a few hundred bytes).
+VOLATILE_ATTRS = frozenset({"created", "seconds", "mb_per_s", "mode", "cluster", "l0_path",
+                            "l0_bytes", "l1_to_l0_ratio"})
+
+
+def scrub(value: Any) -> Any:
+    """``value`` without the keys of :data:`VOLATILE_ATTRS`, at any depth."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE_ATTRS}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+def assert_same_store(got: Path, want: Path) -> None:
+    """Every chunk and array metadata file byte-identical; group attributes identical
+    except the run's own (:data:`VOLATILE_ATTRS`: times, mode, cluster configuration)."""
+    files = sorted(p.relative_to(want) for p in want.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file())
+    assert any(f.name != "zarr.json" for f in files)
+    for rel in files:
+        a, b = (got / rel).read_bytes(), (want / rel).read_bytes()
+        if a == b:
+            continue
+        assert rel.name == "zarr.json", f"{rel} differs"
+        meta_a, meta_b = json.loads(a), json.loads(b)
+        assert meta_a.get("node_type") == "group", f"array metadata {rel} differs"
+        assert scrub(meta_a) == scrub(meta_b), f"{rel}: attributes differ"
 
 
 def store_arrays(store: Path) -> dict[str, object]:

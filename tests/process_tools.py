@@ -9,9 +9,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def session_processes(sid: int) -> list[tuple[int, str]]:
@@ -46,6 +49,47 @@ def tagged_processes(tag: str) -> list:
             if proc.environ().get("PANOSETI_TEST_TAG") == tag and proc.status() != "zombie":
                 found.append(proc)
     return found
+
+
+def start_or_skip(start: Callable[[], T], unavailable: type[Exception], what: str,
+                  tests: str) -> T:
+    """``start()``, a test bed; where ``what`` cannot start here (``unavailable`` says
+    why) the ``tests`` are skipped with that reason, except under CI (``CI`` set), where
+    they must run: there it is a failure."""
+    import pytest
+
+    try:
+        return start()
+    except unavailable as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the {tests} tests, but {what} could not start: {err}")
+        pytest.skip(f"{what} could not be started here: {err}")
+
+
+def lingering(tag: str, more: Callable[[], list] | None = None, grace_s: float = 15.0) -> list:
+    """Processes with ``tag`` (and ``more()``) still alive after up to ``grace_s``:
+    closing is asynchronous, so they get a moment to end first."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = tagged_processes(tag) + (more() if more else [])
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def cmdline(proc: Any) -> list[str]:
+    """A process's command line ([] once it is gone or not ours to read)."""
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def described(procs: list) -> list[str]:
+    """``PID command line`` of each process, for an assertion message."""
+    return [f"{p.pid} {' '.join(cmdline(p))[:120]}" for p in procs]
 
 
 def stop_by_pid(procs: list) -> None:

@@ -253,7 +253,7 @@ def test_with_overrides():
         ),
         (
             '[cluster]\ncluster_type = "k8s"\n',
-            '[cluster] cluster_type = "k8s" is not one of "local", "ssh", "scheduler"',
+            '[cluster] cluster_type = "k8s" is not one of "local", "ssh", "slurm", "scheduler"',
         ),
         (
             "[cluster]\nmin_workers = 3\n",
@@ -267,6 +267,29 @@ def test_with_overrides():
         (
             '[cluster]\nlocal_memory_per_worker = "0GB"\n',
             '[cluster] local_memory_per_worker = "0GB" is not a memory size (e.g. "4GB", "512MiB")',
+        ),
+        (
+            '[cluster]\ncluster_type = "slurm"\nslurm_walltime = "4 hours"\n',
+            '[cluster] slurm_walltime = "4 hours" is not a SLURM time limit '
+            '(e.g. "30", "04:00:00", "1-12:00:00")',
+        ),
+        (
+            '[cluster]\ncluster_type = "slurm"\nslurm_cores = 2\nslurm_processes = 3\n',
+            "[cluster] slurm_processes = 3 is more than slurm_cores = 2: each worker process "
+            "needs a core",
+        ),
+        (
+            '[cluster]\ncluster_type = "slurm"\nslurm_jobs = 2\nmin_workers = 3\n',
+            "[cluster] min_workers = 3 is more than the 2 workers requested",
+        ),
+        (
+            '[cluster]\ncluster_type = "slurm"\nslurm_memory = "lots"\n',
+            '[cluster] slurm_memory = "lots" is not a memory size (e.g. "4GB", "512MiB")',
+        ),
+        (
+            '[cluster]\ncluster_type = "slurm"\nssh_hosts = ["a"]\n',
+            '[cluster] cluster_type = "slurm" but ssh_hosts is set: set cluster_type = "ssh" '
+            "(or remove it) to use the hosts, or empty ssh_hosts",
         ),
         ("[run]\nstop_grace_s = 0\n", "[run] stop_grace_s = 0.0 is out of range (> 0)"),
         ('[run]\nstop_grace_s = "60"\n', '[run] stop_grace_s must be a number, got "60"'),

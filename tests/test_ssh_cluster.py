@@ -13,7 +13,6 @@ fail instead. After every test nothing started through the sshd (found by the
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -35,7 +34,16 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("distributed")
 pytest.importorskip("asyncssh")
 
-from process_tools import PYTHON, ManagerProcess, tagged_env, tagged_processes  # noqa: E402
+from fault_tools import assert_same_store  # noqa: E402
+from process_tools import (  # noqa: E402
+    PYTHON,
+    ManagerProcess,
+    cmdline,
+    described,
+    lingering,
+    start_or_skip,
+    tagged_env,
+)
 
 from panoseti_pipeline import cluster as dask_cluster  # noqa: E402
 
@@ -56,25 +64,14 @@ ORIGINAL_SSH_FORM = {
     "ssh_memory_per_worker": "1GB",
 }
 
-#: Group attributes (at any depth) that describe the run, not the data: times, speeds,
-#: mode, the [cluster] section, where the L0 was, and the L0's size (its metadata holds the
-#: configuration, so it differs by a few hundred bytes).
-VOLATILE_ATTRS = frozenset({"created", "seconds", "mb_per_s", "mode", "cluster", "l0_path",
-                            "l0_bytes", "l1_to_l0_ratio"})
-
-
 # -- the test bed ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd_testbed.SSHTestBed]:
     """The session's sshd on 127.0.0.1 and 127.0.0.2; skipped (CI: failed) if impossible."""
-    try:
-        testbed = sshd_testbed.start_sshd(tmp_path_factory.mktemp("sshd"))
-    except sshd_testbed.SSHDUnavailable as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the SSH-cluster tests, but sshd could not start: {err}")
-        pytest.skip(f"sshd could not be started here: {err}")
+    testbed = start_or_skip(lambda: sshd_testbed.start_sshd(tmp_path_factory.mktemp("sshd")),
+                            sshd_testbed.SSHDUnavailable, "sshd", "SSH-cluster")
     try:
         yield testbed
     finally:
@@ -91,22 +88,10 @@ def nothing_left(request: pytest.FixtureRequest, tag: str) -> Iterator[None]:
     """After each test: no process of the sshd's sessions or with this test's tag."""
     yield
     testbed = request.getfixturevalue("bed") if "bed" in request.fixturenames else None
-    deadline = time.monotonic() + 15.0
-    while True:  # closing is asynchronous: give the sessions a moment to end
-        left = tagged_processes(tag) + (testbed.processes() if testbed else [])
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    described = [f"{p.pid} {' '.join(sshd_testbed_cmdline(p))[:120]}" for p in left]
+    left = lingering(tag, testbed.processes if testbed else None)
+    names = described(left)
     sshd_testbed.stop_processes(left)
-    assert not described, f"processes left running (stopped now): {described}"
-
-
-def sshd_testbed_cmdline(proc: Any) -> list[str]:
-    try:
-        return proc.cmdline()
-    except psutil.Error:
-        return []
+    assert not names, f"processes left running (stopped now): {names}"
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -154,31 +139,6 @@ def module_probe():
     return probe
 
 
-def scrub(value: Any) -> Any:
-    """``value`` without the keys of :data:`VOLATILE_ATTRS`, at any depth."""
-    if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE_ATTRS}
-    if isinstance(value, list):
-        return [scrub(v) for v in value]
-    return value
-
-
-def assert_same_store(got: Path, want: Path) -> None:
-    """Every chunk and array metadata file byte-identical; group attributes identical
-    except the run's own (:data:`VOLATILE_ATTRS`: times, mode, cluster configuration)."""
-    files = sorted(p.relative_to(want) for p in want.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file())
-    assert any(f.name != "zarr.json" for f in files)
-    for rel in files:
-        a, b = (got / rel).read_bytes(), (want / rel).read_bytes()
-        if a == b:
-            continue
-        assert rel.name == "zarr.json", f"{rel} differs"
-        meta_a, meta_b = json.loads(a), json.loads(b)
-        assert meta_a.get("node_type") == "group", f"array metadata {rel} differs"
-        assert scrub(meta_a) == scrub(meta_b), f"{rel}: attributes differ"
-
-
 def start_step1(inputs: list[Path], output: Path, config: Path, *extra: str, tag: str,
                 cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([PYTHON, STEP1, *map(str, inputs), str(output), str(config),
@@ -222,7 +182,7 @@ def test_workers_run_on_both_ssh_hosts_outside_the_repo(bed, make_manager) -> No
         # The scheduler is an SSH session process on the first host, not ours.
         # (`python -m distributed.cli.dask_spec --spec ...`; a nanny names the scheduler.)
         schedulers = [host for pid, host in sessions.items()
-                      if sshd_testbed_cmdline(psutil.Process(pid))[3:4] == ["--spec"]]
+                      if cmdline(psutil.Process(pid))[3:4] == ["--spec"]]
         assert schedulers == [HOSTS[0]] and manager.proc.pid not in sessions
         # ... yet the pipeline's package imports on every worker and on the scheduler:
         # remote_python is the venv where it is installed (editable, this repository).

@@ -8,16 +8,19 @@ Usage::
 
 The scheduler file is written atomically, and only once the workers have joined
 (``min_workers``, 0 = all requested, within ``startup_timeout_s``). The address, one line
-per worker (address, host -- for SSH workers the host their session reached --, pid,
-threads, working directory) and the dashboard link are printed on stdout first. SIGTERM
-or SIGINT closes everything this process started, removes the scheduler file and exits 0.
+per worker (address, host -- for SSH workers the host their session reached, for SLURM
+workers their job id --, pid, threads, working directory) and the dashboard link are
+printed on stdout first. SIGTERM or SIGINT closes everything this process started, removes
+the scheduler file and exits 0.
 
 Exit codes: 0 closed cleanly after SIGTERM/SIGINT; 1 the cluster did not start (one line on
 stderr, nothing left running, no scheduler file); 2 usage or configuration error (including
 ``use_dask = false``: there is nothing to start); 130 interrupted while starting.
 
-With ``cluster_type = "scheduler"`` the configured ``scheduler_address`` is only checked and
-published; the scheduler and its workers are left running on exit.
+With ``cluster_type = "slurm"`` the workers run in SLURM jobs, cancelled by job id when
+the cluster closes. With ``cluster_type = "scheduler"`` the configured
+``scheduler_address`` is only checked and published; the scheduler and its workers are
+left running on exit.
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ def _worker_line(w: dict) -> str:
     where = w.get("hostname") or "?"
     if w.get("ssh_host"):
         where = f"{w['ssh_host']} via ssh ({where})"
+    elif w.get("slurm_job"):
+        where = f"{where} in SLURM job {w['slurm_job']}"
     return (f"worker {w['address']} on {where}, pid {w.get('pid')}, "
             f"{w.get('nthreads')} threads, cwd {w.get('cwd')}")
 

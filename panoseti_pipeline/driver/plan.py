@@ -337,6 +337,17 @@ def free_space_problems(jobs: Sequence[Job], out_dir: Path, l0_dir: Path, steps:
     return problems
 
 
+def _scratch_problem(cfg: PipelineConfig | None, path: Path, what: str) -> str | None:
+    """The workers' scratch ([cluster] local_directory) must not be inside ``path``."""
+    scratch = cfg.cluster.local_directory if cfg and cfg.cluster.use_dask else ""
+    expanded = os.path.expanduser(os.path.expandvars(scratch))
+    if not (expanded and os.path.isabs(expanded) and _is_within(_real(expanded), _real(path))):
+        return None
+    return (f"{cfg.source}: [cluster] local_directory = {json.dumps(scratch)} is inside the "
+            f"{what} {path}: the workers' scratch must stay out of the output tree "
+            f"(choose node-local scratch, e.g. /scratch or $TMPDIR)")
+
+
 def _interface_problem(interface: str, source: str) -> str | None:
     """A local cluster binds to ``interface``: does this machine have it?"""
     if not interface:
@@ -373,7 +384,7 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
         cfg = load_config(config_path)
     except ConfigError as err:
         plan.problems.extend(str(err).splitlines())
-    if cfg and cfg.cluster.use_dask and cfg.cluster.cluster_type == "local":
+    if cfg and cfg.cluster.use_dask and cfg.cluster.cluster_type in ("local", "slurm"):
         problem = _interface_problem(cfg.cluster.interface, cfg.source)
         if problem:
             plan.problems.append(problem)
@@ -397,6 +408,9 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
             if _is_within(real, tree):
                 plan.problems.append(f"{path}: the {what} is inside the input tree {tree} "
                                      "(inputs are read-only; choose another directory)")
+        problem = _scratch_problem(cfg, path, what)
+        if problem:
+            plan.problems.append(problem)
     if l0 != out and _bad_chars(str(l0)):
         plan.problems.append(f"{str(l0)!r}: paths with a TAB or newline are not supported")
 
@@ -444,6 +458,13 @@ def cluster_summary(cfg: PipelineConfig) -> dict[str, Any]:
         shape = (f"{c.n_workers} workers on {len(c.ssh_hosts)} hosts "
                  f"({', '.join(c.ssh_hosts)}) x {c.ssh_threads_per_worker} threads, "
                  f"{c.ssh_memory_per_worker} each")
+    elif c.cluster_type == "slurm":
+        info.update(jobs=c.slurm_jobs, workers=c.n_workers, cores_per_job=c.slurm_cores,
+                    memory_per_job=c.slurm_memory, queue=c.slurm_queue,
+                    walltime=c.slurm_walltime)
+        shape = (f"{c.slurm_jobs} SLURM jobs x {c.slurm_processes} workers, "
+                 f"{c.slurm_cores} cores and {c.slurm_memory} per job, partition "
+                 f"{c.slurm_queue or '(default)'}, walltime {c.slurm_walltime}")
     else:
         info["scheduler_address"] = c.scheduler_address
         shape = f"the running scheduler at {c.scheduler_address}"
