@@ -315,6 +315,17 @@ def test_unreachable_host_is_a_clear_error(bed, make_manager, case: str) -> None
     assert not manager.scheduler_file.exists()
 
 
+def test_startup_timeout_closes_the_workers_still_starting(bed, make_manager) -> None:
+    """The deadline passes while the workers start (the scheduler alone takes longer):
+    the close waits for every host's start to end and closes what started. The fixture
+    checks that nothing started through the sshd is left."""
+    manager = make_manager(ssh_cluster(bed, startup_timeout_s=2.0)).start()
+    assert manager.proc.wait(timeout=60) == 1
+    line = one_error_line(manager.stderr)
+    assert "workers joined within startup_timeout_s = 2 s" in line, line
+    assert not manager.scheduler_file.exists()
+
+
 def test_unknown_host_key_is_refused_by_default(bed, make_manager) -> None:
     # A known_hosts that names another key for these hosts, and one naming no key at all;
     # both managers at once (each fails at its first login).
