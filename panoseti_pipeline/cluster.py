@@ -353,7 +353,6 @@ class ClusterHandle:
             f"startup_timeout_s or lower min_workers, or check the workers' hosts and memory"
         )
 
-
     def _workers_without_one_host(self) -> int:
         """The most workers that can join once one SSH host's workers failed."""
         return (len(self.config.ssh_hosts) - 1) * int(self.config.ssh_workers_per_host)
