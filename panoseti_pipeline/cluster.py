@@ -48,6 +48,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,8 @@ WORKER_ENV_PREFIXES: tuple[str, ...] = (
 )
 
 _POLL_S = 0.1
+#: How often closing SSH workers asks the scheduler again (for workers that joined late).
+_RETIRE_POLL_S = 0.5
 _CLOSE_TIMEOUT_S = 30.0
 #: After an SSH host's workers failed, how long the others get to register.
 _FAILED_GRACE_S = 3.0
@@ -162,6 +165,8 @@ class ClusterHandle:
         self._pids_before: set[int] = set()
         #: Why an SSH host's workers did not start (set by the background start).
         self._worker_failures: list[str] = []
+        #: Set when the background start of the SSH workers has ended (either way).
+        self._ssh_workers_tried: threading.Event | None = None
 
     def __repr__(self) -> str:
         where = f" {self.address}" if self.address else ""
@@ -222,7 +227,7 @@ class ClusterHandle:
         cluster, self._cluster = self._cluster, None
         if client is not None:
             if self.kind == "ssh":
-                _close_ssh_workers(client, cluster)
+                _close_ssh_workers(client, cluster, self._ssh_workers_tried)
             with contextlib.suppress(Exception):
                 client.close(timeout=10)
         started = _child_pids() - self._pids_before
@@ -300,6 +305,7 @@ class ClusterHandle:
                 },
             }
         cluster, failures, config = self._cluster, self._worker_failures, self.config
+        tried = self._ssh_workers_tried = threading.Event()
 
         async def start_workers() -> None:
             # SpecCluster raises the first host's failure once every host was tried;
@@ -309,6 +315,8 @@ class ClusterHandle:
             except Exception as err:  # noqa: BLE001 -- reported by _wait_for_workers
                 host = getattr(err, "host", "")
                 failures.append(f"{_describe(err)}; {_ssh_hint(err, host, config)}")
+            finally:
+                tried.set()
 
         self._cluster.loop.add_callback(start_workers)
 
@@ -344,7 +352,6 @@ class ClusterHandle:
             f"within startup_timeout_s = {self.config.startup_timeout_s:g} s; raise "
             f"startup_timeout_s or lower min_workers, or check the workers' hosts and memory"
         )
-
 
     def _workers_without_one_host(self) -> int:
         """The most workers that can join once one SSH host's workers failed."""
@@ -548,24 +555,32 @@ def _ssh_host_workers_class() -> type:
     return SSHHostWorkers
 
 
-def _close_ssh_workers(client: Client, cluster: Any, timeout_s: float = 20.0) -> None:
+def _close_ssh_workers(client: Client, cluster: Any, tried: threading.Event | None,
+                       timeout_s: float = 20.0) -> None:
     """Close the SSH workers through the scheduler and wait for their remote processes.
 
     SSHCluster stops a remote process by an SSH signal request, which an OpenSSH server
     may refuse ("session signalling requires privilege separation"); the workers then
     outlive the cluster until they notice the scheduler is gone. Asking the scheduler to
     close them (nannies included) and waiting for each remote command to end does not
-    depend on that.
+    depend on that. A close during the start (a failed, timed-out or interrupted start)
+    first lets the start of every host end (``tried``), so that each remote process is
+    known, and repeats the request while waiting: a worker still starting registers later
+    and is closed then.
     """
     deadline = time.monotonic() + timeout_s
-    with contextlib.suppress(Exception):
-        client.retire_workers(close_workers=True)
+    if tried is not None:
+        tried.wait(timeout_s)
     procs = [getattr(w, "proc", None) for w in getattr(cluster, "workers", {}).values()]
     procs = [p for p in procs if p is not None]
-    while time.monotonic() < deadline:
+    while True:
+        with contextlib.suppress(Exception):
+            client.retire_workers(close_workers=True)
         if all(p.exit_status is not None or p.is_closing() for p in procs):
             return
-        time.sleep(_POLL_S)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(_RETIRE_POLL_S)
     logger.warning("SSH worker processes still running after %g s; closing anyway", timeout_s)
 
 
