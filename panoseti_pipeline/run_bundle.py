@@ -49,7 +49,7 @@ from typing import Any
 
 from panoseti_pipeline.errors import InputError, PipelineError, StoreError
 from panoseti_pipeline.pff import HOUSEKEEPING_NAME
-from panoseti_pipeline.store.publish import PARTIAL_SUFFIX
+from panoseti_pipeline.store.publish import PARTIAL_SUFFIX, swap_into_place
 
 Notice = Callable[[str], None]
 
@@ -281,9 +281,6 @@ def _publish(tmp: Path, final: Path) -> None:
     Only a bundle this pipeline wrote, holding nothing it did not write, is replaced: any
     other directory or file of that name is someone's data.
     """
-    # the products' swap; imported here because store.layout imports zarr
-    from panoseti_pipeline.store.layout import _replace
-
     if final.exists() or final.is_symlink():
         manifest = None if final.is_symlink() else _read_manifest(final)
         if manifest is None:
@@ -294,4 +291,4 @@ def _publish(tmp: Path, final: Path) -> None:
         if extra:
             raise StoreError(f"{final}: holds {extra[0]}, which this pipeline did not write; "
                              "refusing to replace the bundle (move that file away)")
-    _replace(tmp, final)
+    swap_into_place(tmp, final)

@@ -28,8 +28,10 @@ def small_config(tmp_path: Path, **pff_to_zarr) -> Path:
 
 
 def make_stream(root: Path, dp: str, sizes: list[int], *, timing: str = "wr",
-                seed: int = 0, module: int = 1, tail: bytes = b"", edit=None):
-    """Write one stream's seqno files; return (paths, images, headers) as written."""
+                seed: int = 0, module: int = 1, tail: bytes = b"", edit=None,
+                cadence_ns: int = 1_000_000):
+    """Write one stream's seqno files, named as the DAQ names them (a rolled-over file
+    by the second its first frame came); return (paths, images, headers) as written."""
     run = root / RUN_DIR
     run.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -37,12 +39,13 @@ def make_stream(root: Path, dp: str, sizes: list[int], *, timing: str = "wr",
     t0 = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9
     paths, all_images, all_headers, first = [], [], [], 0
     for seqno, n in enumerate(sizes):
-        times = t0 + (first + np.arange(n, dtype=np.int64)) * 1_000_000
+        times = t0 + (first + np.arange(n, dtype=np.int64)) * cadence_ns
         headers = synthetic_obs.synth_headers(rng, spec, times, first_pkt=first)
         images = synthetic_obs.synth_images(rng, spec, n, first)
         if edit:
             edit(seqno, images, headers)
-        path = run / synthetic_obs.file_name(spec, synthetic_obs.DEFAULT_START, seqno)
+        start = synthetic_obs.opened_at(int(times[0])) if seqno else synthetic_obs.DEFAULT_START
+        path = run / synthetic_obs.file_name(spec, start, seqno)
         with open(path, "wb") as f:
             pff.write_frames(f, dp, images, headers)
             if seqno == len(sizes) - 1:
@@ -308,18 +311,33 @@ def test_overwrite_never_removes_what_is_not_a_product(tmp_path, capsys):
     assert zarr.open_group(str(tmp_path / "l1.zarr")).attrs["processing_level"] == "L1"
 
 
-def test_other_recordings_are_not_joined_and_gaps_are_told(tmp_path, capsys):
-    paths, _, _ = make_stream(tmp_path, "img16", [40, 40, 40])
-    later = paths[1].with_name(paths[1].name.replace("2024-07-25T04:34:46Z",
-                                                     "2025-01-01T00:00:00Z"))
-    later.write_bytes(paths[1].read_bytes())
+def test_rolled_over_files_are_joined_whatever_their_start_and_odd_names_are_told(
+        tmp_path, capsys):
+    # 40 frames 2 s apart: seqno 1 starts 80 s (a later minute) after seqno 0
+    paths, images, headers = make_stream(tmp_path, "img16", [40, 40, 40],
+                                         cadence_ns=2_000_000_000)
+    assert "T04:34:46Z" in paths[0].name and "T04:36:06Z" in paths[1].name
     cfg = small_config(tmp_path)
-    assert run_step1(paths[0], later, tmp_path / "a_L0.zarr", cfg) == 1
-    assert "not one stream" in capsys.readouterr().err
-    assert step1_pff_to_zarr.main([str(paths[0]), str(paths[2]), str(tmp_path / "b_L0.zarr"),
+    assert run_step1(*paths, tmp_path / "a_L0.zarr", cfg) == 0
+    assert capsys.readouterr().err == ""  # as the DAQ writes them: nothing to tell
+    group = zarr.open_group(str(tmp_path / "a_L0.zarr"))
+    assert group.attrs["total_frames"] == 120
+    np.testing.assert_array_equal(group["images"][:], images)
+    # a file named earlier than its predecessor (a renamed file?) is joined and told
+    earlier = paths[2].with_name(paths[2].name.replace("T04:37:26Z", "T04:30:00Z"))
+    paths[2].rename(earlier)
+    assert run_step1(paths[0], paths[1], earlier, tmp_path / "b_L0.zarr", cfg) == 0
+    assert ("seqno 2 is named start_04:30:00Z, before seqno 1 (start_04:36:06Z)"
+            in capsys.readouterr().err)
+    assert zarr.open_group(str(tmp_path / "b_L0.zarr")).attrs["total_frames"] == 120
+    # a gap is told; another module is not joined
+    assert step1_pff_to_zarr.main([str(paths[0]), str(earlier), str(tmp_path / "c_L0.zarr"),
                                    str(cfg)]) == 0
-    assert "seqno 1 missing between the inputs" in capsys.readouterr().err
-    assert zarr.open_group(str(tmp_path / "b_L0.zarr")).attrs["n_frames"] == 80
+    assert "seqno 1 missing; joined without it" in capsys.readouterr().err
+    assert zarr.open_group(str(tmp_path / "c_L0.zarr")).attrs["total_frames"] == 80
+    other, _, _ = make_stream(tmp_path, "img16", [40], module=2)
+    assert run_step1(paths[0], other[0], tmp_path / "d_L0.zarr", cfg) == 1
+    assert "not one stream" in capsys.readouterr().err
 
 
 def test_longer_headers_that_add_up_to_whole_frames_are_found(tmp_path, capsys):

@@ -76,7 +76,7 @@ def publishing(final: str | os.PathLike, level: str, overwrite: bool = False
     tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
     try:
         yield tmp
-        _replace(tmp, final)
+        swap_into_place(tmp, final)
     except BaseException as err:
         try:
             wait_for_pending_writes()  # else writes still in flight re-create the partial
@@ -88,7 +88,7 @@ def publishing(final: str | os.PathLike, level: str, overwrite: bool = False
         raise
 
 
-def _replace(tmp: Path, final: Path) -> None:
+def swap_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an old product there is kept until that succeeded."""
     if not final.exists():
         tmp.rename(final)

@@ -23,10 +23,12 @@ Notes
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import gzip
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +174,66 @@ def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
+
+
+class FrameWriter:
+    """Writes a task's frames, whole time chunks at a time, into several arrays of a store.
+
+    :meth:`add` takes the next chunk of every array, encodes them on ``threads`` threads
+    while the caller decodes the following chunk, and appends the encoded bytes to each
+    array's files in order. The arrays handed to :meth:`add` must stay untouched until
+    ``slots`` further chunks were added: the caller cycles through ``slots`` buffers.
+    """
+
+    def __init__(self, store: str | os.PathLike, dtypes: Mapping[str, Any],
+                 ndims: Mapping[str, int], chunk: int, per_shard: int, n_frames: int,
+                 first_frame: int, codec: ChunkCodec, threads: int,
+                 prepare: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None
+                 ) -> None:
+        if first_frame % chunk:
+            raise ValueError(f"frame {first_frame} is not at a chunk boundary ({chunk})")
+        n_chunks = -(-n_frames // chunk)
+        self.chunk = chunk
+        self.encoders = {name: codec.encoder(dtype) for name, dtype in dtypes.items()}
+        self.prepare = dict(prepare or {})
+        self.files = {name: ChunkFiles(Path(store, name), ndims[name], first_frame // chunk,
+                                       per_shard, n_chunks) for name in dtypes}
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
+        self.slots = max(1, threads) + 1
+        self._pending: collections.deque = collections.deque()
+
+    def add(self, values: Mapping[str, np.ndarray]) -> None:
+        """Queue the next chunk of every array (the last chunk of the array may be short)."""
+        jobs = {name: self.pool.submit(self._encode, name, values[name])
+                for name in self.encoders}
+        self._pending.append(jobs)
+        while len(self._pending) >= self.slots:
+            self._drain_one()
+
+    def close(self) -> None:
+        """Write everything queued and finish the files (shard indexes)."""
+        try:
+            while self._pending:
+                self._drain_one()
+            for files in self.files.values():
+                files.close()
+        finally:
+            self.pool.shutdown()
+
+    def abort(self) -> None:
+        """Stop: wait for the encoders (nothing may be written after this returns)."""
+        for jobs in self._pending:
+            for job in jobs.values():
+                job.cancel()
+        self.pool.shutdown(wait=True)
+        for files in self.files.values():
+            files.abort()
+
+    def _encode(self, name: str, values: np.ndarray) -> bytes:
+        if name in self.prepare:
+            values = self.prepare[name](values)
+        return self.encoders[name](pad_chunk(values, self.chunk))
+
+    def _drain_one(self) -> None:
+        for name, job in self._pending.popleft().items():
+            self.files[name].add(job.result())

@@ -11,7 +11,7 @@ The variables are read here only, never by the pipeline:
     (``step2.subtract.apply_task``) sleeps first;
 ``TEST_PLUGIN_SLOW_PUBLISH_S=SECONDS[:NAME_SUFFIX]``
     a verified store whose final name ends with NAME_SUFFIX is held just before its
-    rename into place (``store.publish._replace``).
+    rename into place (``store.publish.swap_into_place``).
 
 A wrapper replaces the function in its module when that module is imported, and keeps
 the function's name and module (functools.wraps): Dask pickles it by reference, and a
@@ -70,7 +70,7 @@ def _wanted() -> dict[str, dict[str, Callable[[Callable[..., Any]], Callable[...
         def hold(fn: Callable[..., Any]) -> Callable[..., Any]:
             return _hold_before(fn, float(seconds), suffix)
 
-        out["panoseti_pipeline.store.publish"] = {"_replace": hold}
+        out["panoseti_pipeline.store.publish"] = {"swap_into_place": hold}
     return out
 
 
