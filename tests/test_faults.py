@@ -72,8 +72,9 @@ FRAMES = 300  # per seqno file; the stream has two files
 OBS = "obs_Lick.start_2024-07-25T04:34:46Z.runtype_sci-obs.pffd"
 STREAM = OBS[: -len(".pffd")] + ".dp_img16.module_1"
 FRAME_BYTES = pff.PRODUCTS["img16"].frame_bytes
-STEPS = {"pff_to_zarr": {"time_chunk": 64, "chunk_size_mb": 1, "num_workers": 1},
-         "baseline_subtract": {"baseline_window": 100, "compute_chunk_size": 64}}
+STEPS = {"pff_to_zarr": {"time_chunk": 64, "shard_factor": 3, "num_workers": 1},
+         "baseline_subtract": {"baseline_window": 100, "compute_chunk_size": 64,
+                               "shard_factor": 3}}
 CONFIGS = {
     "local": {"cluster": {"use_dask": False}, **STEPS},
     "dask": {"cluster": {"use_dask": True, "cluster_type": "local", "interface": "lo",
@@ -234,7 +235,7 @@ def test_step1_truncated_last_frame_is_dropped_and_reported(
     import zarr
 
     group = zarr.open_group(str(out), mode="r")
-    assert group.attrs["n_frames"] == 200
+    assert group.attrs["total_frames"] == 200
     assert group.attrs["source_files"][0]["partial_bytes_dropped"] == dropped
     ref = zarr.open_group(str(data.l0), mode="r")
     np.testing.assert_array_equal(group["images"][:], ref["images"][:200])
@@ -439,6 +440,7 @@ def _partial(final: Path) -> Path | None:
 
 
 def _chunks(store: Path | None, array: str = "images") -> int:
+    """Chunk files of ``array`` in a partial store (shard files: the store is sharded)."""
     if store is None or not (store / array / "c").is_dir():
         return 0
     return sum(1 for p in (store / array / "c").rglob("*") if p.is_file())
@@ -464,10 +466,11 @@ def _kill_and_check(s: Spawned, final: Path) -> Path:
 
 
 STEP1_KILL_POINTS = {  # point: (environment, condition on the partial store)
-    # two tasks of 384 and 216 frames (6 + 4 chunks of 64), one at a time, each waiting 1 s
+    # four tasks of 192, 192, 192 and 24 frames (a shard file of 3 chunks of 64 each), one
+    # at a time, each waiting 1 s: kill while the second shard is written
     "tasks_started": ({SLOW_TASK: "1.0"}, lambda p: p is not None and _chunks(p) == 0
                       and (p / "images" / "zarr.json").exists()),
-    "some_chunks_written": ({SLOW_TASK: "1.0"}, lambda p: _chunks(p) >= 6),
+    "some_chunks_written": ({SLOW_TASK: "1.0"}, lambda p: _chunks(p) >= 2),
     "at_publish": ({SLOW_PUBLISH: "30"}, None),
 }
 
@@ -486,7 +489,7 @@ def test_step1_kill_9_then_rerun_is_identical(data: Data, tmp_path: Path,
         else:
             s.wait_until(lambda: condition(_partial(final)), point)
         if point == "some_chunks_written":
-            assert _chunks(_partial(final)) < 10, "all chunks were written already"
+            assert _chunks(_partial(final)) < 4, "all shards were written already"
         stale = _kill_and_check(s, final)
 
     assert step1_pff_to_zarr.main(args) == 0  # the same command again
