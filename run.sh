@@ -14,17 +14,22 @@
 # input are removed. Exit: 0 every input done, 1 an input failed, 2 usage/config/input
 # problem found before any work, 130 interrupted.
 #
-# Bash stays thin: the logic that needs Python is in panoseti_pipeline (driver.py).
+# Bash stays thin: the logic that needs Python is in panoseti_pipeline/driver/, called
+# through one small CLI (`py` below).
 set -o errexit -o nounset -o pipefail
 
 REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
 # shellcheck source=SCRIPTDIR/env_bootstrap.sh
 source "$REPO_ROOT/env_bootstrap.sh"
 
-# Seconds a step, then the cluster manager, gets to stop after SIGTERM before SIGKILL.
-STEP_STOP_GRACE_S=60
-CLUSTER_STOP_GRACE_S=60
 DEMO_DEFAULT_DIR="panoseti_demo"
+# Polls of the wait loops, in seconds: every WAIT_POLL_S while waiting for a process to
+# stop or the cluster to start; a running step every WAIT_POLL_S for its first
+# STEP_FAST_POLLS polls (most short steps end within seconds), then every
+# STEP_SLOW_POLL_S (an hour-long step costs next to no CPU).
+WAIT_POLL_S=0.1
+STEP_FAST_POLLS=100
+STEP_SLOW_POLL_S=0.5
 
 # Options (parse_args).
 OPT_DRY_RUN=0
@@ -56,6 +61,9 @@ CLEANED_UP=0
 HURRY=0
 USE_DASK=0
 CLUSTER_WAIT_S=180
+# Tenths of a second a step, then the cluster manager, gets to stop after SIGTERM before
+# SIGKILL ([run] stop_grace_s, from the plan).
+STOP_GRACE_TENTHS=600
 CLUSTER_DESC=""
 OUT_DIR=""
 L0_DIR=""
@@ -181,15 +189,16 @@ absolute() {
 
 # ---------------------------------------------------------------------------- processes
 
-# wait_gone PID SECONDS: true once PID has exited (HURRY, a second signal, shortens it).
+# wait_gone PID TENTHS: true once PID has exited within TENTHS tenths of a second (HURRY,
+# a second signal, cuts the wait short).
 wait_gone() {
-  local pid="$1" ticks=$(($2 * 5))
+  local pid="$1" ticks="$2"
   while kill -0 "$pid" 2>/dev/null; do
     if ((ticks <= 0 || HURRY)); then
       return 1
     fi
     ticks=$((ticks - 1))
-    sleep 0.2
+    sleep "$WAIT_POLL_S"
   done
 }
 
@@ -200,7 +209,7 @@ wait_gone() {
 # client of the step would wait ~30 s for a scheduler that is gone), the step is stopped
 # at once and fails (status 1); run_jobs then reports the lost cluster (cluster_alive).
 run_step() {
-  local rc=0 lost=0
+  local rc=0 lost=0 polls=0
   STEP_START="$(now)"
   STEP_RC=""
   "$@" >&2 </dev/null &
@@ -213,7 +222,12 @@ run_step() {
         stop_step
         break
       fi
-      sleep 0.5
+      if ((polls < STEP_FAST_POLLS)); then
+        polls=$((polls + 1))
+        sleep "$WAIT_POLL_S"
+      else
+        sleep "$STEP_SLOW_POLL_S"
+      fi
     done
   fi
   if ((!lost)); then
@@ -232,7 +246,7 @@ stop_step() {
   if kill -0 "$pid" 2>/dev/null; then
     say "stopping the running step (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_gone "$pid" "$STEP_STOP_GRACE_S"; then
+    if ! wait_gone "$pid" "$STOP_GRACE_TENTHS"; then
       say "warning: step (pid $pid) still running; killing it"
       kill -KILL "$pid" 2>/dev/null || true
     fi
@@ -261,7 +275,7 @@ start_cluster() {
       say "error: no scheduler address from the cluster manager within $CLUSTER_WAIT_S s ([cluster] startup_timeout_s + margin); stopping it"
       return 1
     fi
-    sleep 0.2
+    sleep "$WAIT_POLL_S"
   done
   CLUSTER_ADDRESS="$(<"$SCHEDULER_FILE")"
   while IFS= read -r line; do
@@ -278,7 +292,7 @@ stop_cluster() {
     below="$(py descendants "$pid" 2>/dev/null)" || below=""
     say "stopping the cluster (manager pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_gone "$pid" "$CLUSTER_STOP_GRACE_S"; then
+    if ! wait_gone "$pid" "$STOP_GRACE_TENTHS"; then
       say "warning: cluster manager (pid $pid) did not stop; killing it and its processes"
       kill -KILL "$pid" 2>/dev/null || true
       for child in $below; do
@@ -407,6 +421,7 @@ read_plan() {
         CLUSTER_WAIT_S="${f[2]}"
         CLUSTER_DESC="${f[3]}"
         ;;
+      stop) STOP_GRACE_TENTHS="${f[1]}" ;;
       l0dir) L0_DIR="${f[1]}" ;;
       umask) RUN_UMASK="${f[1]}" ;;
       job)

@@ -313,8 +313,9 @@ class ClusterHandle:
         self._cluster.loop.add_callback(start_workers)
 
     def _wait_for_workers(self, need: int, deadline: float) -> None:
-        """Wait until ``need`` workers joined; fail at the deadline, or soon after an
-        SSH host's workers failed to start (the others have started by then)."""
+        """Wait until ``need`` workers joined; fail at the deadline, or once an SSH host's
+        workers failed to start: at once if ``need`` counts on that host's workers, else
+        after a short grace (the other hosts' workers have started by then)."""
         assert self._client is not None
         joined = 0
         failed_at = None
@@ -325,8 +326,10 @@ class ClusterHandle:
                     logger.warning("starting SSH workers: %s", "; ".join(self._worker_failures))
                 return
             now = time.monotonic()
-            if self._worker_failures and failed_at is None:
-                failed_at = now
+            if self._worker_failures:
+                if need > self._workers_without_one_host():
+                    break
+                failed_at = now if failed_at is None else failed_at
             if now >= deadline or (failed_at is not None and now - failed_at > _FAILED_GRACE_S):
                 break
             time.sleep(_POLL_S)
@@ -341,6 +344,11 @@ class ClusterHandle:
             f"within startup_timeout_s = {self.config.startup_timeout_s:g} s; raise "
             f"startup_timeout_s or lower min_workers, or check the workers' hosts and memory"
         )
+
+
+    def _workers_without_one_host(self) -> int:
+        """The most workers that can join once one SSH host's workers failed."""
+        return (len(self.config.ssh_hosts) - 1) * int(self.config.ssh_workers_per_host)
 
 
 def start_cluster(cluster_config: Any) -> ClusterHandle:

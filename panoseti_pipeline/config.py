@@ -435,6 +435,10 @@ class RunConfig(_Section):
     group_writable: bool = key(
         False, "create files and directories group-writable (never world-writable)"
     )
+    stop_grace_s: float = key(
+        60.0, "seconds a step, then the cluster manager, gets after SIGTERM before SIGKILL",
+        above=0,
+    )
 
 
 _SECTIONS: dict[str, type[_Section]] = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -64,18 +65,47 @@ class Interrupted(PipelineError):
     exit_code = EXIT_INTERRUPTED
 
 
+#: the signals that arrived while :func:`run_main` ran its body
+_signals: list[int] = []
+
+
 def _raise_interrupted(signum: int, _frame: object) -> None:
+    _signals.append(signum)
     raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``hook``, except for :class:`Interrupted` raised where Python can only ignore it
+    (a weakref callback, ``__del__``, an import lock): no traceback for that, the
+    signal is reported by :func:`run_main`."""
+
+    def quiet(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            hook(unraisable)
+
+    return quiet
 
 
 def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
     """Run a script's body and map exceptions to one stderr line and an exit code.
 
     SIGTERM is turned into :class:`Interrupted` so that cleanup code (removing a
-    partial store, closing a Dask client) runs exactly as it does for Ctrl-C.
-    Tracebacks are shown only with ``--debug``.
+    partial store, closing a Dask client) runs exactly as it does for Ctrl-C. Where
+    Python swallowed that exception (it arrived inside a callback), whatever failed
+    next is reported as the interruption it is. Tracebacks only with ``--debug``.
     """
+    _signals.clear()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable(previous_hook)
+    try:
+        return _reported(body, prog, debug)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+
+
+def _reported(body: Callable[[], int], prog: str, debug: bool) -> int:
     try:
         return body()
     except KeyboardInterrupt:
@@ -86,6 +116,8 @@ def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
     except PipelineError as err:
         if debug:
             raise
+        if _signals and not isinstance(err, Interrupted):
+            err = Interrupted(f"stopped by signal {signal.Signals(_signals[-1]).name}")
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:  # disk full, permission denied ... : name the file
@@ -97,10 +129,12 @@ def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
     except Exception as err:  # a bug or a library error: still one line, no traceback
         if debug:
             raise
+        if _signals:
+            print(f"{prog}: error: stopped by signal {signal.Signals(_signals[-1]).name}",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
         text = " ".join(str(err).split()) or "(no message)"
         print(f"{prog}: error: unexpected {type(err).__name__}: {text} (rerun with --debug "
               "for the traceback)", file=sys.stderr)
         return EXIT_FAILED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 

@@ -192,8 +192,7 @@ def test_late_worker_elsewhere_imports_the_package(running: tuple[ManagerProcess
         with contextlib.suppress(Exception):
             client.retire_workers(names=["late"], close_workers=True)
         client.close()
-        worker.terminate()
-        try:
+        try:  # retired, it exits by itself; SIGTERM while it closes can hang it for 10 s+
             worker.wait(timeout=10)
         except subprocess.TimeoutExpired:
             worker.kill()
@@ -247,7 +246,7 @@ def test_startup_timeout_fails_cleanly(make_manager) -> None:
 def test_unreachable_scheduler_is_a_clear_error(make_manager) -> None:
     address = f"tcp://127.0.0.1:{free_loopback_port()}"
     manager = make_manager(
-        cluster_type="scheduler", scheduler_address=address, startup_timeout_s=2.0
+        cluster_type="scheduler", scheduler_address=address, startup_timeout_s=0.5
     )
     started = time.monotonic()
     assert manager.start().wait_exit(timeout=20) == 1

@@ -268,6 +268,8 @@ def test_with_overrides():
             '[cluster]\nlocal_memory_per_worker = "0GB"\n',
             '[cluster] local_memory_per_worker = "0GB" is not a memory size (e.g. "4GB", "512MiB")',
         ),
+        ("[run]\nstop_grace_s = 0\n", "[run] stop_grace_s = 0.0 is out of range (> 0)"),
+        ('[run]\nstop_grace_s = "60"\n', '[run] stop_grace_s must be a number, got "60"'),
     ],
 )
 def test_each_problem_is_named(tmp_path, text, expected):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,9 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 from fault_tools import SLOW_TASK, with_plugin  # noqa: E402
 from process_tools import session_processes  # noqa: E402
 
-from panoseti_pipeline import driver as run_plan  # noqa: E402
 from panoseti_pipeline import pff  # noqa: E402
 from panoseti_pipeline import synthetic as synthetic_obs  # noqa: E402
+from panoseti_pipeline.driver import plan as driver_plan  # noqa: E402
+from panoseti_pipeline.driver import record as driver_record  # noqa: E402
+from panoseti_pipeline.driver.record import RECORD_PREFIX  # noqa: E402
 
 RUN_SH = str(REPO / "run.sh")
 RUN_TIMEOUT_S = 240
@@ -40,6 +43,8 @@ FRAMES = 600
 COMMON = {
     "pff_to_zarr": {"time_chunk": 256, "num_workers": 2},
     "baseline_subtract": {"baseline_window": 100, "compute_chunk_size": 256},
+    # A step or manager that hangs costs the test 20 s, not the default 60 s.
+    "run": {"stop_grace_s": 20.0},
 }
 CONFIGS = {
     "local": {"cluster": {"use_dask": False}, **COMMON},
@@ -53,11 +58,20 @@ CONFIGS = {
 # --------------------------------------------------------------------------- helpers
 
 
-def write_config(path: Path, mode: str) -> Path:
+def write_config(path: Path, mode: str, **sections: dict) -> Path:
+    """The config of ``mode``, with the keys of ``sections`` replaced."""
     import tomli_w
 
-    path.write_text(tomli_w.dumps(CONFIGS[mode]))
+    config = {name: dict(keys) for name, keys in CONFIGS[mode].items()}
+    for name, keys in sections.items():
+        config.setdefault(name, {}).update(keys)
+    path.write_text(tomli_w.dumps(config))
     return path
+
+
+def session_process(sid: int, needle: str) -> int | None:
+    """The PID of a live process of session ``sid`` whose command line holds ``needle``."""
+    return next((pid for pid, cmdline in session_processes(sid) if needle in cmdline), None)
 
 
 def _kill_session_leftovers(sid: int) -> None:
@@ -94,22 +108,27 @@ def started(args: Sequence[str], env: dict[str, str]) -> Iterator[subprocess.Pop
         _kill_session_leftovers(proc.pid)
 
 
-def run(args: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
-    """run.sh to the end; asserts that it left no process behind."""
-    with started(args, env) as proc:
-        try:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"run.sh did not finish in {RUN_TIMEOUT_S} s\n{err[-4000:]}")
-        left = session_processes(proc.pid)
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    """A started run.sh to the end; asserts that it left no process behind."""
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"run.sh did not finish in {RUN_TIMEOUT_S} s\n{err[-4000:]}")
+    left = session_processes(proc.pid)
     assert not left, f"processes left by run.sh: {left}\n{err[-3000:]}"
     return proc.returncode, out, err
 
 
+def run(args: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """run.sh to the end; asserts that it left no process behind."""
+    with started(args, env) as proc:
+        return finish(proc)
+
+
 def run_records(out_dir: Path) -> list[dict]:
-    paths = sorted(out_dir.glob(f"{run_plan.RECORD_PREFIX}*.toml"))
+    paths = sorted(out_dir.glob(f"{RECORD_PREFIX}*.toml"))
     return [tomllib.loads(p.read_text()) for p in paths]
 
 
@@ -202,7 +221,7 @@ def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: 
     assert products == sorted(data.expected)
     for name, files in data.expected.items():
         check_l1(out / name, files)
-    assert not (out / run_plan.DEFAULT_L0_SUBDIR).exists(), "L0 stores not removed"
+    assert not (out / driver_plan.DEFAULT_L0_SUBDIR).exists(), "L0 stores not removed"
     assert not list(out.rglob("*_L0.zarr")) and not list(out.rglob("*.partial"))
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
 
@@ -238,16 +257,17 @@ def test_corrupt_input_with_and_without_keep_going(data: Data, tmp_path: Path) -
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, np.uint8).tobytes())
     env = run_env(tmp_path, config)
 
-    out = tmp_path / "stop"
-    rc, stdout, stderr = run([str(bad), str(data.file_a), str(out)], env)
-    assert rc == 1
-    assert "step 1 (PFF -> L0) failed" in stderr and bad.name in stderr
-    assert statuses(run_records(out)[-1]) == {bad.stem: "failed", data.file_a.stem: "not-run"}
-    assert not list(out.glob("*_L1.zarr"))
+    stop, out = tmp_path / "stop", tmp_path / "going"
+    with started([str(bad), str(data.file_a), str(stop)], env) as first:  # both runs at once
+        rc, stdout, stderr = run(["--keep-going", str(bad), str(data.file_a),
+                                  str(data.file_b), str(out)], env)
+        stop_rc, _, stop_stderr = finish(first)
 
-    out = tmp_path / "going"
-    rc, stdout, stderr = run(["--keep-going", str(bad), str(data.file_a), str(data.file_b),
-                              str(out)], env)
+    assert stop_rc == 1
+    assert "step 1 (PFF -> L0) failed" in stop_stderr and bad.name in stop_stderr
+    assert statuses(run_records(stop)[-1]) == {bad.stem: "failed", data.file_a.stem: "not-run"}
+    assert not list(stop.glob("*_L1.zarr"))
+
     assert rc == 1, stderr[-3000:]
     record = run_records(out)[-1]
     assert statuses(record) == {bad.stem: "failed", data.file_a.stem: "ok",
@@ -265,7 +285,7 @@ def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
                                                                  tmp_path: Path) -> None:
     config = write_config(tmp_path / "dask.toml", "dask")
     out = tmp_path / "L1"
-    l0_dir = out / run_plan.DEFAULT_L0_SUBDIR
+    l0_dir = out / driver_plan.DEFAULT_L0_SUBDIR
     args = [str(data.file_a), str(data.file_b), str(out)]
     first_l1 = out / f"{data.file_a.stem}_L1.zarr"
     env = run_env(tmp_path, config, **{SLOW_TASK: "1.0"})
@@ -294,12 +314,53 @@ def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
     assert statuses(record) == {data.file_a.stem: "ok", data.file_b.stem: "failed"}
     assert record["run"]["exit_status"] == 130
 
-    # Rerun: the first input is skipped, the second done.
-    rc, _, stderr = run(args, run_env(tmp_path, config))
+    # Rerun (without a cluster, to keep the suite short): the first input is skipped, the
+    # second done.
+    rc, _, stderr = run(args, run_env(tmp_path, write_config(tmp_path / "local.toml", "local")))
     assert rc == 0, stderr[-3000:]
     assert statuses(run_records(out)[-1]) == {data.file_a.stem: "skipped",
                                               data.file_b.stem: "ok"}
     check_l1(out / f"{data.file_b.stem}_L1.zarr", [data.file_b])
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_hung_step_and_manager_are_killed_after_stop_grace_s(data: Data, tmp_path: Path) -> None:
+    """A step and a cluster manager that do not stop on SIGTERM (here: SIGSTOPped) get
+    [run] stop_grace_s each, then SIGKILL; the manager's workers are killed with it."""
+    grace_s = 0.5
+    config = write_config(tmp_path / "dask.toml", "dask", run={"stop_grace_s": grace_s})
+    out = tmp_path / "L1"
+    with started([str(data.file_a), str(out)], run_env(tmp_path, config)) as proc:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while (step := session_process(proc.pid, "step1_pff_to_zarr.py")) is None:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "step 1 never started"
+            time.sleep(0.02)
+        manager = session_process(proc.pid, "cluster_lifecycle_manager.py")
+        assert manager is not None
+        import psutil
+
+        workers = psutil.Process(manager).children(recursive=True)
+        assert workers  # the local cluster's processes
+        os.kill(step, signal.SIGSTOP)
+        os.kill(manager, signal.SIGSTOP)
+        stopping = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail("run.sh did not stop after SIGTERM")
+        took = time.monotonic() - stopping
+        deadline = time.monotonic() + 5  # the kernel may take a moment to reap
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not session_processes(proc.pid), f"left behind: {session_processes(proc.pid)}"
+    assert proc.returncode == 130, err[-3000:]
+    assert f"step (pid {step}) still running; killing it" in err
+    assert f"cluster manager (pid {manager}) did not stop; killing it and its processes" in err
+    assert took < 60, took  # the default grace alone is 60 s for each of the two
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*_L0.zarr"))
 
 
 # --------------------------------------------------------------------------- no work
@@ -342,23 +403,79 @@ def test_every_problem_is_listed_before_any_work(data: Data, tmp_path: Path) -> 
 
 def test_output_inside_the_input_tree_is_refused(data: Data, tmp_path: Path) -> None:
     config = write_config(tmp_path / "local.toml", "local")
-    plan, *_ = run_plan.make_plan([str(data.obs)], str(config), str(data.obs / "L1"))
+    plan, *_ = driver_plan.make_plan([str(data.obs)], str(config), str(data.obs / "L1"))
     assert any("inside the input tree" in p for p in plan.problems)
 
 
 def test_free_space_is_checked_against_the_estimate(tmp_path: Path) -> None:
-    job = run_plan.Job(name="x", inputs=["x.pff"], l0="", l1="", input_bytes=10**9,
+    job = driver_plan.Job(name="x", inputs=["x.pff"], l0="", l1="", input_bytes=10**9,
                        est_l0_bytes=10**9, est_l1_bytes=2 * 10**9)
 
     class Usage:
         free = 2 * 10**9
 
-    problems = run_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2), False,
+    problems = driver_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2), False,
                                             disk_usage=lambda _p: Usage)
     assert len(problems) == 1 and "not enough free space" in problems[0]
     Usage.free = 4 * 10**9
-    assert not run_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2),
+    assert not driver_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2),
                                             False, disk_usage=lambda _p: Usage)
+
+
+def test_plan_for_bash_carries_the_stop_grace(data: Data, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "local.toml", "local", run={"stop_grace_s": 2.5})
+    plan, cfg, out, l0 = driver_plan.make_plan([str(data.file_a)], str(config),
+                                               str(tmp_path / "out"))
+    assert not plan.problems, plan.problems
+    lines = driver_plan.bash_lines(plan, cfg, l0, 0o022)
+    assert "stop\t25" in lines
+    assert all(field for line in lines for field in line.split("\t"))  # no empty field
+
+
+def test_job_status_says_why() -> None:
+    ok = {"status": "ok", "exit_code": 0}
+
+    def status(**job: object) -> tuple[str, str]:
+        return driver_record.job_status({"action": "run", "steps": {}, **job}, [1, 2])
+
+    assert status() == ("not-run", "not started (an earlier input failed or the run was "
+                                   "stopped)")
+    assert status(action="skip") == ("skipped", "complete product already there")
+    assert status(steps={"1": ok, "2": ok}) == ("ok", "")
+    assert status(steps={"1": ok}, mark="interrupted") == (
+        "failed", "interrupted before step 2 (L0 -> L1)")
+    assert status(steps={"1": {"status": "failed", "exit_code": 1}}) == (
+        "failed", "step 1 (PFF -> L0) failed (exit status 1)")
+    assert status(steps={"1": ok, "2": {"status": "failed", "exit_code": 143}}) == (
+        "failed", "step 2 (L0 -> L1) failed (interrupted)")
+
+
+def bash_scripts() -> list[str]:
+    """The repository's bash scripts: tracked files named *.sh or with a bash shebang."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    found = []
+    for name in filter(None, listed):
+        if name.endswith(".sh"):
+            found.append(name)
+            continue
+        with contextlib.suppress(OSError), open(REPO / name, "rb") as f:
+            if f.readline().rstrip() in (b"#!/usr/bin/env bash", b"#!/bin/bash"):
+                found.append(name)
+    return sorted(found)
+
+
+def test_bash_scripts_are_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must check the bash scripts, but shellcheck is not installed "
+                        "(apt-get install shellcheck; .ci/run installs it)")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck); CI runs it")
+    scripts = bash_scripts()
+    assert {"run.sh", "env_bootstrap.sh", "tests/run_tests.sh", ".ci/run"} <= set(scripts)
+    done = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_usage_errors_and_help(tmp_path: Path) -> None:
@@ -378,7 +495,7 @@ def test_steps_1_then_steps_2(data: Data, tmp_path: Path) -> None:
     rc, _, stderr = run(["--steps", "1", str(data.file_a), str(l0_out)], env)
     assert rc == 0, stderr[-3000:]
     l0 = l0_out / f"{data.file_a.stem}_L0.zarr"
-    assert l0.is_dir() and not (l0_out / run_plan.DEFAULT_L0_SUBDIR).exists()
+    assert l0.is_dir() and not (l0_out / driver_plan.DEFAULT_L0_SUBDIR).exists()
     rc, _, stderr = run(["--steps", "2", str(l0), str(l1_out)], env)
     assert rc == 0, stderr[-3000:]
     check_l1(l1_out / f"{data.file_a.stem}_L1.zarr", [data.file_a])

@@ -179,23 +179,24 @@ def assert_same_store(got: Path, want: Path) -> None:
         assert scrub(meta_a) == scrub(meta_b), f"{rel}: attributes differ"
 
 
-def run_step1(inputs: list[Path], output: Path, config: Path, *extra: str, tag: str,
-              cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, STEP1, *map(str, inputs), str(output), str(config), *extra],
-                          cwd=cwd, env=tagged_env(tag), capture_output=True, text=True,
-                          timeout=STEP_TIMEOUT_S)
+def start_step1(inputs: list[Path], output: Path, config: Path, *extra: str, tag: str,
+                cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, STEP1, *map(str, inputs), str(output), str(config),
+                             *extra], cwd=cwd, env=tagged_env(tag), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="session")
 def big_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One clean img16 file large enough for ~60 tasks of a few tenths of a second."""
+    """One clean img16 file large enough for ~25 tasks of a tenth of a second or more."""
     from panoseti_pipeline import synthetic as synthetic_obs
 
-    return synthetic_obs.write_big_file(tmp_path_factory.mktemp("big"), 120)
+    return synthetic_obs.write_big_file(tmp_path_factory.mktemp("big"), 32)
 
 
-#: Small chunks and tasks so step 1 on big_stream runs for seconds, in many tasks.
-MANY_TASKS = {"time_chunk": 1024, "chunk_size_mb": 2}
+#: Small chunks and tasks (one 512-frame chunk of 1.3 MB each) so that step 1 on
+#: big_stream runs in many tasks, for long enough to kill a busy worker.
+MANY_TASKS = {"time_chunk": 512, "chunk_size_mb": 1}
 
 
 # -- the cluster itself ------------------------------------------------------------------
@@ -243,17 +244,17 @@ def test_workers_run_on_both_ssh_hosts_outside_the_repo(bed, make_manager) -> No
 def test_killed_worker_mid_step1_is_rescheduled(bed, make_manager, big_stream, tmp_path,
                                                 tag) -> None:
     """SIGKILL a busy SSH worker by PID during step 1: same store as a local run."""
+    local = write_config(tmp_path / "local.toml", {"use_dask": False}, pff_to_zarr=MANY_TASKS)
+    ref = start_step1([big_stream], tmp_path / "local_L0.zarr", local, "--quiet", tag=tag,
+                      cwd=tmp_path)  # the reference, while the cluster starts
     manager = make_manager(ssh_cluster(bed), pff_to_zarr=MANY_TASKS).start()
     address = manager.wait_ready()
     client = dask_cluster.connect_client(address, timeout=30)
     out = tmp_path / "ssh_L0.zarr"
     try:
         pids = {r["address"]: r for r in dask_cluster.describe_workers(client)}
-        step1 = subprocess.Popen(
-            [PYTHON, STEP1, str(big_stream), str(out), str(manager.config), address, "--quiet"],
-            cwd=tmp_path, env=tagged_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        step1 = start_step1([big_stream], out, manager.config, address, "--quiet", tag=tag,
+                            cwd=tmp_path)
         victim = None
         deadline = time.monotonic() + STEP_TIMEOUT_S
         while victim is None and step1.poll() is None and time.monotonic() < deadline:
@@ -277,10 +278,8 @@ def test_killed_worker_mid_step1_is_rescheduled(bed, make_manager, big_stream, t
     finally:
         client.close()
     assert f"{out}: " in stdout
-    local = write_config(tmp_path / "local.toml", {"use_dask": False}, pff_to_zarr=MANY_TASKS)
-    ref = run_step1([big_stream], tmp_path / "local_L0.zarr", local, "--quiet", tag=tag,
-                    cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr
+    _, ref_stderr = ref.communicate(timeout=STEP_TIMEOUT_S)
+    assert ref.returncode == 0, ref_stderr
     assert_same_store(out, tmp_path / "local_L0.zarr")
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
     assert manager.terminate() == 0, manager.stderr
@@ -317,9 +316,11 @@ def test_unreachable_host_is_a_clear_error(bed, make_manager, case: str) -> None
 
 
 def test_unknown_host_key_is_refused_by_default(bed, make_manager) -> None:
-    # A known_hosts that names another key for these hosts, and one naming no key at all.
-    for name, known in [("wrong", bed.wrong_known_hosts), ("empty", Path(os.devnull))]:
-        manager = make_manager(ssh_cluster(bed, ssh_known_hosts=str(known)), name=name).start()
+    # A known_hosts that names another key for these hosts, and one naming no key at all;
+    # both managers at once (each fails at its first login).
+    managers = [make_manager(ssh_cluster(bed, ssh_known_hosts=str(known)), name=name).start()
+                for name, known in [("wrong", bed.wrong_known_hosts), ("empty", Path(os.devnull))]]
+    for manager in managers:
         assert manager.proc.wait(timeout=60) == 1
         line = one_error_line(manager.stderr)
         assert "not trusted" in line and "ssh_verify_host_keys = false" in line, line
@@ -352,16 +353,31 @@ def observation(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                           products=("img16", "ph256"))
 
 
-def run_sh(args: list[str], config: Path, tag: str, cwd: Path,
-           timeout: float = 240.0) -> subprocess.CompletedProcess:
+def start_run_sh(args: list[str], config: Path, tag: str, cwd: Path) -> subprocess.Popen:
     env = tagged_env(tag)
     env["CONFIG_FILE"] = str(config)
     if sys.prefix != sys.base_prefix:  # the venv running the tests has the requirements
         env["VIRTUAL_ENV"] = sys.prefix
     (cwd / "tmpdir").mkdir(exist_ok=True)
     env["TMPDIR"] = str(cwd / "tmpdir")
-    return subprocess.run([str(RUN_SH), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.Popen([str(RUN_SH), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """Wait for a started run.sh (killed after ``timeout``, like ``subprocess.run``)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_sh(args: list[str], config: Path, tag: str, cwd: Path,
+           timeout: float = 240.0) -> subprocess.CompletedProcess:
+    return finish(start_run_sh(args, config, tag, cwd), timeout)
 
 
 def run_record(out_dir: Path) -> dict[str, Any]:
@@ -380,9 +396,11 @@ def test_run_sh_on_two_ssh_hosts_matches_local(bed, observation, tmp_path, tag) 
     ssh = write_config(tmp_path / "ssh.toml", ssh_cluster(bed, ssh_workers_per_host=1),
                        pff_to_zarr=small)
     local = write_config(tmp_path / "local.toml", {"use_dask": False}, pff_to_zarr=small)
-    done = run_sh([str(observation), str(tmp_path / "L1_ssh")], ssh, tag, tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
+    ssh_run = start_run_sh([str(observation), str(tmp_path / "L1_ssh")], ssh, tag, tmp_path)
+    # The reference meanwhile (the SSH run waits on logins and remote imports).
     ref = run_sh([str(observation), str(tmp_path / "L1_local")], local, tag, tmp_path)
+    done = finish(ssh_run)
+    assert done.returncode == 0, done.stderr[-4000:]
     assert ref.returncode == 0, ref.stderr[-4000:]
 
     stores = sorted(p.name for p in (tmp_path / "L1_local").glob("*_L1.zarr"))

@@ -21,7 +21,8 @@ COMMANDS = {
     "config": ("panoseti_pipeline.config:main", "config check|show CONFIG.toml"),
     "synthetic": ("panoseti_pipeline.synthetic:main",
                   "write a synthetic observation (tests, demo, benchmarks)"),
-    "driver": ("panoseti_pipeline.driver:main", "run.sh's Python side (plan, record, summary)"),
+    "driver": ("panoseti_pipeline.driver.cli:main",
+               "run.sh's Python side (plan, record, summary)"),
 }
 
 

@@ -1,0 +1,188 @@
+"""``python3 -m panoseti_pipeline driver SUBCOMMAND``: the small CLI that ``run.sh`` calls.
+
+``plan``
+    Every check before any work; every problem listed at once on stderr (exit 2).
+    Otherwise the plan for bash (``--state FILE``: also writes the state file) or for
+    people (``--dry-run``). See :mod:`panoseti_pipeline.driver.plan`.
+``record``, ``mark``
+    One step's outcome, or an interrupted job, into the state file.
+``summary``
+    The table on stdout and the run record (TOML) in the output directory.
+``demo-observation``, ``demo-config``
+    The small observation and the single-machine config of ``run.sh --demo``.
+``descendants``
+    The process ids below a process (run.sh's cleanup of a hung cluster manager).
+
+Examples::
+
+    python3 -m panoseti_pipeline driver plan --config config.toml --output /scratch/L1 \\
+        --dry-run obs.pffd
+    python3 -m panoseti_pipeline driver summary /tmp/panoseti_run.x/state.json --exit-code 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from panoseti_pipeline.driver import demo, plan, record
+from panoseti_pipeline.errors import EXIT_OK, EXIT_USAGE, run_main
+
+PROG = "panoseti_pipeline driver"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    steps = plan.parse_steps(args.steps)
+    the_plan, cfg, out, l0 = plan.make_plan(args.inputs, args.config, args.output, steps=steps,
+                                            l0_dir=args.l0_dir, keep_l0=args.keep_l0,
+                                            overwrite=args.overwrite)
+    for notice in the_plan.notices:
+        print(f"run.sh: note: {notice}", file=sys.stderr)
+    if the_plan.problems:
+        n = len(the_plan.problems)
+        print(f"run.sh: error: {n} problem{'s' if n > 1 else ''} found before any work "
+              "(nothing was started):", file=sys.stderr)
+        for problem in the_plan.problems:
+            print(f"run.sh: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    assert cfg is not None  # a config problem is a problem
+    if args.dry_run:
+        plan.print_dry_run(the_plan, cfg, out, l0, steps, args.keep_l0)
+        return EXIT_OK
+    options = {"keep_l0": args.keep_l0, "overwrite": args.overwrite,
+               "keep_going": args.keep_going}
+    state = record.new_state(the_plan, cfg, args.config, out, l0, steps, options,
+                             args.command_line)
+    record.write_state(args.state, state)
+    umask = os.umask(0)
+    os.umask(umask)
+    print("\n".join(plan.bash_lines(the_plan, cfg, l0, umask)))
+    return EXIT_OK
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    state = record.load_state(args.state)
+    record.record_step(state, args.job, args.step, args.status, exit_code=args.exit_code,
+                       start=args.start, end=args.end, l0_removed=args.l0_removed)
+    record.write_state(args.state, state)
+    return EXIT_OK
+
+
+def cmd_mark(args: argparse.Namespace) -> int:
+    state = record.load_state(args.state)
+    record.mark_job(state, args.job, args.mark)
+    record.write_state(args.state, state)
+    return EXIT_OK
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    state = record.load_state(args.state)
+    record.measure_skipped(state)
+    log = Path(args.cluster_log).read_text(errors="replace") if (
+        args.cluster_log and Path(args.cluster_log).is_file()) else ""
+    print()
+    print("\n".join(record.summary_table(state)))
+    for line in record.failure_lines(state):
+        print(line)
+    out = Path(state["output_dir"])
+    if not out.is_dir():
+        print(f"run.sh: note: {out} does not exist: no run record written", file=sys.stderr)
+        return EXIT_OK
+    path = record.write_run_record(
+        out, record.run_record(state, args.exit_code, args.cluster_address, log))
+    print(f"run record: {path}")
+    return EXIT_OK
+
+
+def cmd_demo_observation(args: argparse.Namespace) -> int:
+    print(demo.write_demo_observation(Path(args.directory), args.frames, args.seed))
+    return EXIT_OK
+
+
+def cmd_demo_config(args: argparse.Namespace) -> int:
+    demo.write_demo_config(args.config, Path(args.output))
+    print(args.output)
+    return EXIT_OK
+
+
+def cmd_descendants(args: argparse.Namespace) -> int:
+    """Process ids below PID (children first), for the cleanup of a hung manager."""
+    import psutil
+
+    try:
+        children = psutil.Process(args.pid).children(recursive=True)
+    except psutil.Error:
+        return EXIT_OK
+    for child in children:
+        print(child.pid)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="The Python side of run.sh.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="validate inputs, config, output; print the jobs")
+    p.add_argument("inputs", nargs="*", help="PFF files, .pffd directories (or L0 stores)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--output", required=True, help="the output (L1) directory")
+    p.add_argument("--steps", default="1,2")
+    p.add_argument("--l0-dir", default="")
+    p.add_argument("--keep-l0", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-going", action="store_true")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--state", help="write the state file here and print the plan for bash")
+    mode.add_argument("--dry-run", action="store_true", help="print the plan for people")
+    p.add_argument("--command-line", default="",
+                   help="the run.sh command line (shell-quoted), for the run record")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("record", help="record the outcome of one step of one job")
+    p.add_argument("state")
+    p.add_argument("job", type=int)
+    p.add_argument("step", type=int, choices=(1, 2))
+    p.add_argument("status", choices=("ok", "failed", "interrupted"))
+    p.add_argument("--exit-code", type=int, default=0)
+    p.add_argument("--start", default="")
+    p.add_argument("--end", default="")
+    p.add_argument("--l0-removed", action="store_true")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("mark", help="mark a job interrupted between its steps")
+    p.add_argument("state")
+    p.add_argument("job", type=int)
+    p.add_argument("mark", choices=("interrupted",))
+    p.set_defaults(func=cmd_mark)
+
+    p = sub.add_parser("summary", help="print the table, write the run record")
+    p.add_argument("state")
+    p.add_argument("--exit-code", type=int, required=True)
+    p.add_argument("--cluster-address", default="")
+    p.add_argument("--cluster-log", default="")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("demo-observation", help="write the demo's small observation")
+    p.add_argument("directory")
+    p.add_argument("--frames", type=int, default=demo.DEMO_FRAMES, help="frames per file")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_observation)
+
+    p = sub.add_parser("demo-config", help="write the demo's config (loopback cluster)")
+    p.add_argument("config")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_demo_config)
+
+    p = sub.add_parser("descendants", help="print the process ids below PID")
+    p.add_argument("pid", type=int)
+    p.set_defaults(func=cmd_descendants)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: args.func(args), "run.sh", args.debug)

@@ -1,0 +1,497 @@
+"""The run's plan: inputs -> jobs, and every check made before any work.
+
+:func:`make_plan` validates everything ``run.sh`` needs and lists the jobs: every input
+exists, is readable and has a PFF name (a ``.pffd`` directory expands to its streams: one
+job per (dp, module), seqno files in order, 0-byte files and ``hk.pff`` skipped with a
+notice); the config is valid; the network interface of a local cluster exists; the output
+and L0 directories are writable and outside the input tree; the free space is enough for
+the L0 + L1 estimate. Problems are collected, never raised, so that all are reported at once.
+
+The plan is printed for people (:func:`print_dry_run`) or for bash (:func:`bash_lines`):
+one line per record, fields separated by TABs, never an empty field (paths with a TAB or a
+newline are refused)::
+
+    cluster <TAB> 0|1 <TAB> seconds to wait for the scheduler file <TAB> description
+    stop    <TAB> tenths of a second a step or the cluster manager gets after SIGTERM
+    l0dir   <TAB> directory of the temporary L0 stores
+    umask   <TAB> octal umask for the files of the run ([run] group_writable)
+    job     <TAB> index <TAB> run|skip <TAB> name <TAB> L0 path <TAB> L1 path|- <TAB> input ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from panoseti_pipeline.errors import ConfigError
+from panoseti_pipeline.store import publish as store_files
+
+if TYPE_CHECKING:
+    from panoseti_pipeline.config import PipelineConfig
+
+L0_SUFFIX = "_L0.zarr"
+L1_SUFFIX = "_L1.zarr"
+DEFAULT_L0_SUBDIR = ".l0_tmp"
+# Seconds run.sh waits for the scheduler file on top of [cluster] startup_timeout_s
+# (interpreter and Dask imports, SSH logins).
+CLUSTER_WAIT_MARGIN_S = 60
+# Bytes per frame an L1 store needs besides its float32 pixels (time, timestamps, flags,
+# header fields of four quabos), before compression.
+L1_FRAME_OVERHEAD = 96
+
+
+@dataclass
+class Job:
+    """One product to make: the PFF files of one stream (or one L0 store) -> one store."""
+
+    name: str
+    inputs: list[str]
+    l0: str
+    l1: str  # "" when only step 1 runs (the L0 is then the product)
+    input_bytes: int
+    est_l0_bytes: int
+    est_l1_bytes: int
+    action: str = "run"  # "run" or "skip" (a complete product is already in place)
+    kind: str = ""  # "file", "stream of <dir>", "L0 store"
+
+
+@dataclass
+class Plan:
+    """The jobs, and what stops the run (problems) or is only worth saying (notices)."""
+
+    jobs: list[Job] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """``--steps`` as a tuple: (1,), (2,) or (1, 2)."""
+    steps = {"1": (1,), "2": (2,), "1,2": (1, 2), "12": (1, 2), "2,1": (1, 2)}.get(text)
+    if steps is None:
+        raise ConfigError(f"--steps {text}: expected 1, 2 or 1,2")
+    return steps
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _bad_chars(path: str) -> bool:
+    return "\t" in path or "\n" in path or "\r" in path
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+    except ValueError:
+        return False
+    return True
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable_dir(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be (created and) written as a directory, or None."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{path}: {what} exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{path}: {what} is not writable"
+        return None
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        return f"{path}: cannot create {what}: {base} is not a directory"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"{path}: cannot create {what}: {base} is not writable"
+    return None
+
+
+def images_shape(store: Path) -> list[int] | None:
+    """The shape of a store's ``images`` array, read from its metadata (no zarr import)."""
+    try:
+        with open(store / "images" / "zarr.json", encoding="utf-8") as f:
+            shape = json.load(f).get("shape")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return shape if isinstance(shape, list) else None
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _l1_estimate(frames: int, pixels: int) -> int:
+    return frames * (pixels * 4 + L1_FRAME_OVERHEAD)
+
+
+def _stream_job(files: list[Any], name: str, kind: str) -> Job:
+    """A job for the (non-empty) PFF files of one stream, in seqno order."""
+    product = files[0].product
+    nbytes = sum(f.path.stat().st_size for f in files)
+    frames = nbytes // product.frame_bytes
+    pixels = product.shape[0] * product.shape[1]
+    return Job(name=name, inputs=[str(f.path) for f in files], l0="", l1="",
+               input_bytes=nbytes, est_l0_bytes=nbytes,
+               est_l1_bytes=_l1_estimate(frames, pixels), kind=kind)
+
+
+def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
+    """One job per (dp, module) stream of an observation directory."""
+    from panoseti_pipeline import pff
+    from panoseti_pipeline.errors import PFFNameError
+
+    streams: dict[tuple[str, int], list[Any]] = {}
+    others = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name == pff.HOUSEKEEPING_NAME:
+            plan.notices.append(f"{entry}: housekeeping file, skipped")
+            continue
+        if entry.suffix != ".pff" or not entry.is_file():
+            others.append(entry.name)
+            continue
+        if not os.access(entry, os.R_OK):
+            plan.problems.append(f"{entry}: not readable (permission denied)")
+            continue
+        try:
+            name = pff.parse_name(entry)
+        except PFFNameError as err:
+            plan.problems.append(str(err))
+            continue
+        if entry.stat().st_size == 0:
+            plan.notices.append(f"{entry}: empty (0 bytes), skipped")
+            continue
+        streams.setdefault((name.dp, name.module), []).append(name)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        plan.notices.append(f"{directory}: {len(others)} entries that are not PFF data files "
+                            f"ignored ({shown})")
+    if not streams:
+        plan.problems.append(f"{directory}: no PFF data in this .pffd directory (no non-empty "
+                             "start_*.dp_*.module_*.seqno_*.pff file)")
+        return []
+    jobs = []
+    for (dp, module), names in sorted(streams.items()):
+        names.sort(key=lambda n: n.seqno)
+        seqnos = [n.seqno for n in names]
+        if len(set(seqnos)) != len(seqnos):
+            plan.problems.append(f"{directory}: dp_{dp} module_{module} has the same seqno "
+                                 f"twice ({', '.join(n.path.name for n in names)})")
+            continue
+        if len({n.stream for n in names}) > 1:
+            plan.problems.append(f"{directory}: dp_{dp} module_{module} files of different "
+                                 "recordings (start time or other name keys differ: "
+                                 f"{', '.join(n.path.name for n in names)}); give each "
+                                 "recording its own .pffd directory")
+            continue
+        missing = pff.missing_seqnos(names)
+        if missing:
+            plan.notices.append(f"{directory}: dp_{dp} module_{module}: seqno "
+                                f"{', '.join(map(str, missing))} missing; joined without it")
+        stem = directory.name[: -len(".pffd")]
+        jobs.append(_stream_job(names, f"{stem}.dp_{dp}.module_{module}",
+                                f"stream of {directory.name}"))
+    return jobs
+
+
+def _file_job(path: Path, plan: Plan) -> Job | None:
+    from panoseti_pipeline import pff
+    from panoseti_pipeline.errors import PFFNameError
+
+    try:
+        name = pff.parse_name(path)
+    except PFFNameError as err:
+        plan.problems.append(str(err))
+        return None
+    if path.stat().st_size == 0:
+        plan.problems.append(f"{path}: empty (0 bytes): nothing to convert")
+        return None
+    return _stream_job([name], path.name[: -len(".pff")], "file")
+
+
+def _l0_job(path: Path, plan: Plan) -> Job | None:
+    """--steps 2: the input is an L0 store written by step 1."""
+    if not path.is_dir() or not store_files.is_published(path, "L0"):
+        plan.problems.append(f"{path}: not a complete L0 Zarr store (with --steps 2 every "
+                             "input is an L0 store written by step 1)")
+        return None
+    stem = path.name
+    for suffix in (L0_SUFFIX, ".zarr"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    shape = images_shape(path) or [0, 0, 0]
+    pixels = 1
+    for s in shape[1:]:
+        pixels *= s
+    size = store_files.store_bytes(path)
+    return Job(name=stem, inputs=[str(path)], l0=str(path), l1="", input_bytes=size,
+               est_l0_bytes=0, est_l1_bytes=_l1_estimate(shape[0], pixels), kind="L0 store")
+
+
+def _input_jobs(inputs: Sequence[str], steps: tuple[int, ...], plan: Plan
+                ) -> tuple[list[Job], list[Path]]:
+    """Jobs of every input, and the input trees (directories the outputs must avoid)."""
+    jobs: list[Job] = []
+    trees: list[Path] = []
+    seen: dict[Path, str] = {}
+    for text in inputs:
+        path = Path(os.path.abspath(text))
+        if _bad_chars(text):
+            plan.problems.append(f"{text!r}: paths with a TAB or newline are not supported")
+            continue
+        if not path.exists():
+            plan.problems.append(f"{path}: no such file or directory")
+            continue
+        if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+            plan.problems.append(f"{path}: not readable (permission denied)")
+            continue
+        real = _real(path)
+        if real in seen:
+            plan.problems.append(f"{path}: given twice (also as {seen[real]})")
+            continue
+        seen[real] = text
+        if steps == (2,):
+            job = _l0_job(path, plan)
+            if job:
+                jobs.append(job)
+                trees.append(real)
+            continue
+        if path.is_dir():
+            if path.suffix != ".pffd":
+                plan.problems.append(f"{path}: a directory that is not a .pffd observation "
+                                     "directory (give .pffd directories or .pff files)")
+                continue
+            trees.append(real)
+            jobs.extend(_expand_pffd(path, plan))
+        elif not path.is_file():
+            plan.problems.append(f"{path}: not a regular file")
+        else:
+            if real.parent.suffix == ".pffd":
+                trees.append(real.parent)
+            job = _file_job(path, plan)
+            if job:
+                jobs.append(job)
+    # A file given on its own and again through its .pffd directory.
+    by_file: dict[str, str] = {}
+    for job in jobs:
+        for f in job.inputs:
+            key = str(_real(f))
+            if key in by_file and by_file[key] != job.name:
+                plan.problems.append(f"{f}: given twice (on its own and in a .pffd directory)")
+            by_file[key] = job.name
+    return jobs, trees
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+def free_space_problems(jobs: Sequence[Job], out_dir: Path, l0_dir: Path, steps: tuple[int, ...],
+                        keep_l0: bool,
+                        disk_usage: Callable[[str], Any] = shutil.disk_usage) -> list[str]:
+    """Is there room for the jobs that will run? L1 stores stay; L0 stores are removed
+    after each input (only the largest one at a time) unless kept or only step 1 runs."""
+    todo = [j for j in jobs if j.action == "run"]
+    if not todo:
+        return []
+    need: dict[int, list[Any]] = {}  # st_dev -> [bytes, where, parts]
+
+    def add(directory: Path, nbytes: int, what: str) -> None:
+        base = _existing_ancestor(directory)
+        entry = need.setdefault(base.stat().st_dev, [0, base, []])
+        entry[0] += nbytes
+        entry[2].append(f"{what} {_human(nbytes)}")
+
+    if 1 in steps:
+        l0_sizes = [j.est_l0_bytes for j in todo]
+        kept = keep_l0 or 2 not in steps
+        add(l0_dir, sum(l0_sizes) if kept else max(l0_sizes),
+            "L0" if kept else "L0 (largest, removed after each input)")
+    if 2 in steps:
+        add(out_dir, sum(j.est_l1_bytes for j in todo), "L1")
+    problems = []
+    for nbytes, base, parts in need.values():
+        free = disk_usage(str(base)).free
+        if nbytes > free:
+            problems.append(f"{base}: not enough free space: about {_human(nbytes)} "
+                            f"needed ({' + '.join(parts)}), {_human(free)} free")
+    return problems
+
+
+def _interface_problem(interface: str, source: str) -> str | None:
+    """A local cluster binds to ``interface``: does this machine have it?"""
+    if not interface:
+        return None
+    try:
+        import psutil
+    except ImportError:
+        return None
+    known = sorted(psutil.net_if_addrs())
+    if interface in known:
+        return None
+    return (f"{source}: [cluster] interface = {json.dumps(interface)}: no such network "
+            f"interface on this machine (it has: {', '.join(known)})")
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
+              steps: tuple[int, ...] = (1, 2), l0_dir: str = "", keep_l0: bool = False,
+              overwrite: bool = False) -> tuple[Plan, PipelineConfig | None, Path, Path]:
+    """Validate everything and list the jobs; problems are collected, never raised.
+
+    Returns the plan, the config (None when it is invalid), the output directory and the
+    L0 directory (both absolute).
+    """
+    from panoseti_pipeline.config import load_config
+
+    plan = Plan()
+    cfg = None
+    if not config_path.endswith(".toml"):
+        plan.problems.append(f"{config_path}: the config file must be a .toml file")
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as err:
+        plan.problems.extend(str(err).splitlines())
+    if cfg and cfg.cluster.use_dask and cfg.cluster.cluster_type == "local":
+        problem = _interface_problem(cfg.cluster.interface, cfg.source)
+        if problem:
+            plan.problems.append(problem)
+    if not inputs:
+        plan.problems.append("no input given")
+    jobs, trees = _input_jobs(inputs, steps, plan)
+    out = Path(os.path.abspath(out_dir))
+    if _bad_chars(out_dir):
+        plan.problems.append(f"{out_dir!r}: paths with a TAB or newline are not supported")
+    configured = l0_dir or (cfg.run.l0_dir if cfg else "")
+    if steps == (1,):
+        l0 = out  # the L0 stores are the products
+    else:
+        l0 = Path(os.path.abspath(configured)) if configured else out / DEFAULT_L0_SUBDIR
+    for what, path in (("output directory", out), ("L0 directory", l0)):
+        problem = _check_writable_dir(path, what)
+        if problem:
+            plan.problems.append(problem)
+        real = _real(path)
+        for tree in trees:
+            if _is_within(real, tree):
+                plan.problems.append(f"{path}: the {what} is inside the input tree {tree} "
+                                     "(inputs are read-only; choose another directory)")
+    if l0 != out and _bad_chars(str(l0)):
+        plan.problems.append(f"{str(l0)!r}: paths with a TAB or newline are not supported")
+
+    names: dict[str, str] = {}
+    for job in jobs:
+        if steps != (2,):
+            job.l0 = str(l0 / f"{job.name}{L0_SUFFIX}")
+        if 2 in steps:
+            job.l1 = str(out / f"{job.name}{L1_SUFFIX}")
+        final = Path(job.l1 or job.l0)
+        if job.name in names:
+            plan.problems.append(f"{job.inputs[0]}: output name {final.name} is also the "
+                                 f"output of {names[job.name]}")
+        names[job.name] = job.inputs[0]
+        level = "L1" if job.l1 else "L0"
+        if not overwrite and store_files.is_published(final, level):
+            job.action = "skip"
+        elif final.exists() and not final.is_dir():
+            plan.problems.append(f"{final}: exists and is not a Zarr store")
+    plan.jobs = jobs
+    if not plan.problems:
+        plan.problems.extend(free_space_problems(jobs, out, l0, steps, keep_l0))
+    return plan, cfg, out, l0
+
+
+def cluster_summary(cfg: PipelineConfig) -> dict[str, Any]:
+    """The cluster the run will use, for the plan, the state and the run record."""
+    c = cfg.cluster
+    info: dict[str, Any] = {"use_dask": c.use_dask}
+    if not c.use_dask:
+        info["description"] = (f"no Dask cluster: each step runs locally with "
+                               f"{cfg.pff_to_zarr.num_workers} tasks in parallel")
+        return info
+    info["cluster_type"] = c.cluster_type
+    info["interface"] = c.interface
+    if c.cluster_type == "local":
+        info.update(workers=c.local_workers, threads_per_worker=c.local_threads_per_worker,
+                    memory_per_worker=c.local_memory_per_worker)
+        shape = (f"{c.local_workers} workers x {c.local_threads_per_worker} threads, "
+                 f"{c.local_memory_per_worker} each")
+    elif c.cluster_type == "ssh":
+        info.update(hosts=list(c.ssh_hosts), workers=c.n_workers,
+                    threads_per_worker=c.ssh_threads_per_worker,
+                    memory_per_worker=c.ssh_memory_per_worker)
+        shape = (f"{c.n_workers} workers on {len(c.ssh_hosts)} hosts "
+                 f"({', '.join(c.ssh_hosts)}) x {c.ssh_threads_per_worker} threads, "
+                 f"{c.ssh_memory_per_worker} each")
+    else:
+        info["scheduler_address"] = c.scheduler_address
+        shape = f"the running scheduler at {c.scheduler_address}"
+    where = f", interface {c.interface}" if c.interface else ""
+    info["description"] = f"Dask {c.cluster_type} cluster: {shape}{where}"
+    return info
+
+
+# --------------------------------------------------------------------------- output
+
+
+def print_dry_run(plan: Plan, cfg: PipelineConfig, out: Path, l0: Path,
+                  steps: tuple[int, ...], keep_l0: bool) -> None:
+    """The plan for people (``run.sh --dry-run``), on stdout."""
+    n_run = sum(j.action == "run" for j in plan.jobs)
+    print(f"Plan (dry run: nothing is created, no cluster started); config {cfg.source}")
+    print(f"  steps:   {','.join(map(str, steps))}")
+    print(f"  output:  {out}")
+    if steps != (2,) and l0 != out:
+        kept = "kept (--keep-l0)" if keep_l0 else "removed after each input"
+        print(f"  L0 dir:  {l0} ({kept})")
+    print(f"  cluster: {cluster_summary(cfg)['description']}")
+    print(f"  inputs:  {len(plan.jobs)} ({n_run} to run, {len(plan.jobs) - n_run} already done)")
+    for k, job in enumerate(plan.jobs, 1):
+        done = "  [skip: complete product already there]" if job.action == "skip" else ""
+        print(f"{k:4d}. {job.name}  ({job.kind}, {_human(job.input_bytes)}){done}")
+        for f in job.inputs:
+            print(f"        input {f}")
+        if steps != (2,):
+            print(f"        L0    {job.l0}")
+        if job.l1:
+            print(f"        L1    {job.l1}")
+    est = sum(j.est_l1_bytes for j in plan.jobs if j.action == "run") if 2 in steps else 0
+    if est:
+        print(f"  estimated L1 size: {_human(est)} (uncompressed float32; compression helps)")
+
+
+def bash_lines(plan: Plan, cfg: PipelineConfig, l0: Path, umask: int) -> list[str]:
+    """The plan for run.sh (the module docstring gives the format); ``umask`` is the
+    caller's current one."""
+    wait_s = int(cfg.cluster.startup_timeout_s) + CLUSTER_WAIT_MARGIN_S
+    stop_tenths = max(1, round(cfg.run.stop_grace_s * 10))
+    lines = [
+        f"cluster\t{int(cfg.cluster.use_dask)}\t{wait_s}\t{cluster_summary(cfg)['description']}",
+        f"stop\t{stop_tenths}",
+        f"l0dir\t{l0}",
+        f"umask\t{store_files.permission_umask(cfg.run.group_writable, umask):04o}",
+    ]
+    for k, j in enumerate(plan.jobs):
+        lines.append("\t".join(["job", str(k), j.action, j.name, j.l0, j.l1 or "-", *j.inputs]))
+    return lines

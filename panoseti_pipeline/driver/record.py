@@ -1,0 +1,274 @@
+"""What happened in a run: the state file, per-step marks, the summary table, the run record.
+
+``run.sh`` keeps the run's state in one JSON file in its temporary directory: written by
+``plan`` (:func:`new_state`), updated after every step (:func:`record_step`) or when a job
+is interrupted between steps (:func:`mark_job`), and turned at the end into the table on
+stdout (:func:`summary_table`) and the TOML run record in the output directory
+(:func:`write_run_record`). Each update replaces the file atomically, so a signal between
+two updates leaves the previous state readable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from panoseti_pipeline.driver.plan import Plan, cluster_summary, images_shape
+from panoseti_pipeline.errors import ConfigError
+from panoseti_pipeline.store import publish as store_files
+
+if TYPE_CHECKING:
+    from panoseti_pipeline.config import PipelineConfig
+
+RECORD_PREFIX = "run_record_"
+STEP_NAMES = {1: "step 1 (PFF -> L0)", 2: "step 2 (L0 -> L1)"}
+#: Exit codes of a step stopped by SIGINT / SIGTERM.
+INTERRUPTED_CODES = (130, 143)
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Replace the state file atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
+
+
+def new_state(plan: Plan, cfg: PipelineConfig, config_path: str, out: Path, l0: Path,
+              steps: tuple[int, ...], options: dict[str, bool], command: str) -> dict[str, Any]:
+    """The state of a run about to start: its plan, options and cluster, no step done."""
+    return {
+        "version": 1,
+        "started": store_files.utc_now(),
+        "started_epoch": time.time(),
+        "command": command.strip(),
+        "config_file": os.path.abspath(config_path),
+        "output_dir": str(out),
+        "l0_dir": str(l0),
+        "steps": list(steps),
+        "options": options,
+        "cluster": cluster_summary(cfg),
+        "notices": plan.notices,
+        "jobs": [{"name": j.name, "kind": j.kind, "inputs": j.inputs, "l0": j.l0, "l1": j.l1,
+                  "action": j.action, "input_bytes": j.input_bytes, "steps": {}}
+                 for j in plan.jobs],
+    }
+
+
+def _epoch(text: str) -> float:
+    return float(text.replace(",", "."))  # bash's EPOCHREALTIME follows the locale
+
+
+def _store_facts(store: str) -> dict[str, Any]:
+    facts: dict[str, Any] = {"bytes": store_files.store_bytes(store)}
+    shape = images_shape(Path(store))
+    if shape:
+        facts["frames"] = shape[0]
+    return facts
+
+
+def record_step(state: dict[str, Any], job_index: int, step: int, status: str, *,
+                exit_code: int = 0, start: str = "", end: str = "",
+                l0_removed: bool = False) -> None:
+    """Add one step's outcome (status, exit code, seconds, the store's size) to ``state``.
+
+    ``start`` and ``end`` are bash times (``EPOCHREALTIME`` or ``date +%s``). The store
+    is measured now, while it is there (the L0 is removed after step 2).
+    """
+    job = state["jobs"][job_index]
+    entry: dict[str, Any] = {"status": status, "exit_code": exit_code}
+    if start and end:
+        entry["seconds"] = round(max(0.0, _epoch(end) - _epoch(start)), 3)
+    if status == "ok":
+        store = job["l0"] if step == 1 else job["l1"]
+        if store and Path(store).is_dir():
+            facts = _store_facts(store)
+            job["l0_bytes" if step == 1 else "l1_bytes"] = facts["bytes"]
+            if "frames" in facts:
+                job["frames"] = facts["frames"]
+    job["steps"][str(step)] = entry
+    if l0_removed:
+        job["l0_removed"] = True
+
+
+def mark_job(state: dict[str, Any], job_index: int, mark: str) -> None:
+    """Mark a job (e.g. interrupted between its steps, when no step was running)."""
+    state["jobs"][job_index]["mark"] = mark
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def job_status(job: dict[str, Any], steps: Sequence[int]) -> tuple[str, str]:
+    """(status, why) of a job: ok, skipped, failed, not-run."""
+    if job["action"] == "skip":
+        return "skipped", "complete product already there"
+    done = job.get("steps", {})
+    interrupted = job.get("mark") == "interrupted"  # between two steps
+    for step in steps:
+        entry = done.get(str(step))
+        if entry is None:
+            if interrupted or any(e["status"] != "ok" for e in done.values()):
+                return "failed", f"interrupted before {STEP_NAMES[step]}"
+            return "not-run", "not started (an earlier input failed or the run was stopped)"
+        if entry["status"] != "ok":
+            code = entry.get("exit_code")
+            why = ("interrupted" if code in INTERRUPTED_CODES or entry["status"] == "interrupted"
+                   else f"exit status {code}")
+            return "failed", f"{STEP_NAMES[step]} failed ({why})"
+    return "ok", ""
+
+
+def _mb(n: Any) -> str:
+    return f"{n / 1e6:.1f}" if isinstance(n, (int, float)) else "-"
+
+
+def _ratio(a: Any, b: Any) -> str:
+    ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0
+    return f"{a / b:.2f}" if ok else "-"
+
+
+def _secs(job: dict[str, Any], step: int) -> str:
+    s = job.get("steps", {}).get(str(step), {}).get("seconds")
+    return f"{s:.1f}" if isinstance(s, (int, float)) else "-"
+
+
+def summary_table(state: dict[str, Any]) -> list[str]:
+    """One row per input: status, frames, sizes, ratios, seconds per step."""
+    steps = state["steps"]
+    head = ["#", "input", "status", "frames", "PFF MB", "L0 MB", "L1 MB", "PFF/L0", "L1/L0",
+            "step1 s", "step2 s"]
+    rows = []
+    for k, job in enumerate(state["jobs"], 1):
+        status, _ = job_status(job, steps)
+        pff_bytes = job["input_bytes"] if steps != [2] else None
+        l0_bytes = job.get("l0_bytes", job["input_bytes"] if steps == [2] else None)
+        l1 = job.get("l1_bytes")
+        rows.append([str(k), job["name"], status, str(job.get("frames", "-")), _mb(pff_bytes),
+                     _mb(l0_bytes), _mb(l1), _ratio(pff_bytes, l0_bytes), _ratio(l1, l0_bytes),
+                     _secs(job, 1), _secs(job, 2)])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    left = {1, 2}
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+
+    return [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
+
+
+def failure_lines(state: dict[str, Any]) -> list[str]:
+    """One line per input that failed or did not run, saying why."""
+    lines = []
+    for k, job in enumerate(state["jobs"], 1):
+        status, why = job_status(job, state["steps"])
+        if status in ("failed", "not-run"):
+            lines.append(f"{status}: {k}. {job['name']}: {why}")
+    return lines
+
+
+def measure_skipped(state: dict[str, Any]) -> None:
+    """Sizes and frames of the products an earlier run made (the skipped jobs)."""
+    for job in state["jobs"]:
+        final = job["l1"] or job["l0"]
+        if job["action"] == "skip" and Path(final).is_dir():
+            facts = _store_facts(final)
+            job["l1_bytes" if job["l1"] else "l0_bytes"] = facts["bytes"]
+            job.setdefault("frames", facts.get("frames"))
+
+
+# --------------------------------------------------------------------------- run record
+
+
+def _toml_clean(value: Any) -> Any:
+    """Drop None (TOML has no null) recursively."""
+    if isinstance(value, dict):
+        return {k: _toml_clean(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_toml_clean(v) for v in value if v is not None]
+    return value
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
+               cluster_log: str = "") -> dict[str, Any]:
+    """The run record (a TOML-ready dict): run, cluster, software, config, inputs."""
+    from panoseti_pipeline.config import load_config
+    from panoseti_pipeline.store.layout import software_versions
+
+    steps = state["steps"]
+    cluster = dict(state["cluster"])
+    if cluster_address:
+        cluster["scheduler_address"] = cluster_address
+    if cluster_log:
+        cluster["manager_output"] = cluster_log.strip().splitlines()
+    try:
+        config = load_config(state["config_file"]).as_dict()
+    except ConfigError as err:  # edited during the run
+        config = {"error": str(err)}
+    inputs = []
+    counts: dict[str, int] = {}
+    for job in state["jobs"]:
+        status, why = job_status(job, steps)
+        counts[status] = counts.get(status, 0) + 1
+        entry = {"name": job["name"], "kind": job["kind"], "status": status, "reason": why or None,
+                 "files": job["inputs"], "l0": job["l0"] or None, "l1": job["l1"] or None,
+                 "input_bytes": job["input_bytes"], "frames": job.get("frames"),
+                 "l0_bytes": job.get("l0_bytes"), "l1_bytes": job.get("l1_bytes"),
+                 "l0_removed": job.get("l0_removed", False)}
+        for step, info in sorted(job.get("steps", {}).items()):
+            entry[f"step{step}"] = info
+        inputs.append(entry)
+    finished = time.time()
+    record = {
+        "run": {"started": state["started"], "finished": store_files.utc_now(),
+                "seconds": round(finished - state["started_epoch"], 3),
+                "exit_status": exit_code, "host": socket.gethostname(),
+                "user": _user(), "command": state["command"],
+                "working_directory": os.getcwd(), "config_file": state["config_file"],
+                "output_dir": state["output_dir"], "l0_dir": state["l0_dir"],
+                "steps": steps, **state["options"], "counts": counts,
+                "notices": state["notices"]},
+        "cluster": cluster,
+        "software": software_versions(),
+        "config": config,
+        "inputs": inputs,
+    }
+    return _toml_clean(record)
+
+
+def write_run_record(out: Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` as ``<out>/run_record_<UTC time>[_n].toml``; never overwrites."""
+    import tomli_w
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"{RECORD_PREFIX}{stamp}.toml"
+    n = 1
+    while path.exists():
+        n += 1
+        path = out / f"{RECORD_PREFIX}{stamp}_{n}.toml"
+    path.write_text(f"# PANOSETI L0 -> L1 run record written by run.sh\n"
+                    f"{tomli_w.dumps(record)}")
+    return path
