@@ -18,8 +18,9 @@ Where things are:
 
 How it runs (DESIGN.md §7): every statistics task owns one chunk-aligned frame range of
 ``compute_chunk_size`` frames and returns small partial statistics; every writing task
-owns whole L1 shards (``shard_factor`` chunks) and streams their files. Each task holds about one chunk (``ph_pedestal``
-included: no task ever holds all times of a pixel). The baseline is computed once and
+owns whole L1 shards (``shard_factor`` chunks) and streams their files. Each task holds
+about one chunk at a time (``ph_pedestal`` included: no task ever holds all times of a
+pixel). The baseline is computed once and
 broadcast to the tasks that write, so local threads and a Dask cluster give
 byte-identical stores.
 
