@@ -70,7 +70,8 @@ pytestmark = pytest.mark.faults
 
 FRAMES = 300  # per seqno file; the stream has two files
 OBS = "obs_Lick.start_2024-07-25T04:34:46Z.runtype_sci-obs.pffd"
-STREAM = OBS[: -len(".pffd")] + ".dp_img16.module_1"
+RUN = OBS[: -len(".pffd")]  # run.sh's directory of that run's products
+STREAM = RUN + ".dp_img16.bpp_2.module_1"
 FRAME_BYTES = pff.PRODUCTS["img16"].frame_bytes
 STEPS = {"pff_to_zarr": {"time_chunk": 64, "shard_factor": 3, "num_workers": 1},
          "baseline_subtract": {"baseline_window": 100, "compute_chunk_size": 64,
@@ -541,7 +542,7 @@ def _rerun_completes(data: Data, tmp_path: Path, out: Path) -> None:
                          base_env(tmp_path, CONFIG_FILE=str(data.config)))
     assert rc == 0, err[-3000:]
     assert run_records(out)[-1]["inputs"][0]["status"] == "ok"
-    assert_same_store(out / f"{STREAM}_L1.zarr", data.l1)
+    assert_same_store(out / RUN / f"{STREAM}_L1.zarr", data.l1)
     assert leftovers(out) == [] and not (out / ".l0_tmp").exists()
 
 
@@ -568,7 +569,7 @@ def test_run_sh_signal_stops_everything_and_rerun_resumes(data: Data, tmp_path: 
             s.wait_until(lambda: _at_publish(out / ".l0_tmp" / f"{STREAM}_L0.zarr"),
                          "step 1 under way")
         else:
-            s.wait_until(lambda: _partial(out / f"{STREAM}_L1.zarr") is not None,
+            s.wait_until(lambda: _partial(out / RUN / f"{STREAM}_L1.zarr") is not None,
                          "step 2 under way")
         if sig == "INT":
             os.killpg(s.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole group
@@ -582,7 +583,7 @@ def test_run_sh_signal_stops_everything_and_rerun_resumes(data: Data, tmp_path: 
     # traceback ("distributed.client - ERROR") when stopped while the cluster starts.
     dask_client_log = phase == "cluster_start" and "distributed.client - ERROR" in s.stderr
     assert dask_client_log or "Traceback" not in s.stderr, s.stderr[-3000:]
-    assert not (out / f"{STREAM}_L1.zarr").exists()
+    assert not (out / RUN / f"{STREAM}_L1.zarr").exists()
     assert leftovers(out) == [] and not list(out.rglob("*_L0.zarr"))
     assert not _scheduler_files(tmp_path)
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
@@ -614,7 +615,7 @@ def test_lifecycle_manager_killed_mid_run(data: Data, tmp_path: Path) -> None:
     step1 = [line for line in error_lines(s.stderr) if line.startswith("step1_pff_to_zarr.py")]
     assert len(step1) == 1, s.stderr[-3000:]
     assert "Traceback" not in s.stderr
-    assert not (out / f"{STREAM}_L1.zarr").exists()
+    assert not (out / RUN / f"{STREAM}_L1.zarr").exists()
     assert leftovers(out) == [] and not list(out.rglob("*_L0.zarr"))
     assert run_records(out)[-1]["run"]["exit_status"] == 1
     assert tree_snapshot(data.obs) == before
@@ -643,7 +644,7 @@ def test_read_only_input_tree_and_no_world_or_group_writable_output(data: Data,
         subprocess.run(["chmod", "-R", "u+w", str(tree)], check=True)
     assert rc == 0, err[-3000:]
     assert after == before, "run.sh changed the input tree"
-    assert_same_store(out / f"{STREAM}_L1.zarr", data.l1)
+    assert_same_store(out / RUN / f"{STREAM}_L1.zarr", data.l1)
     assert_same_store(out / ".l0_tmp" / f"{STREAM}_L0.zarr", data.l0)
     assert permission_problems(out, group_writable=False) == []
 
@@ -657,6 +658,6 @@ def test_group_writable_policy_is_followed(data: Data, tmp_path: Path) -> None:
                          base_env(tmp_path, CONFIG_FILE=str(config)), umask=0o022)
     assert rc == 0, err[-3000:]
     assert permission_problems(out, group_writable=True) == []
-    for store in (out / f"{STREAM}_L1.zarr", out / ".l0_tmp" / f"{STREAM}_L0.zarr"):
+    for store in (out / RUN / f"{STREAM}_L1.zarr", out / ".l0_tmp" / f"{STREAM}_L0.zarr"):
         for p in [store, *store.rglob("*")]:
             assert p.stat().st_mode & stat.S_IWGRP, f"{p} is not group-writable"
