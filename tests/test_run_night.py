@@ -40,7 +40,8 @@ def run_sh(*args: str | os.PathLike, config: Path) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def night(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+def night(tmp_path_factory: pytest.TempPathFactory
+          ) -> tuple[Path, Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("night")
     run = synthetic.make_observation(root / "in", seed=11, modules=(1, 2),
                                      products=("img16", "ph256"), frames_per_file=FRAMES,
