@@ -19,6 +19,7 @@ flag is the same as a sequential read's wherever the ranges are cut.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -172,16 +173,15 @@ def previous_time(files: Sequence[SourceFile], a: int) -> int:
     return pff.NAT
 
 
-def decode_range(files: Sequence[SourceFile], a: int, b: int, buffer: str = "images"
+def decode_range(files: Sequence[SourceFile], a: int, b: int
                  ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
     """Images, headers, time and flags of global frames a..b-1, and the bytes read.
 
-    The images live in this thread's reused buffer ``buffer``: use them before the next
-    call with that name.
+    The images live in this thread's reused buffer: use them before the next call.
     """
     product = files[0].index.product
     n = b - a
-    images = runners.thread_array(buffer, (n, *product.shape), product.dtype)
+    images = runners.thread_array("images", (n, *product.shape), product.dtype)
     headers = {f: np.empty((n, *product.header_shape), pff.FIELD_DTYPE[f])
                for f in product.fields}
     time_ns = np.empty(n, np.int64)
@@ -206,34 +206,41 @@ def frame_values(product: pff.Product, images: np.ndarray, headers: dict[str, np
             "time": time_ns, "frame_flags": flags}
 
 
+def decode_chunk(files: Sequence[SourceFile], a: int, b: int
+                 ) -> tuple[dict[str, np.ndarray], tuple[int, dict[str, int]]]:
+    """Frames a..b-1 as the store's arrays, and (bytes read, flag counts)."""
+    images, headers, time_ns, flags, nbytes = decode_range(files, a, b)
+    values = frame_values(files[0].index.product, images, headers, time_ns, flags)
+    return values, (nbytes, pff.flag_counts(flags))
+
+
 def convert_range(settings: TaskSettings, a: int, b: int) -> dict[str, Any]:
     """Task: decode global frames a..b-1 and write their chunk (or shard) files.
 
     ``a`` is a shard boundary (a chunk boundary without sharding) and ``b`` the next one
-    or the end: the task owns every file it writes. Chunks are decoded here while the
-    previous ones compress on ``encode_threads`` threads; returns a small summary.
+    or the end: the task owns every file it writes. Its chunks are decoded and encoded on
+    ``encode_threads`` threads and written in order; returns a small summary.
     """
     runners.prepare_process(settings.process)
-    product = settings.files[0].index.product
-    arrays = spec.frame_arrays(product, 0)
+    arrays = spec.frame_arrays(settings.files[0].index.product, 0)
     writer = FrameWriter(settings.store, {x.name: x.dtype for x in arrays},
                          {x.name: 1 + len(x.trailing) for x in arrays}, settings.chunk,
                          settings.per_shard, settings.files[-1].stop, a, settings.codec,
                          settings.encode_threads)
-    nbytes, counts = 0, dict.fromkeys(pff.FLAG_NAMES.values(), 0)
     try:
-        for k, c in enumerate(range(a, b, settings.chunk)):
-            images, headers, time_ns, flags, read = decode_range(
-                settings.files, c, min(b, c + settings.chunk), f"images{k % writer.slots}")
-            writer.add(frame_values(product, images, headers, time_ns, flags))
-            nbytes += read
-            for name, count in pff.flag_counts(flags).items():
-                counts[name] += count
-        writer.close()
+        for c in range(a, b, settings.chunk):
+            writer.add(functools.partial(decode_chunk, settings.files, c,
+                                         min(b, c + settings.chunk)))
+        summaries = writer.close()
     except BaseException:
         writer.abort()  # nothing of this task is written after the driver's cleanup
         raise
-    return {"start": a, "stop": b, "frames": b - a, "bytes_read": nbytes, "flags": counts}
+    counts = dict.fromkeys(pff.FLAG_NAMES.values(), 0)
+    for _, chunk_counts in summaries:
+        for name, count in chunk_counts.items():
+            counts[name] += count
+    return {"start": a, "stop": b, "frames": b - a,
+            "bytes_read": sum(nbytes for nbytes, _ in summaries), "flags": counts}
 
 
 # --------------------------------------------------------------------------- driver

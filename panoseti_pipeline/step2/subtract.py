@@ -9,6 +9,7 @@ with every array defined and the baseline written (:func:`create_l1`); each appl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -43,7 +44,7 @@ class L1Layout:
     per_shard: int
     codec: ChunkCodec
     keep_mantissa_bits: int
-    encode_threads: int
+    encode_threads: int  # threads reading, subtracting and compressing a task's chunks
 
     def prepare(self) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
         """``images`` through BitRound when fewer than 23 mantissa bits are kept."""
@@ -54,6 +55,17 @@ class L1Layout:
         rounding = BitRound(keepbits=self.keep_mantissa_bits)
         return {"images": lambda x: rounding.encode(np.ascontiguousarray(x))
                 .view(np.float32).reshape(x.shape)}
+
+
+def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
+             ) -> tuple[dict[str, np.ndarray], int]:
+    """L1 frames a..b-1 (residuals and the per-frame arrays), and how many are NaN."""
+    x = info.array("images")[a:b]
+    quabo = info.array("quabo_num")[a:b] if info.ph256 else None
+    out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32))
+    nan = int(np.isnan(out).sum()) if sub.threshold is not None else 0
+    return ({"images": out, **{n: info.array(n)[a:b] for n in info.carried},
+             **info.derived_frames(a, b)}, nan)
 
 
 def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: int,
@@ -69,23 +81,14 @@ def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: i
                          {a.name: 1 + len(a.trailing) for a in arrays}, l1.chunk,
                          l1.per_shard, info.n_frames, start, l1.codec, l1.encode_threads,
                          l1.prepare())
-    nan = 0
     try:
-        for k, a in enumerate(range(start, stop, l1.chunk)):
-            b = min(stop, a + l1.chunk)
-            x = info.array("images")[a:b]
-            quabo = info.array("quabo_num")[a:b] if info.ph256 else None
-            out = sub.residuals(x, quabo, runners.thread_array(f"f32_{k % writer.slots}",
-                                                               x.shape, np.float32))
-            if sub.threshold is not None:
-                nan += int(np.isnan(out).sum())
-            writer.add({"images": out, **{n: info.array(n)[a:b] for n in info.carried},
-                        **info.derived_frames(a, b)})
-        writer.close()
+        for a in range(start, stop, l1.chunk):
+            writer.add(functools.partial(l1_chunk, info, sub, a, min(stop, a + l1.chunk)))
+        nans = writer.close()
     except BaseException:
         writer.abort()  # nothing of this task is written after the driver's cleanup
         raise
-    return {"start": start, "frames": stop - start, "nan": nan}
+    return {"start": start, "frames": stop - start, "nan": sum(nans)}
 
 
 def l1_arrays(info: L0Info) -> list[spec.FrameArray]:
@@ -228,7 +231,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     sub = subtraction_for(section, baseline)
     l1 = L1Layout(chunking.time_chunk(section.compute_chunk_size, info.n_frames),
                   section.shard_factor, ChunkCodec(**layout.codec_settings(section)),
-                  section.keep_mantissa_bits, 2)
+                  section.keep_mantissa_bits, runners.cpus())
     with publish.publishing(output, layout.LEVEL_L1, overwrite) as tmp:
         create_l1(tmp, info, section, baseline, l1)
         calls = [(info, sub, str(tmp), a, b, l1, process)

@@ -179,10 +179,13 @@ def _write_file(path: Path, data: bytes) -> None:
 class FrameWriter:
     """Writes a task's frames, whole time chunks at a time, into several arrays of a store.
 
-    :meth:`add` takes the next chunk of every array, encodes them on ``threads`` threads
-    while the caller decodes the following chunk, and appends the encoded bytes to each
-    array's files in order. The arrays handed to :meth:`add` must stay untouched until
-    ``slots`` further chunks were added: the caller cycles through ``slots`` buffers.
+    Each chunk is produced (read, decoded) and encoded on one of ``threads`` threads, so
+    a task that owns a whole shard still uses every core it is given; the encoded bytes
+    are appended to each array's files in chunk order by the calling thread. At most
+    ``threads + 1`` chunks are in flight: memory is bounded by the chunk, not the shard.
+    ``produce`` functions run on the pool's threads and may use thread-local buffers
+    (:func:`panoseti_pipeline.runners.thread_array`): a thread encodes a chunk before it
+    produces the next one.
     """
 
     def __init__(self, store: str | os.PathLike, dtypes: Mapping[str, Any],
@@ -198,20 +201,21 @@ class FrameWriter:
         self.prepare = dict(prepare or {})
         self.files = {name: ChunkFiles(Path(store, name), ndims[name], first_frame // chunk,
                                        per_shard, n_chunks) for name in dtypes}
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
-        self.slots = max(1, threads) + 1
+        threads = max(1, threads)
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self.in_flight = threads + 1
         self._pending: collections.deque = collections.deque()
+        self._summaries: list[Any] = []
 
-    def add(self, values: Mapping[str, np.ndarray]) -> None:
-        """Queue the next chunk of every array (the last chunk of the array may be short)."""
-        jobs = {name: self.pool.submit(self._encode, name, values[name])
-                for name in self.encoders}
-        self._pending.append(jobs)
-        while len(self._pending) >= self.slots:
+    def add(self, produce: Callable[[], tuple[Mapping[str, np.ndarray], Any]]) -> None:
+        """Queue the next chunk: ``produce()`` returns its arrays (the array's last chunk
+        may be short) and a summary, handed back by :meth:`close` in chunk order."""
+        self._pending.append(self.pool.submit(self._encode_chunk, produce))
+        while len(self._pending) > self.in_flight:
             self._drain_one()
 
-    def close(self) -> None:
-        """Write everything queued and finish the files (shard indexes)."""
+    def close(self) -> list[Any]:
+        """Write everything queued, finish the files (shard indexes); the summaries."""
         try:
             while self._pending:
                 self._drain_one()
@@ -219,21 +223,29 @@ class FrameWriter:
                 files.close()
         finally:
             self.pool.shutdown()
+        return self._summaries
 
     def abort(self) -> None:
-        """Stop: wait for the encoders (nothing may be written after this returns)."""
-        for jobs in self._pending:
-            for job in jobs.values():
-                job.cancel()
+        """Stop: wait for the running chunks (nothing is written after this returns)."""
+        for job in self._pending:
+            job.cancel()
         self.pool.shutdown(wait=True)
         for files in self.files.values():
             files.abort()
 
-    def _encode(self, name: str, values: np.ndarray) -> bytes:
-        if name in self.prepare:
-            values = self.prepare[name](values)
-        return self.encoders[name](pad_chunk(values, self.chunk))
+    def _encode_chunk(self, produce: Callable[[], tuple[Mapping[str, np.ndarray], Any]]
+                      ) -> tuple[dict[str, bytes], Any]:
+        values, summary = produce()
+        encoded = {}
+        for name, encode in self.encoders.items():
+            chunk = values[name]
+            if name in self.prepare:
+                chunk = self.prepare[name](chunk)
+            encoded[name] = encode(pad_chunk(chunk, self.chunk))
+        return encoded, summary
 
     def _drain_one(self) -> None:
-        for name, job in self._pending.popleft().items():
-            self.files[name].add(job.result())
+        encoded, summary = self._pending.popleft().result()
+        for name, data in encoded.items():
+            self.files[name].add(data)
+        self._summaries.append(summary)
