@@ -60,11 +60,11 @@ from fault_tools import (
     tree_snapshot,
 )
 
-from panoseti_pipeline import driver as run_plan
 from panoseti_pipeline import pff
 from panoseti_pipeline import synthetic as synthetic_obs
 from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
 from panoseti_pipeline.cli import step2 as step2_dask_baseline
+from panoseti_pipeline.driver import cli as driver_cli
 
 pytestmark = pytest.mark.faults
 
@@ -302,7 +302,7 @@ def test_step2_bad_l0(data: Data, tmp_path: Path, capsys: pytest.CaptureFixture,
     assert_one_error(err, "step2_dask_baseline.py", *needles)
     assert only(out.parent) == []
     if case != "chunks_missing":  # run.sh --steps 2 refuses it before any work, too
-        rc = run_plan.main(["plan", "--config", str(data.config), "--output", str(out.parent),
+        rc = driver_cli.main(["plan", "--config", str(data.config), "--output", str(out.parent),
                             "--steps", "2", "--dry-run", "--", str(l0)])
         lines = error_lines(capsys.readouterr().err)
         assert rc == 2 and len(lines) == 2 and str(l0) in lines[1], lines
@@ -340,7 +340,7 @@ def test_config_errors_stop_every_entry_point_before_any_work(
     assert rc == 2
     assert_one_error(capsys.readouterr().err, "step2_dask_baseline.py", str(cfg), needle)
     # run.sh's check (driver plan): a count line, then one line per problem.
-    rc = run_plan.main(["plan", "--config", str(cfg), "--output", str(out), "--dry-run",
+    rc = driver_cli.main(["plan", "--config", str(cfg), "--output", str(out), "--dry-run",
                         "--", str(data.obs)])
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == ""
