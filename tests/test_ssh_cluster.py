@@ -284,7 +284,10 @@ class TestOneCluster:
                 got = client.submit(module_probe(), names, workers=[row["address"]],
                                     pure=False).result(timeout=30)
                 for name, file in got["files"].items():
-                    assert Path(file) == REPO / f"{name.replace('.', '/')}.py", (name, file)
+                    module = REPO / name.replace(".", "/")
+                    expected = (module / "__init__.py" if module.is_dir()
+                                else module.with_suffix(".py"))
+                    assert Path(file) == expected, (name, file)
             on_scheduler = client.run_on_scheduler(module_probe(), names)
             assert all(Path(f).is_relative_to(REPO) for f in on_scheduler["files"].values())
         finally:
@@ -462,9 +465,11 @@ def test_run_sh_on_two_ssh_hosts_matches_local(bed, observation, tmp_path, tag) 
     assert done.returncode == 0, done.stderr[-4000:]
     assert ref.returncode == 0, ref.stderr[-4000:]
 
-    stores = sorted(p.name for p in (tmp_path / "L1_local").glob("*_L1.zarr"))
+    run = observation.name[: -len(".pffd")]  # run.sh's directory of the run's products
+    stores = sorted(f"{run}/{p.name}" for p in (tmp_path / "L1_local" / run).glob("*_L1.zarr"))
     assert len(stores) == 2, stores  # img16 and ph256
-    assert sorted(p.name for p in (tmp_path / "L1_ssh").glob("*_L1.zarr")) == stores
+    assert sorted(f"{run}/{p.name}"
+                  for p in (tmp_path / "L1_ssh" / run).glob("*_L1.zarr")) == stores
     for name in stores:
         assert_same_store(tmp_path / "L1_ssh" / name, tmp_path / "L1_local" / name)
 
