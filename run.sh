@@ -80,6 +80,8 @@ JOB_NAME=()
 JOB_L0=()
 JOB_L1=()
 JOB_INPUTS=()
+BUNDLE_RUN=()     # per .pffd input: the run directory ...
+BUNDLE_DIR=()     # ... and the directory of its products (its bundle goes there too)
 
 usage() {
   cat <<'EOF'
@@ -447,6 +449,10 @@ read_plan() {
         JOB_L1+=("${f[5]}")
         JOB_INPUTS+=("$(IFS=$'\t' && printf '%s' "${f[*]:6}")")
         ;;
+      bundle)
+        BUNDLE_RUN+=("${f[1]}")
+        BUNDLE_DIR+=("${f[2]}")
+        ;;
       *) ;;
     esac
   done <<<"$1"
@@ -531,6 +537,21 @@ run_jobs() {
         say "stopping after the first failed input (--keep-going continues with the others)"
         break
       fi
+    fi
+  done
+}
+
+# write_bundles: each .pffd run's bundle (configs, logs, sentinels, hk.pff, manifest)
+# beside its products; a bundle that cannot be written fails the run.
+write_bundles() {
+  local k
+  for ((k = 0; k < ${#BUNDLE_RUN[@]}; k++)); do
+    [[ -d "${BUNDLE_DIR[k]}" ]] || continue # no product of that run was made
+    if py bundle "${BUNDLE_RUN[k]}" "${BUNDLE_DIR[k]}" >/dev/null; then
+      say "run bundle: ${BUNDLE_DIR[k]}/$(basename -- "${BUNDLE_RUN[k]}").panoseti-meta"
+    else
+      say "error: the run bundle of ${BUNDLE_RUN[k]} was not written"
+      FAILED=$((FAILED + 1))
     fi
   done
 }
@@ -622,6 +643,7 @@ run_pipeline() {
 
   run_jobs
   stop_cluster
+  write_bundles
   PIPELINE_RC=0
   if ((FAILED > 0)); then PIPELINE_RC=1; fi
   py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --cluster-address "$CLUSTER_ADDRESS" \
@@ -642,16 +664,18 @@ run_demo() {
   run_pipeline "$observation" "$dir/L1"
   ((OPT_DRY_RUN)) && return 0
   first=""
-  for first in "$dir"/L1/*_L1.zarr; do break; done
+  for first in "$dir"/L1/*/*_L1.zarr; do break; done
   cat <<EOF
 
 Demo finished (exit status $PIPELINE_RC). Look at:
   input observation  $observation
-  L1 stores          $dir/L1/*_L1.zarr
+  L1 stores          $dir/L1/<run>/*_L1.zarr (one directory per observation run)
+  run bundle         $dir/L1/<run>/<run>.pffd.panoseti-meta (configs, logs, hk.pff, manifest)
   run record         $dir/L1/run_record_*.toml
   config used        $CONFIG
-Open an L1 store with xarray:
+Open an L1 store with xarray, or the run with PANOSETI's reader (pypff):
   $PYTHON -c 'import xarray as xr; print(xr.open_zarr("$first"))'
+  $PYTHON -c 'from pypff.zarr import open_zarr_run; print(open_zarr_run("${first%/*}").list_products())'
 EOF
 }
 

@@ -54,6 +54,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,6 +76,8 @@ WORKER_ENV_PREFIXES: tuple[str, ...] = (
 )
 
 _POLL_S = 0.1
+#: How often closing SSH workers asks the scheduler again (for workers that joined late).
+_RETIRE_POLL_S = 0.5
 #: How often a start asks squeue about its SLURM jobs.
 _SQUEUE_POLL_S = 1.0
 _CLOSE_TIMEOUT_S = 30.0
@@ -211,6 +214,8 @@ class ClusterHandle:
         self._pids_before: set[int] = set()
         #: Why workers did not start (set by the background start, or squeue's view).
         self._worker_failures: list[str] = []
+        #: Set when the background start of the workers has ended (either way).
+        self._workers_tried: threading.Event | None = None
         #: Every SLURM job id this handle submitted (appended as sbatch answers).
         self._job_ids: list[str] = []
 
@@ -275,7 +280,7 @@ class ClusterHandle:
         cluster, self._cluster = self._cluster, None
         if client is not None:
             if self.kind == "ssh":
-                _close_ssh_workers(client, cluster)
+                _close_ssh_workers(client, cluster, self._workers_tried)
             with contextlib.suppress(Exception):
                 client.close(timeout=10)
         started = _child_pids() - self._pids_before
@@ -388,6 +393,7 @@ class ClusterHandle:
         """Bring the cluster's workers to its spec in the background; a failure is
         recorded as ``why(error)`` for :meth:`_wait_for_workers` instead of logged."""
         cluster, failures = self._cluster, self._worker_failures
+        tried = self._workers_tried = threading.Event()
 
         async def start_workers() -> None:
             # SpecCluster raises the first failure once every worker was tried.
@@ -395,6 +401,8 @@ class ClusterHandle:
                 await cluster._correct_state()
             except Exception as err:  # noqa: BLE001 -- reported by _wait_for_workers
                 failures.append(why(err))
+            finally:
+                tried.set()
 
         cluster.loop.add_callback(start_workers)
 
@@ -767,24 +775,32 @@ def _ssh_host_workers_class() -> type:
     return SSHHostWorkers
 
 
-def _close_ssh_workers(client: Client, cluster: Any, timeout_s: float = 20.0) -> None:
+def _close_ssh_workers(client: Client, cluster: Any, tried: threading.Event | None,
+                       timeout_s: float = 20.0) -> None:
     """Close the SSH workers through the scheduler and wait for their remote processes.
 
     SSHCluster stops a remote process by an SSH signal request, which an OpenSSH server
     may refuse ("session signalling requires privilege separation"); the workers then
     outlive the cluster until they notice the scheduler is gone. Asking the scheduler to
     close them (nannies included) and waiting for each remote command to end does not
-    depend on that.
+    depend on that. A close during the start (a failed, timed-out or interrupted start)
+    first lets the start of every host end (``tried``), so that each remote process is
+    known, and repeats the request while waiting: a worker still starting registers later
+    and is closed then.
     """
     deadline = time.monotonic() + timeout_s
-    with contextlib.suppress(Exception):
-        client.retire_workers(close_workers=True)
+    if tried is not None:
+        tried.wait(timeout_s)
     procs = [getattr(w, "proc", None) for w in getattr(cluster, "workers", {}).values()]
     procs = [p for p in procs if p is not None]
-    while time.monotonic() < deadline:
+    while True:
+        with contextlib.suppress(Exception):
+            client.retire_workers(close_workers=True)
         if all(p.exit_status is not None or p.is_closing() for p in procs):
             return
-        time.sleep(_POLL_S)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(_RETIRE_POLL_S)
     logger.warning("SSH worker processes still running after %g s; closing anyway", timeout_s)
 
 

@@ -183,6 +183,7 @@ _CODEC = Key("compressor: blosc-lz4 and zstd are Blosc with that cname; gzip; no
 _LEVEL = Key("compression level, 1 (fast) .. 9 (small)", lo=1, hi=9)
 _SHUFFLE = Key("Blosc shuffle filter (ignored by gzip/none)", choices=SHUFFLES)
 _CHECKSUM = Key("append a zarr Crc32cCodec to every chunk")
+_SHARDS = Key("chunks per shard file (PANOSETI's shard_factor); 0 = one file per chunk", lo=0)
 
 
 _S = TypeVar("_S", bound="type[_Section]")
@@ -435,9 +436,11 @@ class PffToZarrConfig(_Section):
     checksum: bool = _CHECKSUM.field(True)
     time_chunk: int = key(8192, "frames per Zarr chunk", lo=1)
     num_workers: int = key(2, "parallel tasks in local mode (use_dask = false)", lo=1)
-    blosc_threads: int = key(1, "compression threads per concurrently running task", lo=1)
+    blosc_threads: int = key(2, "compression threads per running task", lo=1)
     max_concurrent_writes: int = key(4, "chunk writes in flight per process", lo=1)
-    chunk_size_mb: int = key(64, "raw MB per task, rounded to whole time_chunks", lo=1)
+    chunk_size_mb: int = key(64, "raw MB per task (shard_factor = 0), in whole time_chunks",
+                             lo=1)
+    shard_factor: int = _SHARDS.field(64)
 
 
 @_register
@@ -457,7 +460,8 @@ class BaselineConfig(_Section):
     level: int = _LEVEL.field(5)
     shuffle: str = _SHUFFLE.field("byte")
     checksum: bool = _CHECKSUM.field(True)
-    compute_chunk_size: int = key(8192, "frames per task and per output chunk", lo=1)
+    compute_chunk_size: int = key(8192, "frames per output chunk (and task, unsharded)", lo=1)
+    shard_factor: int = _SHARDS.field(64)
     frame_step: int = key(10, "image_median: use every frame_step-th frame", lo=1)
     adc_to_pe: float = key(1.5, "image_median: ADC counts per photoelectron", above=0)
     sigma_threshold: float = key(3.0, "ph_pedestal: pedestal cut in standard deviations", above=0)

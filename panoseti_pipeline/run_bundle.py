@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from panoseti_pipeline.errors import InputError, PipelineError, StoreError
-from panoseti_pipeline.pff import HOUSEKEEPING_NAME
+from panoseti_pipeline.pff import HOUSEKEEPING_NAME, NAT
 from panoseti_pipeline.store.publish import PARTIAL_SUFFIX, swap_into_place
 
 Notice = Callable[[str], None]
@@ -90,6 +90,21 @@ class ProductSummary:
                 "level": self.level, "frames": self.frames,
                 "first_time": iso_ns(self.first_ns), "last_time": iso_ns(self.last_ns),
                 "first_time_ns": self.first_ns, "last_time_ns": self.last_ns}
+
+
+def summarize_store(path: str | os.PathLike) -> ProductSummary:
+    """The manifest's facts of a published product store (its attributes and first and
+    last ``unix_t_ns``; a frame without time, NaT, gives ``None``)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    times = group["unix_t_ns"]
+    n = times.shape[0]
+    first, last = (int(times[0]), int(times[n - 1])) if n else (NAT, NAT)
+    return ProductSummary(Path(path).name, str(group.attrs["data_product"]),
+                          int(group.attrs["module"]), str(group.attrs["processing_level"]),
+                          int(group.attrs["total_frames"]), None if first == NAT else first,
+                          None if last == NAT else last)
 
 
 def iso_ns(t_ns: int | None) -> str | None:

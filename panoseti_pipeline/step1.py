@@ -19,6 +19,7 @@ flag is the same as a sequential read's wherever the ranges are cut.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -28,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from panoseti_pipeline import chunking, pff, runners
+from panoseti_pipeline import chunking, pff, run_bundle, runners
 from panoseti_pipeline.errors import InputError, PFFNameError, StoreError
-from panoseti_pipeline.store import layout, publish
+from panoseti_pipeline.store import layout, publish, spec
+from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
 
 CONTEXT_FRAMES = 8
 VERIFY_SAMPLE_CHUNKS = 3
@@ -58,6 +60,10 @@ class TaskSettings:
     store: str
     files: tuple[SourceFile, ...]
     process: runners.ProcessSettings
+    chunk: int  # frames per chunk of every array
+    per_shard: int  # chunks per shard file; 0: one file per chunk
+    codec: ChunkCodec
+    encode_threads: int  # threads compressing one task's chunks
 
 
 # --------------------------------------------------------------------------- inputs
@@ -65,7 +71,8 @@ class TaskSettings:
 
 def check_stream(paths: Sequence[str | os.PathLike], notice: Callable[[str], None]
                  ) -> list[pff.PFFName]:
-    """The non-empty files of one stream in seqno order; refuse anything else up front."""
+    """The non-empty files of one stream in seqno order (:func:`pff.group_streams`);
+    refuse anything else up front."""
     names, problems = [], []
     for p in map(Path, paths):
         try:
@@ -80,30 +87,26 @@ def check_stream(paths: Sequence[str | os.PathLike], notice: Callable[[str], Non
             problems.append(str(err))
     if problems:
         raise InputError("\n".join(problems))
-    streams = {n.stream for n in names}
+    streams, problems = pff.group_streams(names)
+    if problems:
+        raise InputError("\n".join(problems))
     if len(streams) > 1:
         same_name = len({n.path.name for n in names}) < len(names)  # e.g. copies elsewhere
         listing = "; ".join(f"{n.path if same_name else n.path.name} ({n.dp}, module "
                             f"{n.module})" for n in names)
-        raise InputError(f"inputs are not one stream (same directory, start time, dp and "
-                         f"module): {listing}")
-    seqnos = [n.seqno for n in names]
-    dup = sorted({s for s in seqnos if seqnos.count(s) > 1})
-    if dup:
-        raise InputError(f"duplicate seqno {dup} among inputs: "
-                         + ", ".join(str(n.path) for n in names if n.seqno in dup))
-    names.sort(key=lambda n: n.seqno)
-    missing = pff.missing_seqnos(names)
-    if missing:
-        notice(f"{names[0].path.parent}: {names[0].dp} module {names[0].module}: seqno "
-               f"{', '.join(map(str, missing))} missing between the inputs; joined without it")
-    empty = [n for n in names if n.path.stat().st_size == 0]
-    if len(empty) == len(names):
-        raise InputError(f"{', '.join(str(n.path) for n in empty)}: empty (0 bytes): no data "
-                         "to convert (every input file is empty)")
-    for n in empty:
-        notice(f"{n.path}: empty (0 bytes), skipped")
-    return [n for n in names if n not in empty]
+        raise InputError(f"inputs are not one stream (same directory, dp and module): "
+                         f"{listing}")
+    stream = streams[0]
+    for line in stream.notices:
+        notice(line)
+    files = stream.data_files
+    if not files:
+        raise InputError(f"{', '.join(str(n.path) for n in stream.files)}: empty (0 bytes): "
+                         "no data to convert (every input file is empty)")
+    for n in stream.files:
+        if n not in files:
+            notice(f"{n.path}: empty (0 bytes), skipped")
+    return files
 
 
 def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None], *,
@@ -196,24 +199,48 @@ def decode_range(files: Sequence[SourceFile], a: int, b: int
     return images, headers, time_ns, flags, nbytes
 
 
-def timestamps_of(time_ns: np.ndarray) -> np.ndarray:
-    """float64 Unix seconds (the original pipeline's field), NaN where time is NaT."""
-    return np.where(time_ns == pff.NAT, np.nan, time_ns / 1e9)
+def frame_values(product: pff.Product, images: np.ndarray, headers: dict[str, np.ndarray],
+                 time_ns: np.ndarray, flags: np.ndarray) -> dict[str, np.ndarray]:
+    """Decoded frames as the store's arrays (:func:`panoseti_pipeline.store.spec.frame_arrays`)."""
+    return {"images": images, "unix_t_ns": time_ns, **spec.header_columns(product, headers),
+            "time": time_ns, "frame_flags": flags}
+
+
+def decode_chunk(files: Sequence[SourceFile], a: int, b: int
+                 ) -> tuple[dict[str, np.ndarray], tuple[int, dict[str, int]]]:
+    """Frames a..b-1 as the store's arrays, and (bytes read, flag counts)."""
+    images, headers, time_ns, flags, nbytes = decode_range(files, a, b)
+    values = frame_values(files[0].index.product, images, headers, time_ns, flags)
+    return values, (nbytes, pff.flag_counts(flags))
 
 
 def convert_range(settings: TaskSettings, a: int, b: int) -> dict[str, Any]:
-    """Task: decode global frames a..b-1 and write their chunks; return a summary."""
+    """Task: decode global frames a..b-1 and write their chunk (or shard) files.
+
+    ``a`` is a shard boundary (a chunk boundary without sharding) and ``b`` the next one
+    or the end: the task owns every file it writes. Its chunks are decoded and encoded on
+    ``encode_threads`` threads and written in order; returns a small summary.
+    """
     runners.prepare_process(settings.process)
-    images, headers, time_ns, flags, nbytes = decode_range(settings.files, a, b)
+    arrays = spec.frame_arrays(settings.files[0].index.product, 0)
+    writer = FrameWriter(settings.store, {x.name: x.dtype for x in arrays},
+                         {x.name: 1 + len(x.trailing) for x in arrays}, settings.chunk,
+                         settings.per_shard, settings.files[-1].stop, a, settings.codec,
+                         settings.encode_threads)
     try:
-        layout.write_frames(settings.store, a, b, {
-            "images": images, "time": time_ns, "timestamps": timestamps_of(time_ns),
-            "frame_flags": flags, **{f"headers/{k}": v for k, v in headers.items()}})
+        for c in range(a, b, settings.chunk):
+            writer.add(functools.partial(decode_chunk, settings.files, c,
+                                         min(b, c + settings.chunk)))
+        summaries = writer.close()
     except BaseException:
-        publish.wait_for_pending_writes()  # no write may land after the driver's cleanup
+        writer.abort()  # nothing of this task is written after the driver's cleanup
         raise
-    return {"start": a, "stop": b, "frames": b - a, "bytes_read": nbytes,
-            "flags": pff.flag_counts(flags)}
+    counts = dict.fromkeys(pff.FLAG_NAMES.values(), 0)
+    for _, chunk_counts in summaries:
+        for name, count in chunk_counts.items():
+            counts[name] += count
+    return {"start": a, "stop": b, "frames": b - a,
+            "bytes_read": sum(nbytes for nbytes, _ in summaries), "flags": counts}
 
 
 # --------------------------------------------------------------------------- driver
@@ -242,19 +269,19 @@ class Result:
                 f"frames, time source {r['time_source']}, flags: {flags}")
 
 
-def _create_store(path: Path, files: Sequence[SourceFile], chunk: int, cfg: Any) -> None:
+def _create_store(path: Path, files: Sequence[SourceFile], settings: TaskSettings,
+                  cfg: Any) -> None:
     import zarr
 
     product = files[0].index.product
-    n = files[-1].stop
-    codecs = layout.compressors(**layout.codec_settings(cfg.pff_to_zarr))
     group = zarr.open_group(store=str(path), mode="w-")
-    layout.create_array(group, "images", (n, *product.shape), (chunk, *product.shape),
-                    product.dtype, ("time", "y", "x"), codecs,
-                    {"long_name": f"{product.dp} pixels exactly as in the PFF files"})
-    layout.create_frame_arrays(group, n, chunk, codecs,
-                           {f: (pff.FIELD_DTYPE[f], product.header_shape)
-                            for f in product.fields})
+    layout.create_frame_arrays(group, spec.frame_arrays(product, _name(files).module),
+                               files[-1].stop, settings.chunk, settings.per_shard,
+                               layout.compressors(**layout.codec_settings(cfg.pff_to_zarr)))
+
+
+def _name(files: Sequence[SourceFile]) -> pff.PFFName:
+    return pff.parse_name(files[0].path)
 
 
 def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: int,
@@ -269,23 +296,21 @@ def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: i
     n_chunks = -(-n // time_chunk)
     for c in sorted({0, n_chunks // 2, n_chunks - 1})[:VERIFY_SAMPLE_CHUNKS]:
         a, b = c * time_chunk, min(n, (c + 1) * time_chunk)
-        images, headers, time_ns, flags, _ = decode_range(files, a, b)
-        same = (np.array_equal(group["images"][a:b], images)
-                and np.array_equal(group["time"][a:b], time_ns)
-                and np.array_equal(group["timestamps"][a:b], timestamps_of(time_ns),
-                                   equal_nan=True)
-                and np.array_equal(group["frame_flags"][a:b], flags)
-                and all(np.array_equal(group[f"headers/{k}"][a:b], v)
-                        for k, v in headers.items()))
+        expected = frame_values(files[0].index.product, *decode_range(files, a, b)[:4])
+        same = all(np.array_equal(group[name][a:b], values)
+                   for name, values in expected.items())
         if not same:
             raise StoreError(f"{path}: chunk {c} (frames {a}..{b - 1}) read back differs "
                              "from the PFF input")
 
 
 def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
-                report: dict[str, Any]) -> dict[str, Any]:
-    first = pff.parse_name(files[0].path)
+                report: dict[str, Any], notice: Callable[[str], None]) -> dict[str, Any]:
+    """The spec's root attributes (PANOSETI's, :mod:`panoseti_pipeline.store.spec`), then
+    ours: provenance of every input file, time source, flag counts, config, software."""
+    first = _name(files)
     run = pff.run_of(files[0].path)
+    configs = run_bundle.run_configs(run.path, notice=notice) if run else {}
     sources = {f.time_source for f in files}
     counts = dict.fromkeys(pff.FLAG_NAMES.values(), 0)
     for s in summaries:
@@ -293,9 +318,10 @@ def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
             counts[k] += v
     report["flag_counts"] = counts
     return {
+        **spec.spec_attributes(first.product, first.module,
+                               [Path(f.path).name for f in files], files[-1].stop, configs,
+                               cfg.pff_to_zarr.shard_factor),
         "processing_level": layout.LEVEL_L0,
-        "data_product": first.dp,
-        "module": first.module,
         "run_start": first.start.isoformat(),
         "observation": run.as_attrs() if run else {},
         "source_files": [{"name": Path(f.path).name, "size": f.index.file_size,
@@ -303,7 +329,6 @@ def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
                           "partial_bytes_dropped": f.index.partial_bytes,
                           "frames_walked": f.index.frames_walked,
                           "time_source": f.time_source} for f in files],
-        "n_frames": files[-1].stop,
         "time_source": sources.pop() if len(sources) == 1 else "mixed",
         "flag_counts": counts,
         "config": cfg.as_dict(),
@@ -333,29 +358,32 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     t0 = time.perf_counter()
     files = index_stream(names, notice)
     try:
-        return _publish(files, output, cfg, client, overwrite, quiet, t0)
+        return _publish(files, output, cfg, client, overwrite, quiet, t0, notice)
     except pff.StrideMismatch as err:
         notice(f"{err}: indexing the stream frame by frame and converting again")
     files = index_stream(names, lambda _msg: None, exact=True)
-    return _publish(files, output, cfg, client, overwrite, quiet, t0)
+    return _publish(files, output, cfg, client, overwrite, quiet, t0, notice)
 
 
 def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overwrite: bool,
-             quiet: bool, t0: float) -> Result:
+             quiet: bool, t0: float, notice: Callable[[str], None]) -> Result:
     """Write, verify and publish the L0 store of an indexed stream."""
     section = cfg.pff_to_zarr
     n = files[-1].stop
     chunk = chunking.time_chunk(section.time_chunk, n)
-    ranges = chunking.task_ranges(n, chunk, chunking.chunks_per_task(
+    per_shard = section.shard_factor
+    ranges = chunking.task_ranges(n, chunk, per_shard or chunking.chunks_per_task(
         chunk, files[0].index.product.frame_bytes, section.chunk_size_mb))
     process = runners.ProcessSettings(section.max_concurrent_writes, section.blosc_threads,
                                       section.num_workers if client is None else 0,
                                       cfg.run.group_writable)
     with publish.publishing(output, layout.LEVEL_L0, overwrite) as tmp:
-        settings = TaskSettings(str(tmp), tuple(files), process)
+        settings = TaskSettings(str(tmp), tuple(files), process, chunk, per_shard,
+                                ChunkCodec(**layout.codec_settings(section)),
+                                section.blosc_threads)
         if client is None:  # the tasks run here: set zarr up before its first write
             runners.prepare_process(process)
-        _create_store(tmp, files, chunk, cfg)
+        _create_store(tmp, files, settings, cfg)
         summaries: list[dict[str, Any]] = []
 
         def fold(_i: int, summary: dict[str, Any]) -> int:
@@ -381,6 +409,6 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
         import zarr
 
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
-        group.attrs.update(_attributes(files, summaries, cfg, report))
+        group.attrs.update(_attributes(files, summaries, cfg, report, notice))
         layout.consolidate(tmp)
     return Result(str(output), "ok", n, seconds, input_bytes, store_bytes, report)

@@ -126,13 +126,25 @@ def _apply_faults(rng: np.random.Generator, spec: StreamSpec, images: np.ndarray
 
 
 def file_name(spec: StreamSpec, start: dt.datetime, seqno: int) -> str:
+    """The DAQ's name of a stream file opened at ``start`` (PFF_FORMAT.md §6)."""
     return (f"start_{start:%Y-%m-%dT%H:%M:%S}Z.dp_{spec.dp}.bpp_{pff.PRODUCTS[spec.dp].bpp}"
             f".module_{spec.module}.seqno_{seqno}.pff")
 
 
+def opened_at(first_frame_ns: int) -> dt.datetime:
+    """The ``start_`` the DAQ gives a rolled-over file: the time it opened it, which is
+    when its first frame arrived, to the second."""
+    return dt.datetime.fromtimestamp(first_frame_ns // 1_000_000_000, tz=dt.timezone.utc)
+
+
 def write_stream(directory: Path, spec: StreamSpec, *, seed: int = 0,
                  start: dt.datetime = DEFAULT_START) -> list[Path]:
-    """Write the seqno files of one stream; return their paths in seqno order."""
+    """Write the seqno files of one stream; return their paths in seqno order.
+
+    Named as the DAQ names them: seqno 0 with the run's ``start``, every rolled-over
+    file with the time it was opened -- its first frame's, rounded down to the second
+    (``new_dp_file()`` sets ``start_time = time(NULL)``).
+    """
     rng = np.random.default_rng([seed, spec.module, sorted(pff.PRODUCTS).index(spec.dp)])
     t0 = int(start.timestamp()) * 1_000_000_000 + 123_456_789
     paths = []
@@ -144,7 +156,8 @@ def write_stream(directory: Path, spec: StreamSpec, *, seed: int = 0,
         headers = synth_headers(rng, spec, times, first_pkt=first)
         images = synth_images(rng, spec, n, first)
         _apply_faults(rng, spec, images, headers, seqno)
-        path = directory / file_name(spec, start, seqno)
+        opened = start if seqno == 0 else opened_at(int(times[0]))
+        path = directory / file_name(spec, opened, seqno)
         with open(path, "wb") as f:
             pff.write_frames(f, spec.dp, images, headers)
             if "partial_last" in spec.faults and seqno == spec.files - 1:

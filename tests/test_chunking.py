@@ -16,3 +16,10 @@ def test_time_chunk_is_within_the_frames():
     assert chunking.time_chunk(8192, 10) == 10
     assert chunking.time_chunk(64, 1000) == 64
     assert chunking.time_chunk(64, 0) == 1
+
+
+def test_sharded_tasks_own_whole_shards():
+    """With shards of 64 chunks a task is one shard: no two tasks write one shard file."""
+    ranges = chunking.task_ranges(100_000, 1024, 64)
+    assert ranges == [(0, 65_536), (65_536, 100_000)]
+    assert chunking.task_ranges(10, 8, 64) == [(0, 10)]

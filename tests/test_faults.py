@@ -60,20 +60,22 @@ from fault_tools import (
     tree_snapshot,
 )
 
-from panoseti_pipeline import driver as run_plan
 from panoseti_pipeline import pff
 from panoseti_pipeline import synthetic as synthetic_obs
 from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
 from panoseti_pipeline.cli import step2 as step2_dask_baseline
+from panoseti_pipeline.driver import cli as driver_cli
 
 pytestmark = pytest.mark.faults
 
 FRAMES = 300  # per seqno file; the stream has two files
 OBS = "obs_Lick.start_2024-07-25T04:34:46Z.runtype_sci-obs.pffd"
-STREAM = OBS[: -len(".pffd")] + ".dp_img16.module_1"
+RUN = OBS[: -len(".pffd")]  # run.sh's directory of that run's products
+STREAM = RUN + ".dp_img16.bpp_2.module_1"
 FRAME_BYTES = pff.PRODUCTS["img16"].frame_bytes
-STEPS = {"pff_to_zarr": {"time_chunk": 64, "chunk_size_mb": 1, "num_workers": 1},
-         "baseline_subtract": {"baseline_window": 100, "compute_chunk_size": 64}}
+STEPS = {"pff_to_zarr": {"time_chunk": 64, "shard_factor": 3, "num_workers": 1},
+         "baseline_subtract": {"baseline_window": 100, "compute_chunk_size": 64,
+                               "shard_factor": 3}}
 CONFIGS = {
     "local": {"cluster": {"use_dask": False}, **STEPS},
     "dask": {"cluster": {"use_dask": True, "cluster_type": "local", "interface": "lo",
@@ -234,7 +236,7 @@ def test_step1_truncated_last_frame_is_dropped_and_reported(
     import zarr
 
     group = zarr.open_group(str(out), mode="r")
-    assert group.attrs["n_frames"] == 200
+    assert group.attrs["total_frames"] == 200
     assert group.attrs["source_files"][0]["partial_bytes_dropped"] == dropped
     ref = zarr.open_group(str(data.l0), mode="r")
     np.testing.assert_array_equal(group["images"][:], ref["images"][:200])
@@ -300,7 +302,7 @@ def test_step2_bad_l0(data: Data, tmp_path: Path, capsys: pytest.CaptureFixture,
     assert_one_error(err, "step2_dask_baseline.py", *needles)
     assert only(out.parent) == []
     if case != "chunks_missing":  # run.sh --steps 2 refuses it before any work, too
-        rc = run_plan.main(["plan", "--config", str(data.config), "--output", str(out.parent),
+        rc = driver_cli.main(["plan", "--config", str(data.config), "--output", str(out.parent),
                             "--steps", "2", "--dry-run", "--", str(l0)])
         lines = error_lines(capsys.readouterr().err)
         assert rc == 2 and len(lines) == 2 and str(l0) in lines[1], lines
@@ -338,7 +340,7 @@ def test_config_errors_stop_every_entry_point_before_any_work(
     assert rc == 2
     assert_one_error(capsys.readouterr().err, "step2_dask_baseline.py", str(cfg), needle)
     # run.sh's check (driver plan): a count line, then one line per problem.
-    rc = run_plan.main(["plan", "--config", str(cfg), "--output", str(out), "--dry-run",
+    rc = driver_cli.main(["plan", "--config", str(cfg), "--output", str(out), "--dry-run",
                         "--", str(data.obs)])
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == ""
@@ -439,6 +441,7 @@ def _partial(final: Path) -> Path | None:
 
 
 def _chunks(store: Path | None, array: str = "images") -> int:
+    """Chunk files of ``array`` in a partial store (shard files: the store is sharded)."""
     if store is None or not (store / array / "c").is_dir():
         return 0
     return sum(1 for p in (store / array / "c").rglob("*") if p.is_file())
@@ -464,10 +467,11 @@ def _kill_and_check(s: Spawned, final: Path) -> Path:
 
 
 STEP1_KILL_POINTS = {  # point: (environment, condition on the partial store)
-    # two tasks of 384 and 216 frames (6 + 4 chunks of 64), one at a time, each waiting 1 s
+    # four tasks of 192, 192, 192 and 24 frames (a shard file of 3 chunks of 64 each), one
+    # at a time, each waiting 1 s: kill while the second shard is written
     "tasks_started": ({SLOW_TASK: "1.0"}, lambda p: p is not None and _chunks(p) == 0
                       and (p / "images" / "zarr.json").exists()),
-    "some_chunks_written": ({SLOW_TASK: "1.0"}, lambda p: _chunks(p) >= 6),
+    "some_chunks_written": ({SLOW_TASK: "1.0"}, lambda p: _chunks(p) >= 2),
     "at_publish": ({SLOW_PUBLISH: "30"}, None),
 }
 
@@ -486,7 +490,7 @@ def test_step1_kill_9_then_rerun_is_identical(data: Data, tmp_path: Path,
         else:
             s.wait_until(lambda: condition(_partial(final)), point)
         if point == "some_chunks_written":
-            assert _chunks(_partial(final)) < 10, "all chunks were written already"
+            assert _chunks(_partial(final)) < 4, "all shards were written already"
         stale = _kill_and_check(s, final)
 
     assert step1_pff_to_zarr.main(args) == 0  # the same command again
@@ -538,7 +542,7 @@ def _rerun_completes(data: Data, tmp_path: Path, out: Path) -> None:
                          base_env(tmp_path, CONFIG_FILE=str(data.config)))
     assert rc == 0, err[-3000:]
     assert run_records(out)[-1]["inputs"][0]["status"] == "ok"
-    assert_same_store(out / f"{STREAM}_L1.zarr", data.l1)
+    assert_same_store(out / RUN / f"{STREAM}_L1.zarr", data.l1)
     assert leftovers(out) == [] and not (out / ".l0_tmp").exists()
 
 
@@ -565,7 +569,7 @@ def test_run_sh_signal_stops_everything_and_rerun_resumes(data: Data, tmp_path: 
             s.wait_until(lambda: _at_publish(out / ".l0_tmp" / f"{STREAM}_L0.zarr"),
                          "step 1 under way")
         else:
-            s.wait_until(lambda: _partial(out / f"{STREAM}_L1.zarr") is not None,
+            s.wait_until(lambda: _partial(out / RUN / f"{STREAM}_L1.zarr") is not None,
                          "step 2 under way")
         if sig == "INT":
             os.killpg(s.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole group
@@ -579,7 +583,7 @@ def test_run_sh_signal_stops_everything_and_rerun_resumes(data: Data, tmp_path: 
     # traceback ("distributed.client - ERROR") when stopped while the cluster starts.
     dask_client_log = phase == "cluster_start" and "distributed.client - ERROR" in s.stderr
     assert dask_client_log or "Traceback" not in s.stderr, s.stderr[-3000:]
-    assert not (out / f"{STREAM}_L1.zarr").exists()
+    assert not (out / RUN / f"{STREAM}_L1.zarr").exists()
     assert leftovers(out) == [] and not list(out.rglob("*_L0.zarr"))
     assert not _scheduler_files(tmp_path)
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
@@ -611,7 +615,7 @@ def test_lifecycle_manager_killed_mid_run(data: Data, tmp_path: Path) -> None:
     step1 = [line for line in error_lines(s.stderr) if line.startswith("step1_pff_to_zarr.py")]
     assert len(step1) == 1, s.stderr[-3000:]
     assert "Traceback" not in s.stderr
-    assert not (out / f"{STREAM}_L1.zarr").exists()
+    assert not (out / RUN / f"{STREAM}_L1.zarr").exists()
     assert leftovers(out) == [] and not list(out.rglob("*_L0.zarr"))
     assert run_records(out)[-1]["run"]["exit_status"] == 1
     assert tree_snapshot(data.obs) == before
@@ -640,7 +644,7 @@ def test_read_only_input_tree_and_no_world_or_group_writable_output(data: Data,
         subprocess.run(["chmod", "-R", "u+w", str(tree)], check=True)
     assert rc == 0, err[-3000:]
     assert after == before, "run.sh changed the input tree"
-    assert_same_store(out / f"{STREAM}_L1.zarr", data.l1)
+    assert_same_store(out / RUN / f"{STREAM}_L1.zarr", data.l1)
     assert_same_store(out / ".l0_tmp" / f"{STREAM}_L0.zarr", data.l0)
     assert permission_problems(out, group_writable=False) == []
 
@@ -654,6 +658,6 @@ def test_group_writable_policy_is_followed(data: Data, tmp_path: Path) -> None:
                          base_env(tmp_path, CONFIG_FILE=str(config)), umask=0o022)
     assert rc == 0, err[-3000:]
     assert permission_problems(out, group_writable=True) == []
-    for store in (out / f"{STREAM}_L1.zarr", out / ".l0_tmp" / f"{STREAM}_L0.zarr"):
+    for store in (out / RUN / f"{STREAM}_L1.zarr", out / ".l0_tmp" / f"{STREAM}_L0.zarr"):
         for p in [store, *store.rglob("*")]:
             assert p.stat().st_mode & stat.S_IWGRP, f"{p} is not group-writable"

@@ -49,7 +49,7 @@ def test_the_same_seqno_twice_is_refused(tmp_path):
              touch(tmp_path, "2025-08-02T05:40:00", "img16", 1, 0)]
     streams, problems = pff.group_streams(names)
     assert streams == []
-    assert len(problems) == 1 and "seqno 0 twice" in problems[0]
+    assert len(problems) == 1 and "duplicate seqno [0]" in problems[0]
 
 
 def test_directories_and_other_name_keys_separate_streams(tmp_path):

@@ -186,11 +186,15 @@ class Data:
             files, synthetic_obs.StreamSpec(dp="img8", module=3, frames_per_file=FRAMES,
                                             files=1), seed=2)[0]
         stem = self.obs.name[: -len(".pffd")]
-        self.expected = {  # L1 name -> PFF files
+        seqno = lambda p: pff.parse_name(p).seqno  # noqa: E731 -- a sort key
+        self.expected = {  # L1 path under the output directory -> PFF files
             f"{self.file_a.stem}_L1.zarr": [self.file_a],
             f"{self.file_b.stem}_L1.zarr": [self.file_b],
-            f"{stem}.dp_img16.module_1_L1.zarr": sorted(self.obs.glob("*dp_img16*.pff")),
-            f"{stem}.dp_ph256.module_1_L1.zarr": sorted(self.obs.glob("*dp_ph256*.pff")),
+            # a run's streams go into the run's own directory, beside its bundle
+            f"{stem}/{stem}.dp_img16.bpp_2.module_1_L1.zarr":
+                sorted(self.obs.glob("*dp_img16*.pff"), key=seqno),
+            f"{stem}/{stem}.dp_ph256.bpp_2.module_1_L1.zarr":
+                sorted(self.obs.glob("*dp_ph256*.pff"), key=seqno),
         }
 
 
@@ -217,8 +221,10 @@ def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: 
     rc, stdout, stderr = run(args, env)
     assert rc == 0, stderr[-4000:]
 
-    products = sorted(p.name for p in out.glob("*_L1.zarr"))
+    products = sorted(str(p.relative_to(out)) for p in out.rglob("*_L1.zarr"))
     assert products == sorted(data.expected)
+    run_dir = out / data.obs.name[: -len(".pffd")]
+    assert (run_dir / f"{data.obs.name}.panoseti-meta" / "manifest.json").is_file()
     for name, files in data.expected.items():
         check_l1(out / name, files)
     assert not (out / driver_plan.DEFAULT_L0_SUBDIR).exists(), "L0 stores not removed"
@@ -232,10 +238,10 @@ def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: 
     assert record["software"]["zarr"]
     assert all(e["frames"] == 2 * FRAMES or e["frames"] == FRAMES for e in record["inputs"])
     assert all(e["l0_removed"] for e in record["inputs"])
-    assert "hk.pff: housekeeping file, skipped" in stderr
     assert "empty (0 bytes), skipped" in stderr
+    assert "run bundle: " in stderr
     for name in data.expected:
-        assert name[: -len("_L1.zarr")] in stdout  # the summary table
+        assert Path(name).name[: -len("_L1.zarr")] in stdout  # the summary table
     if mode == "dask":
         assert record["cluster"]["scheduler_address"].startswith("tcp://127.0.0.1:")
         assert record["cluster"]["workers"] == 2

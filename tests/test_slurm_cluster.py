@@ -157,7 +157,8 @@ def run_env(tmp_path: Path, config: Path, tag: str) -> dict[str, str]:
 
 
 def store_names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.glob("*_L1.zarr"))
+    """The L1 stores under ``directory`` (run.sh puts a run's in a directory of its own)."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*_L1.zarr"))
 
 
 def assert_same_l1(got: Path, want: Path) -> None:
@@ -316,14 +317,14 @@ def test_ctrl_c_of_run_sh_leaves_no_job_and_no_process(bed, night, tmp_path, tag
     out = tmp_path / "L1"
     l0_dir = out / driver_plan.DEFAULT_L0_SUBDIR
     with Spawned([RUN_SH, str(night), str(out)], run_env(tmp_path, config, tag)) as s:
-        s.wait_until(lambda: bool(list(l0_dir.glob("*.partial"))) and len(bed.jobs()) == 2,
+        s.wait_until(lambda: bool(list(l0_dir.rglob("*.partial"))) and len(bed.jobs()) == 2,
                      "step 1 under way on the SLURM workers", timeout=RUN_TIMEOUT_S)
         os.killpg(s.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole group
         assert s.finish(timeout=60) == 130, s.stderr[-3000:]
         assert bed.wait_no_jobs(timeout=5) == []
         assert_nothing_left(s.pid)
     assert "interrupted by SIGINT" in s.stderr
-    assert not list(out.rglob("*.partial")) and not list(out.glob("*_L1.zarr"))
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*_L1.zarr"))
 
 
 @pytest.mark.slurm
@@ -391,3 +392,16 @@ def test_worker_scratch_inside_the_output_is_refused(night: Path, tmp_path: Path
     fine = write_config(tmp_path / "f.toml", {**SLURM, "local_directory": str(tmp_path / "s")})
     plan, *_ = driver_plan.make_plan([str(night)], str(fine), str(out))
     assert plan.problems == []
+
+
+def test_readme_slurm_config_block_is_valid() -> None:
+    """The complete [cluster] block of "Running on a SLURM cluster" loads as it stands."""
+    import re
+
+    from panoseti_pipeline.config import from_dict
+
+    section = (REPO / "README.md").read_text().split("## Running on a SLURM cluster", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    cluster = from_dict(tomllib.loads(block), "README.md").cluster
+    assert cluster.cluster_type == "slurm" and cluster.n_workers == 8
+    assert "--lifetime" in cluster.slurm_worker_extra_args

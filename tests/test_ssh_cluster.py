@@ -8,7 +8,9 @@ the test bed's keys (port, user, key, known_hosts, remote_python = this venv's p
 The tests skip, saying why, only when sshd cannot be started here; with ``CI`` set they
 fail instead. After every test nothing started through the sshd (found by the
 ``SSH_CONNECTION`` its sessions set) and nothing carrying the test's
-``PANOSETI_TEST_TAG`` may be alive; leftovers are stopped by PID and fail the test.
+``PANOSETI_TEST_TAG`` may be alive; leftovers are stopped by PID and fail the test. The
+tests that only need a running cluster share one (:class:`TestOneCluster`); its
+processes are checked the same way once it has closed, after them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +86,28 @@ def tag() -> str:
     return uuid.uuid4().hex
 
 
-@pytest.fixture(autouse=True)
-def nothing_left(request: pytest.FixtureRequest, tag: str) -> Iterator[None]:
-    """After each test: no process of the sshd's sessions or with this test's tag."""
-    yield
-    testbed = request.getfixturevalue("bed") if "bed" in request.fixturenames else None
-    left = lingering(tag, testbed.processes if testbed else None)
+def assert_nothing_left(testbed: sshd_testbed.SSHTestBed | None, tag: str,
+                        keep: Callable[[Any], bool] | None = None) -> None:
+    """No process of the sshd's sessions (but those ``keep`` accepts) or with ``tag``;
+    leftovers are stopped by PID, then fail the test."""
+    def sessions() -> list:
+        return [p for p in (testbed.processes() if testbed else []) if not (keep and keep(p))]
+
+    left = lingering(tag, sessions)
     names = described(left)
     sshd_testbed.stop_processes(left)
     assert not names, f"processes left running (stopped now): {names}"
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(request: pytest.FixtureRequest, tag: str) -> Iterator[None]:
+    """After each test: no process of the sshd's sessions or with this test's tag (but
+    those of a shared cluster the test uses, checked when that cluster closes)."""
+    yield
+    testbed = request.getfixturevalue("bed") if "bed" in request.fixturenames else None
+    shared = (request.getfixturevalue("one_cluster") if "one_cluster" in request.fixturenames
+              else None)
+    assert_nothing_left(testbed, tag, shared.owns if shared else None)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -162,87 +178,124 @@ MANY_TASKS = {"time_chunk": 512, "chunk_size_mb": 1}
 # -- the cluster itself ------------------------------------------------------------------
 
 
-def test_workers_run_on_both_ssh_hosts_outside_the_repo(bed, make_manager) -> None:
-    manager = make_manager(ssh_cluster(bed)).start()
-    address = manager.wait_ready()
-    assert address.startswith("tcp://127.0.0.1:")
-    assert f"scheduler {address} (ssh, 4 workers)" in manager.stdout
-    client = dask_cluster.connect_client(address, timeout=30)
-    try:
-        rows = dask_cluster.describe_workers(client)
-        # Two workers per "host", each one a process started through that host's sshd.
-        assert sorted(r["ssh_host"] for r in rows) == sorted(HOSTS * 2), rows
-        sessions = {p.pid: sshd_testbed.session_host(p) for p in bed.processes()}
-        for row in rows:
-            assert sessions.get(row["pid"]) == row["ssh_host"], (row, sessions)
-            assert row["address"].startswith("tcp://127.") and row["nthreads"] == 1
-            assert row["memory_limit"] == 10**9
-            # An SSH session starts in the remote home directory, not in the repository.
-            assert Path(row["cwd"]) == Path.home() and Path(row["cwd"]) != REPO
-        # The scheduler is an SSH session process on the first host, not ours.
-        # (`python -m distributed.cli.dask_spec --spec ...`; a nanny names the scheduler.)
-        schedulers = [host for pid, host in sessions.items()
-                      if cmdline(psutil.Process(pid))[3:4] == ["--spec"]]
-        assert schedulers == [HOSTS[0]] and manager.proc.pid not in sessions
-        # ... yet the pipeline's package imports on every worker and on the scheduler:
-        # remote_python is the venv where it is installed (editable, this repository).
-        names = ("panoseti_pipeline.step1", "panoseti_pipeline.step2")
-        for row in rows:
-            got = client.submit(module_probe(), names, workers=[row["address"]],
-                                pure=False).result(timeout=30)
-            for name, file in got["files"].items():
-                assert Path(file) == REPO / f"{name.replace('.', '/')}.py", (name, file)
-        on_scheduler = client.run_on_scheduler(module_probe(), names)
-        assert all(Path(f).is_relative_to(REPO) for f in on_scheduler["files"].values())
-    finally:
-        client.close()
-    assert manager.terminate() == 0, manager.stderr
-    assert "ssh cluster closed" in manager.stdout
-    assert not manager.scheduler_file.exists()
+@dataclass
+class OneCluster:
+    """A running SSH cluster shared by the tests of :class:`TestOneCluster`."""
+
+    manager: ManagerProcess
+    address: str
+    #: The processes started through the sshd when the cluster was ready.
+    roots: set[int]
+
+    def owns(self, proc: Any) -> bool:
+        """Whether ``proc`` is one of the cluster's processes (a restarted worker is below
+        its nanny)."""
+        try:
+            return proc.pid in self.roots or any(p.pid in self.roots for p in proc.parents())
+        except psutil.Error:
+            return False
 
 
-def test_killed_worker_mid_step1_is_rescheduled(bed, make_manager, big_stream, tmp_path,
-                                                tag) -> None:
-    """SIGKILL a busy SSH worker by PID during step 1: same store as a local run."""
-    local = write_config(tmp_path / "local.toml", {"use_dask": False}, pff_to_zarr=MANY_TASKS)
-    ref = start_step1([big_stream], tmp_path / "local_L0.zarr", local, "--quiet", tag=tag,
-                      cwd=tmp_path)  # the reference, while the cluster starts
-    manager = make_manager(ssh_cluster(bed), pff_to_zarr=MANY_TASKS).start()
-    address = manager.wait_ready()
-    client = dask_cluster.connect_client(address, timeout=30)
-    out = tmp_path / "ssh_L0.zarr"
+@pytest.fixture(scope="class")
+def one_cluster(bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneCluster]:
+    """The original SSH form, 4 workers on two hosts; after the class's tests it must close
+    cleanly and leave nothing running."""
+    workdir = tmp_path_factory.mktemp("one_cluster")
+    config = write_config(workdir / "config.toml", ssh_cluster(bed), pff_to_zarr=MANY_TASKS)
+    manager = ManagerProcess(workdir, config).start()
     try:
-        pids = {r["address"]: r for r in dask_cluster.describe_workers(client)}
-        step1 = start_step1([big_stream], out, manager.config, address, "--quiet", tag=tag,
-                            cwd=tmp_path)
-        victim = None
-        deadline = time.monotonic() + STEP_TIMEOUT_S
-        while victim is None and step1.poll() is None and time.monotonic() < deadline:
-            if list(tmp_path.glob("ssh_L0.zarr*partial*/images/c/*")):  # writing has begun
-                busy = [w for w, keys in client.processing().items() if keys and w in pids]
-                if busy:
-                    victim = pids[busy[0]]
-                    os.kill(victim["pid"], signal.SIGKILL)
-                    break
-            time.sleep(0.01)
-        assert victim is not None, "step 1 ended before a worker could be killed"
-        assert step1.poll() is None, "step 1 ended right when the worker was killed"
-        stdout, stderr = step1.communicate(timeout=STEP_TIMEOUT_S)
-        assert step1.returncode == 0, stderr
-        assert not psutil.pid_exists(victim["pid"])
-        # The nanny started a replacement on the same host.
-        client.wait_for_workers(4, timeout=30)
-        rows = dask_cluster.describe_workers(client)
-        assert victim["pid"] not in {r["pid"] for r in rows}
-        assert sorted(r["ssh_host"] for r in rows) == sorted(HOSTS * 2)
+        address = manager.wait_ready()
+        yield OneCluster(manager, address, {p.pid for p in bed.processes()})
+        assert manager.terminate() == 0, manager.stderr
+        assert "ssh cluster closed" in manager.stdout
+        assert not manager.scheduler_file.exists()
     finally:
-        client.close()
-    assert f"{out}: " in stdout
-    _, ref_stderr = ref.communicate(timeout=STEP_TIMEOUT_S)
-    assert ref.returncode == 0, ref_stderr
-    assert_same_store(out, tmp_path / "local_L0.zarr")
-    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
-    assert manager.terminate() == 0, manager.stderr
+        manager.stop()
+        assert_nothing_left(bed, manager.tag)
+
+
+class TestOneCluster:
+    """Tests that only need a running SSH cluster share one (a start costs seconds); each
+    leaves it as it found it: 4 workers, two per host."""
+
+    def test_workers_run_on_both_ssh_hosts_outside_the_repo(self, bed, one_cluster) -> None:
+        manager, address = one_cluster.manager, one_cluster.address
+        assert address.startswith("tcp://127.0.0.1:")
+        assert f"scheduler {address} (ssh, 4 workers)" in manager.stdout
+        client = dask_cluster.connect_client(address, timeout=30)
+        try:
+            rows = dask_cluster.describe_workers(client)
+            # Two workers per "host", each one a process started through that host's sshd.
+            assert sorted(r["ssh_host"] for r in rows) == sorted(HOSTS * 2), rows
+            sessions = {p.pid: sshd_testbed.session_host(p) for p in bed.processes()}
+            for row in rows:
+                assert sessions.get(row["pid"]) == row["ssh_host"], (row, sessions)
+                assert row["address"].startswith("tcp://127.") and row["nthreads"] == 1
+                assert row["memory_limit"] == 10**9
+                # An SSH session starts in the remote home directory, not in the repository.
+                assert Path(row["cwd"]) == Path.home() and Path(row["cwd"]) != REPO
+            # The scheduler is an SSH session process on the first host, not ours.
+            # (`python -m distributed.cli.dask_spec --spec ...`; a nanny names the scheduler.)
+            schedulers = [host for pid, host in sessions.items()
+                          if cmdline(psutil.Process(pid))[3:4] == ["--spec"]]
+            assert schedulers == [HOSTS[0]] and manager.proc.pid not in sessions
+            # ... yet the pipeline's package imports on every worker and on the scheduler:
+            # remote_python is the venv where it is installed (editable, this repository).
+            names = ("panoseti_pipeline.step1", "panoseti_pipeline.step2")
+            for row in rows:
+                got = client.submit(module_probe(), names, workers=[row["address"]],
+                                    pure=False).result(timeout=30)
+                for name, file in got["files"].items():
+                    module = REPO / name.replace(".", "/")
+                    expected = (module / "__init__.py" if module.is_dir()
+                                else module.with_suffix(".py"))
+                    assert Path(file) == expected, (name, file)
+            on_scheduler = client.run_on_scheduler(module_probe(), names)
+            assert all(Path(f).is_relative_to(REPO) for f in on_scheduler["files"].values())
+        finally:
+            client.close()
+
+    def test_killed_worker_mid_step1_is_rescheduled(self, one_cluster, big_stream, tmp_path,
+                                                    tag) -> None:
+        """SIGKILL a busy SSH worker by PID during step 1: same store as a local run."""
+        manager, address = one_cluster.manager, one_cluster.address
+        local = write_config(tmp_path / "local.toml", {"use_dask": False},
+                             pff_to_zarr=MANY_TASKS)
+        ref = start_step1([big_stream], tmp_path / "local_L0.zarr", local, "--quiet", tag=tag,
+                          cwd=tmp_path)  # the reference, meanwhile
+        client = dask_cluster.connect_client(address, timeout=30)
+        out = tmp_path / "ssh_L0.zarr"
+        try:
+            pids = {r["address"]: r for r in dask_cluster.describe_workers(client)}
+            step1 = start_step1([big_stream], out, manager.config, address, "--quiet", tag=tag,
+                                cwd=tmp_path)
+            victim = None
+            deadline = time.monotonic() + STEP_TIMEOUT_S
+            while victim is None and step1.poll() is None and time.monotonic() < deadline:
+                if list(tmp_path.glob("ssh_L0.zarr*partial*/images/c/*")):  # writing has begun
+                    busy = [w for w, keys in client.processing().items() if keys and w in pids]
+                    if busy:
+                        victim = pids[busy[0]]
+                        os.kill(victim["pid"], signal.SIGKILL)
+                        break
+                time.sleep(0.01)
+            assert victim is not None, "step 1 ended before a worker could be killed"
+            assert step1.poll() is None, "step 1 ended right when the worker was killed"
+            stdout, stderr = step1.communicate(timeout=STEP_TIMEOUT_S)
+            assert step1.returncode == 0, stderr
+            assert not psutil.pid_exists(victim["pid"])
+            # The nanny started a replacement on the same host.
+            client.wait_for_workers(4, timeout=30)
+            rows = dask_cluster.describe_workers(client)
+            assert victim["pid"] not in {r["pid"] for r in rows}
+            assert sorted(r["ssh_host"] for r in rows) == sorted(HOSTS * 2)
+        finally:
+            client.close()
+        assert f"{out}: " in stdout
+        _, ref_stderr = ref.communicate(timeout=STEP_TIMEOUT_S)
+        assert ref.returncode == 0, ref_stderr
+        assert_same_store(out, tmp_path / "local_L0.zarr")
+        assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 
 # -- failures ----------------------------------------------------------------------------
@@ -272,6 +325,17 @@ def test_unreachable_host_is_a_clear_error(bed, make_manager, case: str) -> None
     assert time.monotonic() - started < timeout_s + 15  # the close fits in the margin
     line = one_error_line(manager.stderr)
     assert bad in line and "is sshd running" in line, line
+    assert not manager.scheduler_file.exists()
+
+
+def test_startup_timeout_closes_the_workers_still_starting(bed, make_manager) -> None:
+    """The deadline passes while the workers start (the scheduler alone takes longer):
+    the close waits for every host's start to end and closes what started. The fixture
+    checks that nothing started through the sshd is left."""
+    manager = make_manager(ssh_cluster(bed, startup_timeout_s=2.0)).start()
+    assert manager.proc.wait(timeout=60) == 1
+    line = one_error_line(manager.stderr)
+    assert "workers joined within startup_timeout_s = 2 s" in line, line
     assert not manager.scheduler_file.exists()
 
 
@@ -363,9 +427,11 @@ def test_run_sh_on_two_ssh_hosts_matches_local(bed, observation, tmp_path, tag) 
     assert done.returncode == 0, done.stderr[-4000:]
     assert ref.returncode == 0, ref.stderr[-4000:]
 
-    stores = sorted(p.name for p in (tmp_path / "L1_local").glob("*_L1.zarr"))
+    run = observation.name[: -len(".pffd")]  # run.sh's directory of the run's products
+    stores = sorted(f"{run}/{p.name}" for p in (tmp_path / "L1_local" / run).glob("*_L1.zarr"))
     assert len(stores) == 2, stores  # img16 and ph256
-    assert sorted(p.name for p in (tmp_path / "L1_ssh").glob("*_L1.zarr")) == stores
+    assert sorted(f"{run}/{p.name}"
+                  for p in (tmp_path / "L1_ssh" / run).glob("*_L1.zarr")) == stores
     for name in stores:
         assert_same_store(tmp_path / "L1_ssh" / name, tmp_path / "L1_local" / name)
 

@@ -28,8 +28,10 @@ def small_config(tmp_path: Path, **pff_to_zarr) -> Path:
 
 
 def make_stream(root: Path, dp: str, sizes: list[int], *, timing: str = "wr",
-                seed: int = 0, module: int = 1, tail: bytes = b"", edit=None):
-    """Write one stream's seqno files; return (paths, images, headers) as written."""
+                seed: int = 0, module: int = 1, tail: bytes = b"", edit=None,
+                cadence_ns: int = 1_000_000):
+    """Write one stream's seqno files, named as the DAQ names them (a rolled-over file
+    by the second its first frame came); return (paths, images, headers) as written."""
     run = root / RUN_DIR
     run.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -37,12 +39,13 @@ def make_stream(root: Path, dp: str, sizes: list[int], *, timing: str = "wr",
     t0 = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9
     paths, all_images, all_headers, first = [], [], [], 0
     for seqno, n in enumerate(sizes):
-        times = t0 + (first + np.arange(n, dtype=np.int64)) * 1_000_000
+        times = t0 + (first + np.arange(n, dtype=np.int64)) * cadence_ns
         headers = synthetic_obs.synth_headers(rng, spec, times, first_pkt=first)
         images = synthetic_obs.synth_images(rng, spec, n, first)
         if edit:
             edit(seqno, images, headers)
-        path = run / synthetic_obs.file_name(spec, synthetic_obs.DEFAULT_START, seqno)
+        start = synthetic_obs.opened_at(int(times[0])) if seqno else synthetic_obs.DEFAULT_START
+        path = run / synthetic_obs.file_name(spec, start, seqno)
         with open(path, "wb") as f:
             pff.write_frames(f, dp, images, headers)
             if seqno == len(sizes) - 1:
@@ -73,23 +76,36 @@ def run_step1(*args: str) -> int:
     return step1_pff_to_zarr.main([*map(str, args), "--quiet"])
 
 
+#: the dtype PANOSETI's spec gives each header field (pypff's writer), written out here
+SPEC_DTYPES = {"quabo_num": "uint8", "pkt_num": "uint32", "pkt_tai": "uint16",
+               "pkt_nsec": "uint32", "tv_sec": "int64", "tv_usec": "uint32"}
+
+
+def header_columns(dp: str, headers) -> dict[str, tuple[str, np.ndarray]]:
+    """The spec's header arrays of ``headers`` as written: name -> (PFF field, values):
+    ``quabo_<i>_<field>`` for module products, the bare ``<field>`` for ph256."""
+    if dp == "ph256":
+        return {k: (k, v) for k, v in headers.items()}
+    return {f"quabo_{q}_{k}": (k, v[:, q]) for k, v in headers.items() for q in range(4)}
+
+
 def assert_store_matches(store: Path, paths, images, headers):
     g = zarr.open_group(str(store), mode="r")
     dp = pff.parse_name(paths[0]).dp
     assert g.attrs["processing_level"] == "L0" and g.attrs["data_product"] == dp
     assert g["images"].dtype == pff.PRODUCTS[dp].dtype
     np.testing.assert_array_equal(g["images"][:], images)
-    for k, v in headers.items():
-        assert g[f"headers/{k}"].dtype == pff.FIELD_DTYPE[k], k
-        np.testing.assert_array_equal(g[f"headers/{k}"][:], v, err_msg=k)
+    columns = header_columns(dp, headers)
+    for name, (field, v) in columns.items():
+        assert g[name].dtype == np.dtype(SPEC_DTYPES[field]), name
+        np.testing.assert_array_equal(g[name][:], v, err_msg=name)
     t, flags = expected_time(paths, headers)
     np.testing.assert_array_equal(g["time"][:], t)
     np.testing.assert_array_equal(g["frame_flags"][:], flags)
-    ts = g["timestamps"][:]
-    np.testing.assert_array_equal(np.isnan(ts), t == pff.NAT)
-    np.testing.assert_array_equal(ts[t != pff.NAT], t[t != pff.NAT] / 1e9)
-    assert g.attrs["n_frames"] == len(images)
-    for arr in ("images", "time", "timestamps", "frame_flags"):
+    assert g["unix_t_ns"].dtype == np.int64
+    np.testing.assert_array_equal(g["unix_t_ns"][:], t)  # the exact times, NaT included
+    assert g.attrs["total_frames"] == len(images)
+    for arr in ("images", "time", "unix_t_ns", "frame_flags", *columns):
         assert g[arr].metadata.dimension_names[0] == "time"
     return g
 
@@ -100,8 +116,8 @@ def test_every_product_is_bit_exact(tmp_path, dp):
     out = tmp_path / "out_L0.zarr"
     assert run_step1(paths[0], out, small_config(tmp_path)) == 0
     g = assert_store_matches(out, paths, images, headers)
-    dims = g["headers/pkt_num"].metadata.dimension_names
-    assert dims == (("time",) if dp == "ph256" else ("time", "quabo"))
+    dims = g["pkt_num" if dp == "ph256" else "quabo_3_pkt_num"].metadata.dimension_names
+    assert dims == ("time",)
     assert g["images"].chunks == (64, *pff.PRODUCTS[dp].shape)
 
 
@@ -161,8 +177,11 @@ def test_xarray_opens_the_store_with_a_time_index(tmp_path):
     np.testing.assert_array_equal(ds["time"].values.astype(np.int64), t)
     assert ds["images"].dims == ("time", "y", "x")
     np.testing.assert_array_equal(ds["images"].isel(time=5).values, images[5])
+    for q in range(4):  # every header array, in the root group
+        assert ds[f"quabo_{q}_pkt_nsec"].dims == ("time",)
+        np.testing.assert_array_equal(ds[f"quabo_{q}_pkt_nsec"].values, headers["pkt_nsec"][:, q])
     tree = xr.open_datatree(out, engine="zarr")
-    assert tree["headers"]["pkt_nsec"].dims == ("time", "quabo")
+    assert tree.ds["quabo_0_pkt_nsec"].dims == ("time",)
     assert "time" in tree.ds.indexes
 
 
@@ -256,11 +275,20 @@ def test_bad_input_gets_one_line_and_no_output(tmp_path, capsys, case):
     assert not out.exists()
 
 
+def image_codecs(array) -> list:
+    """The codecs of each chunk of ``array``: inside the shards when it is sharded."""
+    codecs = array.metadata.codecs
+    if codecs[0].to_dict()["name"] == "sharding_indexed":
+        return list(codecs[0].codecs)
+    return list(codecs)
+
+
 @pytest.mark.parametrize("keys,codecs", [
     ({}, ["bytes", "blosc", "crc32c"]),
-    ({"codec": "zstd", "level": 1, "shuffle": "byte", "checksum": False}, ["bytes", "blosc"]),
-    ({"codec": "gzip", "level": 9}, ["bytes", "gzip", "crc32c"]),
-    ({"codec": "none", "checksum": False}, ["bytes"]),
+    ({"codec": "zstd", "level": 1, "shuffle": "byte", "checksum": False, "shard_factor": 2},
+     ["bytes", "blosc"]),
+    ({"codec": "gzip", "level": 9, "shard_factor": 0}, ["bytes", "gzip", "crc32c"]),
+    ({"codec": "none", "checksum": False, "shard_factor": 0}, ["bytes"]),
 ])
 def test_every_pff_to_zarr_key_acts(tmp_path, keys, codecs):
     paths, images, headers = make_stream(tmp_path, "img16", [500])
@@ -269,15 +297,23 @@ def test_every_pff_to_zarr_key_acts(tmp_path, keys, codecs):
                        blosc_threads=2, max_concurrent_writes=3, **keys)
     assert run_step1(paths[0], out, cfg) == 0
     g = assert_store_matches(out, paths, images, headers)
-    assert [c.to_dict()["name"] for c in g["images"].metadata.codecs] == codecs
+    assert [c.to_dict()["name"] for c in image_codecs(g["images"])] == codecs
     if "blosc" in codecs:
-        blosc = g["images"].metadata.codecs[1].to_dict()["configuration"]
+        blosc = image_codecs(g["images"])[1].to_dict()["configuration"]
         assert blosc["cname"] == ("zstd" if keys.get("codec") == "zstd" else "lz4")
         assert blosc["clevel"] == keys.get("level", 5)
         assert blosc["shuffle"] == {"byte": "shuffle"}.get(keys.get("shuffle"), "bitshuffle")
-    assert g["images"].chunks[0] == 100 and g["headers/pkt_nsec"].chunks == (100, 4)
-    # chunk_size_mb = 1 is ~394 img16 frames: tasks of 4 chunks of 100 frames
-    assert g.attrs["report"]["tasks"] == 2
+    assert g["images"].chunks[0] == 100 and g["quabo_0_pkt_nsec"].chunks == (100,)
+    shard_factor = keys.get("shard_factor", 64)  # the shipped default
+    files = sorted(p for p in (out / "images" / "c").rglob("*") if p.is_file())
+    if shard_factor:  # tasks own whole shards: 1 of 6400 frames, or 3 of 200 frames
+        assert g.attrs["shard_factor"] == shard_factor
+        for name in ("images", "unix_t_ns", "quabo_0_pkt_nsec", "frame_flags"):
+            assert g[name].shards[0] == 100 * shard_factor, name
+        assert g.attrs["report"]["tasks"] == len(files) == -(-500 // (100 * shard_factor))
+    else:  # chunk_size_mb = 1 is ~394 img16 frames: tasks of 4 chunks of 100 frames
+        assert g["images"].shards is None and "shard_factor" not in g.attrs
+        assert g.attrs["report"]["tasks"] == 2 and len(files) == 5
     assert zarr.config.get("async.concurrency") == 3
     assert zarr.config.get("threading.max_workers") == 2 * 3  # blosc_threads per task
 
@@ -308,18 +344,128 @@ def test_overwrite_never_removes_what_is_not_a_product(tmp_path, capsys):
     assert zarr.open_group(str(tmp_path / "l1.zarr")).attrs["processing_level"] == "L1"
 
 
-def test_other_recordings_are_not_joined_and_gaps_are_told(tmp_path, capsys):
-    paths, _, _ = make_stream(tmp_path, "img16", [40, 40, 40])
-    later = paths[1].with_name(paths[1].name.replace("2024-07-25T04:34:46Z",
-                                                     "2025-01-01T00:00:00Z"))
-    later.write_bytes(paths[1].read_bytes())
+def test_rolled_over_files_are_joined_whatever_their_start_and_odd_names_are_told(
+        tmp_path, capsys):
+    # 40 frames 2 s apart: seqno 1 starts 80 s (a later minute) after seqno 0
+    paths, images, headers = make_stream(tmp_path, "img16", [40, 40, 40],
+                                         cadence_ns=2_000_000_000)
+    assert "T04:34:46Z" in paths[0].name and "T04:36:06Z" in paths[1].name
     cfg = small_config(tmp_path)
-    assert run_step1(paths[0], later, tmp_path / "a_L0.zarr", cfg) == 1
-    assert "not one stream" in capsys.readouterr().err
-    assert step1_pff_to_zarr.main([str(paths[0]), str(paths[2]), str(tmp_path / "b_L0.zarr"),
+    assert step1_pff_to_zarr.main([*map(str, paths), str(tmp_path / "a_L0.zarr"),
                                    str(cfg)]) == 0
-    assert "seqno 1 missing between the inputs" in capsys.readouterr().err
-    assert zarr.open_group(str(tmp_path / "b_L0.zarr")).attrs["n_frames"] == 80
+    err = capsys.readouterr().err
+    assert "seqno" not in err and "start_" not in err, err  # as the DAQ writes them
+    group = zarr.open_group(str(tmp_path / "a_L0.zarr"))
+    assert group.attrs["total_frames"] == 120
+    np.testing.assert_array_equal(group["images"][:], images)
+    # a file named earlier than its predecessor (a renamed file?) is joined and told
+    earlier = paths[2].with_name(paths[2].name.replace("T04:37:26Z", "T04:30:00Z"))
+    paths[2].rename(earlier)
+    assert step1_pff_to_zarr.main([str(paths[0]), str(paths[1]), str(earlier),
+                                   str(tmp_path / "b_L0.zarr"), str(cfg)]) == 0
+    assert ("seqno 2 is named start_04:30:00Z, before seqno 1 (start_04:36:06Z)"
+            in capsys.readouterr().err)
+    assert zarr.open_group(str(tmp_path / "b_L0.zarr")).attrs["total_frames"] == 120
+    # a gap is told; another module is not joined
+    assert step1_pff_to_zarr.main([str(paths[0]), str(earlier), str(tmp_path / "c_L0.zarr"),
+                                   str(cfg)]) == 0
+    assert "seqno 1 missing; joined without it" in capsys.readouterr().err
+    assert zarr.open_group(str(tmp_path / "c_L0.zarr")).attrs["total_frames"] == 80
+    other, _, _ = make_stream(tmp_path, "img16", [40], module=2)
+    assert run_step1(paths[0], other[0], tmp_path / "d_L0.zarr", cfg) == 1
+    assert "not one stream" in capsys.readouterr().err
+
+
+def test_a_stream_with_daq_names_converts_to_one_l0_with_every_frame(tmp_path, capsys):
+    """Three seqno files as the generator (and the DAQ) names them: seqno 0 by the run's
+    start, each rolled-over file by the second its first frame came -- seqno 1 at a later
+    minute (PFF_FORMAT.md §6). One stream: one L0 with every frame."""
+    run = tmp_path / RUN_DIR
+    run.mkdir()
+    spec = synthetic_obs.StreamSpec(dp="img16", frames_per_file=40, files=3,
+                                    cadence_ns=3_000_000_000)
+    paths = synthetic_obs.write_stream(run, spec)
+    starts = [pff.parse_name(p).start for p in paths]
+    assert starts[0] == synthetic_obs.DEFAULT_START
+    assert starts[0] < starts[1] < starts[2]
+    assert (starts[1].hour, starts[1].minute) > (starts[0].hour, starts[0].minute)
+    assert len({pff.parse_name(p).start for p in paths}) == 3  # three different start_
+    parts = []
+    for path in paths:  # what was written, read back frame by frame
+        with pff.PFFReader(path) as reader:
+            parts.append(reader.read(0, reader.index.n_frames))
+    images = np.concatenate([f.images for f in parts])
+    headers = {k: np.concatenate([f.headers[k] for f in parts]) for k in parts[0].headers}
+    out = tmp_path / "daq_L0.zarr"
+    assert step1_pff_to_zarr.main([*map(str, reversed(paths)), str(out),
+                                   str(small_config(tmp_path))]) == 0
+    err = capsys.readouterr().err
+    assert "seqno" not in err and "start_" not in err, err  # nothing odd to tell
+    g = assert_store_matches(out, paths, images, headers)
+    assert g.attrs["total_frames"] == len(images) == 120
+    assert g.attrs["source_pff_files"] == [p.name for p in paths]
+    assert [s["seqno"] for s in g.attrs["source_files"]] == [0, 1, 2]
+    assert [s["frames"] for s in g.attrs["source_files"]] == [40, 40, 40]
+    assert list(tmp_path.glob("*.zarr")) == [out]
+
+
+@pytest.mark.parametrize("dp", ["img16", "img8", "ph1024", "ph256"])
+def test_spec_arrays_hold_the_times_and_header_values_written(tmp_path, dp):
+    """PANOSETI's layout read with plain zarr: ``unix_t_ns`` is the exact time written
+    (White Rabbit: quabo 0's second and ns, PFF_FORMAT.md §4) and every
+    ``quabo_<i>_<field>`` (ph256: ``<field>``) holds that quabo's field as written."""
+    product = pff.PRODUCTS[dp]
+    ph256 = dp == "ph256"
+    n, quabos = 150, 1 if ph256 else 4
+    rng = np.random.default_rng(11)
+    t0 = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9 + 999_000_000
+    times = t0 + np.cumsum(rng.integers(1, 30_000_000, n))  # crosses seconds, odd ns
+    per_quabo = times[:, None] + np.arange(quabos) * 7  # quabo 0's is the frame time
+    arrival = per_quabo + rng.integers(200_000, 400_000, (n, quabos))
+    headers = {"pkt_num": rng.integers(0, 65536, (n, quabos)),
+               "pkt_tai": (per_quabo // 10**9 + 37) % 1024,
+               "pkt_nsec": per_quabo % 10**9,
+               "tv_sec": arrival // 10**9,
+               "tv_usec": arrival // 1000 % 10**6}
+    if ph256:
+        headers = {"quabo_num": rng.integers(0, 4, n), **{k: v[:, 0] for k, v in
+                                                         headers.items()}}
+    info = np.iinfo(product.dtype)
+    images = rng.integers(info.min, int(info.max) + 1, (n, *product.shape)).astype(
+        product.dtype)
+    run = tmp_path / RUN_DIR
+    run.mkdir()
+    path = run / synthetic_obs.file_name(synthetic_obs.StreamSpec(dp=dp, module=254),
+                                         synthetic_obs.DEFAULT_START, 0)
+    with open(path, "wb") as f:
+        pff.write_frames(f, dp, images, headers)
+    out = tmp_path / f"{dp}_L0.zarr"
+    assert run_step1(path, out, small_config(tmp_path)) == 0
+
+    g = zarr.open_group(str(out), mode="r")
+    fields = ["pkt_num", "pkt_tai", "pkt_nsec", "tv_sec", "tv_usec"]
+    expected = ({f: (f, f, headers[f]) for f in ["quabo_num", *fields]} if ph256 else
+                {f"quabo_{q}_{f}": (f, f"quabo_{q}.{f}", headers[f][:, q])
+                 for q in range(4) for f in fields})  # name: field, its header key, values
+    assert set(g.array_keys()) == {"images", "unix_t_ns", "time", "frame_flags", *expected}
+    np.testing.assert_array_equal(g["images"][:], images)
+    assert g["unix_t_ns"].dtype == np.int64
+    np.testing.assert_array_equal(g["unix_t_ns"][:], times)
+    np.testing.assert_array_equal(g["time"][:], times)
+    assert not g["frame_flags"][:].any()
+    for name, (field, key, values) in expected.items():
+        assert g[name].dtype == np.dtype(SPEC_DTYPES[field]), name
+        assert g[name].attrs["pff_header_field"] == key
+        assert g[name].metadata.dimension_names == ("time",)
+        np.testing.assert_array_equal(g[name][:], values, err_msg=name)
+    attrs = g.attrs
+    assert (attrs["data_product"], attrs["bytes_per_pixel"], attrs["module"],
+            attrs["total_frames"]) == (dp, product.bpp, "254", n)
+    assert attrs["source_pff_files"] == [path.name]
+    assert attrs["header_format"] == ("single" if ph256 else "module")
+    listed = attrs["header_fields"] if ph256 else attrs["quabo_fields"]
+    assert sorted(listed) == sorted(expected)
+    assert (attrs["quabo_fields"] if ph256 else attrs["header_fields"]) == []
 
 
 def test_longer_headers_that_add_up_to_whole_frames_are_found(tmp_path, capsys):
@@ -346,7 +492,7 @@ def test_out_of_order_flag_does_not_depend_on_task_boundaries(tmp_path):
 
     paths, images, headers = make_stream(tmp_path, "img16", [800], edit=edit)
     out = tmp_path / "ooo_L0.zarr"
-    assert run_step1(paths[0], out, small_config(tmp_path)) == 0
+    assert run_step1(paths[0], out, small_config(tmp_path, shard_factor=6)) == 0
     g = assert_store_matches(out, paths, images, headers)
     assert g.attrs["report"]["tasks"] == 3  # frames 0..383, 384..767, 768..799
     assert g["frame_flags"][384] & pff.FLAG_OUT_OF_ORDER

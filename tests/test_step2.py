@@ -96,12 +96,12 @@ def reference(l0: Path, method: str, window: int = 100, frame_step: int = 10,
     ph256 = g.attrs["data_product"] == "ph256"
     t = np.arange(n)
     if ph256:
-        qn = g["headers/quabo_num"][:].astype(int)
+        qn = g["quabo_num"][:].astype(int)
         valid = np.stack([qn == q for q in range(4)], axis=1)[:, :, None, None]
         valid = np.broadcast_to(valid, (n, 4, *x.shape[1:]))
         frame_group = qn
     else:
-        tv_sec = g["headers/tv_sec"][:]
+        tv_sec = np.stack([g[f"quabo_{q}_tv_sec"][:] for q in range(4)], axis=1)
         valid = np.ones((n, 1, *x.shape[1:]), bool)
         for q, (ys, xs) in QUADRANTS.items():
             gone = ((flags & 1) != 0) & (tv_sec[:, q] == 0)
@@ -188,7 +188,7 @@ def test_ph256_baseline_is_per_quabo(stores, tmp_path):
     per_quabo = g.attrs["baseline_frames"]["per_quabo"]
     assert [q["count"] for q in per_quabo] == [100] * 4  # first 100 frames of each quabo
     assert g.attrs["baseline_frames"]["frames_used"] == 400  # a ph256 frame is one quabo's
-    qn = zarr.open_group(str(stores["ph256"]), mode="r")["headers/quabo_num"][:]
+    qn = zarr.open_group(str(stores["ph256"]), mode="r")["quabo_num"][:]
     assert [q["last"] for q in per_quabo] == [int(np.flatnonzero(qn == q)[99])
                                               for q in range(4)]
 
@@ -244,25 +244,33 @@ def test_window_larger_than_the_data_uses_all_frames(stores, tmp_path, capsys):
 # --------------------------------------------------------------------------- layout
 
 
-@pytest.mark.parametrize("chunk", [128, 160])  # = L0 chunk: files copied; else values
+@pytest.mark.parametrize("chunk", [128, 160])  # = L0 chunk: the same files; else values
 def test_per_frame_arrays_carried_unchanged(stores, tmp_path, chunk):
     l1 = tmp_path / "L1.zarr"
-    cfg = write_config(tmp_path / "c.toml", compute_chunk_size=chunk)
+    cfg = write_config(tmp_path / "c.toml", compute_chunk_size=chunk,
+                       shuffle="bit")  # the L0's codecs (step 1's default shuffle)
     assert run_step2(stores["img16"], l1, cfg) == 0
     src = zarr.open_group(str(stores["img16"]), mode="r")
     dst = zarr.open_group(str(l1), mode="r")
-    names = ["time", "timestamps", "frame_flags",
-             *(f"headers/{f}" for f in pff.MODULE_FIELDS)]
+    names = ["time", "unix_t_ns", "frame_flags",
+             *(f"quabo_{q}_{f}" for q in range(4) for f in pff.MODULE_FIELDS)]
     for name in names:
         a, b = src[name], dst[name]
         assert b.dtype == a.dtype and b.attrs.asdict() == a.attrs.asdict()
         assert b.metadata.dimension_names == a.metadata.dimension_names
         assert b.fill_value == a.fill_value or np.isnan(a.fill_value)
-        assert np.array_equal(b[:], a[:], equal_nan=name == "timestamps"), name
-        assert b.chunks[0] == chunk
+        assert np.array_equal(b[:], a[:]), name
+        assert b.chunks[0] == chunk and b.shards[0] == 64 * chunk
+        # chunked and encoded as in the L0: byte-identical files
+        assert (chunk == 128) == (file_digests(l1 / name) == file_digests(
+            stores["img16"] / name)), name
     assert dst["images"].chunks == (chunk, 32, 32)
-    mode = dst.attrs["report"]["per_frame_arrays"]
-    assert mode == ("chunk files copied" if chunk == 128 else "values copied")
+
+
+def file_digests(array_dir: Path) -> dict[str, str]:
+    """sha256 of every chunk (or shard) file of an array."""
+    return {str(p.relative_to(array_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((array_dir / "c").rglob("*")) if p.is_file()}
 
 
 def test_attributes_record_provenance(stores, tmp_path):
@@ -277,6 +285,13 @@ def test_attributes_record_provenance(stores, tmp_path):
     assert attrs["baseline_frames"]["per_quabo"][1]["count"] == N_FRAMES // 10
     assert attrs["baseline_frames"]["per_quabo"][0]["excluded_frames"] == [400]
     assert attrs["l0"] == l0_attrs and attrs["data_product"] == "img16"
+    for key in ("panoseti_pff_zarr_version", "data_product", "bytes_per_pixel", "module",
+                "source_pff_files", "total_frames", "header_format", "quabo_fields",
+                "frame_config"):  # PANOSETI's root attributes, as in the L0
+        assert attrs[key] == l0_attrs[key], key
+    assert attrs["total_frames"] == N_FRAMES and attrs["frame_flags_source"] == "L0"
+    assert attrs["calibration"] == {"method": "image_median",
+                                    "parameters": attrs["parameters"]}
     assert attrs["config"]["baseline_subtract"]["method"] == "image_median"
     assert {"numpy", "zarr", "python"} <= set(attrs["software"]) and attrs["created"]
     size = attrs["size"]
@@ -291,8 +306,9 @@ def test_xarray_opens_l1_with_time_index_and_baseline(stores, tmp_path):
     assert ds["images"].dims == ("time", "y", "x") and ds["images"].dtype == np.float32
     assert ds["baseline"].dims == ("quabo", "y", "x")
     assert np.issubdtype(ds["time"].dtype, np.datetime64) and "time" in ds.indexes
+    assert ds["quabo_num"].dims == ("time",)  # every header array, in the root group
     tree = xr.open_datatree(l1, engine="zarr")
-    assert tree["headers"]["quabo_num"].dims == ("time",)
+    assert tree.ds["quabo_num"].dims == ("time",)
     assert tree.ds["baseline"].shape == (4, 16, 16)
     want, _ = reference(stores["ph256"], "mean")
     np.testing.assert_allclose(ds["images"].values, want, atol=1e-3)

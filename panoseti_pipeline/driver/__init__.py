@@ -10,9 +10,3 @@
 ``cli``
     the subcommands run.sh calls: ``python3 -m panoseti_pipeline driver ...``.
 """
-
-from __future__ import annotations
-
-from panoseti_pipeline.driver.cli import main
-
-__all__ = ["main"]

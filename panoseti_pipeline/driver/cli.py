@@ -108,6 +108,22 @@ def cmd_demo_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """The run bundle of a .pffd run beside its products (those published there)."""
+    from panoseti_pipeline import run_bundle
+    from panoseti_pipeline.store import publish
+
+    out = Path(args.product_dir)
+    stores = sorted(p for p in out.glob("*.zarr")
+                    if publish.is_published(p, "L1") or publish.is_published(p, "L0"))
+    products = [run_bundle.summarize_store(p) for p in stores]
+    path = run_bundle.write_bundle(args.run_dir, out, products,
+                                   notice=lambda msg: print(f"run.sh: note: {msg}",
+                                                            file=sys.stderr))
+    print(path)
+    return EXIT_OK
+
+
 def cmd_descendants(args: argparse.Namespace) -> int:
     """Process ids below PID (children first), for the cleanup of a hung manager."""
     import psutil
@@ -176,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("output")
     p.set_defaults(func=cmd_demo_config)
+
+    p = sub.add_parser("bundle", help="write a run's bundle beside its products")
+    p.add_argument("run_dir", help="the .pffd run directory")
+    p.add_argument("product_dir", help="the directory of the run's products")
+    p.set_defaults(func=cmd_bundle)
 
     p = sub.add_parser("descendants", help="print the process ids below PID")
     p.add_argument("pid", type=int)

@@ -16,6 +16,12 @@ newline are refused)::
     l0dir   <TAB> directory of the temporary L0 stores
     umask   <TAB> octal umask for the files of the run ([run] group_writable)
     job     <TAB> index <TAB> run|skip <TAB> name <TAB> L0 path <TAB> L1 path|- <TAB> input ...
+    bundle  <TAB> run directory (.pffd) <TAB> its product directory
+
+Products of a ``.pffd`` run go into their own directory, ``<output>/<run name>/``, beside
+the run's bundle (``<run>.pffd.panoseti-meta``): PANOSETI's reader
+(``pypff.zarr.open_zarr_run``) keys the stores of a directory by data product and module
+only, so two runs in one directory would hide each other's products.
 """
 
 from __future__ import annotations
@@ -58,6 +64,12 @@ class Job:
     est_l1_bytes: int
     action: str = "run"  # "run" or "skip" (a complete product is already in place)
     kind: str = ""  # "file", "stream of <dir>", "L0 store"
+    run_dir: str = ""  # the .pffd directory of a stream job (its products share a directory)
+
+    @property
+    def subdir(self) -> str:
+        """Where under the output directory the product goes: the run's own directory."""
+        return Path(self.run_dir).name[: -len(".pffd")] if self.run_dir else ""
 
 
 @dataclass
@@ -148,16 +160,14 @@ def _stream_job(files: list[Any], name: str, kind: str) -> Job:
 
 
 def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
-    """One job per (dp, module) stream of an observation directory."""
-    from panoseti_pipeline import pff
+    """One job per (dp, module) stream of an observation directory (pff.group_streams)."""
+    from panoseti_pipeline import pff, run_bundle
     from panoseti_pipeline.errors import PFFNameError
 
-    streams: dict[tuple[str, int], list[Any]] = {}
-    others = []
+    names, others = [], []
     for entry in sorted(directory.iterdir()):
         if entry.name == pff.HOUSEKEEPING_NAME:
-            plan.notices.append(f"{entry}: housekeeping file, skipped")
-            continue
+            continue  # housekeeping: copied into the run bundle
         if entry.suffix != ".pff" or not entry.is_file():
             others.append(entry.name)
             continue
@@ -165,43 +175,34 @@ def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
             plan.problems.append(f"{entry}: not readable (permission denied)")
             continue
         try:
-            name = pff.parse_name(entry)
+            names.append(pff.parse_name(entry))
         except PFFNameError as err:
             plan.problems.append(str(err))
-            continue
-        if entry.stat().st_size == 0:
-            plan.notices.append(f"{entry}: empty (0 bytes), skipped")
-            continue
-        streams.setdefault((name.dp, name.module), []).append(name)
-    if others:
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        plan.notices.append(f"{directory}: {len(others)} entries that are not PFF data files "
-                            f"ignored ({shown})")
-    if not streams:
+    bundled = set(run_bundle.bundle_files(directory).values())
+    ignored = [name for name in others if directory / name not in bundled]
+    if ignored:
+        shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
+        plan.notices.append(f"{directory}: {len(ignored)} entries that are neither PFF data "
+                            f"nor run metadata ignored ({shown})")
+    streams, problems = pff.group_streams(names)
+    plan.problems.extend(problems)
+    jobs = []
+    stem = directory.name[: -len(".pffd")]
+    for stream in streams:
+        plan.notices.extend(stream.notices)
+        files = stream.data_files
+        for name in stream.files:
+            if name not in files:
+                plan.notices.append(f"{name.path}: empty (0 bytes), skipped")
+        if files:
+            bpp = files[0].product.bpp
+            job = _stream_job(files, f"{stem}.dp_{stream.dp}.bpp_{bpp}.module_{stream.module}",
+                              f"stream of {directory.name}")
+            job.run_dir = str(directory)
+            jobs.append(job)
+    if not jobs and not problems:
         plan.problems.append(f"{directory}: no PFF data in this .pffd directory (no non-empty "
                              "start_*.dp_*.module_*.seqno_*.pff file)")
-        return []
-    jobs = []
-    for (dp, module), names in sorted(streams.items()):
-        names.sort(key=lambda n: n.seqno)
-        seqnos = [n.seqno for n in names]
-        if len(set(seqnos)) != len(seqnos):
-            plan.problems.append(f"{directory}: dp_{dp} module_{module} has the same seqno "
-                                 f"twice ({', '.join(n.path.name for n in names)})")
-            continue
-        if len({n.stream for n in names}) > 1:
-            plan.problems.append(f"{directory}: dp_{dp} module_{module} files of different "
-                                 "recordings (start time or other name keys differ: "
-                                 f"{', '.join(n.path.name for n in names)}); give each "
-                                 "recording its own .pffd directory")
-            continue
-        missing = pff.missing_seqnos(names)
-        if missing:
-            plan.notices.append(f"{directory}: dp_{dp} module_{module}: seqno "
-                                f"{', '.join(map(str, missing))} missing; joined without it")
-        stem = directory.name[: -len(".pffd")]
-        jobs.append(_stream_job(names, f"{stem}.dp_{dp}.module_{module}",
-                                f"stream of {directory.name}"))
     return jobs
 
 
@@ -417,9 +418,10 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
     names: dict[str, str] = {}
     for job in jobs:
         if steps != (2,):
-            job.l0 = str(l0 / f"{job.name}{L0_SUFFIX}")
+            where = l0 / job.subdir if steps == (1,) else l0  # products in their run's dir
+            job.l0 = str(where / f"{job.name}{L0_SUFFIX}")
         if 2 in steps:
-            job.l1 = str(out / f"{job.name}{L1_SUFFIX}")
+            job.l1 = str(out / job.subdir / f"{job.name}{L1_SUFFIX}")
         final = Path(job.l1 or job.l0)
         if job.name in names:
             plan.problems.append(f"{job.inputs[0]}: output name {final.name} is also the "
@@ -515,4 +517,11 @@ def bash_lines(plan: Plan, cfg: PipelineConfig, l0: Path, umask: int) -> list[st
     ]
     for k, j in enumerate(plan.jobs):
         lines.append("\t".join(["job", str(k), j.action, j.name, j.l0, j.l1 or "-", *j.inputs]))
+    for run_dir, product_dir in run_directories(plan.jobs).items():
+        lines.append(f"bundle\t{run_dir}\t{product_dir}")
     return lines
+
+
+def run_directories(jobs: Sequence[Job]) -> dict[str, str]:
+    """Each .pffd run of the plan -> the directory of its products (and its bundle)."""
+    return {j.run_dir: str(Path(j.l1 or j.l0).parent) for j in jobs if j.run_dir}

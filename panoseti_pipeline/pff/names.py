@@ -64,16 +64,6 @@ class PFFName:
     def product(self) -> Product:
         return PRODUCTS[self.dp]
 
-    @property
-    def stream(self) -> tuple:
-        """What files of one stream share: run directory, start, dp, module, other keys.
-
-        They differ only in seqno; the same dp and module with another start time is
-        another recording, never to be joined.
-        """
-        return (str(self.path.parent.resolve()), self.start, self.dp, self.module,
-                tuple(sorted(self.extra.items())))
-
 
 def missing_seqnos(names: Sequence[PFFName]) -> list[int]:
     """Seqnos absent between the first and last of a stream's files (a lost file)."""

@@ -62,8 +62,8 @@ def group_streams(names: Iterable[PFFName]) -> tuple[list[Stream], list[str]]:
         seqnos = [n.seqno for n in files]
         twice = sorted({s for s in seqnos if seqnos.count(s) > 1})
         if twice:
-            problems.append(f"{label}: seqno {', '.join(map(str, twice))} twice ("
-                            + ", ".join(n.path.name for n in files if n.seqno in twice)
+            problems.append(f"{label}: duplicate seqno {twice} ("
+                            + ", ".join(str(n.path) for n in files if n.seqno in twice)
                             + "); the files cannot be ordered")
             continue
         notices = []

@@ -2,8 +2,10 @@
 
 The L1 store holds ``images`` as float32 ``L0 - baseline`` (never cast back to the L0
 integer type: the original pipeline did, and every negative residual wrapped to ~65535),
-the ``baseline`` that was subtracted, and every per-frame array of the L0 store (``time``,
-``timestamps``, ``frame_flags``, ``headers/*``) value-identical (DESIGN.md §5).
+the ``baseline`` that was subtracted, and every per-frame array of the L0 store
+(``unix_t_ns``, the header arrays, ``time``, ``frame_flags``) value-identical, in
+PANOSETI's layout (:mod:`panoseti_pipeline.store.spec`), so their reader opens L1 too.
+The L0 may be ours or any store of that layout (``pypff.zarr.convert_run``'s).
 
 Where things are:
 
@@ -14,10 +16,11 @@ Where things are:
   two-pass histogram median;
 * :mod:`.subtract` -- the step itself: create, fill, verify and publish the L1 store.
 
-How it runs (DESIGN.md §7): every task owns one chunk-aligned frame range of
-``compute_chunk_size`` frames, reads its L0 slice, and either returns small partial
-statistics or writes its own L1 chunks. Each task holds about one chunk (``ph_pedestal``
-included: no task ever holds all times of a pixel). The baseline is computed once and
+How it runs (DESIGN.md §7): every statistics task owns one chunk-aligned frame range of
+``compute_chunk_size`` frames and returns small partial statistics; every writing task
+owns whole L1 shards (``shard_factor`` chunks) and streams their files. Each task holds
+about one chunk at a time (``ph_pedestal`` included: no task ever holds all times of a
+pixel). The baseline is computed once and
 broadcast to the tasks that write, so local threads and a Dask cluster give
 byte-identical stores.
 

@@ -5,9 +5,13 @@
 each quabo's baseline; :func:`selected` reads a task's frames and applies it, and the
 per-quabo frame records it returns end up in the L1 attributes.
 
-A module frame flagged ``missing_quabo`` whose quabo ``q`` has ``headers/tv_sec[:, q] ==
-0`` does not enter quadrant ``q``'s baseline (PFF_FORMAT.md §5): its zeros are not a
-measurement. A ph256 frame is one quabo's image (``headers/quabo_num``).
+A module frame whose quabo ``q`` is missing (``quabo_<q>_tv_sec == 0``, the frame is
+flagged ``missing_quabo``) does not enter quadrant ``q``'s baseline (PFF_FORMAT.md §5):
+its zeros are not a measurement. A ph256 frame is one quabo's image (``quabo_num``).
+
+The L0 is any store of PANOSETI's layout (:mod:`panoseti_pipeline.store.spec`): ours,
+or one written by ``pypff.zarr.convert_run``, which has no ``time`` and no
+``frame_flags``: step 2 then derives them (:func:`derived_frames`).
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import numpy as np
 
 from panoseti_pipeline import pff
 from panoseti_pipeline.errors import InputError
-from panoseti_pipeline.store import layout
+from panoseti_pipeline.store import layout, spec
 
 QUADRANT = np.zeros((32, 32), np.int8)  # module image pixel -> quabo (PFF_FORMAT.md §5)
 QUADRANT[:16, 16:], QUADRANT[16:, 16:], QUADRANT[16:, :16] = 1, 2, 3
 MAX_LISTED_FRAMES = 1000  # excluded frame indices listed in the attributes
-REQUIRED = ("images", "time", "timestamps", "frame_flags", "headers/tv_sec")
+#: arrays step 2 derives when an L0 of another writer lacks them
+DERIVED = ("time", "frame_flags")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +44,8 @@ class L0Info:
     n_frames: int
     shape: tuple[int, int]
     dtype: str
-    per_frame: tuple[str, ...]  # arrays with a leading time axis, carried into L1
+    module: int
+    derived: tuple[str, ...]  # of DERIVED, those the L0 lacks (computed for L1)
     token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # this run
 
     @property
@@ -60,9 +66,40 @@ class L0Info:
         """Added to a pixel to map it onto 0..65535 (the histogram range)."""
         return int(np.iinfo(np.dtype(self.dtype)).min)
 
+    @property
+    def product(self) -> pff.Product:
+        return pff.PRODUCTS[self.dp]
+
+    @property
+    def carried(self) -> list[str]:
+        """The per-frame arrays read from the L0 into the L1 (all but ``images``)."""
+        return [a.name for a in spec.frame_arrays(self.product, self.module)[1:]
+                if a.name not in self.derived]
+
     def array(self, name: str) -> Any:
         """Array ``name`` of the L0 store, opened once per process and run."""
         return layout.open_array(self.path, name, layout.LEVEL_L0, self.token)
+
+    def quabo_state(self, start: int, stop: int) -> np.ndarray:
+        """Frames start..stop-1: ``quabo_num`` (ph256), else ``tv_sec`` per quabo
+        (time, quabo), 0 where that quabo is missing."""
+        if self.ph256:
+            return self.array("quabo_num")[start:stop]
+        return np.stack([self.array(f"quabo_{q}_tv_sec")[start:stop]
+                         for q in range(pff.N_QUABOS)], axis=1)
+
+    def derived_frames(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """``time`` and ``frame_flags`` of an L0 that lacks them: ``time`` is its
+        ``unix_t_ns``; the flags hold ``missing_quabo`` only (the other flags need the
+        PFF files: unknown, said in the L1 attributes)."""
+        out: dict[str, np.ndarray] = {}
+        if "time" in self.derived:
+            out["time"] = self.array("unix_t_ns")[start:stop]
+        if "frame_flags" in self.derived:
+            missing = ((self.quabo_state(start, stop) == 0).any(axis=1) if not self.ph256
+                       else np.zeros(stop - start, bool))
+            out["frame_flags"] = np.where(missing, pff.FLAG_MISSING_QUABO, 0).astype(np.uint8)
+        return out
 
 
 def inspect_l0(path: str | os.PathLike) -> L0Info:
@@ -73,11 +110,18 @@ def inspect_l0(path: str | os.PathLike) -> L0Info:
     if dp not in pff.PRODUCTS:
         raise InputError(f"{where}: unknown data_product {dp!r} in the L0 attributes")
     product = pff.PRODUCTS[dp]
+    try:
+        module = int(group.attrs.get("module"))
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: no module number in the L0 attributes "
+                         f"(module = {group.attrs.get('module')!r})") from None
     names = arrays_of(group)
-    needed = (*REQUIRED, "headers/quabo_num") if product.header_kind == "ph256" else REQUIRED
-    missing = [n for n in needed if n not in names]
+    wanted = [a.name for a in spec.frame_arrays(product, module)]
+    derived = tuple(n for n in DERIVED if n not in names)
+    missing = [n for n in wanted if n not in names and n not in derived]
     if missing:
-        raise InputError(f"{where}: L0 incomplete: no array {', '.join(missing)}")
+        raise InputError(f"{where}: L0 incomplete or not PANOSETI's layout: no array "
+                         f"{', '.join(missing)}")
     images = names["images"]
     n = images.shape[0]
     if images.shape[1:] != product.shape or images.dtype != product.dtype:
@@ -86,27 +130,27 @@ def inspect_l0(path: str | os.PathLike) -> L0Info:
                          f"{product.shape[1]}]")
     if n == 0:
         raise InputError(f"{where}: the L0 store has no frames")
-    if group.attrs.get("n_frames", n) != n:
-        raise InputError(f"{where}: L0 incomplete: attributes say {group.attrs['n_frames']} "
-                         f"frames, images hold {n}")
-    per_frame = tuple(k for k, a in names.items() if k != "images" and _time_dim(a))
-    for name in ("images", *per_frame):
+    declared = group.attrs.get("total_frames", n)
+    if declared != n:
+        raise InputError(f"{where}: L0 incomplete: attributes say {declared} frames, "
+                         f"images hold {n}")
+    for name in (n for n in wanted if n in names):
         a = names[name]
-        if a.shape[0] != n:
+        if not _time_dim(a) or a.shape[0] != n:
             raise InputError(f"{where}: L0 incomplete: {name} has {a.shape[0]} frames, "
                              f"images {n}")
-        if a.nchunks_initialized != a.nchunks:
-            raise InputError(f"{where}: L0 incomplete: {name} has "
-                             f"{a.nchunks - a.nchunks_initialized} of {a.nchunks} chunks "
-                             "missing")
-    return L0Info(str(where), dp, n, product.shape, product.dtype.str, per_frame)
+        missing_files, expected = layout.missing_files(where, a)
+        if missing_files:
+            raise InputError(f"{where}: L0 incomplete: {name} has {missing_files} of "
+                             f"{expected} chunk files missing")
+    return L0Info(str(where), dp, n, product.shape, product.dtype.str, module, derived)
 
 
 def arrays_of(group: Any) -> dict[str, Any]:
-    """Every array of a group, nested ones by their path (``headers/tv_sec``)."""
+    """Every array at the root of a (flat) product group, by name."""
     import zarr
 
-    return {k: v for k, v in group.members(max_depth=None) if isinstance(v, zarr.Array)}
+    return {k: v for k, v in group.members() if isinstance(v, zarr.Array)}
 
 
 def _time_dim(array: Any) -> bool:
@@ -129,31 +173,31 @@ class Selection:
         return max(self.cutoff)
 
 
-def _chunk_use(info: L0Info, sel: Selection, start: int, flags: np.ndarray,
-               aux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _chunk_use(info: L0Info, sel: Selection, start: int, aux: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
     """``use[t, q]`` (frame start+t feeds quabo q) and ``excluded[t, q]`` (missing quabo).
 
-    ``aux`` is ``headers/quabo_num`` for ph256, ``headers/tv_sec`` (time, quabo) otherwise.
+    ``aux`` is :meth:`L0Info.quabo_state`.
     """
-    t = start + np.arange(len(flags))
+    t = start + np.arange(len(aux))
     chosen = (t[:, None] < np.asarray(sel.cutoff)) & (t % sel.step == 0)[:, None]
     if info.ph256:
         return chosen & (aux[:, None] == np.arange(pff.N_QUABOS)), np.zeros_like(chosen)
-    missing = ((flags & pff.FLAG_MISSING_QUABO) != 0)[:, None] & (aux == 0)
+    missing = aux == 0  # the frame is flagged missing_quabo
     return chosen & ~missing, chosen & missing
 
 
 def window_selection(l0: Any, info: L0Info, window: int, chunk: int) -> tuple[Selection, bool]:
     """The first ``window`` frames (of each quabo for ph256); and whether data ran short.
 
-    For ph256 ``headers/quabo_num`` is read chunk by chunk only until every quabo has
+    For ph256 ``quabo_num`` is read chunk by chunk only until every quabo has
     its ``window`` frames (usually the first chunk).
     """
     if not info.ph256:
         return Selection((min(window, info.n_frames),) * pff.N_QUABOS, 1), window > info.n_frames
     cutoff = [info.n_frames] * pff.N_QUABOS
     seen = np.zeros(pff.N_QUABOS, np.int64)
-    quabo_num = l0["headers/quabo_num"]
+    quabo_num = l0["quabo_num"]
     for a in range(0, info.n_frames, chunk):
         q = quabo_num[a: a + chunk]
         for k in np.flatnonzero(seen < window):
@@ -164,13 +208,6 @@ def window_selection(l0: Any, info: L0Info, window: int, chunk: int) -> tuple[Se
         if (seen >= window).all():
             break
     return Selection(tuple(cutoff), 1), bool((seen < window).any())
-
-
-def _read(info: L0Info, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images, frame flags and the quabo array (quabo_num or tv_sec) of frames start..stop-1."""
-    aux = "headers/quabo_num" if info.ph256 else "headers/tv_sec"
-    return tuple(info.array(k)[start:stop]  # type: ignore[return-value]
-                 for k in ("images", "frame_flags", aux))
 
 
 def _frame_record(use: np.ndarray, excluded: np.ndarray, start: int) -> list[dict[str, Any]]:
@@ -190,8 +227,9 @@ def _frame_record(use: np.ndarray, excluded: np.ndarray, start: int) -> list[dic
 def selected(info: L0Info, sel: Selection, start: int, stop: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Frames start..stop-1 that feed some baseline: images, use[t, q], aux; the record."""
-    x, flags, aux = _read(info, start, min(stop, sel.stop))
-    use, excluded = _chunk_use(info, sel, start, flags, aux)
+    stop = min(stop, sel.stop)
+    x, aux = info.array("images")[start:stop], info.quabo_state(start, stop)
+    use, excluded = _chunk_use(info, sel, start, aux)
     record = _frame_record(use, excluded, start)
     feeds = use.any(axis=1)
     if feeds.all():  # the usual case: no copy

@@ -216,7 +216,7 @@ def subtraction_for(section: Any, baseline: Baseline) -> Subtraction:
 
 def formula(info: L0Info, section: Any) -> str:
     """What the L1 images are, in words (an attribute of the store and of ``images``)."""
-    base = "baseline[headers/quabo_num]" if info.ph256 else "baseline"
+    base = "baseline[quabo_num]" if info.ph256 else "baseline"
     if section.method == "image_median":
         return f"images = (L0 images - {base}) / adc_to_pe"
     if section.method == "ph_pedestal":

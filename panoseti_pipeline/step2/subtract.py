@@ -9,8 +9,8 @@ with every array defined and the baseline written (:func:`create_l1`); each appl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -30,40 +30,72 @@ from panoseti_pipeline.step2.methods import (
     method_parameters,
     subtraction_for,
 )
-from panoseti_pipeline.store import layout, publish
+from panoseti_pipeline.store import layout, publish, spec
+from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
 
 ZARR_CONCURRENCY = 4  # zarr async I/O concurrency per process
 
 
-def apply_task(info: L0Info, spec: Subtraction, l1_path: str, start: int, stop: int,
-               copy_files: bool, process: runners.ProcessSettings) -> dict[str, Any]:
-    """Write L1 frames start..stop-1 (images and every per-frame array); chunk-aligned.
+@dataclasses.dataclass(frozen=True)
+class L1Layout:
+    """How the L1 store's per-frame arrays are cut and encoded (sent with every task)."""
 
-    ``copy_files``: the per-frame arrays have the same chunks in L0 and L1, so their
-    chunk files are copied byte for byte (no decode/encode).
+    chunk: int
+    per_shard: int
+    codec: ChunkCodec
+    keep_mantissa_bits: int
+    encode_threads: int  # threads reading, subtracting and compressing a task's chunks
+
+    def prepare(self) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+        """``images`` through BitRound when fewer than 23 mantissa bits are kept."""
+        if self.keep_mantissa_bits >= 23:
+            return {}
+        from numcodecs import BitRound
+
+        rounding = BitRound(keepbits=self.keep_mantissa_bits)
+        return {"images": lambda x: rounding.encode(np.ascontiguousarray(x))
+                .view(np.float32).reshape(x.shape)}
+
+
+def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
+             ) -> tuple[dict[str, np.ndarray], int]:
+    """L1 frames a..b-1 (residuals and the per-frame arrays), and how many are NaN."""
+    x = info.array("images")[a:b]
+    quabo = info.array("quabo_num")[a:b] if info.ph256 else None
+    out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32))
+    nan = int(np.isnan(out).sum()) if sub.threshold is not None else 0
+    return ({"images": out, **{n: info.array(n)[a:b] for n in info.carried},
+             **info.derived_frames(a, b)}, nan)
+
+
+def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: int,
+               l1: L1Layout, process: runners.ProcessSettings) -> dict[str, Any]:
+    """Write L1 frames start..stop-1: images and every per-frame array, whole shards.
+
+    The per-frame arrays are read from the L0 chunk by chunk and written with the L1's
+    chunks and codecs (an L0 of another writer may chunk and compress them otherwise).
     """
     runners.prepare_process(process)
-    quabo = info.array("headers/quabo_num")[start:stop] if info.ph256 else None
-    x = info.array("images")[start:stop]
-    out = spec.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32))
+    arrays = l1_arrays(info)
+    writer = FrameWriter(l1_path, {a.name: a.dtype for a in arrays},
+                         {a.name: 1 + len(a.trailing) for a in arrays}, l1.chunk,
+                         l1.per_shard, info.n_frames, start, l1.codec, l1.encode_threads,
+                         l1.prepare())
     try:
-        layout.open_array(l1_path, "images", None, info.token)[start:stop] = out
-        for name in info.per_frame:
-            src = info.array(name)
-            if copy_files:
-                index = (start // src.chunks[0],) + (0,) * (src.ndim - 1)
-                key = src.metadata.encode_chunk_key(index)
-                target = Path(l1_path, name, key)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(info.path, name, key), target)
-            else:
-                layout.open_array(l1_path, name, None, info.token)[start:stop] = \
-                    src[start:stop]
+        for a in range(start, stop, l1.chunk):
+            writer.add(functools.partial(l1_chunk, info, sub, a, min(stop, a + l1.chunk)))
+        nans = writer.close()
     except BaseException:
-        publish.wait_for_pending_writes()  # no write may land after the driver's cleanup
+        writer.abort()  # nothing of this task is written after the driver's cleanup
         raise
-    nan = int(np.isnan(out).sum()) if spec.threshold is not None else 0
-    return {"start": start, "frames": stop - start, "nan": nan}
+    return {"start": start, "frames": stop - start, "nan": sum(nans)}
+
+
+def l1_arrays(info: L0Info) -> list[spec.FrameArray]:
+    """The L1's per-frame arrays: PANOSETI's layout with float32 images (NaN fill)."""
+    images, *per_frame = spec.frame_arrays(info.product, info.module)
+    images = dataclasses.replace(images, dtype=np.dtype("<f4"), fill_value=float("nan"))
+    return [images, *per_frame]
 
 
 def image_filters(section: Any) -> list:
@@ -75,28 +107,20 @@ def image_filters(section: Any) -> list:
     return [BitRound(keepbits=section.keep_mantissa_bits)]
 
 
-def create_l1(path: Path, l0: Any, info: L0Info, section: Any, baseline: Baseline
-              ) -> tuple[int, bool]:
-    """The L1 group with every array defined and the baseline written.
-
-    Per-frame arrays keep their L0 dtype, codecs, fill value, chunk key encoding,
-    attributes and dimension names; only their time chunk becomes ``compute_chunk_size``,
-    shared with ``images``, so one task owns every chunk of its frame range. Returns that
-    chunk and whether the per-frame chunks are unchanged (then their files are copied).
-    """
+def create_l1(path: Path, info: L0Info, section: Any, baseline: Baseline, l1: L1Layout
+              ) -> None:
+    """The L1 group with every array defined and the baseline written."""
     import zarr
 
-    n = info.n_frames
-    chunk = chunking.time_chunk(section.compute_chunk_size, n)
     codecs = layout.compressors(**layout.codec_settings(section))
     group = zarr.open_group(store=str(path), mode="w-")
     units = "photoelectrons" if section.method == "image_median" else "ADC counts"
-    group.create_array("images", shape=(n, *info.shape), chunks=(chunk, *info.shape),
-                       dtype="<f4", filters=image_filters(section) or None,
-                       compressors=codecs or None, fill_value=float("nan"),
-                       dimension_names=("time", "y", "x"),
-                       attributes={"long_name": f"baseline-subtracted {info.dp} pixels",
-                                   "units": units, "formula": formula(info, section)})
+    images, *per_frame = l1_arrays(info)
+    images = dataclasses.replace(images, attrs={
+        **images.attrs, "long_name": f"baseline-subtracted {info.dp} pixels", "units": units,
+        "formula": formula(info, section)})
+    layout.create_frame_arrays(group, [images, *per_frame], info.n_frames, l1.chunk,
+                               l1.per_shard, codecs, image_filters(section))
     dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
     planes = {"baseline": baseline.values, "baseline_std": baseline.std}
     for name, values in planes.items():
@@ -104,31 +128,15 @@ def create_l1(path: Path, l0: Any, info: L0Info, section: Any, baseline: Baselin
             continue
         data = (values if info.ph256 else values[0]).astype(np.float32)
         array = layout.create_array(group, name, data.shape, data.shape, "<f4", dims, codecs,
-                                    {"long_name": f"{name.replace('_', ' ')} "
+                                    {"_ARRAY_DIMENSIONS": list(dims),
+                                     "long_name": f"{name.replace('_', ' ')} "
                                                   f"({section.method})",
                                      "units": "ADC counts"},
                                     fill_value=float("nan"))
         array[...] = data
-    same_chunks = True
-    for name in info.per_frame:
-        src = l0[name]
-        same_chunks &= src.chunks == (chunk, *src.shape[1:])
-        parent, _, leaf = name.rpartition("/")
-        where = group
-        if parent:
-            where = group.require_group(parent)
-            where.attrs.update(l0[parent].attrs.asdict())
-        where.create_array(leaf, shape=src.shape, chunks=(chunk, *src.shape[1:]),
-                           dtype=src.dtype, filters=src.filters or None,
-                           compressors=src.compressors or None, serializer=src.serializer,
-                           fill_value=src.fill_value,
-                           chunk_key_encoding=src.metadata.chunk_key_encoding,
-                           dimension_names=src.metadata.dimension_names,
-                           attributes=src.attrs.asdict())
-    return chunk, same_chunks
 
 
-def verify_l1(path: Path, info: L0Info, spec: Subtraction, summaries: list[dict],
+def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
               keep_bits: int) -> None:
     """Every frame written, every chunk present, first and last chunk read back right."""
     import zarr
@@ -138,18 +146,19 @@ def verify_l1(path: Path, info: L0Info, spec: Subtraction, summaries: list[dict]
         raise StoreError(f"{path}: wrote {got} frames, the L0 store has {info.n_frames}")
     l1 = zarr.open_group(store=str(path), mode="r", use_consolidated=False)
     for name, array in arrays_of(l1).items():
-        if array.nchunks_initialized != array.nchunks:
-            raise StoreError(f"{path}: {name} has {array.nchunks - array.nchunks_initialized}"
-                             f" of {array.nchunks} chunks missing after writing")
+        missing, expected = layout.missing_files(path, array)
+        if missing:
+            raise StoreError(f"{path}: {name} has {missing} of {expected} chunk files "
+                             "missing after writing")
     l0 = layout.open_product(info.path, layout.LEVEL_L0)
     n = info.n_frames
     for a, b in {(0, min(n, 64)), (max(0, n - 64), n)}:
-        quabo = l0["headers/quabo_num"][a:b] if info.ph256 else None
-        expect = spec.residuals(l0["images"][a:b], quabo)
+        quabo = l0["quabo_num"][a:b] if info.ph256 else None
+        expect = sub.residuals(l0["images"][a:b], quabo)
         same_images = np.allclose(l1["images"][a:b], expect, rtol=2.0 ** -keep_bits, atol=0,
                                   equal_nan=True)
-        same_frames = all(np.array_equal(l1[k][a:b], l0[k][a:b], equal_nan=k == "timestamps")
-                          for k in info.per_frame)
+        carried = {k: l0[k][a:b] for k in info.carried} | info.derived_frames(a, b)
+        same_frames = all(np.array_equal(l1[k][a:b], v) for k, v in carried.items())
         if not (same_images and same_frames):
             raise StoreError(f"{path}: frames {a}..{b - 1} read back differ from the "
                              "L0 input and the baseline")
@@ -219,22 +228,29 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         if q["count"] == 0 and not info.ph256:  # a ph256 quabo with no frame has no pixels
             notice(f"{l0_path}: no frame of quabo {q['quabo']} feeds its baseline; its "
                    "L1 pixels are NaN")
-    spec = subtraction_for(section, baseline)
+    sub = subtraction_for(section, baseline)
+    l1 = L1Layout(chunking.time_chunk(section.compute_chunk_size, info.n_frames),
+                  section.shard_factor, ChunkCodec(**layout.codec_settings(section)),
+                  section.keep_mantissa_bits, runners.cpus())
     with publish.publishing(output, layout.LEVEL_L1, overwrite) as tmp:
-        chunk, copy_files = create_l1(tmp, l0, info, section, baseline)
-        calls = [(info, spec, str(tmp), a, b, copy_files, process)
-                 for a, b in chunking.task_ranges(info.n_frames, chunk)]
+        create_l1(tmp, info, section, baseline, l1)
+        calls = [(info, sub, str(tmp), a, b, l1, process)
+                 for a, b in chunking.task_ranges(info.n_frames, l1.chunk, l1.per_shard or 1)]
         summaries: list[dict] = []
         runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
-        verify_l1(tmp, info, spec, summaries, section.keep_mantissa_bits)
+        verify_l1(tmp, info, sub, summaries, section.keep_mantissa_bits)
         l0_bytes, l1_bytes = publish.store_bytes(l0_path), publish.store_bytes(tmp)
         seconds = time.perf_counter() - t0
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
         group.attrs.update({
+            **{k: l0.attrs[k] for k in spec.REQUIRED_ATTRIBUTES if k in l0.attrs},
+            **({"shard_factor": l1.per_shard} if l1.per_shard else {}),
             "processing_level": layout.LEVEL_L1,
-            "data_product": info.dp,
-            "module": l0.attrs.get("module"),
-            "n_frames": info.n_frames,
+            "calibration": {"method": section.method,
+                            "parameters": method_parameters(section) | baseline.extra},
+            "frame_flags_source": ("L0" if not info.derived else
+                                   "derived in step 2: missing_quabo only; the other flags "
+                                   "are unknown (the L0 had no frame_flags)"),
             "time_source": l0.attrs.get("time_source"),
             "flag_counts": l0.attrs.get("flag_counts"),
             "baseline_method": section.method,
@@ -252,9 +268,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
             "size": {"l0_bytes": l0_bytes, "l1_bytes": l1_bytes,
                      "l1_to_l0_ratio": round(l1_bytes / max(l0_bytes, 1), 4)},
             "report": {"seconds": round(seconds, 3), "mode": runner.mode,
-                       "tasks": len(calls), "time_chunk": chunk,
-                       "per_frame_arrays": "chunk files copied" if copy_files
-                       else "values copied",
+                       "tasks": len(calls), "time_chunk": l1.chunk,
                        "nan_values": sum(s["nan"] for s in summaries)},
         })
         layout.consolidate(tmp)

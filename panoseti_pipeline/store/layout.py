@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,11 @@ import zarr
 import zarr.codecs
 
 from panoseti_pipeline.errors import InputError
-from panoseti_pipeline.flags import FLAG_ATTRS
-from panoseti_pipeline.pff.timing import NAT
+from panoseti_pipeline.store.publish import PARTIAL_SUFFIX
+from panoseti_pipeline.store.spec import SPEC_VERSION_KEY, FrameArray
 
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
-TIME_ATTRS = {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian",
-              "standard_name": "time", "long_name": "frame time (UTC)"}
 _SHUFFLES = {"bit": "bitshuffle", "byte": "shuffle", "none": "noshuffle"}
 
 
@@ -82,25 +80,24 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
                               dimension_names=dims, attributes=dict(attrs or {}))
 
 
-def create_frame_arrays(group: zarr.Group, n_frames: int, time_chunk: int, codecs: list,
-                        header_dtypes: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
-    """``time``, ``timestamps``, ``frame_flags`` and ``headers/*``: the per-frame arrays.
+def create_frame_arrays(group: zarr.Group, arrays: Sequence[FrameArray], n_frames: int,
+                        time_chunk: int, per_shard: int, codecs: list,
+                        image_filters: list | None = None) -> None:
+    """The per-frame arrays of a product (:func:`panoseti_pipeline.store.spec.frame_arrays`).
 
-    ``time_chunk`` is the store's (:func:`panoseti_pipeline.chunking.time_chunk`).
+    Every array shares the store's ``time_chunk`` (:func:`panoseti_pipeline.chunking.time_chunk`)
+    and, with ``per_shard`` > 0, shards of ``per_shard`` chunks, so a task owning whole
+    shards owns every file it writes. ``_ARRAY_DIMENSIONS`` is kept beside zarr v3's
+    ``dimension_names``, as the PANOSETI spec asks. ``image_filters`` apply to ``images``.
     """
-    chunk = (time_chunk,)
-    create_array(group, "time", (n_frames,), chunk, "<i8", ("time",), codecs, TIME_ATTRS,
-                 fill_value=NAT)
-    create_array(group, "timestamps", (n_frames,), chunk, "<f8", ("time",), codecs,
-                 {"units": "s", "long_name": "Unix seconds (float64; derived from time)"},
-                 fill_value=float("nan"))
-    create_array(group, "frame_flags", (n_frames,), chunk, "u1", ("time",), codecs,
-                 FLAG_ATTRS)
-    headers = group.create_group("headers")
-    for field, (dtype, trailing) in header_dtypes.items():
-        dims = ("time", "quabo")[: 1 + len(trailing)]
-        create_array(headers, field, (n_frames, *trailing), chunk + trailing, dtype, dims,
-                     codecs)
+    for a in arrays:
+        chunks = (time_chunk, *a.trailing)
+        shards = (time_chunk * per_shard, *a.trailing) if per_shard else None
+        filters = image_filters if a.name == "images" and image_filters else None
+        group.create_array(a.name, shape=(n_frames, *a.trailing), chunks=chunks, shards=shards,
+                           dtype=a.dtype, filters=filters, compressors=codecs or None,
+                           fill_value=a.fill_value, dimension_names=a.dims,
+                           attributes={"_ARRAY_DIMENSIONS": list(a.dims), **a.attrs})
 
 
 def write_frames(store: str, start: int, stop: int, values: Mapping[str, np.ndarray]) -> None:
@@ -126,22 +123,45 @@ def write_frames(store: str, start: int, stop: int, values: Mapping[str, np.ndar
 
 
 def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
-    """Open a published product read-only; :class:`InputError` if it is not one."""
+    """Open a product read-only; :class:`InputError` if it is not one of ``level``.
+
+    Ours say their ``processing_level``. An L0 may also be a store of PANOSETI's spec
+    written by another tool (``pypff.zarr.convert_run``: ``panoseti_pff_zarr_version``,
+    no level, no consolidated metadata). Completeness is not judged here: ours are only
+    ever published complete; :func:`panoseti_pipeline.step2.l0_input.inspect_l0` checks
+    the chunks of the others.
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such store")
+    if p.name.endswith(PARTIAL_SUFFIX):
+        raise InputError(f"{p}: incomplete store (a partial store: its writing never "
+                         "finished; rerun the step that makes it)")
     try:
         with _quiet_consolidated():
-            group = zarr.open_group(store=str(p), mode="r", use_consolidated=True)
+            group = zarr.open_group(store=str(p), mode="r", use_consolidated=None)
     except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
-        if (p / "zarr.json").is_file() and "onsolidated" in str(err):
-            raise InputError(f"{p}: incomplete store: no consolidated metadata (its writing "
-                             f"never finished; rerun the step that makes it)") from None
-        raise InputError(f"{p}: not a Zarr store written by this pipeline ({err})") from None
+        raise InputError(f"{p}: not a Zarr store of PFF data ({err})") from None
     got = group.attrs.get("processing_level")
+    if got is None and level == LEVEL_L0 and SPEC_VERSION_KEY in group.attrs:
+        return group
     if got != level:
-        raise InputError(f"{p}: not an {level} store (processing_level = {got!r})")
+        expected = (f"an {level} store (processing_level = {got!r}, and no "
+                    f"{SPEC_VERSION_KEY} of PANOSETI's spec)" if level == LEVEL_L0
+                    else f"an {level} store (processing_level = {got!r})")
+        raise InputError(f"{p}: not {expected}")
     return group
+
+
+def missing_files(store: str | os.PathLike, array: zarr.Array) -> tuple[int, int]:
+    """(missing, expected) chunk files -- shard files if sharded -- of a time-chunked array
+    in a directory store: what a writer that stopped early leaves out."""
+    along = (array.shards or array.chunks)[0]
+    expected = -(-array.shape[0] // along)
+    rest = (0,) * (array.ndim - 1)
+    missing = sum(not Path(store, array.path, array.metadata.encode_chunk_key((i, *rest)))
+                  .is_file() for i in range(expected))
+    return missing, expected
 
 
 @functools.lru_cache(maxsize=256)

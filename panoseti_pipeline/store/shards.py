@@ -23,10 +23,12 @@ Notes
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import gzip
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +174,78 @@ def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
+
+
+class FrameWriter:
+    """Writes a task's frames, whole time chunks at a time, into several arrays of a store.
+
+    Each chunk is produced (read, decoded) and encoded on one of ``threads`` threads, so
+    a task that owns a whole shard still uses every core it is given; the encoded bytes
+    are appended to each array's files in chunk order by the calling thread. At most
+    ``threads + 1`` chunks are in flight: memory is bounded by the chunk, not the shard.
+    ``produce`` functions run on the pool's threads and may use thread-local buffers
+    (:func:`panoseti_pipeline.runners.thread_array`): a thread encodes a chunk before it
+    produces the next one.
+    """
+
+    def __init__(self, store: str | os.PathLike, dtypes: Mapping[str, Any],
+                 ndims: Mapping[str, int], chunk: int, per_shard: int, n_frames: int,
+                 first_frame: int, codec: ChunkCodec, threads: int,
+                 prepare: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None
+                 ) -> None:
+        if first_frame % chunk:
+            raise ValueError(f"frame {first_frame} is not at a chunk boundary ({chunk})")
+        n_chunks = -(-n_frames // chunk)
+        self.chunk = chunk
+        self.encoders = {name: codec.encoder(dtype) for name, dtype in dtypes.items()}
+        self.prepare = dict(prepare or {})
+        self.files = {name: ChunkFiles(Path(store, name), ndims[name], first_frame // chunk,
+                                       per_shard, n_chunks) for name in dtypes}
+        threads = max(1, threads)
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self.in_flight = threads + 1
+        self._pending: collections.deque = collections.deque()
+        self._summaries: list[Any] = []
+
+    def add(self, produce: Callable[[], tuple[Mapping[str, np.ndarray], Any]]) -> None:
+        """Queue the next chunk: ``produce()`` returns its arrays (the array's last chunk
+        may be short) and a summary, handed back by :meth:`close` in chunk order."""
+        self._pending.append(self.pool.submit(self._encode_chunk, produce))
+        while len(self._pending) > self.in_flight:
+            self._drain_one()
+
+    def close(self) -> list[Any]:
+        """Write everything queued, finish the files (shard indexes); the summaries."""
+        try:
+            while self._pending:
+                self._drain_one()
+            for files in self.files.values():
+                files.close()
+        finally:
+            self.pool.shutdown()
+        return self._summaries
+
+    def abort(self) -> None:
+        """Stop: wait for the running chunks (nothing is written after this returns)."""
+        for job in self._pending:
+            job.cancel()
+        self.pool.shutdown(wait=True)
+        for files in self.files.values():
+            files.abort()
+
+    def _encode_chunk(self, produce: Callable[[], tuple[Mapping[str, np.ndarray], Any]]
+                      ) -> tuple[dict[str, bytes], Any]:
+        values, summary = produce()
+        encoded = {}
+        for name, encode in self.encoders.items():
+            chunk = values[name]
+            if name in self.prepare:
+                chunk = self.prepare[name](chunk)
+            encoded[name] = encode(pad_chunk(chunk, self.chunk))
+        return encoded, summary
+
+    def _drain_one(self) -> None:
+        encoded, summary = self._pending.popleft().result()
+        for name, data in encoded.items():
+            self.files[name].add(data)
+        self._summaries.append(summary)

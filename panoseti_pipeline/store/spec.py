@@ -38,6 +38,7 @@ from panoseti_pipeline.pff.products import DELIMITER, N_QUABOS, Product
 from panoseti_pipeline.pff.timing import NAT
 
 SPEC_VERSION = "1.1"
+SPEC_VERSION_KEY = "panoseti_pff_zarr_version"
 #: the spec's dtype of each header field (pypff's writer; other integer fields: int64)
 SPEC_DTYPE = {"quabo_num": np.dtype("u1"), "pkt_num": np.dtype("<u4"),
               "pkt_tai": np.dtype("<u2"), "pkt_nsec": np.dtype("<u4"),
@@ -118,6 +119,12 @@ def frame_config(product: Product) -> dict[str, Any]:
             "bytes_per_pixel": product.bpp, "format_name": product.dp}
 
 
+#: the root attributes PANOSETI's spec requires (plus its optional ``run_configs``)
+REQUIRED_ATTRIBUTES = (SPEC_VERSION_KEY, "data_product", "bytes_per_pixel", "module",
+                       "source_pff_files", "total_frames", "header_format", "header_fields",
+                       "quabo_fields", "frame_config", "run_configs")
+
+
 def spec_attributes(product: Product, module: int, source_pff_files: Sequence[str],
                     total_frames: int, run_configs: Mapping[str, Any] | None,
                     shard_factor: int) -> dict[str, Any]:
@@ -126,7 +133,7 @@ def spec_attributes(product: Product, module: int, source_pff_files: Sequence[st
     names = [h.name for h in header_arrays(product)]
     single = product.header_kind == "ph256"
     attrs: dict[str, Any] = {
-        "panoseti_pff_zarr_version": SPEC_VERSION,
+        SPEC_VERSION_KEY: SPEC_VERSION,
         "data_product": product.dp,
         "bytes_per_pixel": product.bpp,
         "module": str(module),

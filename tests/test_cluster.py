@@ -1,4 +1,4 @@
-"""Tests for dask_cluster.py and cluster_lifecycle_manager.py, with real processes.
+"""Tests for cluster.py and cluster_lifecycle_manager.py, with real processes.
 
 Every Dask address stays on loopback (``interface = "lo"``). Each manager started here
 carries a unique ``PANOSETI_TEST_TAG`` in its environment, inherited by its worker
@@ -216,9 +216,27 @@ def test_scheduler_type_checks_publishes_and_leaves_it_running(
 # -- lifecycle -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_closes_everything(make_manager, signum: int) -> None:
-    manager = make_manager(**LOCAL).start()
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@pytest.fixture(scope="module")
+def manager_per_signal(tmp_path_factory: pytest.TempPathFactory
+                       ) -> Iterator[dict[int, ManagerProcess]]:
+    """A fresh manager for each signal test, all started at once (each test stops its own)."""
+    managers = {}
+    for signum in SIGNALS:
+        workdir = tmp_path_factory.mktemp(f"signal_{signum}")
+        config = write_config(workdir / "config.toml", **LOCAL)
+        managers[signum] = ManagerProcess(workdir, config).start()
+    yield managers
+    for manager in managers.values():
+        manager.stop()
+
+
+@pytest.mark.parametrize("signum", SIGNALS)
+def test_signal_closes_everything(manager_per_signal: dict[int, ManagerProcess],
+                                  signum: int) -> None:
+    manager = manager_per_signal[signum]
     address = manager.wait_ready()
     assert address.startswith("tcp://127.")
     seen = manager.descendants()

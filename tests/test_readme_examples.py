@@ -1,0 +1,84 @@
+"""The README's examples, run as a user would type them (on a small generated run).
+
+Each command below must stand verbatim in README.md; the test then runs it with the
+placeholders (FILE, my.toml, input.pff, ...) replaced by real paths. The Python example
+of "The L1 store" runs as it is written, its paths replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from panoseti_pipeline import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+CONFIG = "[cluster]\nuse_dask = false\n[pff_to_zarr]\ntime_chunk = 256\n" \
+         "[baseline_subtract]\ncompute_chunk_size = 256\n"
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("readme")
+    run = synthetic.make_observation(root / "in", frames_per_file=600, files_per_stream=2)
+    (root / "my.toml").write_text(CONFIG)
+    first = next(run.glob("*dp_img16*seqno_0.pff"))
+    return {"run": str(run), "FILE_OR_DIR...": str(run), "my.toml": str(root / "my.toml"),
+            "config.toml": str(root / "my.toml"), "input.pff": str(first),
+            "output_L0.zarr": str(root / "a_L0.zarr"), "input_L0.zarr": str(root / "a_L0.zarr"),
+            "output_L1.zarr": str(root / "a_L1.zarr"), "DIR": str(root / "synthetic")}
+
+
+def run(example: str, paths: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``example`` (which must be in README.md) with its placeholders replaced."""
+    assert example in README, f"not in README.md: {example}"
+    argv = [paths.get(word, word) for word in example.split()]
+    assert argv[0] == "python3"
+    return subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+# in the order a user meets them; step 2 reads what step 1 wrote
+COMMANDS = [
+    ("python3 -m panoseti_pipeline config check my.toml", "config ok: "),
+    ("python3 -m panoseti_pipeline config show my.toml", "[pff_to_zarr]"),
+    ("python3 pff.py info FILE_OR_DIR...", "frames"),
+    ("python3 -m panoseti_pipeline synthetic DIR", ".pffd"),
+    ("python3 step1_pff_to_zarr.py input.pff output_L0.zarr config.toml", "600 frames"),
+    ("python3 step2_dask_baseline.py input_L0.zarr output_L1.zarr --config config.toml",
+     "L1 written"),
+]
+
+
+def test_the_readme_commands_run(paths: dict[str, str]) -> None:
+    for example, expected in COMMANDS:
+        done = run(example, paths)
+        assert done.returncode == 0, (example, done.stderr)
+        assert expected in done.stdout, (example, done.stdout)
+
+
+def test_the_readme_python_example_of_the_l1_store_runs(paths: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    pytest.importorskip("pypff")
+    out = tmp_path / "L1"
+    done = subprocess.run(["bash", str(REPO / "run.sh"), paths["run"], str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CONFIG_FILE": paths["my.toml"]})
+    assert done.returncode == 0, done.stderr
+    section = README.split("## The L1 store", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    run_dir = out / Path(paths["run"]).name[: -len(".pffd")]
+    (l1,) = run_dir.glob("*dp_img16*_L1.zarr")
+    code = code.replace('"run_L1.zarr"', repr(str(l1)))
+    code = re.sub(r'open_zarr_run\("[^"]+"\)', f"open_zarr_run({str(run_dir)!r})", code)
+    code += "\nassert len(store) == 1200 and t_ns.dtype.kind == 'i'\nprint('example ok')\n"
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert "example ok" in ran.stdout
