@@ -662,21 +662,31 @@ def _sbatch_problem(err: BaseException) -> str:
     return f"submitting the worker job: {_describe(err)}"
 
 
+def _slurm_command(*cmd: str) -> Any:
+    """Run a SLURM command (squeue, scancel): its CompletedProcess, or None, with a warning
+    naming the command, its exit code and stderr, when it could not run or failed."""
+    import subprocess
+
+    try:
+        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        logger.warning("%s: %s", " ".join(cmd), _describe(err))
+        return None
+    if done.returncode != 0:
+        logger.warning("%s exited %d: %s", " ".join(cmd), done.returncode,
+                       " ".join(done.stderr.split()))
+        return None
+    return done
+
+
 def _slurm_job_states(job_ids: list[str]) -> dict[str, str] | None:
     """``{job id: state}`` of those of ``job_ids`` still in the queue (pending, running,
     completing), from ``squeue``; None when squeue cannot tell."""
-    import subprocess
-
     if not job_ids:
         return {}
-    try:
-        done = subprocess.run(["squeue", "-h", "--me", "-o", "%i %T %r"], capture_output=True,
-                              text=True, timeout=30, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        logger.warning("squeue: %s", _describe(err))
-        return None
-    if done.returncode != 0:
-        logger.warning("squeue: %s", _describe(RuntimeError(done.stderr)))
+    done = _slurm_command("squeue", "-h", "--me", "-o", "%i %T %r")
+    if done is None:
         return None
     wanted, states = set(job_ids), {}
     for line in done.stdout.splitlines():
@@ -690,17 +700,14 @@ def _cancel_jobs(job_ids: list[str], timeout_s: float = _CLOSE_TIMEOUT_S) -> Non
     """Cancel those of ``job_ids`` still in the queue, by id, and wait until they left it.
 
     SLURMCluster's close cancels its jobs already; this is the check that none is left
-    (e.g. a close that timed out), and waits for the jobs' processes to end.
+    (e.g. a close that timed out), and waits for the jobs' processes to end. When squeue
+    cannot tell, every id is cancelled.
     """
-    import subprocess
-
     ids = list(job_ids)
     left = _slurm_job_states(ids)
     if left == {}:
         return
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # None: squeue cannot tell
-        subprocess.run(["scancel", *(left or ids)], capture_output=True, timeout=30,
-                       stdin=subprocess.DEVNULL)
+    _slurm_command("scancel", *(left or ids))
     deadline = time.monotonic() + timeout_s
     while left and time.monotonic() < deadline:
         time.sleep(_POLL_S * 2)

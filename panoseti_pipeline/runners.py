@@ -146,6 +146,11 @@ class LocalRunner:
                 pool.shutdown(wait=True, cancel_futures=True)
 
 
+def shared_value(value: Any) -> Any:
+    """The task behind :meth:`DaskRunner.share`: its result is its argument."""
+    return value
+
+
 class DaskRunner:
     """Tasks on a Dask cluster; they read and write the stores on the shared file system."""
 
@@ -156,8 +161,12 @@ class DaskRunner:
         self.progress = progress
 
     def share(self, value: Any) -> Any:
-        """``value`` sent to every worker once; tasks receive it through the future."""
-        return self.client.scatter(value, broadcast=True, hash=False)
+        """``value`` for every task, as the result of one task (:func:`shared_value`):
+        workers fetch it from each other once, and a lost worker that held its last copy
+        only makes it computed again. Scattered data would be lost for good, and the
+        active memory manager keeps one replica of a broadcast: losing that one worker
+        (a cancelled SLURM job) cancelled every task still to run."""
+        return self.client.submit(shared_value, value, pure=False)
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str, fold: Fold,
             total: int | None = None, unit: str = "task") -> None:
