@@ -115,8 +115,9 @@ def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None], *,
     """
     files, first = [], 0
     for k, name in enumerate(names):
-        index = pff.index_file(name.path, name.dp) if exact else None
-        with pff.PFFReader(name.path, index) as reader:
+        # strict: a corrupt frame refuses the input while the store cannot record a skip
+        index = pff.index_file(name.path, name.dp, strict=True) if exact else None
+        with pff.PFFReader(name.path, index, strict=True) as reader:
             source = pff.decide_time_source(reader)
             index = reader.index
         if index.n_frames == 0:
@@ -126,6 +127,8 @@ def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None], *,
             where = "last file" if k == len(names) - 1 else "NOT the last file of the stream"
             notice(f"{name.path}: partial last frame dropped ({index.partial_bytes} bytes; "
                    f"{where})")
+        for line in index.damage_notices():
+            notice(line)
         files.append(SourceFile(str(name.path), name.seqno, index, first, source))
         first += index.n_frames
     return files
