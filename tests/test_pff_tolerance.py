@@ -353,7 +353,9 @@ def test_step1_converts_missing_quabo_lines_and_drops_a_nul_tail(tmp_path, capsy
         for f in pff.MODULE_FIELDS:
             headers[f][i, q] = 0
     for k, v in headers.items():
-        np.testing.assert_array_equal(g[f"headers/{k}"][:], v, err_msg=k)
+        for q in range(pff.N_QUABOS):
+            np.testing.assert_array_equal(g[f"quabo_{q}_{k}"][:], v[:, q], err_msg=k)
+    assert g.attrs["source_files"][0]["nul_tail_bytes"] == 3 * 4096
     flags = g["frame_flags"][:]
     assert np.flatnonzero(flags).tolist() == [0, 150, 299]
     assert (flags[[0, 150, 299]] == pff.FLAG_MISSING_QUABO).all()
