@@ -128,11 +128,6 @@ class LocalRunner:
         self.threads = threads or cpus()
         self.progress = progress
 
-    @staticmethod
-    def share(value: Any) -> Any:
-        """``value`` as tasks should receive it (here: itself)."""
-        return value
-
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str, fold: Fold,
             total: int | None = None, unit: str = "task") -> None:
         """Run ``fn(*call)`` for every call; ``fold(i, result)`` as each one completes."""
@@ -154,10 +149,6 @@ class DaskRunner:
     def __init__(self, client: Any, progress: bool = True) -> None:
         self.client = client
         self.progress = progress
-
-    def share(self, value: Any) -> Any:
-        """``value`` sent to every worker once; tasks receive it through the future."""
-        return self.client.scatter(value, broadcast=True, hash=False)
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str, fold: Fold,
             total: int | None = None, unit: str = "task") -> None:

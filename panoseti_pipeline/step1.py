@@ -400,8 +400,10 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
             return summary["frames"]
 
         runner = runners.runner_for(client, section.num_workers, not quiet)
-        shared = runner.share(settings)  # the frame indexes travel once, not with every task
-        runner.map(convert_range, [(shared, a, b) for a, b in ranges], str(output), fold,
+        # Each task carries the settings (the frame indexes: small). Scattered once
+        # instead, they would live on one worker only -- Dask's memory manager drops the
+        # other replicas -- and a worker lost with them would cancel every task.
+        runner.map(convert_range, [(settings, a, b) for a, b in ranges], str(output), fold,
                    total=n, unit="frame")
         _verify(tmp, files, summaries, n, chunk)
         seconds = time.perf_counter() - t0
