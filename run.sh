@@ -673,7 +673,7 @@ Demo finished (exit status $PIPELINE_RC). Look at:
   run bundle         $dir/L1/<run>/<run>.pffd.panoseti-meta (configs, logs, hk.pff, manifest)
   run record         $dir/L1/run_record_*.toml
   config used        $CONFIG
-Open an L1 store with xarray, or the run with PANOSETI's reader (pypff):
+Open an L1 store with xarray, or the run with PANOSETI's reader (pip install pypff):
   $PYTHON -c 'import xarray as xr; print(xr.open_zarr("$first"))'
   $PYTHON -c 'from pypff.zarr import open_zarr_run; print(open_zarr_run("${first%/*}").list_products())'
 EOF

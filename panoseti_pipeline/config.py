@@ -441,6 +441,8 @@ class PffToZarrConfig(_Section):
     chunk_size_mb: int = key(64, "raw MB per task (shard_factor = 0), in whole time_chunks",
                              lo=1)
     shard_factor: int = _SHARDS.field(64)
+    strict: bool = key(False, "true: a corrupt frame refuses the file; false: its bytes are "
+                              "skipped, recorded and the next frame flagged after_gap")
 
 
 @_register

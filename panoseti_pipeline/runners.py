@@ -128,11 +128,6 @@ class LocalRunner:
         self.threads = threads or cpus()
         self.progress = progress
 
-    @staticmethod
-    def share(value: Any) -> Any:
-        """``value`` as tasks should receive it (here: itself)."""
-        return value
-
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str, fold: Fold,
             total: int | None = None, unit: str = "task") -> None:
         """Run ``fn(*call)`` for every call; ``fold(i, result)`` as each one completes."""
@@ -146,11 +141,6 @@ class LocalRunner:
                 pool.shutdown(wait=True, cancel_futures=True)
 
 
-def shared_value(value: Any) -> Any:
-    """The task behind :meth:`DaskRunner.share`: its result is its argument."""
-    return value
-
-
 class DaskRunner:
     """Tasks on a Dask cluster; they read and write the stores on the shared file system."""
 
@@ -159,14 +149,6 @@ class DaskRunner:
     def __init__(self, client: Any, progress: bool = True) -> None:
         self.client = client
         self.progress = progress
-
-    def share(self, value: Any) -> Any:
-        """``value`` for every task, as the result of one task (:func:`shared_value`):
-        workers fetch it from each other once, and a lost worker that held its last copy
-        only makes it computed again. Scattered data would be lost for good, and the
-        active memory manager keeps one replica of a broadcast: losing that one worker
-        (a cancelled SLURM job) cancelled every task still to run."""
-        return self.client.submit(shared_value, value, pure=False)
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str, fold: Fold,
             total: int | None = None, unit: str = "task") -> None:

@@ -110,7 +110,7 @@ def check_stream(paths: Sequence[str | os.PathLike], notice: Callable[[str], Non
 
 
 def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None], *,
-                 exact: bool = False) -> list[SourceFile]:
+                 exact: bool = False, strict: bool = False) -> list[SourceFile]:
     """Index every file and decide its time source; number frames across the stream.
 
     ``exact``: index every frame (one pass over the files) instead of assuming the
@@ -118,8 +118,9 @@ def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None], *,
     """
     files, first = [], 0
     for k, name in enumerate(names):
-        index = pff.index_file(name.path, name.dp) if exact else None
-        with pff.PFFReader(name.path, index) as reader:
+        # strict: a corrupt frame refuses the input; else its bytes are skipped, recorded
+        index = pff.index_file(name.path, name.dp, strict=strict) if exact else None
+        with pff.PFFReader(name.path, index, strict=strict) as reader:
             source = pff.decide_time_source(reader)
             index = reader.index
         if index.n_frames == 0:
@@ -129,6 +130,8 @@ def index_stream(names: Sequence[pff.PFFName], notice: Callable[[str], None], *,
             where = "last file" if k == len(names) - 1 else "NOT the last file of the stream"
             notice(f"{name.path}: partial last frame dropped ({index.partial_bytes} bytes; "
                    f"{where})")
+        for line in index.damage_notices():
+            notice(line)
         files.append(SourceFile(str(name.path), name.seqno, index, first, source))
         first += index.n_frames
     return files
@@ -191,6 +194,7 @@ def decode_range(files: Sequence[SourceFile], a: int, b: int
         frames = _read_piece(f, s, e)
         out = slice(s - a, e - a)
         time_ns[out], flags[out] = pff.frame_times(frames.headers, f.time_source, prev)
+        flags[out] |= frames.index_flags  # after_gap: the first frame after skipped bytes
         prev = pff.last_valid_time(time_ns[out], prev)
         pff.copy_pixels(images[out], frames.images)
         for k, v in frames.headers.items():
@@ -266,7 +270,9 @@ class Result:
         return (f"{self.output}: {self.frames} frames, {r['mb_per_s']:.0f} MB/s, "
                 f"compression {r['compression_ratio']:.2f}x, "
                 f"dropped {r['partial_bytes_dropped']} bytes, walked {r['frames_walked']} "
-                f"frames, time source {r['time_source']}, flags: {flags}")
+                f"frames, time source {r['time_source']}, flags: {flags}"
+                + (f"; DEGRADED: {r['skipped_ranges']} corrupt byte range(s) skipped (see "
+                   "source_files[].skipped)" if r["degraded"] else ""))
 
 
 def _create_store(path: Path, files: Sequence[SourceFile], settings: TaskSettings,
@@ -328,6 +334,8 @@ def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
                           "seqno": f.seqno, "frames": f.index.n_frames,
                           "partial_bytes_dropped": f.index.partial_bytes,
                           "frames_walked": f.index.frames_walked,
+                          "nul_tail_bytes": f.index.nul_tail_bytes,
+                          "skipped": [dataclasses.asdict(s) for s in f.index.skipped],
                           "time_source": f.time_source} for f in files],
         "time_source": sources.pop() if len(sources) == 1 else "mixed",
         "flag_counts": counts,
@@ -356,12 +364,13 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
         notice(f"{stale}: removed the partial store of an interrupted run")
     publish.apply_permission_policy(cfg.run.group_writable)
     t0 = time.perf_counter()
-    files = index_stream(names, notice)
+    strict = cfg.pff_to_zarr.strict
+    files = index_stream(names, notice, strict=strict)
     try:
         return _publish(files, output, cfg, client, overwrite, quiet, t0, notice)
     except pff.StrideMismatch as err:
         notice(f"{err}: indexing the stream frame by frame and converting again")
-    files = index_stream(names, lambda _msg: None, exact=True)
+    files = index_stream(names, lambda _msg: None, exact=True, strict=strict)
     return _publish(files, output, cfg, client, overwrite, quiet, t0, notice)
 
 
@@ -391,8 +400,10 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
             return summary["frames"]
 
         runner = runners.runner_for(client, section.num_workers, not quiet)
-        shared = runner.share(settings)  # the frame indexes travel once, not with every task
-        runner.map(convert_range, [(shared, a, b) for a, b in ranges], str(output), fold,
+        # Each task carries the settings (the frame indexes: small). Scattered once
+        # instead, they would live on one worker only -- Dask's memory manager drops the
+        # other replicas -- and a worker lost with them would cancel every task.
+        runner.map(convert_range, [(settings, a, b) for a, b in ranges], str(output), fold,
                    total=n, unit="frame")
         _verify(tmp, files, summaries, n, chunk)
         seconds = time.perf_counter() - t0
@@ -404,6 +415,9 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
                   "input_bytes": input_bytes, "store_bytes": store_bytes,
                   "partial_bytes_dropped": sum(f.index.partial_bytes for f in files),
                   "frames_walked": sum(f.index.frames_walked for f in files),
+                  "nul_tail_bytes": sum(f.index.nul_tail_bytes for f in files),
+                  "skipped_ranges": sum(len(f.index.skipped) for f in files),
+                  "degraded": any(f.index.degraded for f in files),
                   "time_source": ", ".join(sorted({f.time_source for f in files})),
                   "tasks": len(ranges), "mode": runner.mode}
         import zarr

@@ -272,7 +272,9 @@ def test_corruption_mid_file_names_the_byte_offset(tmp_path):
     data[5 * 2540] = ord("#")
     path.write_bytes(bytes(data))
     with pytest.raises(PFFFormatError, match=f"byte {5 * 2540}"):
-        pff.index_file(path)
+        pff.index_file(path, strict=True)
+    index = pff.index_file(path)  # by default the frame is skipped, the byte recorded
+    assert index.n_frames == 9 and index.skipped[0].offset == 5 * 2540
 
 
 def test_bad_digit_in_header_falls_back_to_json_and_fails_clearly(tmp_path):
@@ -282,9 +284,12 @@ def test_bad_digit_in_header_falls_back_to_json_and_fails_clearly(tmp_path):
     col = pff.PRODUCTS["img16"].layout.columns[("pkt_tai", 2)]
     data[3 * 2540 + col] = ord("x")
     path.write_bytes(bytes(data))
-    index = pff.index_file(path)
+    index = pff.index_file(path, strict=True)
     with pytest.raises(PFFFormatError, match=f"byte {3 * 2540}"):
         pff.read_frames(path, index, 0, 10)
+    with pytest.raises(pff.StrideMismatch, match=f"byte {3 * 2540}"):  # assumed: index exactly
+        pff.read_frames(path, pff.assume_regular(path), 0, 10)
+    assert pff.index_file(path).skipped[0].offset == 3 * 2540
 
 
 def test_value_out_of_range_is_refused_not_wrapped(tmp_path):
@@ -295,7 +300,7 @@ def test_value_out_of_range_is_refused_not_wrapped(tmp_path):
     data[2540 + col:2540 + col + 10] = b"     70000"
     path.write_bytes(bytes(data))
     with pytest.raises(PFFFormatError, match="pkt_num = 70000"):
-        pff.read_frames(path, pff.index_file(path), 0, 4)
+        pff.read_frames(path, pff.index_file(path, strict=True), 0, 4)
 
 
 # ----------------------------------------------------------------------------- names
@@ -443,7 +448,7 @@ def test_numbers_not_as_printf_writes_them_are_refused(tmp_path, old, new):
     assert data.count(old) == 1
     path.write_bytes(data.replace(old, new))
     with pytest.raises(PFFFormatError, match="byte 2540"):
-        pff.read_frames(path, pff.index_file(path), 0, 3)
+        pff.read_frames(path, pff.index_file(path, strict=True), 0, 3)
 
 
 def test_a_lost_padding_byte_is_refused_not_read(tmp_path):
@@ -453,4 +458,4 @@ def test_a_lost_padding_byte_is_refused_not_read(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data.replace(b'"pkt_num":          5', b'"pkt_num":         5', 1))
     with pytest.raises(PFFFormatError, match="shorter than the fixed-width"):
-        pff.index_file(path)
+        pff.index_file(path, strict=True)

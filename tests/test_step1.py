@@ -233,7 +233,8 @@ def test_failure_mid_write_leaves_no_store(tmp_path, capsys):
     paths[0].write_bytes(bytes(data))
     digest = hashlib.sha256(paths[0].read_bytes()).hexdigest()
     out = tmp_path / "bad_L0.zarr"
-    assert run_step1(paths[0], out, small_config(tmp_path)) == 1
+    # strict: the corrupt frame fails its task (by default it would be skipped, recorded)
+    assert run_step1(paths[0], out, small_config(tmp_path, strict=True)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(paths[0]) in err[0] and f"byte {500 * 2540}" in err[0]
     assert not out.exists()
@@ -496,3 +497,24 @@ def test_out_of_order_flag_does_not_depend_on_task_boundaries(tmp_path):
     g = assert_store_matches(out, paths, images, headers)
     assert g.attrs["report"]["tasks"] == 3  # frames 0..383, 384..767, 768..799
     assert g["frame_flags"][384] & pff.FLAG_OUT_OF_ORDER
+
+
+def test_a_corrupt_frame_is_skipped_recorded_and_flagged_by_default(tmp_path, capsys):
+    """issue 12: one bad header digit no longer costs the file; every other frame exact."""
+    paths, images, headers = make_stream(tmp_path, "img16", [600])
+    data = bytearray(paths[0].read_bytes())
+    data[500 * 2540 + 100] = ord("#")  # a digit of frame 500's header
+    os.chmod(paths[0], 0o644)
+    paths[0].write_bytes(bytes(data))
+    out = tmp_path / "x_L0.zarr"
+    assert step1_pff_to_zarr.main([str(paths[0]), str(out), str(small_config(tmp_path))]) == 0
+    captured = capsys.readouterr()
+    assert "CORRUPT DATA SKIPPED" in captured.err and "DEGRADED" in captured.out
+    group = zarr.open_group(str(out), mode="r")
+    keep = np.r_[0:500, 501:600]  # frame 500 is lost, the rest bit-exact
+    np.testing.assert_array_equal(group["images"][:], images[keep])
+    np.testing.assert_array_equal(group["quabo_2_pkt_num"][:], headers["pkt_num"][keep, 2])
+    (skipped,) = group.attrs["source_files"][0]["skipped"]
+    assert skipped["offset"] <= 500 * 2540 + 100 < skipped["offset"] + skipped["length"]
+    assert np.flatnonzero(group["frame_flags"][:] & pff.FLAG_AFTER_GAP).tolist() == [500]
+    assert group.attrs["report"]["degraded"] is True

@@ -16,8 +16,10 @@ Contract, one module per part:
 * :mod:`.products`: each data product's pixels and header; the byte template of a
   header as the DAQ's printf writes it.
 * :mod:`.index`: :func:`index_file` finds every frame's byte offset in one streamed pass
-  (a longer header is walked, never searched for inside pixels); :func:`assume_regular`
-  skips the pass for the usual clean file and is verified while reading.
+  (a longer header is walked, never searched for inside pixels; a corrupt frame is
+  skipped and recorded, or refused with ``strict``; a NUL tail is dropped and counted);
+  :func:`assume_regular` skips the pass for the usual clean file and is verified while
+  reading.
 * :mod:`.headers`: every header field decoded in bulk from its fixed-width columns, and
   refused unless it is exactly what printf writes.
 * :mod:`.reader`: :func:`read_frames` and :class:`PFFReader` read a frame range with one
@@ -34,8 +36,10 @@ The names below are the reader API: ``from panoseti_pipeline import pff`` then
 from __future__ import annotations
 
 from panoseti_pipeline.flags import (
+    FLAG_AFTER_GAP,
     FLAG_HOST_CLOCK,
     FLAG_INVALID_NSEC,
+    FLAG_INVALID_TIME,
     FLAG_MISSING_QUABO,
     FLAG_NAMES,
     FLAG_OUT_OF_ORDER,
@@ -44,6 +48,7 @@ from panoseti_pipeline.flags import (
 from panoseti_pipeline.pff.index import (
     DEFAULT_BLOCK_BYTES,
     FrameIndex,
+    SkippedRange,
     StrideMismatch,
     assume_regular,
     index_file,
@@ -75,6 +80,7 @@ from panoseti_pipeline.pff.products import (
 from panoseti_pipeline.pff.reader import Frames, PFFReader, copy_pixels, read_frames
 from panoseti_pipeline.pff.streams import Stream, group_streams
 from panoseti_pipeline.pff.timing import (
+    MAX_TV_SEC,
     NAT,
     NSEC_CLAMPED,
     TIME_HOST_CLOCK,
@@ -95,14 +101,15 @@ __all__ = [
     "FIELD_DTYPE", "FIELD_MAX", "FIELD_WIDTH", "MODULE_FIELDS", "N_QUABOS", "PH256_FIELDS",
     "PRODUCTS", "HeaderLayout", "Product", "get_product",
     # index
-    "DEFAULT_BLOCK_BYTES", "FrameIndex", "StrideMismatch", "assume_regular", "index_file",
+    "DEFAULT_BLOCK_BYTES", "FrameIndex", "SkippedRange", "StrideMismatch", "assume_regular",
+    "index_file",
     # reader
     "Frames", "PFFReader", "copy_pixels", "read_frames",
     # timing and flags
-    "NAT", "NSEC_CLAMPED", "TIME_HOST_CLOCK", "TIME_WHITE_RABBIT", "decide_time_source",
-    "frame_times", "last_valid_time", "wr_consistent_fraction",
-    "FLAG_HOST_CLOCK", "FLAG_INVALID_NSEC", "FLAG_MISSING_QUABO", "FLAG_NAMES",
-    "FLAG_OUT_OF_ORDER", "flag_counts",
+    "MAX_TV_SEC", "NAT", "NSEC_CLAMPED", "TIME_HOST_CLOCK", "TIME_WHITE_RABBIT",
+    "decide_time_source", "frame_times", "last_valid_time", "wr_consistent_fraction",
+    "FLAG_AFTER_GAP", "FLAG_HOST_CLOCK", "FLAG_INVALID_NSEC", "FLAG_INVALID_TIME",
+    "FLAG_MISSING_QUABO", "FLAG_NAMES", "FLAG_OUT_OF_ORDER", "flag_counts",
     # writer
     "encode_frames", "write_frames",
     # info

@@ -3,10 +3,10 @@
 Headers of the nominal length are decoded a whole block at a time: the fixed-width ASCII
 columns of every number are gathered with one fancy index and turned into integers with
 numpy (:func:`parse_fixed`), after checking every other byte against the header template.
-Only the frames that fail (a longer header, a damaged byte) fall back to ``json.loads``
-and must then re-print byte for byte through :func:`~.products.format_header`
-(:func:`parse_json_rows`): a lost or flipped byte is refused, never read as a plausible,
-wrong number.
+Only the frames that fail (a longer header, a missing quabo line, a damaged byte) fall
+back to ``json.loads`` and must then re-print byte for byte through
+:func:`~.products.format_header` (:func:`parse_header`): a lost or flipped byte is
+refused, never read as a plausible, wrong number.
 
 Notes
 -----
@@ -96,30 +96,39 @@ def header_values(path: str, offset: int, header: object, product: Product
     if legacy & header.keys():
         fields_of(header)
     quabos = [f"quabo_{q}" for q in range(N_QUABOS)]
-    if list(header) != quabos:
-        raise fail(f"keys {list(header)}, expected {quabos}")
-    per_q = [fields_of(header[k]) for k in quabos]
+    present = [k for k in quabos if k in header]
+    if not present or list(header) != present:
+        raise fail(f"keys {list(header)}, expected {quabos} (a missing quabo's line may be "
+                   "left out)")
+    per_q = [fields_of(header[k]) if k in header else dict.fromkeys(MODULE_FIELDS, 0)
+             for k in quabos]
     return {f: [d[f] for d in per_q] for f in MODULE_FIELDS}
+
+
+def parse_header(path: str, offset: int, text: bytes, product: Product
+                 ) -> dict[str, list[int] | int]:
+    """Field values of one header, which must be exactly what the DAQ's printf writes.
+
+    Valid JSON with other padding (a lost or inserted byte) would otherwise read as
+    plausible, wrong numbers. A quabo whose line is left out reads as all zeros.
+    """
+    try:
+        header = json.loads(text)
+    except ValueError:
+        raise PFFFormatError(f"{path}: bad {product.dp} frame header at byte {offset}: "
+                             "not valid JSON") from None
+    values = header_values(path, offset, header, product)
+    quabos = [q for q in range(N_QUABOS) if f"quabo_{q}" in header]
+    if format_header(product.header_kind, values, quabos).encode() != text:
+        raise PFFFormatError(f"{path}: bad {product.dp} frame header at byte {offset}: "
+                             "not in the DAQ's fixed-width format")
+    return values
 
 
 def parse_json_rows(path: str, rows: np.ndarray, offsets: np.ndarray, hlen: int,
                     product: Product, into: dict[str, np.ndarray], at: np.ndarray) -> None:
-    """Slow path for the few frames the column parser rejects: JSON per frame.
-
-    The header must also be exactly what the DAQ's printf would write for its values:
-    valid JSON with other padding (a lost or inserted byte) would otherwise read as
-    plausible, wrong numbers.
-    """
+    """Slow path for the few frames the column parser rejects: :func:`parse_header` each."""
     for i, row, off in zip(at, rows, offsets, strict=True):
-        text = row[:hlen].tobytes()
-        try:
-            header = json.loads(text)
-        except ValueError:
-            raise PFFFormatError(f"{path}: bad {product.dp} frame header at byte {off}: "
-                                 "not valid JSON") from None
-        values = header_values(path, int(off), header, product)
-        if format_header(product.header_kind, values).encode() != text:
-            raise PFFFormatError(f"{path}: bad {product.dp} frame header at byte {off}: "
-                                 "not in the DAQ's fixed-width format")
+        values = parse_header(path, int(off), row[:hlen].tobytes(), product)
         for field, value in values.items():
             into[field][i] = value

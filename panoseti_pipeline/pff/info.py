@@ -5,14 +5,15 @@
 
 For each data file: product, module, seqno, whole frames, partial bytes dropped, frames
 walked, first and last time and the time source, flag counts, and per quabo the gaps in
-``pkt_num`` (lost packets). Housekeeping and 0-byte files are named and skipped. Exit
-status 0 when every file was read, 1 when some failed (one stderr line each, naming the
-file), 2 on a usage error.
+``pkt_num`` (lost packets); a NUL tail and skipped corrupt byte ranges when there are.
+Housekeeping and 0-byte files are named and skipped. Exit status 0 when every file was
+read, 1 when some failed (one stderr line each, naming the file), 2 on a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,7 @@ def _summarize(name: PFFName, reader: PFFReader, frames_per_block: int) -> dict:
     prev = NAT
     for _start, frames in reader.blocks(frames_per_block):
         t, flags = frame_times(frames.headers, source, prev)
+        flags |= frames.index_flags
         prev = last_valid_time(t, prev)
         for k, v in flag_counts(flags).items():
             counts[k] += v
@@ -82,6 +84,9 @@ def _summarize(name: PFFName, reader: PFFReader, frames_per_block: int) -> dict:
     return {"file": reader.path, "dp": name.dp, "module": name.module, "seqno": name.seqno,
             "frames": index.n_frames, "partial_bytes_dropped": index.partial_bytes,
             "frames_walked": index.frames_walked, "time_source": source,
+            "nul_tail_bytes_dropped": index.nul_tail_bytes,
+            "skipped": [dataclasses.asdict(r) for r in index.skipped],
+            "damage": index.damage_notices(),
             "first_time": format_ns(first), "last_time": format_ns(last),
             "flags": counts,
             "pkt_num_gaps": {f"quabo_{g}": {"gaps": int(gaps[g, 0]), "missing": int(gaps[g, 1])}
@@ -100,10 +105,14 @@ def _info_lines(summary: dict) -> list[str]:
     flags = ", ".join(f"{k}={v}" for k, v in s["flags"].items())
     gaps = ", ".join(f"{q}: {g['gaps']} gaps/{g['missing']} missing"
                      for q, g in s["pkt_num_gaps"].items())
+    damage = ([f"  nul_tail_bytes_dropped={s['nul_tail_bytes_dropped']} "
+               f"skipped_ranges={len(s['skipped'])}"]
+              + [f"  {line}" for line in s["damage"]]) if s["damage"] else []
     return [s["file"],
             f"  dp={s['dp']} module={s['module']} seqno={s['seqno']} frames={s['frames']} "
             f"partial_bytes_dropped={s['partial_bytes_dropped']} "
             f"frames_walked={s['frames_walked']}",
+            *damage,
             f"  time {s['first_time']} .. {s['last_time']} (source: {s['time_source']})",
             f"  flags: {flags}",
             f"  pkt_num: {gaps}"]

@@ -11,6 +11,8 @@ Notes
 * Every width in :data:`FIELD_WIDTH` is a printf *minimum*: ``pkt_nsec`` is a 32-bit board
   value printed with ``%9u``, so values ``>= 10**9`` widen the header by up to a byte per
   quabo. Only the nominal (all-fit) header has the fixed length ``header_bytes``.
+* A module header may lack the line of a quabo whose packet did not arrive (valid JSON,
+  122 bytes shorter per line): read as that quabo's fields all 0, like a zeroed line.
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ _PH256_FMT = ('{{ "quabo_num": {quabo_num:1d}, "pkt_num": {pkt_num:10d}, '
               '"tv_usec": {tv_usec:6d}}}')
 
 
-def format_header(kind: str, values: dict[str, Sequence[int]] | dict[str, int]) -> str:
-    """One header exactly as the DAQ's printf writes it (widths are minimums)."""
+def format_header(kind: str, values: dict[str, Sequence[int]] | dict[str, int],
+                  quabos: Sequence[int] = tuple(range(N_QUABOS))) -> str:
+    """One header exactly as the DAQ's printf writes it (widths are minimums).
+
+    ``quabos``: the module quabos that have a line; some DAQ builds leave out the line
+    of a quabo whose packet did not arrive (a shorter header).
+    """
     if kind == "ph256":
         return _PH256_FMT.format(**values)
     lines = [_MODULE_QUABO_FMT.format(q=q, **{f: values[f][q] for f in MODULE_FIELDS})
-             for q in range(N_QUABOS)]
+             for q in quabos]
     return "{\n" + ", \n".join(lines) + "\n}"
 
 
@@ -145,6 +152,15 @@ class Product:
         return self.header_bytes + len(DELIMITER) + self.pixel_bytes
 
     @property
+    def header_sizes(self) -> frozenset[int]:
+        """Every length the DAQ's printf can give this header.
+
+        A module header has one to four quabo lines; each ``pkt_nsec >= 10**9`` adds a
+        byte (every other number always fits its width).
+        """
+        return _HEADER_SIZES[self.header_kind]
+
+    @property
     def fields(self) -> tuple[str, ...]:
         return PH256_FIELDS if self.header_kind == "ph256" else MODULE_FIELDS
 
@@ -155,6 +171,12 @@ class Product:
 
 
 _LAYOUTS = {kind: _header_layout(kind) for kind in ("module", "ph256")}
+_QUABO_LINE_BYTES = (_LAYOUTS["module"].size - 1) // N_QUABOS  # a line and its ", \n"
+_HEADER_SIZES = {
+    "module": frozenset(k * _QUABO_LINE_BYTES + 1 + g
+                        for k in range(1, N_QUABOS + 1) for g in range(k + 1)),
+    "ph256": frozenset({_LAYOUTS["ph256"].size, _LAYOUTS["ph256"].size + 1}),
+}
 
 PRODUCTS: dict[str, Product] = {
     "img16": Product("img16", 2, (32, 32), np.dtype("<u2"), "module"),

@@ -14,7 +14,6 @@ the layout conventions live, so step 1, step 2 and the tests agree on them:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import os
@@ -98,28 +97,6 @@ def create_frame_arrays(group: zarr.Group, arrays: Sequence[FrameArray], n_frame
                            dtype=a.dtype, filters=filters, compressors=codecs or None,
                            fill_value=a.fill_value, dimension_names=a.dims,
                            attributes={"_ARRAY_DIMENSIONS": list(a.dims), **a.attrs})
-
-
-def write_frames(store: str, start: int, stop: int, values: Mapping[str, np.ndarray]) -> None:
-    """Write frames ``start..stop-1`` of several arrays of one store, concurrently.
-
-    One call gathers every array's chunk writes on zarr's event loop, so the small
-    per-frame arrays are written while the images compress: written one after the other
-    they cost ~2 ms per array and chunk, 40 % of step 1 here. Every write has finished
-    (or failed) when this returns; the first failure is raised.
-    """
-    from zarr.core.sync import sync
-
-    arrays = [(open_array(store, name).async_array, value) for name, value in values.items()]
-
-    async def write_all() -> list:
-        return await asyncio.gather(
-            *(array.setitem(slice(start, stop), value) for array, value in arrays),
-            return_exceptions=True)
-
-    for result in sync(write_all()):
-        if isinstance(result, BaseException):
-            raise result
 
 
 def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
