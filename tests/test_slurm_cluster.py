@@ -57,7 +57,6 @@ from panoseti_pipeline.config import load_config  # noqa: E402
 from panoseti_pipeline.driver import plan as driver_plan  # noqa: E402
 
 psutil = pytest.importorskip("psutil")
-pytest.importorskip("dask_jobqueue")
 
 #: Two worker jobs of one core each: the test node has CPUs=2.
 SLURM = {

@@ -3,7 +3,8 @@
 :func:`make_plan` validates everything ``run.sh`` needs and lists the jobs: every input
 exists, is readable and has a PFF name (a ``.pffd`` directory expands to its streams: one
 job per (dp, module), seqno files in order, 0-byte files and ``hk.pff`` skipped with a
-notice); the config is valid; the network interface of a local cluster exists; the output
+notice); the config is valid; the network interface of a local or SLURM cluster exists
+here; the workers' scratch (``local_directory``) is outside the output tree; the output
 and L0 directories are writable and outside the input tree; the free space is enough for
 the L0 + L1 estimate. Problems are collected, never raised, so that all are reported at once.
 
@@ -340,9 +341,11 @@ def free_space_problems(jobs: Sequence[Job], out_dir: Path, l0_dir: Path, steps:
 
 def _scratch_problem(cfg: PipelineConfig | None, path: Path, what: str) -> str | None:
     """The workers' scratch ([cluster] local_directory) must not be inside ``path``."""
-    scratch = cfg.cluster.local_directory if cfg and cfg.cluster.use_dask else ""
+    if cfg is None or not (cfg.cluster.use_dask and cfg.cluster.local_directory):
+        return None
+    scratch = cfg.cluster.local_directory
     expanded = os.path.expanduser(os.path.expandvars(scratch))
-    if not (expanded and os.path.isabs(expanded) and _is_within(_real(expanded), _real(path))):
+    if not (os.path.isabs(expanded) and _is_within(_real(expanded), _real(path))):
         return None
     return (f"{cfg.source}: [cluster] local_directory = {json.dumps(scratch)} is inside the "
             f"{what} {path}: the workers' scratch must stay out of the output tree "
@@ -350,7 +353,8 @@ def _scratch_problem(cfg: PipelineConfig | None, path: Path, what: str) -> str |
 
 
 def _interface_problem(interface: str, source: str) -> str | None:
-    """A local cluster binds to ``interface``: does this machine have it?"""
+    """A local cluster, or a SLURM cluster's scheduler, binds to ``interface`` on this
+    machine: does it have it?"""
     if not interface:
         return None
     try:
