@@ -42,9 +42,17 @@ class PFFNameError(PipelineError, ValueError):
 
 
 class ConfigError(PipelineError, ValueError):
-    """A configuration file or option is invalid; found before any work starts."""
+    """A configuration file or option is invalid; found before any work starts.
+
+    ``problems`` holds one line per problem (the message may add a heading line), so a
+    caller listing problems of several sources counts them right.
+    """
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
 
 
 class InputError(PipelineError, OSError):

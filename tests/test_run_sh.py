@@ -401,8 +401,11 @@ def test_every_problem_is_listed_before_any_work(data: Data, tmp_path: Path) -> 
     assert rc == 2
     for text in ("unknown key 'codex'", "level = 12", "missing.pff: no such file",
                  "observation.pff: not a PFF data file name", "empty (0 bytes)",
-                 "problems found before any work"):
+                 "5 problems found before any work"):
         assert text in stderr
+    # the heading counts the problems listed under it (a file's own heading is no problem)
+    listed = [ln for ln in stderr.splitlines() if ln.startswith("run.sh: error: ")]
+    assert len(listed) == 1 + 5, stderr
     assert not out.exists()
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*"))
 

@@ -388,7 +388,7 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
     try:
         cfg = load_config(config_path)
     except ConfigError as err:
-        plan.problems.extend(str(err).splitlines())
+        plan.problems.extend(err.problems)
     if cfg and cfg.cluster.use_dask and cfg.cluster.cluster_type in ("local", "slurm"):
         problem = _interface_problem(cfg.cluster.interface, cfg.source)
         if problem:
