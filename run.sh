@@ -656,13 +656,19 @@ run_pipeline() {
 run_demo() {
   local dir observation first
   dir="$(absolute "${ARGS[0]:-$DEMO_DEFAULT_DIR}")"
+  if ((OPT_DRY_RUN)); then # the config is checked; nothing is written
+    py demo-config "$CONFIG" - >/dev/null || exit 2
+    say "demo (dry run, nothing written): would write a small synthetic observation into" \
+      "$dir/input and the config $dir/demo_config.toml ($CONFIG on the loopback" \
+      "interface), then run the pipeline into $dir/L1"
+    return 0
+  fi
   say "demo: writing a small synthetic observation into $dir/input"
   observation="$(py demo-observation "$dir/input")"
   py demo-config "$CONFIG" "$dir/demo_config.toml" >/dev/null
   say "demo: config $dir/demo_config.toml ($CONFIG with the Dask cluster on the loopback interface)"
   CONFIG="$dir/demo_config.toml"
   run_pipeline "$observation" "$dir/L1"
-  ((OPT_DRY_RUN)) && return 0
   first=""
   for first in "$dir"/L1/*/*_L1.zarr; do break; done
   cat <<EOF

@@ -388,6 +388,16 @@ def test_dry_run_changes_nothing(data: Data, tmp_path: Path) -> None:
     assert "starting the cluster" not in stderr
 
 
+def test_demo_dry_run_writes_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "dask.toml", "dask")
+    env = run_env(tmp_path, config)
+    before = tree_state(tmp_path)
+    rc, _stdout, stderr = run(["--demo", "--dry-run", str(tmp_path / "demo")], env)
+    assert rc == 0, stderr
+    assert "nothing written" in stderr and str(tmp_path / "demo" / "L1") in stderr
+    assert tree_state(tmp_path) == before
+
+
 def test_every_problem_is_listed_before_any_work(data: Data, tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[pff_to_zarr]\ncodex = 'zstd'\nlevel = 12\n")

@@ -103,7 +103,7 @@ def cmd_demo_observation(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_config(args: argparse.Namespace) -> int:
-    demo.write_demo_config(args.config, Path(args.output))
+    demo.write_demo_config(args.config, None if args.output == "-" else Path(args.output))
     print(args.output)
     return EXIT_OK
 
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-config", help="write the demo's config (loopback cluster)")
     p.add_argument("config")
-    p.add_argument("output")
+    p.add_argument("output", help="the file to write; - prints it (a check, nothing written)")
     p.set_defaults(func=cmd_demo_config)
 
     p = sub.add_parser("bundle", help="write a run's bundle beside its products")
