@@ -62,6 +62,7 @@ CURRENT_STEP=""
 STEP_START=""
 STEP_RC=""
 CLEANED_UP=0
+LOCK_HELD=0 # this run holds OUT_DIR's lock (released by the cleanup)
 HURRY=0
 USE_DASK=0
 CLUSTER_WAIT_S=180
@@ -348,28 +349,26 @@ remove_store() {
   esac
 }
 
-# remove_partials FINAL: the <FINAL>.<id>.partial stores a killed step may leave.
+# remove_partials FINAL...: what killed steps left beside these products (partial stores
+# of a process that is gone; never another live run's).
 remove_partials() {
-  local final="${1:?}" partial
-  for partial in "$final".*.partial; do
-    if [[ -e "$partial" ]]; then
-      remove_store "$partial"
-    fi
-  done
+  py clear-stale "$@" || say "warning: could not clear the partial stores of $*"
 }
 
 # remove_leftovers I: after input I failed: partial stores, and its temporary L0.
 remove_leftovers() {
   local i="$1"
+  local -a finals=()
   if [[ "$OPT_STEPS" == *1* ]]; then
-    remove_partials "${JOB_L0[i]}"
+    finals+=("${JOB_L0[i]}")
     if [[ "$OPT_STEPS" == 1,2 ]] && ((!OPT_KEEP_L0)) && [[ -e "${JOB_L0[i]}" ]]; then
       remove_store "${JOB_L0[i]}"
     fi
   fi
   if [[ "$OPT_STEPS" == *2* ]]; then
-    remove_partials "${JOB_L1[i]}"
+    finals+=("${JOB_L1[i]}")
   fi
+  remove_partials "${finals[@]}"
 }
 
 # cleanup: on every exit (the EXIT trap). Idempotent.
@@ -387,6 +386,9 @@ cleanup() {
   fi
   if ((L0_DIR_CREATED)); then
     rmdir -- "$L0_DIR" 2>/dev/null || true
+  fi
+  if ((LOCK_HELD)); then
+    py lock release "$OUT_DIR" --pid "$$" || say "warning: could not release the lock of $OUT_DIR"
   fi
   if ((OUT_DIR_CREATED)); then # only when empty (e.g. the cluster did not start)
     rmdir -- "$OUT_DIR" 2>/dev/null || true
@@ -629,6 +631,8 @@ run_pipeline() {
     mkdir -p -- "$OUT_DIR"
     OUT_DIR_CREATED=1
   fi
+  py lock acquire "$OUT_DIR" --pid "$$" || exit $? # another run writes here: exit 2
+  LOCK_HELD=1
   if [[ "$OPT_STEPS" != 2 && ! -d "$L0_DIR" ]]; then
     mkdir -p -- "$L0_DIR"
     L0_DIR_CREATED=1

@@ -10,6 +10,12 @@
     The table on stdout and the run record (TOML) in the output directory.
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
+``clear-stale``
+    What killed steps left beside products (partial stores, half-swapped products), when
+    the process that held them is gone.
+``lock``
+    The output directory's run lock (``acquire``: exit 2 naming the holder when another
+    live run has it; a stale one is taken over with a notice).
 ``descendants``
     The process ids below a process (run.sh's cleanup of a hung cluster manager).
 
@@ -124,6 +130,30 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_clear_stale(args: argparse.Namespace) -> int:
+    """What killed steps left beside these products, when their holder is gone."""
+    from panoseti_pipeline.store import publish
+
+    for final in args.products:
+        for message in publish.clear_stale(final):
+            print(f"run.sh: note: {message}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Take or give back the output directory's run lock for run.sh (its pid)."""
+    from panoseti_pipeline.store import ownership
+
+    holder = ownership.Holder.of(args.pid)
+    if args.action == "release":
+        ownership.release(Path(args.directory) / ownership.LOCK_NAME, holder)
+        return EXIT_OK
+    notice = ownership.acquire_lock(Path(args.directory), holder)
+    if notice:
+        print(f"run.sh: note: {notice}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_descendants(args: argparse.Namespace) -> int:
     """Process ids below PID (children first), for the cleanup of a hung manager."""
     import psutil
@@ -197,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the .pffd run directory")
     p.add_argument("product_dir", help="the directory of the run's products")
     p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("clear-stale", help="clear what killed steps left beside products")
+    p.add_argument("products", nargs="+", help="final product paths (<name>_L0.zarr, ...)")
+    p.set_defaults(func=cmd_clear_stale)
+
+    p = sub.add_parser("lock", help="take or release the output directory's run lock")
+    p.add_argument("action", choices=("acquire", "release"))
+    p.add_argument("directory")
+    p.add_argument("--pid", type=int, required=True, help="the process holding it (run.sh)")
+    p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("descendants", help="print the process ids below PID")
     p.add_argument("pid", type=int)
