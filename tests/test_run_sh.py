@@ -35,6 +35,7 @@ from panoseti_pipeline import synthetic as synthetic_obs  # noqa: E402
 from panoseti_pipeline.driver import plan as driver_plan  # noqa: E402
 from panoseti_pipeline.driver import record as driver_record  # noqa: E402
 from panoseti_pipeline.driver.record import RECORD_PREFIX  # noqa: E402
+from panoseti_pipeline.store import ownership  # noqa: E402
 
 RUN_SH = str(REPO / "run.sh")
 RUN_TIMEOUT_S = 240
@@ -519,3 +520,44 @@ def test_steps_1_then_steps_2(data: Data, tmp_path: Path) -> None:
     assert rc == 0, stderr[-3000:]
     check_l1(l1_out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
     assert l0.is_dir(), "an input L0 store was removed"
+
+
+# --------------------------------------------------------------------------- output lock
+
+
+def test_a_second_run_on_the_same_output_exits_2_naming_the_holder(data: Data,
+                                                                    tmp_path: Path) -> None:
+    config = write_config(tmp_path / "local.toml", "local")
+    out = tmp_path / "L1"
+    lock = out / ownership.LOCK_NAME
+    env = run_env(tmp_path, config, **{SLOW_TASK: "2.0"})
+    with started([str(data.file_a), str(out)], env) as first:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not lock.exists():
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
+        rc, _, stderr = run([str(data.file_b), str(out)], run_env(tmp_path, config))
+        assert rc == 2, stderr[-3000:]
+        assert f"another run.sh writes here (pid {first.pid} on " in stderr
+        assert not (out / f"{data.file_b.stem}_L1.zarr").exists()
+        assert lock.exists()  # the first run's lock is still there, still its own
+        rc, _, stderr = finish(first)
+    assert rc == 0, stderr[-3000:]
+    assert not lock.exists()
+    check_l1(out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
+
+
+def test_a_stale_lock_is_taken_over_with_a_notice(data: Data, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "local.toml", "local")
+    out = tmp_path / "L1"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])  # a run.sh killed long ago
+    gone = ownership.Holder.of(proc.pid)
+    proc.wait()
+    ownership.claim(out / ownership.LOCK_NAME, gone)
+    rc, _, stderr = run(["--steps", "1", str(data.file_a), str(out)],
+                        run_env(tmp_path, config))
+    assert rc == 0, stderr[-3000:]
+    assert f"took over the lock of a run that is gone (pid {gone.pid} on" in stderr
+    assert not (out / ownership.LOCK_NAME).exists()
