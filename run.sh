@@ -231,7 +231,8 @@ run_step() {
   local rc=0 lost=0 polls=0
   STEP_START="$(now)"
   STEP_RC=""
-  "$@" >&2 </dev/null &
+  rm -f -- "$RUN_TMP/step_error"
+  PANOSETI_ERROR_FILE="$RUN_TMP/step_error" "$@" >&2 </dev/null &
   STEP_PID=$!
   if [[ -n "$MANAGER_PID" ]]; then
     while kill -0 "$STEP_PID" 2>/dev/null; do
@@ -463,9 +464,12 @@ read_plan() {
 # record I STEP RC: the step's outcome into the state file (sizes read by the driver).
 record() {
   local status=ok
+  local -a reason=()
   if (($3 != 0)); then status=failed; fi
+  if [[ -s "$RUN_TMP/step_error" ]]; then reason=(--reason-file "$RUN_TMP/step_error"); fi
   py record "$STATE_FILE" "$1" "$2" "$status" --exit-code "$3" --start "$STEP_START" \
-    --end "$(now)" "${@:4}" || say "warning: could not record step $2 of input $(($1 + 1))"
+    --end "$(now)" "${reason[@]}" "${@:4}" ||
+    say "warning: could not record step $2 of input $(($1 + 1))"
 }
 
 # run_job I: step 1, step 2, drop the L0. Returns the failing step's status.

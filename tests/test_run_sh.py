@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -281,6 +282,12 @@ def test_corrupt_input_with_and_without_keep_going(data: Data, tmp_path: Path) -
                                 data.file_b.stem: "ok"}
     assert record["run"]["exit_status"] == 1
     assert f"failed: 1. {bad.stem}" in stdout
+    # the reason is the step's own error line, in the summary and the run record
+    (bad_entry,) = [e for e in record["inputs"] if e["name"] == bad.stem]
+    assert bad_entry["reason"].startswith("step 1 (PFF -> L0) failed: ")
+    assert bad.name in bad_entry["reason"] and "exit status" not in bad_entry["reason"]
+    assert bad_entry["step1"]["reason"] in bad_entry["reason"]
+    assert f"failed: 1. {bad.stem}: {bad_entry['reason']}" in stdout
     assert sorted(p.name for p in out.glob("*_L1.zarr")) == sorted(
         f"{f.stem}_L1.zarr" for f in (data.file_a, data.file_b))
     assert not list(out.rglob("*_L0.zarr")) and not list(out.rglob("*.partial"))
@@ -468,6 +475,36 @@ def test_job_status_says_why() -> None:
         "failed", "step 1 (PFF -> L0) failed (exit status 1)")
     assert status(steps={"1": ok, "2": {"status": "failed", "exit_code": 143}}) == (
         "failed", "step 2 (L0 -> L1) failed (interrupted)")
+    assert status(steps={"1": {"status": "failed", "exit_code": 1,
+                               "reason": "x.pff: corrupt data at byte 3810000"}}) == (
+        "failed", "step 1 (PFF -> L0) failed: x.pff: corrupt data at byte 3810000")
+    skipped = [{"offset": 10, "length": 5, "frames_lost": 1}] * 2
+    assert status(steps={"1": ok, "2": ok}, skipped=skipped) == (
+        "degraded", "2 corrupt byte range(s) of the input skipped (~2 frame(s) lost; see "
+                    "skipped_ranges)")
+
+
+@pytest.mark.faults
+def test_a_corrupt_frame_gives_a_degraded_input_in_summary_and_record(data: Data,
+                                                                      tmp_path: Path) -> None:
+    config = write_config(tmp_path / "local.toml", "local")
+    bad = tmp_path / "in" / data.file_a.name
+    bad.parent.mkdir()
+    raw = bytearray(data.file_a.read_bytes())
+    frame_bytes = len(raw) // FRAMES
+    raw[300 * frame_bytes + 100] = ord("#")  # one header digit of frame 300
+    bad.write_bytes(bytes(raw))
+    out = tmp_path / "L1"
+    rc, stdout, stderr = run([str(bad), str(out)], run_env(tmp_path, config))
+    assert rc == 0, stderr[-3000:]
+    (entry,) = run_records(out)[-1]["inputs"]
+    assert entry["status"] == "degraded" and "1 corrupt byte range(s)" in entry["reason"]
+    (skipped,) = entry["skipped_ranges"]
+    assert skipped["file"] == bad.name
+    assert skipped["offset"] <= 300 * frame_bytes + 100 < skipped["offset"] + skipped["length"]
+    assert f"degraded: 1. {bad.stem}: 1 corrupt byte range(s)" in stdout
+    assert f"{bad.stem}  degraded" in stdout  # the table's status column
+    assert zarr.open_array(str(out / f"{bad.stem}_L1.zarr" / "images")).shape[0] == FRAMES - 1
 
 
 def bash_scripts() -> list[str]:

@@ -71,8 +71,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     state = record.load_state(args.state)
+    reason = ""
+    if args.reason_file:
+        lines = Path(args.reason_file).read_text(errors="replace").strip().splitlines()
+        reason = lines[-1] if lines else ""
     record.record_step(state, args.job, args.step, args.status, exit_code=args.exit_code,
-                       start=args.start, end=args.end, l0_removed=args.l0_removed)
+                       start=args.start, end=args.end, l0_removed=args.l0_removed,
+                       reason=reason)
     record.write_state(args.state, state)
     return EXIT_OK
 
@@ -197,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", default="")
     p.add_argument("--end", default="")
     p.add_argument("--l0-removed", action="store_true")
+    p.add_argument("--reason-file", default="", help="holds the failed step's error line")
     p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("mark", help="mark a job interrupted between its steps")
