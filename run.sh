@@ -63,6 +63,9 @@ STEP_START=""
 STEP_RC=""
 CLEANED_UP=0
 LOCK_HELD=0 # this run holds OUT_DIR's lock (released by the cleanup)
+RUN_LOG=""
+LOGGER_PID=""
+TERMINAL_ERR=""
 HURRY=0
 USE_DASK=0
 CLUSTER_WAIT_S=180
@@ -372,6 +375,33 @@ remove_leftovers() {
   remove_partials "${finals[@]}"
 }
 
+# start_log: from here on, stderr (this script's and every step's) also goes, with
+# timestamps, to RUN_LOG beside the run record. The logger ignores SIGINT/SIGTERM, so
+# that a Ctrl-C at the terminal leaves it to log how the run stopped.
+start_log() {
+  RUN_LOG="$OUT_DIR/run_log_$(date -u +%Y%m%dT%H%M%SZ)_$$.log"
+  exec {TERMINAL_ERR}>&2
+  exec 2> >(
+    trap '' INT TERM
+    exec "$PYTHON" -m panoseti_pipeline.driver.runlog "$RUN_LOG" >&"$TERMINAL_ERR"
+  )
+  LOGGER_PID=$!
+  say "log: $RUN_LOG"
+}
+
+# shellcheck disable=SC2317  # invoked by the cleanup (the trap)
+# stop_log: stderr back to the terminal; the logger ends when the last writer is gone
+# (waited for, bounded: a straggler still holding the pipe does not hold this run).
+stop_log() {
+  local polls=0
+  [[ -n "$LOGGER_PID" ]] || return 0
+  exec 2>&"$TERMINAL_ERR"
+  while kill -0 "$LOGGER_PID" 2>/dev/null && ((polls++ < 50)); do
+    sleep "$WAIT_POLL_S"
+  done
+  LOGGER_PID=""
+}
+
 # cleanup: on every exit (the EXIT trap). Idempotent.
 # shellcheck disable=SC2317  # invoked by the trap
 cleanup() {
@@ -397,6 +427,7 @@ cleanup() {
   if [[ -n "$RUN_TMP" ]]; then
     rm -rf -- "${RUN_TMP:?}"
   fi
+  stop_log
 }
 
 on_signal() {
@@ -422,7 +453,7 @@ on_signal() {
     CURRENT_JOB=""
   fi
   if [[ -n "$STATE_FILE" && -s "$STATE_FILE" ]]; then
-    py summary "$STATE_FILE" --exit-code 130 --cluster-address "$CLUSTER_ADDRESS" \
+    py summary "$STATE_FILE" --exit-code 130 --log "$RUN_LOG" --cluster-address "$CLUSTER_ADDRESS" \
       --cluster-log "$CLUSTER_LOG" || true
   fi
   exit 130
@@ -637,6 +668,7 @@ run_pipeline() {
   fi
   py lock acquire "$OUT_DIR" --pid "$$" || exit $? # another run writes here: exit 2
   LOCK_HELD=1
+  start_log
   if [[ "$OPT_STEPS" != 2 && ! -d "$L0_DIR" ]]; then
     mkdir -p -- "$L0_DIR"
     L0_DIR_CREATED=1
@@ -654,7 +686,8 @@ run_pipeline() {
   write_bundles
   PIPELINE_RC=0
   if ((FAILED > 0)); then PIPELINE_RC=1; fi
-  py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --cluster-address "$CLUSTER_ADDRESS" \
+  py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --log "$RUN_LOG" \
+    --cluster-address "$CLUSTER_ADDRESS" \
     --cluster-log "$CLUSTER_LOG" || say "warning: could not write the summary or run record"
   if ((FAILED > 0)); then
     say "error: $FAILED input(s) failed (listed above)"

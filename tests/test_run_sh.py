@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -288,6 +289,15 @@ def test_corrupt_input_with_and_without_keep_going(data: Data, tmp_path: Path) -
     assert bad.name in bad_entry["reason"] and "exit status" not in bad_entry["reason"]
     assert bad_entry["step1"]["reason"] in bad_entry["reason"]
     assert f"failed: 1. {bad.stem}: {bad_entry['reason']}" in stdout
+    # the run's log beside the record: stderr as shown, each line with its UTC time
+    log = Path(record["run"]["log"])
+    assert log.parent == out and log.name.startswith("run_log_")
+    lines = log.read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", ln) for ln in lines)
+    shown = [ln for ln in stderr.splitlines() if ln.startswith("run.sh: ")][1:]  # after "log:"
+    logged = [ln.split(" ", 1)[1] for ln in lines]
+    assert shown and all(ln in logged for ln in shown)
+    assert any(bad_entry["step1"]["reason"] in ln for ln in logged)
     assert sorted(p.name for p in out.glob("*_L1.zarr")) == sorted(
         f"{f.stem}_L1.zarr" for f in (data.file_a, data.file_b))
     assert not list(out.rglob("*_L0.zarr")) and not list(out.rglob("*.partial"))

@@ -102,8 +102,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if not out.is_dir():
         print(f"run.sh: note: {out} does not exist: no run record written", file=sys.stderr)
         return EXIT_OK
-    path = record.write_run_record(
-        out, record.run_record(state, args.exit_code, args.cluster_address, log))
+    the_record = record.run_record(state, args.exit_code, args.cluster_address, log)
+    if args.log:
+        the_record["run"]["log"] = args.log
+    path = record.write_run_record(out, the_record)
     print(f"run record: {path}")
     return EXIT_OK
 
@@ -216,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-code", type=int, required=True)
     p.add_argument("--cluster-address", default="")
     p.add_argument("--cluster-log", default="")
+    p.add_argument("--log", default="", help="the run's log file (named in the run record)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("demo-observation", help="write the demo's small observation")
