@@ -12,10 +12,12 @@ step task sleeps; tests/plugins/sitecustomize.py, put on PYTHONPATH by ``with_pl
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -436,6 +438,34 @@ def test_every_problem_is_listed_before_any_work(data: Data, tmp_path: Path) -> 
     assert len(listed) == 1 + 5, stderr
     assert not out.exists()
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*"))
+
+
+def test_a_dashboard_without_bokeh_or_on_a_busy_port_is_refused_before_any_work(
+        data: Data, tmp_path: Path) -> None:
+    """Defect: the dashboard page said bokeh was missing; a busy port gave Dask's raw
+    warning mid-run. Both are problems of the plan now, each one line."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = write_config(tmp_path / "dash.toml", "dask", cluster={"dashboard_port": port})
+        out = tmp_path / "out"
+        rc, _, stderr = run(["--dry-run", str(data.file_a), str(out)], run_env(tmp_path, config))
+    assert rc == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in stderr
+    has_bokeh = importlib.util.find_spec("bokeh") is not None
+    assert (f"dashboard_port = {port}: the dashboard needs bokeh" in stderr) is not has_bokeh
+    assert f"{1 + (not has_bokeh)} problem" in stderr and not out.exists()
+
+
+def test_the_ssh_dashboard_binds_the_scheduler_host_only() -> None:
+    from panoseti_pipeline.cluster import ssh_cluster_arguments
+    from panoseti_pipeline.config import ClusterConfig
+
+    c = ClusterConfig(use_dask=True, cluster_type="ssh", ssh_hosts=["127.0.0.2", "127.0.0.3"],
+                      interface="lo", dashboard_port=8787)
+    assert ssh_cluster_arguments(c)["scheduler_options"]["dashboard_address"] == \
+        "127.0.0.2:8787"
 
 
 def test_output_inside_the_input_tree_is_refused(data: Data, tmp_path: Path) -> None:
