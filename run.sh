@@ -558,6 +558,10 @@ run_jobs() {
   for ((i = 0; i < n; i++)); do
     if [[ "${JOB_ACTION[i]}" == skip ]]; then
       say "[$((i + 1))/$n] ${JOB_NAME[i]}: complete product already there, skipped (--overwrite redoes it)"
+      if [[ "$OPT_STEPS" == 1,2 && -e "${JOB_L0[i]}" ]] && ((!OPT_KEEP_L0)); then
+        say "[$((i + 1))/$n] ${JOB_NAME[i]}: removing its L0 store, left by a run stopped before it could: ${JOB_L0[i]}"
+        remove_store "${JOB_L0[i]}"
+      fi
       continue
     fi
     rc=0

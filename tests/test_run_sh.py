@@ -638,3 +638,19 @@ def test_a_stale_lock_is_taken_over_with_a_notice(data: Data, tmp_path: Path) ->
     assert rc == 0, stderr[-3000:]
     assert f"took over the lock of a run that is gone (pid {gone.pid} on" in stderr
     assert not (out / ownership.LOCK_NAME).exists()
+
+
+def test_a_rerun_removes_the_l0_a_stopped_run_left_beside_its_finished_l1(
+        data: Data, tmp_path: Path) -> None:
+    """Found by the soak test: a run killed between step 2 and the L0's removal left the
+    L0 for ever, since the rerun skipped the finished product."""
+    config = write_config(tmp_path / "local.toml", "local")
+    out = tmp_path / "L1"
+    l0 = out / driver_plan.DEFAULT_L0_SUBDIR / f"{data.file_a.stem}_L0.zarr"
+    rc, _, stderr = run(["--keep-l0", str(data.file_a), str(out)], run_env(tmp_path, config))
+    assert rc == 0 and l0.is_dir(), stderr[-3000:]
+    rc, _, stderr = run([str(data.file_a), str(out)], run_env(tmp_path, config))
+    assert rc == 0, stderr[-3000:]
+    assert "skipped" in stderr and "removing its L0 store, left by a run stopped" in stderr
+    assert not l0.exists()
+    check_l1(out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
