@@ -76,3 +76,39 @@ def test_open_products_selects_and_cuts_by_time(night) -> None:
                                   zarr.open_group(str(store), mode="r")["images"][:][inside])
     everything = open_products(out)
     assert sorted(everything[run]["module_1"].children) == ["img16", "ph256"]
+
+
+def test_pff_info_describes_the_stores(night, capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    """`pff.py info STORE.zarr` on the run's real stores: every figure recomputed here."""
+    from panoseti_pipeline.pff.info import main
+
+    _, run_dir = night
+    (store,) = run_dir.glob("*dp_img16*_L1.zarr")
+    (hk,) = run_dir.glob("*.panoseti-meta/*.hk.zarr")
+    assert main(["info", str(store), str(hk)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    group = zarr.open_group(str(store), mode="r")
+    t = group["unix_t_ns"][:]
+    t = t[t != np.iinfo(np.int64).min]
+    flags = group["frame_flags"][:]
+    on_disk = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    raw = sum(a.nbytes for _, a in group.arrays())
+    first, last = (np.datetime_as_string(np.datetime64(int(v), "ns"), unit="ns") + "Z"
+                   for v in (t[0], t[-1]))
+    assert out[0] == str(store)
+    assert out[1].startswith(f"  level=L1 dp=img16 module=1 frames={group['images'].shape[0]} ")
+    assert out[2] == f"  time {first} .. {last}"
+    assert out[3] == "  flags: " + ", ".join(f"{name}={np.count_nonzero(flags & bit)}"
+                                            for bit, name in FLAG_NAMES.items())
+    assert out[4].startswith(f"  size: {on_disk} bytes on disk, {raw} uncompressed "
+                             f"(compression ratio {raw / on_disk:.2f}), L1/L0 ")
+    hk_attrs = zarr.open_group(str(hk), mode="r").attrs
+    assert out[5] == str(hk) and f"{hk_attrs['records']} records" in out[6]
+
+    (tmp_path / "x.zarr").mkdir()
+    (tmp_path / "x.zarr" / "zarr.json").write_text('{"attributes": {}}')
+    assert main(["info", str(tmp_path / "x.zarr")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"pff.py: error: {tmp_path / 'x.zarr'}: not a PFF product store (no " \
+                  "data_product attribute)"
