@@ -206,7 +206,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     """The rows for people: level, product, span, frames, flagged frames, status, path."""
     head = ["level", "site", "module", "dp", "first (UTC)", "last (UTC)", "frames", "flags",
             "status", "store"]
-    lines = [[r["level"], r["site"], str(r["module"]), r["data_product"],
+    lines = [[r["level"], r["site"] or "-", "-" if r["module"] is None else str(r["module"]),
+              r["data_product"],
               _short(r["first_time"]), _short(r["last_time"]), str(r["frames"]),
               ",".join(f"{k}={v}" for k, v in r["flag_counts"].items() if v) or "-",
               r["status"], r["path"]] for r in rows]

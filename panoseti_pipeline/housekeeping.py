@@ -15,7 +15,8 @@ The store has one group per source, each a table over its own ``time`` dimension
   every value is a decimal number (``""`` or a field a record lacks: NaN), otherwise the
   strings as written (``"0x28b4667a"``, ``"0208"``, ``"Doing fixes"``; absent: ``""``). A
   number with a leading zero (``"0208"``, a firmware version) stays a string. Attribute
-  ``hk_field`` holds the field's name as written (array names have ``/`` replaced).
+  ``hk_field`` holds the field's name as written (:func:`node_name`: an array or group name
+  has ``/`` replaced, and ``field_`` before a name Zarr or the ``time`` array reserves).
 
 Root attributes: ``content = "housekeeping"`` (no ``processing_level``: it is not a data
 product), ``source_file`` and its size, ``records`` (read), ``records_by_source``,
@@ -107,7 +108,7 @@ def parse_hk(data: bytes) -> Housekeeping:
         table = {"time": np.array([t for t, _ in recs], dtype=np.int64)}
         names[source] = {}
         for field in order:
-            name = field.replace("/", "_")
+            name = node_name(field)
             table[name] = column([fields.get(field) for _, fields in recs])
             names[source][name] = field
         series[source] = table
@@ -127,7 +128,14 @@ def _record(piece: bytes) -> tuple[str, dict[str, str], int]:
         raise ValueError(f"{source}: fields are not all strings")
     if TIME_FIELD not in fields:
         raise ValueError(f"{source}: no {TIME_FIELD}")
-    return str(source).replace("/", "_"), fields, utc_to_ns(fields[TIME_FIELD])
+    return node_name(source), fields, utc_to_ns(fields[TIME_FIELD])
+
+
+def node_name(name: str) -> str:
+    """A Zarr node name for a source or field: no ``/``; ``field_`` before ``""``, ``.``,
+    ``..``, ``time`` and ``__*`` (reserved by Zarr or by the time array)."""
+    name = name.replace("/", "_")
+    return f"field_{name}" if name in ("", ".", "..", "time") or name.startswith("__") else name
 
 
 def column(values: list[str | None]) -> np.ndarray:

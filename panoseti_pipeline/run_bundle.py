@@ -250,7 +250,14 @@ def _housekeeping(bundle: Path, run_dir: Path, notice: Notice) -> dict[str, Any]
     from panoseti_pipeline.housekeeping import convert_hk, hk_names
 
     store, png = hk_names(run_dir)
-    facts = convert_hk(bundle / HOUSEKEEPING_NAME, bundle / store, bundle / png)
+    try:
+        facts = convert_hk(bundle / HOUSEKEEPING_NAME, bundle / store, bundle / png)
+    except ValueError as err:  # hk.pff is input: a surprise in it must not cost the bundle
+        shutil.rmtree(bundle / store, ignore_errors=True)
+        (bundle / png).unlink(missing_ok=True)
+        notice(f"{run_dir / HOUSEKEEPING_NAME}: no housekeeping store written ({err}); "
+               "hk.pff is in the bundle as it is")
+        return {"error": str(err)}
     if facts["unreadable_records"]:
         notice(f"{run_dir / HOUSEKEEPING_NAME}: {facts['unreadable_records']} records are not "
                f"housekeeping records, left out of {store} (listed in its attributes)")

@@ -91,6 +91,8 @@ def test_a_whole_last_record_is_kept_and_a_bad_one_is_counted(tmp_path: Path) ->
     del temp["V18MON"]
     texts[0] = json.dumps({records[0][0]: temp})
     texts.insert(3, '{"QUABO_4": {"TEMP1": "40"}}')  # no Computer_UTC
+    odd = {"Computer_UTC": records[1][1]["Computer_UTC"], "time": "1", ".": "x", "a/b": "2"}
+    texts[1] = json.dumps({records[1][0]: {**records[1][1], **odd}})  # names Zarr reserves
     hk_file.write_text("".join(f"{t}\n\n" for t in texts))  # ends cleanly
 
     store = tmp_path / "s.hk.zarr"
@@ -100,6 +102,10 @@ def test_a_whole_last_record_is_kept_and_a_bad_one_is_counted(tmp_path: Path) ->
     assert root.attrs["unreadable_records"] == 1
     (bad,) = root.attrs["unreadable_records_listed"]
     assert bad["offset"] == sum(len(t) + 2 for t in texts[:3]) and "Computer_UTC" in bad["reason"]
+    odd_group = root[records[1][0]]
+    for name, field, value in (("field_time", "time", 1), ("field_.", ".", "x"),
+                               ("a_b", "a/b", 2)):
+        assert odd_group[name].attrs["hk_field"] == field and odd_group[name][0] == value
     assert records[0][0] == records[8][0] == "QUABO_4"  # one period: 4 quabos + 4 others
     board = root["QUABO_4"]
     for field in ("TEMP1", "V12MON", "V18MON"):  # empty or absent: NaN, the rest numbers
@@ -136,3 +142,25 @@ def test_computer_utc_to_ns_is_exact() -> None:
     assert housekeeping.utc_to_ns("1721882086") == 1_721_882_086_000_000_000
     with pytest.raises(ValueError, match="not Unix seconds"):
         housekeeping.utc_to_ns("2024-07-25")
+
+
+def test_a_housekeeping_failure_costs_the_store_not_the_bundle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hk.pff is input: whatever in it the converter refuses is a notice, and the bundle
+    (configs, logs, hk.pff itself) is still written and verifies."""
+    run = synthetic.make_observation(tmp_path / "in", frames_per_file=5, files_per_stream=1)
+
+    def refuse(hk_file: Path, store: Path, png: Path) -> dict:
+        store.mkdir()  # a half-written store, to be removed
+        raise ValueError("surprise in the records")
+
+    monkeypatch.setattr(housekeeping, "convert_hk", refuse)
+    notices: list[str] = []
+    bundle = run_bundle.write_bundle(run, tmp_path / "out", [], notice=notices.append)
+    assert run_bundle.verify_bundle(bundle) == []
+    assert not list(bundle.glob("*.hk.*"))
+    assert (bundle / "hk.pff").read_bytes() == (run / "hk.pff").read_bytes()
+    assert any("no housekeeping store written (surprise in the records)" in n
+               for n in notices)
+    assert json.loads((bundle / "manifest.json").read_text())["housekeeping"] == {
+        "error": "surprise in the records"}
