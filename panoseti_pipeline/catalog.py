@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from panoseti_pipeline.errors import EXIT_OK, ConfigError, InputError, run_main
+from panoseti_pipeline.errors import EXIT_OK, ConfigError, InputError, StoreError, run_main
 from panoseti_pipeline.run_bundle import BUNDLE_SUFFIX, iso_ns
 from panoseti_pipeline.store.facts import StoreFacts, store_facts
 from panoseti_pipeline.store.publish import PARTIAL_SUFFIX, is_published, utc_now
@@ -64,14 +64,25 @@ def catalog_path(root: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def _writing(root: Path) -> Iterator[sqlite3.Connection]:
-    """One write transaction, started with the write lock (BEGIN IMMEDIATE)."""
-    con = sqlite3.connect(catalog_path(root), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    """One write transaction, started with the write lock (BEGIN IMMEDIATE); an SQLite
+    failure (locked longer than the busy timeout, read-only, not a database) is a
+    :class:`StoreError` naming the catalog."""
+    path = catalog_path(root)
+    try:
+        con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    except sqlite3.Error as err:
+        raise StoreError(f"{path}: cannot open the catalog ({err})") from None
     try:
         con.execute("BEGIN IMMEDIATE")
         con.execute(SCHEMA)
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         yield con
         con.execute("COMMIT")
+    except sqlite3.Error as err:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise StoreError(f"{path}: cannot update the catalog ({err}); its rows are as "
+                         "before") from None
     except BaseException:
         if con.in_transaction:
             con.execute("ROLLBACK")

@@ -110,6 +110,12 @@ def test_cli_table_json_and_rebuild(nights, capsys: pytest.CaptureFixture[str]) 
     (out / "catalog.sqlite").unlink()
     assert catalog.main([str(out), "--json"]) == 1
     assert "no catalog" in capsys.readouterr().err
+    (out / "catalog.sqlite").write_text("not a database")
+    assert catalog.main([str(out), "--rebuild"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"catalog: error: {out / 'catalog.sqlite'}: cannot update the catalog (file is not a "
+        "database); its rows are as before")
+    (out / "catalog.sqlite").unlink()
     assert catalog.main([str(out), "--rebuild", "--json"]) == 0
     rebuilt = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
     assert rebuilt.keys() == keep.keys()
