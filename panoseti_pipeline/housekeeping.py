@@ -48,8 +48,11 @@ TIME_FIELD = "Computer_UTC"
 TIME_ATTRS = {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian",
               "long_name": "host clock (Computer_UTC) of the record"}
 QUABO_PREFIX = "QUABO_"
-_INT = re.compile(r"[+-]?(?:0|[1-9]\d*)\Z")
-_FLOAT = re.compile(r"[+-]?(?:(?:0|[1-9]\d*)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\Z")
+_INT = r"[+-]?(?:0|[1-9]\d*)"
+_FLOAT = r"[+-]?(?:(?:0|[1-9]\d*)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+# every value of a column a number: one regex pass over the values joined by newlines
+_ALL_INT = re.compile(rf"(?:{_INT}\n)*{_INT}")
+_ALL_FLOAT = re.compile(rf"(?:{_FLOAT}\n)*{_FLOAT}")
 _UTC = re.compile(r"(\d+)(?:\.(\d*))?\Z")
 _MAX_REPORTED = 20  # unreadable records listed by offset in the attributes
 
@@ -139,16 +142,20 @@ def node_name(name: str) -> str:
 
 
 def column(values: list[str | None]) -> np.ndarray:
-    """One field's values: int64, float64 (NaN where empty or absent) or the strings."""
+    """One field's values: int64, float64 (NaN where empty or absent) or the strings.
+
+    The distinct values are matched at once, joined by newlines; a value holding a
+    newline could pass that test in pieces, but numpy's conversion then refuses it.
+    """
     text = np.array(["" if v is None else v for v in values], dtype=str)
-    present = {v for v in values if v}
-    if present and all(values) and all(_INT.match(v) for v in present):
-        try:
+    joined = "\n".join({v for v in values if v})
+    try:
+        if joined and all(values) and _ALL_INT.fullmatch(joined):
             return text.astype(np.int64)
-        except OverflowError:
-            pass
-    if present and all(_FLOAT.match(v) for v in present):
-        return np.where(text == "", "nan", text).astype(np.float64)
+        if joined and _ALL_FLOAT.fullmatch(joined):
+            return np.where(text == "", "nan", text).astype(np.float64)
+    except (ValueError, OverflowError):  # beyond int64, or a newline inside a value
+        pass
     return text.astype(object)
 
 
