@@ -164,3 +164,24 @@ def test_a_housekeeping_failure_costs_the_store_not_the_bundle(
                for n in notices)
     assert json.loads((bundle / "manifest.json").read_text())["housekeeping"] == {
         "error": "surprise in the records"}
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    (["1", "-2", "0"], [1, -2, 0]),                    # int64
+    (["1", ""], [1.0, np.nan]),                        # an empty value: float64, NaN
+    (["1", None], [1.0, np.nan]),                      # a record without the field
+    (["-1.5e-3", "2.", ".5"], [-1.5e-3, 2.0, 0.5]),    # float64
+    (["0208", "1"], ["0208", "1"]),                    # a leading zero: as written
+    (["nan", "1"], ["nan", "1"]),                      # not a decimal number
+    (["1\n2", "3"], ["1\n2", "3"]),                    # a newline inside a value
+    (["99999999999999999999"], ["99999999999999999999"]),  # beyond int64: as written
+    (["", ""], ["", ""]),
+])
+def test_column_kinds(values: list, expected: list) -> None:
+    got = housekeeping.column(values)
+    kind = {int: "i", float: "f", str: "O"}[type(expected[0])]
+    assert got.dtype.kind == kind
+    if kind == "f":
+        np.testing.assert_array_equal(got, np.array(expected))
+    else:
+        assert got.tolist() == expected
