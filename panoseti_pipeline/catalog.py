@@ -149,6 +149,9 @@ def published_stores(root: str | os.PathLike) -> list[Path]:
 def rebuild(root: str | os.PathLike) -> int:
     """Rewrite the catalog from the published stores found below ``root`` (status ok)."""
     root, now = Path(root), utc_now()
+    if not root.is_dir():
+        raise InputError(f"{root}: not a directory (--rebuild scans the output directory "
+                         "given to run.sh)")
     rows = [row(store_facts(p), root, "ok", now) for p in published_stores(root)]
     with _writing(root) as con:
         con.execute("DELETE FROM products")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 HK_NODE = "housekeeping"
 
 
-def open_product(path: str | os.PathLike) -> xr.Dataset:
+def open_dataset(path: str | os.PathLike) -> xr.Dataset:
     """One product store as a Dataset with ``flag_<name>`` booleans decoded."""
     import xarray as xr
 
@@ -92,7 +92,7 @@ def open_run(path: str | os.PathLike) -> xr.DataTree:
                          "give a run's directory, e.g. <output>/obs_<site>.start_<t>Z...")
     nodes: dict[str, Any] = {"/": xr.Dataset(attrs={"run_directory": str(directory)})}
     for name, (store, _attrs) in zip(_node_names(stores), stores, strict=True):
-        nodes[name] = open_product(store)
+        nodes[name] = open_dataset(store)
     tree = xr.DataTree.from_dict(nodes)
     hk = sorted(directory.glob(f"*{BUNDLE_SUFFIX}/*.hk.zarr"))
     if hk:
@@ -118,11 +118,12 @@ def open_products(catalog_or_root: str | os.PathLike, *, module: int | None = No
             "module": r["module"], "data_product": r["data_product"],
             "processing_level": r["level"]}))
     nodes: dict[str, Any] = {"/": xr.Dataset()}
+    if between is not None:
+        start, end = (np.datetime64(parse_time(t), "ns") for t in between)
     for run, stores in by_run.items():
         for name, (store, _attrs) in zip(_node_names(stores), stores, strict=True):
-            ds = open_product(store)
+            ds = open_dataset(store)
             if between is not None:
-                start, end = (np.datetime64(parse_time(t), "ns") for t in between)
                 ds = ds.isel(time=((ds["time"] >= start) & (ds["time"] <= end)).values)
             nodes[f"{run}/{name}"] = ds
     return xr.DataTree.from_dict(nodes)

@@ -116,6 +116,8 @@ def test_cli_table_json_and_rebuild(nights, capsys: pytest.CaptureFixture[str]) 
         f"catalog: error: {out / 'catalog.sqlite'}: cannot update the catalog (file is not a "
         "database); its rows are as before")
     (out / "catalog.sqlite").unlink()
+    assert catalog.main([str(out / "catalog.sqlite"), "--rebuild"]) == 1
+    assert "not a directory (--rebuild scans" in capsys.readouterr().err
     assert catalog.main([str(out), "--rebuild", "--json"]) == 0
     rebuilt = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
     assert rebuilt.keys() == keep.keys()
