@@ -693,6 +693,7 @@ run_pipeline() {
   py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --log "$RUN_LOG" \
     --cluster-address "$CLUSTER_ADDRESS" \
     --cluster-log "$CLUSTER_LOG" || say "warning: could not write the summary or run record"
+  py catalog-update "$STATE_FILE" || say "warning: could not update the catalog in $OUT_DIR"
   if ((FAILED > 0)); then
     say "error: $FAILED input(s) failed (listed above)"
   fi

@@ -21,6 +21,8 @@ COMMANDS = {
     "config": ("panoseti_pipeline.config:main", "config check|show CONFIG.toml"),
     "synthetic": ("panoseti_pipeline.synthetic:main",
                   "write a synthetic observation (tests, demo, benchmarks)"),
+    "catalog": ("panoseti_pipeline.catalog:main",
+                "catalog OUTPUT_ROOT [--module --dp --between --level --json]: find products"),
     "driver": ("panoseti_pipeline.driver.cli:main",
                "run.sh's Python side (plan, record, summary)"),
 }

@@ -8,6 +8,8 @@
     One step's outcome, or an interrupted job, into the state file.
 ``summary``
     The table on stdout and the run record (TOML) in the output directory.
+``catalog-update``
+    The run's products into ``<output>/catalog.sqlite`` (after the summary).
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
 ``clear-stale``
@@ -107,6 +109,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
         the_record["run"]["log"] = args.log
     path = record.write_run_record(out, the_record)
     print(f"run record: {path}")
+    return EXIT_OK
+
+
+def cmd_catalog_update(args: argparse.Namespace) -> int:
+    """The run's products into the output root's catalog (rows of the same path replaced)."""
+    from panoseti_pipeline.catalog import update_from_state
+
+    state = record.load_state(args.state)
+    if not Path(state["output_dir"]).is_dir():
+        return EXIT_OK
+    path, n = update_from_state(state)
+    print(f"catalog: {path} ({n} product{'s' if n != 1 else ''} of this run)")
     return EXIT_OK
 
 
@@ -220,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-log", default="")
     p.add_argument("--log", default="", help="the run's log file (named in the run record)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("catalog-update", help="catalog the run's products (catalog.sqlite)")
+    p.add_argument("state")
+    p.set_defaults(func=cmd_catalog_update)
 
     p = sub.add_parser("demo-observation", help="write the demo's small observation")
     p.add_argument("directory")
