@@ -293,21 +293,42 @@ def _name(files: Sequence[SourceFile]) -> pff.PFFName:
 def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: int,
             time_chunk: int) -> None:
     """Frame count = index count; a sample of chunks read back equals the PFF bytes."""
-    import zarr
-
     got = sum(s["frames"] for s in summaries)
     if got != n:
         raise StoreError(f"{path}: wrote {got} frames, the index has {n}")
-    group = zarr.open_group(store=str(path), mode="r", use_consolidated=False)
     n_chunks = -(-n // time_chunk)
-    for c in sorted({0, n_chunks // 2, n_chunks - 1})[:VERIFY_SAMPLE_CHUNKS]:
-        a, b = c * time_chunk, min(n, (c + 1) * time_chunk)
+    sample = sorted({0, n_chunks // 2, n_chunks - 1})[:VERIFY_SAMPLE_CHUNKS]
+    ranges = [(c * time_chunk, min(n, (c + 1) * time_chunk)) for c in sample]
+    names = [x.name for x in spec.frame_arrays(files[0].index.product, 0)]
+    stored = _read_back(path, names, ranges)
+    for c, (a, b) in zip(sample, ranges, strict=True):
         expected = frame_values(files[0].index.product, *decode_range(files, a, b)[:4])
-        same = all(np.array_equal(group[name][a:b], values)
-                   for name, values in expected.items())
-        if not same:
+        if not all(np.array_equal(stored[name, a], expected[name]) for name in names):
             raise StoreError(f"{path}: chunk {c} (frames {a}..{b - 1}) read back differs "
                              "from the PFF input")
+
+
+def _read_back(path: Path, names: Sequence[str], ranges: Sequence[tuple[int, int]]
+               ) -> dict[tuple[str, int], np.ndarray]:
+    """Frames a..b-1 of every array through zarr, {(name, a): values}.
+
+    Opened once each and read together in one trip through zarr's event loop: one
+    ``group[name][a:b]`` at a time cost 0.4 s for the 72 reads of an img16 store.
+    """
+    import asyncio
+
+    import zarr.api.asynchronous as zarr_async
+    from zarr.core.sync import sync
+
+    async def read() -> list[np.ndarray]:
+        group = await zarr_async.open_group(store=str(path), mode="r",
+                                            use_consolidated=False)
+        arrays = await asyncio.gather(*(group.getitem(name) for name in names))
+        return await asyncio.gather(*(array.getitem(slice(a, b)) for array in arrays
+                                      for a, b in ranges))
+
+    keys = [(name, a) for name in names for a, _ in ranges]
+    return dict(zip(keys, sync(read()), strict=True))
 
 
 def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
