@@ -310,25 +310,14 @@ def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: i
 
 def _read_back(path: Path, names: Sequence[str], ranges: Sequence[tuple[int, int]]
                ) -> dict[tuple[str, int], np.ndarray]:
-    """Frames a..b-1 of every array through zarr, {(name, a): values}.
+    """Frames a..b-1 of every array through zarr, {(name, a): values}, in one trip."""
+    import zarr
 
-    Opened once each and read together in one trip through zarr's event loop: one
-    ``group[name][a:b]`` at a time cost 0.4 s for the 72 reads of an img16 store.
-    """
-    import asyncio
-
-    import zarr.api.asynchronous as zarr_async
-    from zarr.core.sync import sync
-
-    async def read() -> list[np.ndarray]:
-        group = await zarr_async.open_group(store=str(path), mode="r",
-                                            use_consolidated=False)
-        arrays = await asyncio.gather(*(group.getitem(name) for name in names))
-        return await asyncio.gather(*(array.getitem(slice(a, b)) for array in arrays
-                                      for a, b in ranges))
-
-    keys = [(name, a) for name in names for a, _ in ranges]
-    return dict(zip(keys, sync(read()), strict=True))
+    group = zarr.open_group(store=str(path), mode="r", use_consolidated=False)
+    arrays = dict(group.arrays())
+    reads = [(name, a, b) for name in names for a, b in ranges]
+    values = layout.read_together([(arrays[name], slice(a, b)) for name, a, b in reads])
+    return {(name, a): v for (name, a, _), v in zip(reads, values, strict=True)}
 
 
 def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,

@@ -60,12 +60,14 @@ class L1Layout:
 def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
              ) -> tuple[dict[str, np.ndarray], int]:
     """L1 frames a..b-1 (residuals and the per-frame arrays), and how many are NaN."""
-    x = info.array("images")[a:b]
-    quabo = info.array("quabo_num")[a:b] if info.ph256 else None
+    names = ["images", *info.carried]  # read together: one trip through zarr's loop
+    frames = dict(zip(names, layout.read_together([(info.array(n), slice(a, b))
+                                                   for n in names]), strict=True))
+    x = frames["images"]
+    quabo = frames["quabo_num"] if info.ph256 else None
     out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32))
     nan = int(np.isnan(out).sum()) if sub.threshold is not None else 0
-    return ({"images": out, **{n: info.array(n)[a:b] for n in info.carried},
-             **info.derived_frames(a, b)}, nan)
+    return {**frames, "images": out, **info.derived_frames(a, b)}, nan
 
 
 def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: int,
