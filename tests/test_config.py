@@ -75,7 +75,7 @@ def test_shipped_config_is_the_defaults():
     cfg = pc.load_config(SHIPPED)
     assert cfg.source == str(SHIPPED)
     assert dataclasses.replace(cfg, source="<defaults>") == pc.load_config(None)
-    assert cfg.cluster.use_dask and cfg.cluster.cluster_type == "local"
+    assert not cfg.cluster.use_dask and cfg.cluster.cluster_type == "local"
     assert (
         cfg.cluster.local_workers,
         cfg.cluster.local_threads_per_worker,
