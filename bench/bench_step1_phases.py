@@ -13,7 +13,8 @@ Usage: python3 bench/bench_step1_phases.py [--mb 1024] [--workers 2] [--runs 1]
   Phases on the task threads overlap: their sum is thread-seconds, not wall time.
 
 Prints the machine's load average with the figures (2 shared cores: compare ratios, not
-seconds, and only within one run).
+seconds, and only within one run). Another tree's phases (e.g. main's, for a before and
+after): ``PYTHONPATH=/path/to/main python3 bench/bench_step1_phases.py``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,28 @@ print(json.dumps({"seconds": time.perf_counter() - t0,
 """
 
 
+#: "owner.function ..." -> the phase its own time counts to (owners: see instrument)
+PHASES = {
+    "step1.check_stream": "check inputs",
+    "step1.index_stream": "index",
+    "step1._create_store": "create store (zarr)",
+    "reader._read_pieces": "read (page cache -> buffer)",
+    "reader._check_delimiters reader.parse_fixed": "header decode",
+    "pff.frame_times": "time",
+    "step1.previous_time": "look-back before a task",
+    "pff.copy_pixels": "image copy",
+    "spec.header_columns step1.decode_range": "decode other",
+    "shards.crc32c": "encode: crc32c",
+    "ChunkFiles.add ChunkFiles._finish_shard": "store write",
+    "FrameWriter._drain_one": "task thread waits for encoders",
+    "step1._verify step1._read_back": "verify",
+    "step1._attributes": "attributes",
+    "layout.consolidate": "consolidate",
+    "publish.store_bytes": "store size",
+    "publish.swap_into_place": "publish (rename)",
+}
+
+
 class PhaseClock:
     """Exclusive time per phase, summed over threads (a per-thread stack of open calls)."""
 
@@ -80,7 +103,9 @@ class PhaseClock:
         return timed
 
     def patch(self, owner, name: str, phase: str) -> None:
-        setattr(owner, name, self.wrap(phase, getattr(owner, name)))
+        """Time ``owner.name`` (absent in an older tree, e.g. main's: left alone)."""
+        if hasattr(owner, name):
+            setattr(owner, name, self.wrap(phase, getattr(owner, name)))
 
 
 def instrument(clock: PhaseClock) -> None:
@@ -89,26 +114,13 @@ def instrument(clock: PhaseClock) -> None:
     from panoseti_pipeline.pff import reader
     from panoseti_pipeline.store import layout, publish, shards, spec
 
-    clock.patch(step1, "check_stream", "check inputs")
-    clock.patch(step1, "index_stream", "index")
-    clock.patch(step1, "_create_store", "create store (zarr)")
-    clock.patch(reader, "_read_pieces", "read (page cache -> buffer)")
-    clock.patch(reader, "_check_delimiters", "header decode")
-    clock.patch(reader, "parse_fixed", "header decode")
-    clock.patch(pff, "frame_times", "time")
-    clock.patch(step1, "previous_time", "look-back before a task")
-    clock.patch(pff, "copy_pixels", "image copy")
-    clock.patch(spec, "header_columns", "decode other")
-    clock.patch(step1, "decode_range", "decode other")
-    clock.patch(shards, "crc32c", "encode: crc32c")
-    clock.patch(shards.ChunkFiles, "add", "store write")
-    clock.patch(shards.ChunkFiles, "_finish_shard", "store write")
-    clock.patch(shards.FrameWriter, "_drain_one", "task thread waits for encoders")
-    clock.patch(step1, "_verify", "verify")
-    clock.patch(step1, "_attributes", "attributes")
-    clock.patch(layout, "consolidate", "consolidate")
-    clock.patch(publish, "store_bytes", "store size")
-    clock.patch(publish, "swap_into_place", "publish (rename)")
+    owners = {"step1": step1, "pff": pff, "reader": reader, "layout": layout,
+              "publish": publish, "shards": shards, "spec": spec,
+              "ChunkFiles": shards.ChunkFiles, "FrameWriter": shards.FrameWriter}
+    for where, phase in PHASES.items():
+        for target in where.split():
+            owner, name = target.split(".")
+            clock.patch(owners[owner], name, phase)
     codec_compressor = shards.ChunkCodec.compressor
     codec_encoder = shards.ChunkCodec.encoder
 
