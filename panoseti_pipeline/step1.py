@@ -293,31 +293,22 @@ def _name(files: Sequence[SourceFile]) -> pff.PFFName:
 def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: int,
             time_chunk: int) -> None:
     """Frame count = index count; a sample of chunks read back equals the PFF bytes."""
+    import zarr
+
     got = sum(s["frames"] for s in summaries)
     if got != n:
         raise StoreError(f"{path}: wrote {got} frames, the index has {n}")
     n_chunks = -(-n // time_chunk)
     sample = sorted({0, n_chunks // 2, n_chunks - 1})[:VERIFY_SAMPLE_CHUNKS]
-    ranges = [(c * time_chunk, min(n, (c + 1) * time_chunk)) for c in sample]
     names = [x.name for x in spec.frame_arrays(files[0].index.product, 0)]
-    stored = _read_back(path, names, ranges)
-    for c, (a, b) in zip(sample, ranges, strict=True):
+    arrays = dict(zarr.open_group(store=str(path), mode="r", use_consolidated=False).arrays())
+    for c in sample:
+        a, b = c * time_chunk, min(n, (c + 1) * time_chunk)
+        stored = layout.read_frames({name: arrays[name] for name in names}, a, b)
         expected = frame_values(files[0].index.product, *decode_range(files, a, b)[:4])
-        if not all(np.array_equal(stored[name, a], expected[name]) for name in names):
+        if not all(np.array_equal(stored[name], expected[name]) for name in names):
             raise StoreError(f"{path}: chunk {c} (frames {a}..{b - 1}) read back differs "
                              "from the PFF input")
-
-
-def _read_back(path: Path, names: Sequence[str], ranges: Sequence[tuple[int, int]]
-               ) -> dict[tuple[str, int], np.ndarray]:
-    """Frames a..b-1 of every array through zarr, {(name, a): values}, in one trip."""
-    import zarr
-
-    group = zarr.open_group(store=str(path), mode="r", use_consolidated=False)
-    arrays = dict(group.arrays())
-    reads = [(name, a, b) for name in names for a, b in ranges]
-    values = layout.read_together([(arrays[name], slice(a, b)) for name, a, b in reads])
-    return {(name, a): v for (name, a, _), v in zip(reads, values, strict=True)}
 
 
 def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
