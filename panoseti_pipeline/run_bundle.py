@@ -38,18 +38,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fnmatch
+import functools
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from panoseti_pipeline.errors import InputError, PipelineError, StoreError
 from panoseti_pipeline.pff import HOUSEKEEPING_NAME, NAT
-from panoseti_pipeline.store.publish import PARTIAL_SUFFIX, swap_into_place
+from panoseti_pipeline.store import publish
 
 Notice = Callable[[str], None]
 
@@ -183,29 +183,30 @@ def write_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StoreError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
-    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+    for message in publish.clear_stale(final):
+        notice(message)
     try:
-        tmp.mkdir()
-        for sub in SUBDIRS:
-            (tmp / sub).mkdir()
-        manifest = {
-            "panoseti_meta_version": META_VERSION,
-            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "source_run_dir": str(run_dir),
-            "zarr_stores": list(dict.fromkeys(p.store for p in products)),
-            "written_by": WRITTEN_BY,
-            "products": [p.to_manifest() for p in products],
-            "files": {rel: _copy(src, tmp / rel) for rel, src in files.items()},
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
-                                         encoding="utf-8")
-        _publish(tmp, final)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and not isinstance(err, PipelineError):
-            raise StoreError(f"{final}: cannot write the run bundle ({err.strerror or err}); "
-                             "nothing was published") from err
-        raise
+        with publish.staged(final, functools.partial(_replace_problem, final),
+                            "the run bundle") as tmp:
+            tmp.mkdir()
+            for sub in SUBDIRS:
+                (tmp / sub).mkdir()
+            manifest = {
+                "panoseti_meta_version": META_VERSION,
+                "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "source_run_dir": str(run_dir),
+                "zarr_stores": list(dict.fromkeys(p.store for p in products)),
+                "written_by": WRITTEN_BY,
+                "products": [p.to_manifest() for p in products],
+                "files": {rel: _copy(src, tmp / rel) for rel, src in files.items()},
+            }
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
+                                             encoding="utf-8")
+    except OSError as err:
+        if isinstance(err, PipelineError):
+            raise
+        raise StoreError(f"{final}: cannot write the run bundle ({err.strerror or err}); "
+                         "nothing was published") from err
     return final
 
 
@@ -290,20 +291,20 @@ def _unlisted(path: Path, listed: Iterable[str]) -> list[str]:
     return sorted(rel for rel in found if rel not in known)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an old bundle there is kept until that succeeded.
+def _replace_problem(final: Path) -> str | None:
+    """Why ``final`` may not be replaced by a new bundle, or None.
 
     Only a bundle this pipeline wrote, holding nothing it did not write, is replaced: any
     other directory or file of that name is someone's data.
     """
-    if final.exists() or final.is_symlink():
-        manifest = None if final.is_symlink() else _read_manifest(final)
-        if manifest is None:
-            raise StoreError(f"{final}: exists and is not a run bundle written by this "
-                             "pipeline; refusing to replace it (move it away or choose "
-                             "another output)")
-        extra = _unlisted(final, manifest["files"])
-        if extra:
-            raise StoreError(f"{final}: holds {extra[0]}, which this pipeline did not write; "
-                             "refusing to replace the bundle (move that file away)")
-    swap_into_place(tmp, final)
+    if not (final.exists() or final.is_symlink()):
+        return None
+    manifest = None if final.is_symlink() else _read_manifest(final)
+    if manifest is None:
+        return (f"{final}: exists and is not a run bundle written by this pipeline; "
+                "refusing to replace it (move it away or choose another output)")
+    extra = _unlisted(final, manifest["files"])
+    if extra:
+        return (f"{final}: holds {extra[0]}, which this pipeline did not write; "
+                "refusing to replace the bundle (move that file away)")
+    return None
