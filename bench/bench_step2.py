@@ -8,15 +8,18 @@ On the L0 store of a generated img16 file (made once with step 1 from
 * the bound: decode every L0 image chunk, subtract the mean of the first
   ``baseline_window`` frames and encode the float32 result with the L1 codecs, in memory
   (no files), on as many threads as step 2 uses;
+* the write bound: the same, each chunk's encoded bytes written to a file (what step 2
+  cannot avoid: its L1 is float32, ~4x the L0);
 * step 2 (``l1_baseline.subtract_baseline``, local threads) per method: wall time, the
-  ratio bound / step 2 (target >= 0.5 for the default ``mean``), peak RSS
-  (``ru_maxrss``; target <= 600 MB) and the L1/L0 size ratio;
+  ratios bound / step 2 (target >= 0.5 for the default ``mean``) and write bound /
+  step 2, peak RSS (``ru_maxrss``; target <= 600 MB) and the L1/L0 size ratio;
 * ``keep_mantissa_bits`` (BitRound, lossy): L1 size and time per setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 
 from benchlib import OUT, big_file, run_child
@@ -44,7 +47,9 @@ baseline = images[:section.baseline_window].mean(axis=0).astype(np.float32)
 
 def one(a):
     x = images[a:a + chunk]  # decode
-    out = zarr.create_array(zarr.storage.MemoryStore(), shape=x.shape, chunks=x.shape,
+    store = (zarr.storage.MemoryStore() if len(sys.argv) < 3 else  # or files on disk
+             zarr.storage.LocalStore(f"{sys.argv[2]}/{a}"))
+    out = zarr.create_array(store, shape=x.shape, chunks=x.shape,
                             dtype="<f4", compressors=codecs, fill_value=float("nan"))
     out[:] = np.subtract(x, baseline, dtype=np.float32)  # the float32 output, encoded
     return len(x)
@@ -97,11 +102,18 @@ def main() -> None:
     l1 = str(OUT / f"img16_{args.mb}MB_L1.zarr")
     run_child(BOUND, l0)  # warm the page cache
     bound = run_child(BOUND, l0)
-    print(f"L0: {l0} ({bound['frames']} frames); {bound['threads']} threads")
+    scratch = OUT / "bound_files"
+    shutil.rmtree(scratch, ignore_errors=True)
+    write_bound = run_child(BOUND, l0, str(scratch))
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(f"L0: {l0} ({bound['frames']} frames); {bound['threads']} threads; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"bound (decode L0, subtract, encode float32; in memory): {bound['seconds']:.2f} s "
           f"wall, {bound['cpu_s']:.2f} s CPU")
-    print(f"{'method':<13} {'bits':>4} {'seconds':>8} {'bound/step2':>11} {'CPU ratio':>9} "
-          f"{'peak RSS MB':>11} {'L1/L0 size':>10}")
+    print(f"write bound (the same, each chunk written to a file): "
+          f"{write_bound['seconds']:.2f} s wall, {write_bound['cpu_s']:.2f} s CPU")
+    print(f"{'method':<13} {'bits':>4} {'seconds':>8} {'bound/step2':>11} {'write b./s2':>11} "
+          f"{'CPU ratio':>9} {'peak RSS MB':>11} {'L1/L0 size':>10}")
     rows = [(m, 23) for m in args.methods.split(",")]
     rows += [("mean", int(b)) for b in args.bits.split(",") if int(b) != 23]
     for method, bits in rows:
@@ -109,6 +121,7 @@ def main() -> None:
         r = run_child(STEP2, l0, l1, method, str(bits))
         print(f"{method:<13} {bits:>4} {r['seconds']:>8.2f} "
               f"{bound['seconds'] / r['seconds']:>11.2f} "
+              f"{write_bound['seconds'] / r['seconds']:>11.2f} "
               f"{bound['cpu_s'] / r['cpu_s']:>9.2f} {r['rss_mb']:>11.0f} "
               f"{r['l1_bytes'] / r['l0_bytes']:>10.2f}", flush=True)
     shutil.rmtree(l1, ignore_errors=True)  # the L0 stays cached; the L1 is GBs

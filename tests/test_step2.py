@@ -435,3 +435,38 @@ def test_dask_cluster_output_is_byte_identical_to_local(stores, tmp_path):
         for skip in ("created", "report", "software"):
             a.pop(skip), b.pop(skip)
         assert a == b
+
+
+LOCAL_STEPS = """
+import json, sys
+from panoseti_pipeline.cli import step1, step2
+rcs = [step1.main([sys.argv[1], sys.argv[2], sys.argv[4], "--quiet"]),
+       step2.main([sys.argv[2], sys.argv[3], "--config", sys.argv[4], "--quiet"])]
+print(json.dumps({"rcs": rcs, "loaded": sorted(m for m in sys.modules
+                                               if m.split(".")[0] == "distributed")}))
+"""
+
+
+def test_local_steps_do_not_import_distributed(tmp_path):
+    """use_dask = false: both steps in one fresh interpreter, no ``distributed`` module
+    loaded at the end (it costs ~1.4 s of imports and a cluster run's start-up)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    spec = synthetic_obs.StreamSpec(dp="img16")
+    times = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9 + np.arange(300) * 10**6
+    headers = synthetic_obs.synth_headers(rng, spec, times, first_pkt=0)
+    images = synthetic_obs.synth_images(rng, spec, 300, 0)
+    path = tmp_path / synthetic_obs.file_name(spec, synthetic_obs.DEFAULT_START, 0)
+    with open(path, "wb") as f:
+        pff.write_frames(f, "img16", images, headers)
+    l0, l1 = tmp_path / "x_L0.zarr", tmp_path / "x_L1.zarr"
+    proc = subprocess.run([sys.executable, "-c", LOCAL_STEPS, str(path), str(l0), str(l1),
+                           str(write_config(tmp_path / "cfg.toml"))],
+                          capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rcs"] == [0, 0]
+    np.testing.assert_array_equal(zarr.open_group(str(l0), mode="r")["images"][:], images)
+    assert zarr.open_group(str(l1), mode="r")["images"].shape == images.shape
+    assert out["loaded"] == []

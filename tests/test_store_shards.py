@@ -78,4 +78,4 @@ def test_files_equal_zarrs_own(tmp_path, per_shard, codec, dtype, shape):
 def test_a_chunk_past_the_end_is_refused(tmp_path):
     files = ChunkFiles(tmp_path / "a", 1, 1, 0, 1)
     with pytest.raises(ValueError, match="past the array"):
-        files.add(b"x")
+        files.add((b"x",))

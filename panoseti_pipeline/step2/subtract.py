@@ -60,12 +60,12 @@ class L1Layout:
 def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
              ) -> tuple[dict[str, np.ndarray], int]:
     """L1 frames a..b-1 (residuals and the per-frame arrays), and how many are NaN."""
-    x = info.array("images")[a:b]
-    quabo = info.array("quabo_num")[a:b] if info.ph256 else None
+    frames = layout.read_frames({n: info.array(n) for n in ["images", *info.carried]}, a, b)
+    x = frames["images"]
+    quabo = frames["quabo_num"] if info.ph256 else None
     out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32))
     nan = int(np.isnan(out).sum()) if sub.threshold is not None else 0
-    return ({"images": out, **{n: info.array(n)[a:b] for n in info.carried},
-             **info.derived_frames(a, b)}, nan)
+    return {**frames, "images": out, **info.derived_frames(a, b)}, nan
 
 
 def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: int,
@@ -144,21 +144,22 @@ def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
     got = sum(s["frames"] for s in summaries)
     if got != info.n_frames:
         raise StoreError(f"{path}: wrote {got} frames, the L0 store has {info.n_frames}")
-    l1 = zarr.open_group(store=str(path), mode="r", use_consolidated=False)
-    for name, array in arrays_of(l1).items():
+    l1 = arrays_of(zarr.open_group(store=str(path), mode="r", use_consolidated=False))
+    for name, array in l1.items():
         missing, expected = layout.missing_files(path, array)
         if missing:
             raise StoreError(f"{path}: {name} has {missing} of {expected} chunk files "
                              "missing after writing")
-    l0 = layout.open_product(info.path, layout.LEVEL_L0)
+    l0 = arrays_of(layout.open_product(info.path, layout.LEVEL_L0))
     n = info.n_frames
     for a, b in {(0, min(n, 64)), (max(0, n - 64), n)}:
-        quabo = l0["quabo_num"][a:b] if info.ph256 else None
-        expect = sub.residuals(l0["images"][a:b], quabo)
-        same_images = np.allclose(l1["images"][a:b], expect, rtol=2.0 ** -keep_bits, atol=0,
+        x = layout.read_frames({k: l0[k] for k in ["images", *info.carried]}, a, b)
+        expect = sub.residuals(x.pop("images"), x["quabo_num"] if info.ph256 else None)
+        carried = x | info.derived_frames(a, b)
+        stored = layout.read_frames({k: l1[k] for k in ["images", *carried]}, a, b)
+        same_images = np.allclose(stored["images"], expect, rtol=2.0 ** -keep_bits, atol=0,
                                   equal_nan=True)
-        carried = {k: l0[k][a:b] for k in info.carried} | info.derived_frames(a, b)
-        same_frames = all(np.array_equal(l1[k][a:b], v) for k, v in carried.items())
+        same_frames = all(np.array_equal(stored[k], v) for k, v in carried.items())
         if not (same_images and same_frames):
             raise StoreError(f"{path}: frames {a}..{b - 1} read back differ from the "
                              "L0 input and the baseline")

@@ -99,6 +99,24 @@ def create_frame_arrays(group: zarr.Group, arrays: Sequence[FrameArray], n_frame
                            attributes={"_ARRAY_DIMENSIONS": list(a.dims), **a.attrs})
 
 
+def read_frames(arrays: Mapping[str, zarr.Array], a: int, b: int) -> dict[str, np.ndarray]:
+    """Frames a..b-1 of every array, read in one trip through zarr's event loop.
+
+    ``array[a:b]`` one array at a time costs a round trip to zarr's loop thread each
+    (3-5 ms measured here, more than reading a small chunk): a chunk of 20-odd arrays
+    pays it once instead.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def read() -> list[np.ndarray]:
+        return await asyncio.gather(*(array.async_array.getitem(slice(a, b))
+                                      for array in arrays.values()))
+
+    return dict(zip(arrays, sync(read()), strict=True))
+
+
 def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
     """Open a product read-only; :class:`InputError` if it is not one of ``level``.
 
