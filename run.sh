@@ -113,8 +113,9 @@ Options:
                    run the whole pipeline on it, and print where to look
   --sbatch OPTS    check the run here, then submit it as one SLURM job (sbatch OPTS, e.g.
                    "-c 8 --mem=32G -t 4:00:00 -A acct -o log_%j.out") running run.sh on
-                   its node with the config's cluster (there: cluster_type = "local",
-                   local_workers = the job's cores); prints the job id
+                   its node with the config's cluster (there: use_dask = true,
+                   cluster_type = "local", local_workers = the job's cores; with
+                   use_dask = false the steps run as threads); prints the job id
   --debug          tracebacks and Dask logs from every step
   -h, --help       this help
 
