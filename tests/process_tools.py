@@ -16,6 +16,13 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# A test run started as a background job of a non-interactive shell (`cmd &`, nohup)
+# inherits SIGINT ignored, and so would every run.sh it starts: bash cannot trap a signal
+# ignored on entry, and the Ctrl-C tests would test nothing. With a Python handler here
+# instead, the processes the tests start get SIGINT's default disposition again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def session_processes(sid: int) -> list[tuple[int, str]]:
     """Live processes (not zombies) whose session or process group is ``sid``."""
