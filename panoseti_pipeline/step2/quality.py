@@ -6,7 +6,7 @@
   a dip in every light curve).
 * :func:`pixel_masks`: hot and dead pixels from the per-pixel ``baseline`` and
   ``baseline_std`` (the pedestal and its noise over the frames that made the baseline),
-  with robust module-wide rules (:data:`HOT_K`, median and MAD), written as the uint8
+  with robust module-wide rules (:data:`HOT_RULE`, :data:`DEAD_RULE`), written as the uint8
   arrays ``hot_pixel_mask`` and ``dead_pixel_mask``. The masks only describe: images
   are not changed there.
 * :func:`chunk_summary` / :func:`combine_summaries`: the ``summary`` attribute, from one
@@ -34,18 +34,19 @@ from panoseti_pipeline.flags import FLAG_NAMES
 from panoseti_pipeline.pff.timing import NAT
 from panoseti_pipeline.step2.l0_input import QUADRANT
 
-HOT_K = 10.0  # hot: baseline or noise above the module median + HOT_K robust sigmas
+HOT_K = 10.0  # hot: baseline above the module median + HOT_K robust sigmas, or ...
+NOISE_RATIO = 3.0  # ... noise above NOISE_RATIO x the module's median noise
 MAD_SIGMA = 1.4826  # MAD -> standard deviation of a normal distribution
 MIN_SIGMA = 1.0  # ADC counts: the robust sigma is at least this (a flat module has MAD 0)
 SAMPLE_STEP = 16  # residual statistics from frames whose index % SAMPLE_STEP == 0
 #: residuals are summed as integers of 1/FIXED_POINT units: float sums depend on the
 #: order and the memory alignment, and the summary must not differ between runs
 FIXED_POINT = 16
-HOT_RULE = (f"hot: finite baseline > median + {HOT_K:g} * s_b or baseline_std > median + "
-            f"{HOT_K:g} * s_s, medians over the module's live pixels (not dead, finite), "
-            f"s = max({MAD_SIGMA} * MAD, {MIN_SIGMA:g} ADC)")
+HOT_RULE = (f"hot: baseline > median + {HOT_K:g} * max({MAD_SIGMA} * MAD, {MIN_SIGMA:g} ADC) "
+            f"or baseline_std > {NOISE_RATIO:g} * median(baseline_std); medians and MAD "
+            "over the module's pixels with a baseline and nonzero baseline_std (all quabos)")
 DEAD_RULE = ("dead: baseline_std == 0 (no variance in the frames that made the baseline: "
-             "stuck, or always zero)")
+             "always zero, or stuck) and not hot (a pixel stuck at saturation is hot)")
 
 
 def missing_quabos(frames: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -64,30 +65,29 @@ def blank_missing_quadrants(images: np.ndarray, missing: np.ndarray) -> int:
     return 0
 
 
-def _robust_limit(values: np.ndarray) -> float:
-    median = float(np.median(values))
-    sigma = max(MAD_SIGMA * float(np.median(np.abs(values - median))), MIN_SIGMA)
-    return median + HOT_K * sigma
-
-
 def pixel_masks(baseline: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(hot, dead) uint8 masks of the shape of ``baseline`` (any shape; NaN: no data).
 
-    One module's pixels are judged together (all quabos of a ph256 module too).
+    One module's pixels are judged together (all quabos of a ph256 module too). Noise is
+    judged by ratio, not by MAD: the spread of per-pixel noise estimates is narrow, and
+    one outlying frame in the baseline window must not make a pixel hot.
     """
     finite = np.isfinite(baseline) & np.isfinite(std)
-    dead = finite & (std == 0)
-    live = finite & ~dead
+    live = finite & (std > 0)
     hot = np.zeros(baseline.shape, bool)
     if live.any():
-        hot = live & ((baseline > _robust_limit(baseline[live]))
-                      | (std > _robust_limit(std[live])))
+        level = float(np.median(baseline[live]))
+        sigma = max(MAD_SIGMA * float(np.median(np.abs(baseline[live] - level))), MIN_SIGMA)
+        noise = float(np.median(std[live]))
+        hot = finite & ((baseline > level + HOT_K * sigma) | (std > NOISE_RATIO * noise))
+    dead = finite & (std == 0) & ~hot
     return hot.astype(np.uint8), dead.astype(np.uint8)
 
 
 MASK_ATTRS = {
     "hot_pixel_mask": {"long_name": "hot pixels (1 = hot)", "rule": HOT_RULE,
-                       "hot_k": HOT_K, "mad_sigma": MAD_SIGMA, "min_sigma_adc": MIN_SIGMA},
+                       "hot_k": HOT_K, "noise_ratio": NOISE_RATIO, "mad_sigma": MAD_SIGMA,
+                       "min_sigma_adc": MIN_SIGMA},
     "dead_pixel_mask": {"long_name": "dead pixels (1 = dead)", "rule": DEAD_RULE},
 }
 
