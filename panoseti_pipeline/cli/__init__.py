@@ -21,6 +21,8 @@ COMMANDS = {
     "config": ("panoseti_pipeline.config:main", "config check|show CONFIG.toml"),
     "synthetic": ("panoseti_pipeline.synthetic:main",
                   "write a synthetic observation (tests, demo, benchmarks)"),
+    "quicklook": ("panoseti_pipeline.quicklook:main",
+                  "quicklook STORE... [--out DIR]: a PNG per L0/L1 store"),
     "driver": ("panoseti_pipeline.driver.cli:main",
                "run.sh's Python side (plan, record, summary)"),
 }
