@@ -255,8 +255,10 @@ def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
     ax.set_xlabel("seconds")
     ax.legend(loc="upper right", fontsize=7)
     ax = fig.add_subplot(grid[2, 0])
-    ax.plot(x, _frame_rate(look), color="C2", lw=0.8)
-    ax.set_ylim(bottom=0)
+    rate = _frame_rate(look)
+    ax.plot(x, rate, color="C2", lw=0.8)
+    top = np.nanmax(rate) if np.isfinite(rate).any() else 1.0
+    ax.set_ylim(0, 1.15 * top)  # a steady rate is a line below the top, not on it
     ax.ticklabel_format(axis="y", useOffset=False)  # 1000 +- jitter, not "+1e3"
     ax.set_title("frame rate (frames/s)", fontsize=9)
     ax.set_xlabel("seconds")

@@ -8,6 +8,9 @@
     One step's outcome, or an interrupted job, into the state file.
 ``summary``
     The table on stdout and the run record (TOML) in the output directory.
+``quicklooks``
+    A quicklook PNG beside every product of the run and an ``index.html`` in each
+    directory of them (:mod:`panoseti_pipeline.driver.index_page`).
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
 ``descendants``
@@ -29,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from panoseti_pipeline.driver import demo, plan, record
-from panoseti_pipeline.errors import EXIT_OK, EXIT_USAGE, run_main
+from panoseti_pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_main
 
 PROG = "panoseti_pipeline driver"
 
@@ -94,7 +97,19 @@ def cmd_summary(args: argparse.Namespace) -> int:
     path = record.write_run_record(
         out, record.run_record(state, args.exit_code, args.cluster_address, log))
     print(f"run record: {path}")
+    state["run_record"] = str(path)  # for the index pages (quicklooks)
+    record.write_state(args.state, state)
     return EXIT_OK
+
+
+def cmd_quicklooks(args: argparse.Namespace) -> int:
+    """A quicklook PNG beside every product of the run, an index.html per directory."""
+    from panoseti_pipeline.driver import index_page
+
+    pages, failed = index_page.make_quicklooks(args.state)
+    for page in pages:
+        print(f"quicklooks: {page}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_demo_observation(args: argparse.Namespace) -> int:
@@ -181,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-address", default="")
     p.add_argument("--cluster-log", default="")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("quicklooks",
+                       help="quicklook PNGs and index.html of the run's products")
+    p.add_argument("state")
+    p.set_defaults(func=cmd_quicklooks)
 
     p = sub.add_parser("demo-observation", help="write the demo's small observation")
     p.add_argument("directory")
