@@ -2,8 +2,9 @@
 
 After the run record is written, ``run.sh`` calls ``driver quicklooks STATE``: every
 product of the run gets its quicklook PNG beside it (:mod:`panoseti_pipeline.quicklook`;
-a PNG newer than its store is kept), and every directory that holds the run's products
-(``<output>/<obs>/``, or the output directory for a lone ``.pff``) gets ``index.html``:
+a PNG newer than its store is kept), and every directory that holds published products
+of the run (``<output>/<obs>/``, or the output directory for a lone ``.pff``) gets
+``index.html``:
 the run record's status, a table of the products (module, product, level, status,
 frames, time span, flagged frames, hot/dead pixels, PFF/L0 compression, L1/L0 size, a
 link to the store) and their PNGs. Every link is relative, so the page opens from the
@@ -144,7 +145,7 @@ def make_quicklooks(state_file: str | os.PathLike[str],
         by_dir.setdefault(store.parent, []).append(row)
     pages = []
     for page_dir, rows in by_dir.items():
-        if not page_dir.is_dir():
+        if not any(r["published"] for r in rows):  # nothing there to look at
             continue
         page = page_dir / PAGE
         tmp = page.with_name(f".{PAGE}.{os.getpid()}.tmp")
