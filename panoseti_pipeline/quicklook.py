@@ -161,17 +161,19 @@ def accumulate(path: Path) -> tuple[Look, dict[str, np.ndarray]]:
     look = Look.empty(path.name, level, dp, str(group.attrs.get("module", "?")), n)
     names = set(group.array_keys())
     ph256 = look.groups > 1
+    blank = level == layout.LEVEL_L0 and not ph256  # L1 has its NaN already
     step = block_frames(group)
     for a in range(0, n, step):
         b = min(n, a + step)
         images = group["images"][a:b].astype(np.float32)
-        frames = {k: group[k][a:b] for k in names if k.endswith("_tv_sec") or k == "quabo_num"}
-        if level == layout.LEVEL_L0 and not ph256:  # L1 has its NaN already
-            quality.blank_missing_quadrants(images, quality.missing_quabos(frames))
+        if blank:
+            quality.blank_missing_quadrants(images, quality.missing_quabos(
+                {f"quabo_{q}_tv_sec": group[f"quabo_{q}_tv_sec"][a:b]
+                 for q in range(pff.N_QUABOS)}))
         flags = (group["frame_flags"][a:b] if "frame_flags" in names
                  else np.zeros(b - a, np.uint8))
         time_ns = group["time"][a:b] if "time" in names else group["unix_t_ns"][a:b]
-        look.add(a, images, flags, time_ns, frames.get("quabo_num") if ph256 else None)
+        look.add(a, images, flags, time_ns, group["quabo_num"][a:b] if ph256 else None)
     return look, pixel_maps(look, group, level)
 
 
