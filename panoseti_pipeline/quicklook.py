@@ -104,14 +104,14 @@ class Look:
         """Fold in frames start..start+len(images)-1 (float32, NaN = not measured)."""
         b = (start + np.arange(len(images))) * self.bins // self.frames
         finite = np.isfinite(images)
-        z = np.where(finite, images, 0).astype(np.float64)
+        z = np.where(finite, images, np.float32(0))  # float32; sums accumulate in float64
         groups = quabo.astype(np.intp) if quabo is not None else np.zeros(len(images), np.intp)
         for g in np.unique(groups):
-            mine = groups == g
-            self.pixel_sum[g] += z[mine].sum(axis=0)
-            self.pixel_sumsq[g] += np.square(z[mine]).sum(axis=0)
+            mine = slice(None) if self.groups == 1 else groups == g  # no copy for modules
+            self.pixel_sum[g] += z[mine].sum(axis=0, dtype=np.float64)
+            self.pixel_sumsq[g] += np.square(z[mine]).sum(axis=0, dtype=np.float64)
             self.pixel_count[g] += finite[mine].sum(axis=0)
-        total = z.sum(axis=(1, 2))
+        total = z.sum(axis=(1, 2), dtype=np.float64)
         measured = finite.any(axis=(1, 2))
         self.lc_sum += np.bincount(b[measured], total[measured], self.bins)
         self.lc_count += np.bincount(b[measured], minlength=self.bins)

@@ -85,9 +85,10 @@ def nan_counts(info: L0Info, sub: Subtraction, out: np.ndarray, quabo: np.ndarra
         per_quadrant = np.bincount(quadrant[no_base[0]], minlength=pff.N_QUABOS)
         uncalibrated = int((~missing).sum(axis=0) @ per_quadrant)
         gone = int(missing.sum()) * (info.pixels // pff.N_QUABOS)
-    total = int(np.count_nonzero(np.isnan(out)))
-    return {"missing_quabo": gone, "uncalibrated": uncalibrated,
-            "below_threshold": total - gone - uncalibrated}
+    below = 0  # only ph_pedestal's cut makes NaN that must be counted
+    if sub.threshold is not None:
+        below = int(np.count_nonzero(np.isnan(out))) - gone - uncalibrated
+    return {"missing_quabo": gone, "uncalibrated": uncalibrated, "below_threshold": below}
 
 
 def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: int,
