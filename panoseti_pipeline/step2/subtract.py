@@ -126,6 +126,7 @@ NAN_MEANS = ("no measurement: the pixel's quabo is missing in that frame (frame_
 
 
 def units_of(section: Any) -> str:
+    """The unit of the L1 images (image_median divides by ADC counts per photoelectron)."""
     return "photoelectrons" if section.method == "image_median" else "ADC counts"
 
 
