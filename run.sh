@@ -63,6 +63,10 @@ CURRENT_STEP=""
 STEP_START=""
 STEP_RC=""
 CLEANED_UP=0
+LOCK_HELD=0 # this run holds OUT_DIR's lock (released by the cleanup)
+RUN_LOG=""
+LOGGER_PID=""
+TERMINAL_ERR=""
 HURRY=0
 USE_DASK=0
 CLUSTER_WAIT_S=180
@@ -234,7 +238,8 @@ run_step() {
   local rc=0 lost=0 polls=0
   STEP_START="$(now)"
   STEP_RC=""
-  "$@" >&2 </dev/null &
+  rm -f -- "$RUN_TMP/step_error"
+  PANOSETI_ERROR_FILE="$RUN_TMP/step_error" "$@" >&2 </dev/null &
   STEP_PID=$!
   if [[ -n "$MANAGER_PID" ]]; then
     while kill -0 "$STEP_PID" 2>/dev/null; do
@@ -352,28 +357,53 @@ remove_store() {
   esac
 }
 
-# remove_partials FINAL: the <FINAL>.<id>.partial stores a killed step may leave.
+# remove_partials FINAL...: what killed steps left beside these products (partial stores
+# of a process that is gone; never another live run's).
 remove_partials() {
-  local final="${1:?}" partial
-  for partial in "$final".*.partial; do
-    if [[ -e "$partial" ]]; then
-      remove_store "$partial"
-    fi
-  done
+  py clear-stale "$@" || say "warning: could not clear the partial stores of $*"
 }
 
 # remove_leftovers I: after input I failed: partial stores, and its temporary L0.
 remove_leftovers() {
   local i="$1"
+  local -a finals=()
   if [[ "$OPT_STEPS" == *1* ]]; then
-    remove_partials "${JOB_L0[i]}"
+    finals+=("${JOB_L0[i]}")
     if [[ "$OPT_STEPS" == 1,2 ]] && ((!OPT_KEEP_L0)) && [[ -e "${JOB_L0[i]}" ]]; then
       remove_store "${JOB_L0[i]}"
     fi
   fi
   if [[ "$OPT_STEPS" == *2* ]]; then
-    remove_partials "${JOB_L1[i]}"
+    finals+=("${JOB_L1[i]}")
   fi
+  remove_partials "${finals[@]}"
+}
+
+# start_log: from here on, stderr (this script's and every step's) also goes, with
+# timestamps, to RUN_LOG beside the run record. The logger ignores SIGINT/SIGTERM, so
+# that a Ctrl-C at the terminal leaves it to log how the run stopped.
+start_log() {
+  RUN_LOG="$OUT_DIR/run_log_$(date -u +%Y%m%dT%H%M%SZ)_$$.log"
+  exec {TERMINAL_ERR}>&2
+  exec 2> >(
+    trap '' INT TERM
+    exec "$PYTHON" -m panoseti_pipeline.driver.runlog "$RUN_LOG" >&"$TERMINAL_ERR"
+  )
+  LOGGER_PID=$!
+  say "log: $RUN_LOG"
+}
+
+# shellcheck disable=SC2317  # invoked by the cleanup (the trap)
+# stop_log: stderr back to the terminal; the logger ends when the last writer is gone
+# (waited for, bounded: a straggler still holding the pipe does not hold this run).
+stop_log() {
+  local polls=0
+  [[ -n "$LOGGER_PID" ]] || return 0
+  exec 2>&"$TERMINAL_ERR"
+  while kill -0 "$LOGGER_PID" 2>/dev/null && ((polls++ < 50)); do
+    sleep "$WAIT_POLL_S"
+  done
+  LOGGER_PID=""
 }
 
 # cleanup: on every exit (the EXIT trap). Idempotent.
@@ -392,12 +422,16 @@ cleanup() {
   if ((L0_DIR_CREATED)); then
     rmdir -- "$L0_DIR" 2>/dev/null || true
   fi
+  if ((LOCK_HELD)); then
+    py lock release "$OUT_DIR" --pid "$$" || say "warning: could not release the lock of $OUT_DIR"
+  fi
   if ((OUT_DIR_CREATED)); then # only when empty (e.g. the cluster did not start)
     rmdir -- "$OUT_DIR" 2>/dev/null || true
   fi
   if [[ -n "$RUN_TMP" ]]; then
     rm -rf -- "${RUN_TMP:?}"
   fi
+  stop_log
 }
 
 on_signal() {
@@ -423,7 +457,7 @@ on_signal() {
     CURRENT_JOB=""
   fi
   if [[ -n "$STATE_FILE" && -s "$STATE_FILE" ]]; then
-    py summary "$STATE_FILE" --exit-code 130 --cluster-address "$CLUSTER_ADDRESS" \
+    py summary "$STATE_FILE" --exit-code 130 --log "$RUN_LOG" --cluster-address "$CLUSTER_ADDRESS" \
       --cluster-log "$CLUSTER_LOG" || true
   fi
   exit 130
@@ -465,9 +499,12 @@ read_plan() {
 # record I STEP RC: the step's outcome into the state file (sizes read by the driver).
 record() {
   local status=ok
+  local -a reason=()
   if (($3 != 0)); then status=failed; fi
+  if [[ -s "$RUN_TMP/step_error" ]]; then reason=(--reason-file "$RUN_TMP/step_error"); fi
   py record "$STATE_FILE" "$1" "$2" "$status" --exit-code "$3" --start "$STEP_START" \
-    --end "$(now)" "${@:4}" || say "warning: could not record step $2 of input $(($1 + 1))"
+    --end "$(now)" "${reason[@]}" "${@:4}" ||
+    say "warning: could not record step $2 of input $(($1 + 1))"
 }
 
 # run_job I: step 1, step 2, drop the L0. Returns the failing step's status.
@@ -525,6 +562,10 @@ run_jobs() {
   for ((i = 0; i < n; i++)); do
     if [[ "${JOB_ACTION[i]}" == skip ]]; then
       say "[$((i + 1))/$n] ${JOB_NAME[i]}: complete product already there, skipped (--overwrite redoes it)"
+      if [[ "$OPT_STEPS" == 1,2 && -e "${JOB_L0[i]}" ]] && ((!OPT_KEEP_L0)); then
+        say "[$((i + 1))/$n] ${JOB_NAME[i]}: removing its L0 store, left by a run stopped before it could: ${JOB_L0[i]}"
+        remove_store "${JOB_L0[i]}"
+      fi
       continue
     fi
     rc=0
@@ -634,6 +675,9 @@ run_pipeline() {
     mkdir -p -- "$OUT_DIR"
     OUT_DIR_CREATED=1
   fi
+  py lock acquire "$OUT_DIR" --pid "$$" || exit $? # another run writes here: exit 2
+  LOCK_HELD=1
+  start_log
   if [[ "$OPT_STEPS" != 2 && ! -d "$L0_DIR" ]]; then
     mkdir -p -- "$L0_DIR"
     L0_DIR_CREATED=1
@@ -651,8 +695,10 @@ run_pipeline() {
   write_bundles
   PIPELINE_RC=0
   if ((FAILED > 0)); then PIPELINE_RC=1; fi
-  py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --cluster-address "$CLUSTER_ADDRESS" \
+  py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --log "$RUN_LOG" \
+    --cluster-address "$CLUSTER_ADDRESS" \
     --cluster-log "$CLUSTER_LOG" || say "warning: could not write the summary or run record"
+  py catalog-update "$STATE_FILE" || say "warning: could not update the catalog in $OUT_DIR"
   if ((!OPT_NO_QUICKLOOK)); then # PNGs and index.html: a look at the night, not a product
     py quicklooks "$STATE_FILE" >&2 || say "warning: some quicklooks were not made (above)"
   fi
@@ -664,13 +710,19 @@ run_pipeline() {
 run_demo() {
   local dir observation first
   dir="$(absolute "${ARGS[0]:-$DEMO_DEFAULT_DIR}")"
+  if ((OPT_DRY_RUN)); then # the config is checked; nothing is written
+    py demo-config "$CONFIG" - >/dev/null || exit 2
+    say "demo (dry run, nothing written): would write a small synthetic observation into" \
+      "$dir/input and the config $dir/demo_config.toml ($CONFIG on the loopback" \
+      "interface), then run the pipeline into $dir/L1"
+    return 0
+  fi
   say "demo: writing a small synthetic observation into $dir/input"
   observation="$(py demo-observation "$dir/input")"
   py demo-config "$CONFIG" "$dir/demo_config.toml" >/dev/null
   say "demo: config $dir/demo_config.toml ($CONFIG with the Dask cluster on the loopback interface)"
   CONFIG="$dir/demo_config.toml"
   run_pipeline "$observation" "$dir/L1"
-  ((OPT_DRY_RUN)) && return 0
   first=""
   for first in "$dir"/L1/*/*_L1.zarr; do break; done
   cat <<EOF

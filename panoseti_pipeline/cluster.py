@@ -142,7 +142,8 @@ def ssh_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
         worker_options["interface"] = c.interface
     if c.dashboard_port:
         scheduler_options["dashboard"] = True
-        scheduler_options["dashboard_address"] = f":{int(c.dashboard_port)}"
+        # the first host as written (the scheduler's), never every interface of it
+        scheduler_options["dashboard_address"] = f"{hosts[0]}:{int(c.dashboard_port)}"
     else:
         scheduler_options["dashboard"] = False
     return {
@@ -167,7 +168,7 @@ def slurm_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
     worker_args = list(c.slurm_worker_extra_args)
     host = ""
     if c.interface:
-        host = _interface_ip(c.interface)
+        host = interface_address(c.interface)
         prologue.append(_worker_ip_line(python, c.interface))
         worker_args += ["--dashboard-address", f'"${_WORKER_IP_VAR}:0"']
     return {
@@ -300,7 +301,7 @@ class ClusterHandle:
         from distributed import LocalCluster
 
         c = self.config
-        host = _interface_ip(c.interface) if c.interface else "127.0.0.1"
+        host = interface_address(c.interface) if c.interface else "127.0.0.1"
         if c.dashboard_port:
             dashboard_address = f"{host}:{int(c.dashboard_port)}"
             dashboard = True
@@ -598,7 +599,8 @@ def _remaining(deadline: float, floor: float = 0.0) -> float:
     return max(deadline - time.monotonic(), floor)
 
 
-def _interface_ip(interface: str) -> str:
+def interface_address(interface: str) -> str:
+    """The IPv4 address of ``interface`` on this machine (ConfigError when it has none)."""
     from distributed.utils import get_ip_interface
 
     try:

@@ -243,7 +243,7 @@ class _Section:
     def __post_init__(self) -> None:
         values, problems = _parse_section(type(self), _values(self))
         if problems:
-            raise ConfigError("\n".join(problems))
+            raise ConfigError("\n".join(problems), problems=problems)
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -586,7 +586,7 @@ def _raise_if(problems: list[str], origin: str) -> None:
     if len(lines) > 1:
         lines.insert(0, f"{len(lines)} problems in {origin}:")
     if lines:
-        raise ConfigError("\n".join(lines))
+        raise ConfigError("\n".join(lines), problems=lines[-len(problems):])
 
 
 def _syntax_error(err: tomllib.TOMLDecodeError) -> str:

@@ -16,6 +16,8 @@ Exit codes shared by every script (DESIGN.md §8, STYLE.md):
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -42,9 +44,17 @@ class PFFNameError(PipelineError, ValueError):
 
 
 class ConfigError(PipelineError, ValueError):
-    """A configuration file or option is invalid; found before any work starts."""
+    """A configuration file or option is invalid; found before any work starts.
+
+    ``problems`` holds one line per problem (the message may add a heading line), so a
+    caller listing problems of several sources counts them right.
+    """
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
 
 
 class InputError(PipelineError, OSError):
@@ -111,30 +121,43 @@ def _reported(body: Callable[[], int], prog: str, debug: bool) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _report(prog, "interrupted")
         return EXIT_INTERRUPTED
     except PipelineError as err:
         if debug:
             raise
         if _signals and not isinstance(err, Interrupted):
             err = Interrupted(f"stopped by signal {signal.Signals(_signals[-1]).name}")
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        _report(prog, f"error: {err}")
         return err.exit_code
     except OSError as err:  # disk full, permission denied ... : name the file
         if debug:
             raise
         where = f"{err.filename}: " if err.filename else ""
-        print(f"{prog}: error: {where}{err.strerror or err}", file=sys.stderr)
+        _report(prog, f"error: {where}{err.strerror or err}")
         return EXIT_FAILED
     except Exception as err:  # a bug or a library error: still one line, no traceback
         if debug:
             raise
         if _signals:
-            print(f"{prog}: error: stopped by signal {signal.Signals(_signals[-1]).name}",
-                  file=sys.stderr)
+            _report(prog, f"error: stopped by signal {signal.Signals(_signals[-1]).name}")
             return EXIT_INTERRUPTED
         text = " ".join(str(err).split()) or "(no message)"
-        print(f"{prog}: error: unexpected {type(err).__name__}: {text} (rerun with --debug "
-              "for the traceback)", file=sys.stderr)
+        _report(prog, f"error: unexpected {type(err).__name__}: {text} (rerun with --debug "
+                "for the traceback)")
         return EXIT_FAILED
+
+
+#: Environment variable naming a file that receives a script's final error line too:
+#: run.sh reads it into the summary and the run record as the failed step's reason.
+ERROR_FILE_ENV = "PANOSETI_ERROR_FILE"
+
+
+def _report(prog: str, message: str) -> None:
+    """The one line a failed script prints (and leaves where ERROR_FILE_ENV says)."""
+    print(f"{prog}: {message}", file=sys.stderr)
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as f:
+            f.write(message.removeprefix("error: ") + "\n")
 

@@ -14,19 +14,24 @@ bundle path            copied from the run directory (top level, files only)
 ``manifests/``         ``dp_manifest*``
 ``sentinels/``         ``collect_complete``, ``run_complete``, ``recording_ended``
 ``hk.pff``             ``hk.pff``
+``<run>.hk.zarr``      written here from ``hk.pff`` (:mod:`panoseti_pipeline.housekeeping`)
+``<run>.hk.png``       its quicklook: temperatures and HV of every quabo board
 ``manifest.json``      written here (below)
 =====================  ======================================================
 
 These are pypff's rules, so a bundle of ours and one of ``pypff.zarr.convert_run`` hold the
-same files. Files are copied byte for byte, keeping their modification time; the copies get
-the caller's umask like every other output (DESIGN.md §8), not the input's mode bits.
-Inputs are only read: a read-only run directory works.
+same files (plus the housekeeping store and its quicklook, which pypff's reader never opens:
+it looks for products only at the run directory's top level). Files are copied byte for
+byte, keeping their modification time; the copies get the caller's umask like every other
+output (DESIGN.md §8), not the input's mode bits. Inputs are only read: a read-only run
+directory works.
 
 ``manifest.json`` has pypff's keys (``panoseti_meta_version``, ``created_utc``,
 ``source_run_dir``, ``zarr_stores``) and ours: ``written_by`` (so that a re-run replaces
 only a bundle this pipeline wrote), ``products`` (per store: level, frames, first and last
 frame time) and ``files`` (sha256 and size of every copied file, checked by
-:func:`verify_bundle`). pypff's reader does not read the manifest, so the extra keys cost
+:func:`verify_bundle`) and ``housekeeping`` (the store, its quicklook, records read, a cut
+last record). pypff's reader does not read the manifest, so the extra keys cost
 it nothing.
 
 The bundle is built under ``<bundle>.<id>.partial`` in the output directory and renamed into
@@ -38,18 +43,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fnmatch
+import functools
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from panoseti_pipeline.errors import InputError, PipelineError, StoreError
 from panoseti_pipeline.pff import HOUSEKEEPING_NAME, NAT
-from panoseti_pipeline.store.publish import PARTIAL_SUFFIX, swap_into_place
+from panoseti_pipeline.store import publish
 
 Notice = Callable[[str], None]
 
@@ -183,29 +188,32 @@ def write_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StoreError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
-    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+    for message in publish.clear_stale(final):
+        notice(message)
     try:
-        tmp.mkdir()
-        for sub in SUBDIRS:
-            (tmp / sub).mkdir()
-        manifest = {
-            "panoseti_meta_version": META_VERSION,
-            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "source_run_dir": str(run_dir),
-            "zarr_stores": list(dict.fromkeys(p.store for p in products)),
-            "written_by": WRITTEN_BY,
-            "products": [p.to_manifest() for p in products],
-            "files": {rel: _copy(src, tmp / rel) for rel, src in files.items()},
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
-                                         encoding="utf-8")
-        _publish(tmp, final)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and not isinstance(err, PipelineError):
-            raise StoreError(f"{final}: cannot write the run bundle ({err.strerror or err}); "
-                             "nothing was published") from err
-        raise
+        with publish.staged(final, functools.partial(_replace_problem, final),
+                            "the run bundle") as tmp:
+            tmp.mkdir()
+            for sub in SUBDIRS:
+                (tmp / sub).mkdir()
+            manifest = {
+                "panoseti_meta_version": META_VERSION,
+                "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "source_run_dir": str(run_dir),
+                "zarr_stores": list(dict.fromkeys(p.store for p in products)),
+                "written_by": WRITTEN_BY,
+                "products": [p.to_manifest() for p in products],
+                "files": {rel: _copy(src, tmp / rel) for rel, src in files.items()},
+            }
+            if HOUSEKEEPING_NAME in files:
+                manifest["housekeeping"] = _housekeeping(tmp, run_dir, notice)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
+                                             encoding="utf-8")
+    except OSError as err:
+        if isinstance(err, PipelineError):
+            raise
+        raise StoreError(f"{final}: cannot write the run bundle ({err.strerror or err}); "
+                         "nothing was published") from err
     return final
 
 
@@ -231,9 +239,37 @@ def verify_bundle(path: str | os.PathLike) -> list[str]:
             problems.append(f"{file}: {size} bytes, the manifest says {want.get('size')}")
         elif digest != want.get("sha256"):
             problems.append(f"{file}: sha256 {digest} differs from the manifest's")
+    problems += [f"{path / name}: missing" for name in sorted(_generated(manifest))
+                 if not (path / name).exists()]
     problems += [f"{path / rel}: not listed in {MANIFEST_NAME}"
-                 for rel in _unlisted(path, manifest["files"])]
+                 for rel in _unlisted(path, manifest["files"], _generated(manifest))]
     return problems
+
+
+def _housekeeping(bundle: Path, run_dir: Path, notice: Notice) -> dict[str, Any]:
+    """The bundle's copy of hk.pff as ``<run>.hk.zarr`` and ``<run>.hk.png``."""
+    from panoseti_pipeline.housekeeping import convert_hk, hk_names
+
+    store, png = hk_names(run_dir)
+    try:
+        facts = convert_hk(bundle / HOUSEKEEPING_NAME, bundle / store, bundle / png)
+    except ValueError as err:  # hk.pff is input: a surprise in it must not cost the bundle
+        shutil.rmtree(bundle / store, ignore_errors=True)
+        (bundle / png).unlink(missing_ok=True)
+        notice(f"{run_dir / HOUSEKEEPING_NAME}: no housekeeping store written ({err}); "
+               "hk.pff is in the bundle as it is")
+        return {"error": str(err)}
+    if facts["unreadable_records"]:
+        notice(f"{run_dir / HOUSEKEEPING_NAME}: {facts['unreadable_records']} records are not "
+               f"housekeeping records, left out of {store} (listed in its attributes)")
+    return facts
+
+
+def _generated(manifest: dict[str, Any]) -> set[str]:
+    """Top-level bundle entries written here rather than copied (the housekeeping)."""
+    hk = manifest.get("housekeeping")
+    return {name for name in (hk.get("store"), hk.get("quicklook")) if name} if isinstance(
+        hk, dict) else set()
 
 
 def _notice_left_out(run_dir: Path, bundled: set[Path], notice: Notice) -> None:
@@ -278,32 +314,35 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _unlisted(path: Path, listed: Iterable[str]) -> list[str]:
-    """Bundle-relative entries that are neither listed files nor the bundle's own layout."""
-    known = {*listed, MANIFEST_NAME, *SUBDIRS}
+def _unlisted(path: Path, listed: Iterable[str], generated: set[str]) -> list[str]:
+    """Bundle-relative entries that are neither listed files nor the bundle's own layout
+    (``generated``: top-level entries written here, whole trees)."""
+    known = {*listed, MANIFEST_NAME, *SUBDIRS, *generated}
     found = []
     for root, dirs, names in os.walk(path):
         rel_root = Path(root).relative_to(path)
+        if rel_root.parts and rel_root.parts[0] in generated:
+            continue
         found += [(rel_root / n).as_posix() for n in names]
         found += [(rel_root / d).as_posix() + "/" for d in dirs
                   if (rel_root / d).as_posix() not in known]
     return sorted(rel for rel in found if rel not in known)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an old bundle there is kept until that succeeded.
+def _replace_problem(final: Path) -> str | None:
+    """Why ``final`` may not be replaced by a new bundle, or None.
 
     Only a bundle this pipeline wrote, holding nothing it did not write, is replaced: any
     other directory or file of that name is someone's data.
     """
-    if final.exists() or final.is_symlink():
-        manifest = None if final.is_symlink() else _read_manifest(final)
-        if manifest is None:
-            raise StoreError(f"{final}: exists and is not a run bundle written by this "
-                             "pipeline; refusing to replace it (move it away or choose "
-                             "another output)")
-        extra = _unlisted(final, manifest["files"])
-        if extra:
-            raise StoreError(f"{final}: holds {extra[0]}, which this pipeline did not write; "
-                             "refusing to replace the bundle (move that file away)")
-    swap_into_place(tmp, final)
+    if not (final.exists() or final.is_symlink()):
+        return None
+    manifest = None if final.is_symlink() else _read_manifest(final)
+    if manifest is None:
+        return (f"{final}: exists and is not a run bundle written by this pipeline; "
+                "refusing to replace it (move it away or choose another output)")
+    extra = _unlisted(final, manifest["files"], _generated(manifest))
+    if extra:
+        return (f"{final}: holds {extra[0]}, which this pipeline did not write; "
+                "refusing to replace the bundle (move that file away)")
+    return None

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -168,8 +169,34 @@ class DaskRunner:
                                    f"({' '.join(str(err).split())}); is the cluster still "
                                    "running?") from None
             except BaseException:
-                self.client.cancel(futures)
+                self.cancel_and_wait(futures)
                 raise
+
+    def cancel_and_wait(self, futures: Sequence[Any], timeout_s: float = 120.0) -> None:
+        """Cancel ``futures`` and wait until none of them still runs on a worker.
+
+        Dask cannot stop a running task: cancelling only drops its result. A task still
+        running would go on writing chunk files into the partial store the caller is about
+        to remove (and re-create it), so the caller cleans up only after this returns.
+        """
+        keys = {f.key for f in futures}
+        self.client.cancel(futures)
+        deadline = time.monotonic() + timeout_s
+        while self.client.status == "running" and time.monotonic() < deadline:
+            running = self.client.run(_running_keys, keys, on_error="ignore")
+            if not any(running.values()):
+                return
+            time.sleep(0.1)
+        if self.client.status == "running":
+            print(f"warning: {len(keys)} cancelled task(s) still ran on the Dask cluster "
+                  f"after {timeout_s:.0f} s; they may leave files in the partial store",
+                  file=sys.stderr)
+
+
+def _running_keys(keys: set[Any], dask_worker: Any = None) -> list[Any]:
+    """On a worker: which of ``keys`` are still executing (cancelled ones included)."""
+    state = dask_worker.state
+    return [ts.key for ts in (*state.executing, *state.long_running) if ts.key in keys]
 
 
 def runner_for(client: Any, threads: int | None, progress: bool) -> LocalRunner | DaskRunner:

@@ -360,8 +360,8 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     names = check_stream(inputs, notice)
     if not overwrite and publish.is_published(output, layout.LEVEL_L0):
         return Result(str(output), "exists")
-    for stale in publish.remove_stale_partials(output):
-        notice(f"{stale}: removed the partial store of an interrupted run")
+    for message in publish.clear_stale(output):
+        notice(message)
     publish.apply_permission_policy(cfg.run.group_writable)
     t0 = time.perf_counter()
     strict = cfg.pff_to_zarr.strict

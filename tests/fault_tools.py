@@ -108,9 +108,11 @@ def store_arrays(store: Path) -> dict[str, object]:
 
 
 def leftovers(directory: Path) -> list[str]:
-    """Stores that must not survive a failure: partial stores and their old copies."""
+    """What must not survive a failure: partial stores, their old copies and holder
+    files, and the output directory's run lock."""
     return sorted(str(p) for p in directory.rglob("*")
-                  if p.name.endswith((".partial", ".old")))
+                  if p.name.endswith((".partial", ".old", ".owner", ".stale"))
+                  or p.name == ".panoseti-run.lock")
 
 
 def permission_problems(root: Path, group_writable: bool) -> list[str]:

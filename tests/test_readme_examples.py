@@ -66,19 +66,29 @@ def test_the_readme_commands_run(paths: dict[str, str]) -> None:
         assert expected in done.stdout, (example, done.stdout)
 
 
-def test_the_readme_python_example_of_the_l1_store_runs(paths: dict[str, str],
-                                                        tmp_path: Path) -> None:
-    pytest.importorskip("pypff")
-    out = tmp_path / "L1"
+@pytest.fixture(scope="module")
+def l1(paths: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``run.sh`` on the generated run: the output directory (holds ``L1/<run>/``)."""
+    out = tmp_path_factory.mktemp("readme_run") / "L1"
     done = subprocess.run(["bash", str(REPO / "run.sh"), paths["run"], str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "CONFIG_FILE": paths["my.toml"]})
     assert done.returncode == 0, done.stderr
-    section = README.split("## The L1 store", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    run_dir = out / Path(paths["run"]).name[: -len(".pffd")]
-    (l1,) = run_dir.glob("*dp_img16*_L1.zarr")
-    code = code.replace('"run_L1.zarr"', repr(str(l1)))
+    return out
+
+
+def python_example(section: str) -> str:
+    """The first ```python block of the README section that starts with ``section``."""
+    return re.search(r"```python\n(.*?)```", README.split(section, 1)[1], re.S).group(1)
+
+
+def test_the_readme_python_example_of_the_l1_store_runs(paths: dict[str, str],
+                                                        l1: Path) -> None:
+    pytest.importorskip("pypff")
+    code = python_example("## The L1 store")
+    run_dir = l1 / Path(paths["run"]).name[: -len(".pffd")]
+    (store,) = run_dir.glob("*dp_img16*_L1.zarr")
+    code = code.replace('"run_L1.zarr"', repr(str(store)))
     code = re.sub(r'open_zarr_run\("[^"]+"\)', f"open_zarr_run({str(run_dir)!r})", code)
     code += "\nassert len(store) == 1200 and t_ns.dtype.kind == 'i'\nprint('example ok')\n"
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -110,3 +120,23 @@ def test_the_readme_python_example_of_looking_at_a_night_runs(paths: dict[str, s
     assert "night ok" in ran.stdout
     for png in ("frame.png", "light_curve.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_finding_and_opening_examples_run(paths: dict[str, str], l1: Path) -> None:
+    """The Python example runs verbatim in the directory holding ``L1``; the catalog and
+    ``pff.py info STORE.zarr`` commands as written, on that output."""
+    code = python_example("## Finding and opening products")
+    code += ("\nassert light_curve.sizes['time'] == 1200 and hv.size == 1\n"
+             "assert [leaf.dataset.sizes['time'] for leaf in night.leaves] == [500]\n"
+             "print('example ok')\n")
+    ran = subprocess.run([sys.executable, "-c", code], cwd=l1.parent, capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert "example ok" in ran.stdout and "/module_1/img16" in ran.stdout
+
+    (store,) = l1.glob("*/*dp_img16*_L1.zarr")
+    where = {**paths, "OUTPUT_ROOT": str(l1), "STORE.zarr": str(store)}
+    done = run("python3 -m panoseti_pipeline catalog OUTPUT_ROOT --rebuild", where)
+    assert done.returncode == 0 and done.stdout.count("_L1.zarr") == 2, done.stderr
+    done = run("python3 pff.py info STORE.zarr", where)
+    assert done.returncode == 0 and "level=L1 dp=img16 module=1 frames=1200" in done.stdout

@@ -59,6 +59,13 @@ def tree(path: Path) -> dict[str, bytes]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def copied(bundle: Path) -> dict[str, bytes]:
+    """The bundle's files but the housekeeping store and quicklook written from hk.pff."""
+    stem = bundle.name.removesuffix(".pffd.panoseti-meta")
+    return {rel: data for rel, data in tree(bundle).items()
+            if rel.split("/")[0] not in (f"{stem}.hk.zarr", f"{stem}.hk.png")}
+
+
 def state(path: Path) -> dict[str, tuple[int, int, bytes]]:
     """mtime, mode and bytes of every entry under ``path``."""
     return {p.relative_to(path).as_posix(): (p.stat().st_mtime_ns, p.stat().st_mode,
@@ -83,7 +90,7 @@ def test_bundle_copies_the_run_metadata_byte_identical(run: Path, tmp_path: Path
     bundle = write(run, tmp_path / "out", notices)
 
     assert bundle == tmp_path / "out" / f"{run.name}.panoseti-meta"
-    got = tree(bundle)
+    got = copied(bundle)
     expected = {*GENERATED, "configs/dp_manifest_1.json", "manifests/dp_manifest_1.json",
                 "configs/pipeline.toml", "logs/daq.log", "logs/notes.txt", "manifest.json"}
     assert set(got) == expected
@@ -91,8 +98,10 @@ def test_bundle_copies_the_run_metadata_byte_identical(run: Path, tmp_path: Path
         source = run / Path(rel).name
         assert got[rel] == source.read_bytes(), rel
         assert (bundle / rel).stat().st_mtime_ns == source.stat().st_mtime_ns, rel
+    stem = run.name.removesuffix(".pffd")
     assert sorted(p.name for p in bundle.iterdir() if p.is_dir()) == [
-        "configs", "logs", "manifests", "sentinels"]
+        "configs", "logs", "manifests", f"{stem}.hk.zarr", "sentinels"]
+    assert (bundle / f"{stem}.hk.png").read_bytes().startswith(b"\x89PNG")
     assert not list(bundle.parent.glob("*.partial"))
     (left,) = notices  # what the bundle does not keep is said, once
     assert str(run) in left and "2 entries" in left
@@ -269,7 +278,7 @@ def test_our_bundle_holds_what_pypff_bundles(run: Path, tmp_path: Path) -> None:
         (run / name).write_text(text)
     pypff_zarr.convert_run(PanosetiRun(run), tmp_path / "pypff")
     theirs = tree(tmp_path / "pypff" / f"{run.name}.panoseti-meta")
-    ours = tree(write(run, tmp_path / "ours"))
+    ours = copied(write(run, tmp_path / "ours"))  # + the housekeeping store and quicklook
     del theirs["manifest.json"], ours["manifest.json"]
     assert ours == theirs
 

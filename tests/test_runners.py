@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -36,3 +40,31 @@ def test_thread_array_reuses_this_threads_buffer() -> None:
     assert b.shape == (2, 3) and np.shares_memory(a, b)
     c = runners.thread_array("test", (1000,), np.float64)  # larger: a new buffer
     assert c.shape == (1000,) and not np.shares_memory(a, c)
+
+
+def _write_later(directory: str, i: int) -> int:
+    """Task: the first fails at once; the others run on and then write into ``directory``."""
+    if i == 0:
+        raise RuntimeError("task 0 failed")
+    time.sleep(1.0)
+    Path(directory, "c").mkdir(parents=True, exist_ok=True)
+    Path(directory, "c", str(i)).write_bytes(b"chunk")
+    return i
+
+
+def test_a_failed_dask_map_returns_only_when_no_task_still_writes(tmp_path: Path) -> None:
+    """Defect: cancelling left running tasks writing into the partial store after the
+    caller removed it. Now the failure reaches the caller once they have all ended."""
+    from distributed import Client, LocalCluster
+
+    partial = tmp_path / "out.zarr.0123.partial"
+    partial.mkdir()
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        runner = runners.DaskRunner(client, progress=False)
+        with pytest.raises(RuntimeError, match="task 0 failed"):
+            runner.map(_write_later, [(str(partial), i) for i in range(4)], "test",
+                       lambda _i, _r: None)
+        shutil.rmtree(partial)  # the caller's clean-up after the failure
+        time.sleep(2.0)  # longer than any task still running would need to write
+        assert not partial.exists()

@@ -23,6 +23,8 @@ COMMANDS = {
                   "write a synthetic observation (tests, demo, benchmarks)"),
     "quicklook": ("panoseti_pipeline.quicklook:main",
                   "quicklook STORE... [--out DIR]: a PNG per L0/L1 store"),
+    "catalog": ("panoseti_pipeline.catalog:main",
+                "catalog OUTPUT_ROOT [--module --dp --between --level --json]: find products"),
     "driver": ("panoseti_pipeline.driver.cli:main",
                "run.sh's Python side (plan, record, summary)"),
 }

@@ -8,11 +8,19 @@
     One step's outcome, or an interrupted job, into the state file.
 ``summary``
     The table on stdout and the run record (TOML) in the output directory.
+``catalog-update``
+    The run's products into ``<output>/catalog.sqlite`` (after the summary).
 ``quicklooks``
     A quicklook PNG beside every product of the run and an ``index.html`` in each
     directory of them (:mod:`panoseti_pipeline.driver.index_page`).
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
+``clear-stale``
+    What killed steps left beside products (partial stores, half-swapped products), when
+    the process that held them is gone.
+``lock``
+    The output directory's run lock (``acquire``: exit 2 naming the holder when another
+    live run has it; a stale one is taken over with a notice).
 ``descendants``
     The process ids below a process (run.sh's cleanup of a hung cluster manager).
 
@@ -68,8 +76,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     state = record.load_state(args.state)
+    reason = ""
+    if args.reason_file:
+        lines = Path(args.reason_file).read_text(errors="replace").strip().splitlines()
+        reason = lines[-1] if lines else ""
     record.record_step(state, args.job, args.step, args.status, exit_code=args.exit_code,
-                       start=args.start, end=args.end, l0_removed=args.l0_removed)
+                       start=args.start, end=args.end, l0_removed=args.l0_removed,
+                       reason=reason)
     record.write_state(args.state, state)
     return EXIT_OK
 
@@ -94,11 +107,25 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if not out.is_dir():
         print(f"run.sh: note: {out} does not exist: no run record written", file=sys.stderr)
         return EXIT_OK
-    path = record.write_run_record(
-        out, record.run_record(state, args.exit_code, args.cluster_address, log))
+    the_record = record.run_record(state, args.exit_code, args.cluster_address, log)
+    if args.log:
+        the_record["run"]["log"] = args.log
+    path = record.write_run_record(out, the_record)
     print(f"run record: {path}")
     state["run_record"] = str(path)  # for the index pages (quicklooks)
     record.write_state(args.state, state)
+    return EXIT_OK
+
+
+def cmd_catalog_update(args: argparse.Namespace) -> int:
+    """The run's products into the output root's catalog (rows of the same path replaced)."""
+    from panoseti_pipeline.catalog import update_from_state
+
+    state = record.load_state(args.state)
+    if not Path(state["output_dir"]).is_dir():
+        return EXIT_OK
+    path, n = update_from_state(state)
+    print(f"catalog: {path} ({n} product{'s' if n != 1 else ''} of this run)")
     return EXIT_OK
 
 
@@ -118,7 +145,7 @@ def cmd_demo_observation(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_config(args: argparse.Namespace) -> int:
-    demo.write_demo_config(args.config, Path(args.output))
+    demo.write_demo_config(args.config, None if args.output == "-" else Path(args.output))
     print(args.output)
     return EXIT_OK
 
@@ -136,6 +163,30 @@ def cmd_bundle(args: argparse.Namespace) -> int:
                                    notice=lambda msg: print(f"run.sh: note: {msg}",
                                                             file=sys.stderr))
     print(path)
+    return EXIT_OK
+
+
+def cmd_clear_stale(args: argparse.Namespace) -> int:
+    """What killed steps left beside these products, when their holder is gone."""
+    from panoseti_pipeline.store import publish
+
+    for final in args.products:
+        for message in publish.clear_stale(final):
+            print(f"run.sh: note: {message}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Take or give back the output directory's run lock for run.sh (its pid)."""
+    from panoseti_pipeline.store import ownership
+
+    holder = ownership.Holder.of(args.pid)
+    if args.action == "release":
+        ownership.release(Path(args.directory) / ownership.LOCK_NAME, holder)
+        return EXIT_OK
+    notice = ownership.acquire_lock(Path(args.directory), holder)
+    if notice:
+        print(f"run.sh: note: {notice}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -182,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", default="")
     p.add_argument("--end", default="")
     p.add_argument("--l0-removed", action="store_true")
+    p.add_argument("--reason-file", default="", help="holds the failed step's error line")
     p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("mark", help="mark a job interrupted between its steps")
@@ -195,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-code", type=int, required=True)
     p.add_argument("--cluster-address", default="")
     p.add_argument("--cluster-log", default="")
+    p.add_argument("--log", default="", help="the run's log file (named in the run record)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("catalog-update", help="catalog the run's products (catalog.sqlite)")
+    p.add_argument("state")
+    p.set_defaults(func=cmd_catalog_update)
 
     p = sub.add_parser("quicklooks",
                        help="quicklook PNGs and index.html of the run's products")
@@ -210,13 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-config", help="write the demo's config (loopback cluster)")
     p.add_argument("config")
-    p.add_argument("output")
+    p.add_argument("output", help="the file to write; - prints it (a check, nothing written)")
     p.set_defaults(func=cmd_demo_config)
 
     p = sub.add_parser("bundle", help="write a run's bundle beside its products")
     p.add_argument("run_dir", help="the .pffd run directory")
     p.add_argument("product_dir", help="the directory of the run's products")
     p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("clear-stale", help="clear what killed steps left beside products")
+    p.add_argument("products", nargs="+", help="final product paths (<name>_L0.zarr, ...)")
+    p.set_defaults(func=cmd_clear_stale)
+
+    p = sub.add_parser("lock", help="take or release the output directory's run lock")
+    p.add_argument("action", choices=("acquire", "release"))
+    p.add_argument("directory")
+    p.add_argument("--pid", type=int, required=True, help="the process holding it (run.sh)")
+    p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("descendants", help="print the process ids below PID")
     p.add_argument("pid", type=int)

@@ -33,8 +33,9 @@ def write_demo_observation(directory: Path, frames: int = DEMO_FRAMES, seed: int
                                       faults=("missing_quabo", "partial_last", "bad_pixels"))
 
 
-def write_demo_config(config: str, output: Path) -> None:
-    """``config`` with the Dask cluster bound to the loopback interface, as ``output``."""
+def write_demo_config(config: str, output: Path | None) -> None:
+    """``config`` with the Dask cluster bound to the loopback interface, as ``output``
+    (None: on stdout, e.g. to check it without writing)."""
     import tomli_w
 
     from panoseti_pipeline.config import load_config
@@ -44,9 +45,13 @@ def write_demo_config(config: str, output: Path) -> None:
     values = cfg.as_dict()
     values["cluster"]["interface"] = interface
     cfg = cfg.with_overrides("cluster", interface=interface)  # validated again
-    output.write_text(
+    text = (
         f"# Demo configuration written by run.sh --demo: {cfg.source} with\n"
         f"# [cluster] interface = {json.dumps(interface)} so that every Dask address stays\n"
         f"# on this machine's loopback interface.\n"
         f"# Check it: python3 -m panoseti_pipeline config check FILE\n"
         f"{tomli_w.dumps(values)}")
+    if output is None:
+        print(text, end="")
+    else:
+        output.write_text(text)

@@ -27,9 +27,12 @@ only, so two runs in one directory would hide each other's products.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,6 +371,33 @@ def _interface_problem(interface: str, source: str) -> str | None:
             f"interface on this machine (it has: {', '.join(known)})")
 
 
+def _dashboard_problems(cluster: Any, source: str) -> list[str]:
+    """``dashboard_port`` needs bokeh (not a requirement: only the dashboard uses it) and,
+    where the scheduler runs on this machine, a free port on its address."""
+    port = int(cluster.dashboard_port)
+    if not (cluster.use_dask and port):
+        return []
+    problems = []
+    if importlib.util.find_spec("bokeh") is None:
+        problems.append(f"{source}: [cluster] dashboard_port = {port}: the dashboard needs "
+                        f"bokeh, which is not installed in {sys.prefix} (pip install "
+                        "'bokeh>=3.1' there), or set dashboard_port = 0")
+    if cluster.cluster_type in ("local", "slurm"):
+        host = "127.0.0.1"
+        if cluster.interface:
+            from panoseti_pipeline.cluster import interface_address
+
+            host = interface_address(cluster.interface)
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as err:
+                problems.append(f"{source}: [cluster] dashboard_port = {port}: cannot listen "
+                                f"on {host}:{port} ({err.strerror}; another dashboard?); "
+                                "choose another port, or 0 for none")
+    return problems
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -388,11 +418,13 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
     try:
         cfg = load_config(config_path)
     except ConfigError as err:
-        plan.problems.extend(str(err).splitlines())
+        plan.problems.extend(err.problems)
     if cfg and cfg.cluster.use_dask and cfg.cluster.cluster_type in ("local", "slurm"):
         problem = _interface_problem(cfg.cluster.interface, cfg.source)
         if problem:
             plan.problems.append(problem)
+    if cfg and not plan.problems:
+        plan.problems += _dashboard_problems(cfg.cluster, cfg.source)
     if not inputs:
         plan.problems.append("no input given")
     jobs, trees = _input_jobs(inputs, steps, plan)

@@ -74,23 +74,38 @@ def _epoch(text: str) -> float:
 
 
 def _store_facts(store: str) -> dict[str, Any]:
+    """Bytes and frames of a product, and what step 1 skipped of its input (a degraded
+    conversion: corrupt byte ranges re-synchronised over, PFF_FORMAT.md)."""
     facts: dict[str, Any] = {"bytes": store_files.store_bytes(store)}
     shape = images_shape(Path(store))
     if shape:
         facts["frames"] = shape[0]
+    try:
+        with open(Path(store) / "zarr.json", encoding="utf-8") as f:
+            attrs = json.load(f).get("attributes", {})
+    except (OSError, ValueError):
+        attrs = {}
+    skipped = [dict(r, file=src.get("name", "?"))
+               for src in attrs.get("source_files", []) if isinstance(src, dict)
+               for r in src.get("skipped", []) if isinstance(r, dict)]
+    if skipped:
+        facts["skipped"] = skipped
     return facts
 
 
 def record_step(state: dict[str, Any], job_index: int, step: int, status: str, *,
                 exit_code: int = 0, start: str = "", end: str = "",
-                l0_removed: bool = False) -> None:
-    """Add one step's outcome (status, exit code, seconds, the store's size) to ``state``.
+                l0_removed: bool = False, reason: str = "") -> None:
+    """Add one step's outcome (status, exit code, seconds, the store's size, the error
+    line of a failed step) to ``state``.
 
     ``start`` and ``end`` are bash times (``EPOCHREALTIME`` or ``date +%s``). The store
     is measured now, while it is there (the L0 is removed after step 2).
     """
     job = state["jobs"][job_index]
     entry: dict[str, Any] = {"status": status, "exit_code": exit_code}
+    if reason and status != "ok":
+        entry["reason"] = reason
     if start and end:
         entry["seconds"] = round(max(0.0, _epoch(end) - _epoch(start)), 3)
     if status == "ok":
@@ -100,6 +115,8 @@ def record_step(state: dict[str, Any], job_index: int, step: int, status: str, *
             job["l0_bytes" if step == 1 else "l1_bytes"] = facts["bytes"]
             if "frames" in facts:
                 job["frames"] = facts["frames"]
+            if "skipped" in facts:
+                job["skipped"] = facts["skipped"]
     job["steps"][str(step)] = entry
     if l0_removed:
         job["l0_removed"] = True
@@ -114,7 +131,8 @@ def mark_job(state: dict[str, Any], job_index: int, mark: str) -> None:
 
 
 def job_status(job: dict[str, Any], steps: Sequence[int]) -> tuple[str, str]:
-    """(status, why) of a job: ok, skipped, failed, not-run."""
+    """(status, why) of a job: ok, degraded (done, but corrupt input bytes were skipped),
+    skipped, failed, not-run."""
     if job["action"] == "skip":
         return "skipped", "complete product already there"
     done = job.get("steps", {})
@@ -127,9 +145,15 @@ def job_status(job: dict[str, Any], steps: Sequence[int]) -> tuple[str, str]:
             return "not-run", "not started (an earlier input failed or the run was stopped)"
         if entry["status"] != "ok":
             code = entry.get("exit_code")
-            why = ("interrupted" if code in INTERRUPTED_CODES or entry["status"] == "interrupted"
-                   else f"exit status {code}")
-            return "failed", f"{STEP_NAMES[step]} failed ({why})"
+            if code in INTERRUPTED_CODES or entry["status"] == "interrupted":
+                return "failed", f"{STEP_NAMES[step]} failed (interrupted)"
+            if entry.get("reason"):
+                return "failed", f"{STEP_NAMES[step]} failed: {entry['reason']}"
+            return "failed", f"{STEP_NAMES[step]} failed (exit status {code})"
+    if job.get("skipped"):
+        lost = sum(r.get("frames_lost", 0) for r in job["skipped"])
+        return "degraded", (f"{len(job['skipped'])} corrupt byte range(s) of the input "
+                            f"skipped (~{lost} frame(s) lost; see skipped_ranges)")
     return "ok", ""
 
 
@@ -176,7 +200,7 @@ def failure_lines(state: dict[str, Any]) -> list[str]:
     lines = []
     for k, job in enumerate(state["jobs"], 1):
         status, why = job_status(job, state["steps"])
-        if status in ("failed", "not-run"):
+        if status in ("failed", "not-run", "degraded"):
             lines.append(f"{status}: {k}. {job['name']}: {why}")
     return lines
 
@@ -237,7 +261,8 @@ def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
                  "files": job["inputs"], "l0": job["l0"] or None, "l1": job["l1"] or None,
                  "input_bytes": job["input_bytes"], "frames": job.get("frames"),
                  "l0_bytes": job.get("l0_bytes"), "l1_bytes": job.get("l1_bytes"),
-                 "l0_removed": job.get("l0_removed", False)}
+                 "l0_removed": job.get("l0_removed", False),
+                 "skipped_ranges": job.get("skipped")}
         for step, info in sorted(job.get("steps", {}).items()):
             entry[f"step{step}"] = info
         inputs.append(entry)

@@ -2,11 +2,15 @@
 
     python3 pff.py info run.pffd                  # every .pff file of an observation
     python3 -m panoseti_pipeline pff info FILE.pff
+    python3 pff.py info STORE.zarr                # a product store (L0 or L1)
 
 For each data file: product, module, seqno, whole frames, partial bytes dropped, frames
 walked, first and last time and the time source, flag counts, and per quabo the gaps in
 ``pkt_num`` (lost packets); a NUL tail and skipped corrupt byte ranges when there are.
-Housekeeping and 0-byte files are named and skipped. Exit status 0 when every file was
+Housekeeping and 0-byte files are named and skipped. For a Zarr store (a directory with a
+``zarr.json``): level, product, module, run, frames, time span, flag counts, bytes on disk,
+uncompressed bytes and the compression ratio, the L1/L0 size ratio; for a housekeeping
+store its records and sources. Exit status 0 when every file was
 read, 1 when some failed (one stderr line each, naming the file), 2 on a usage error.
 """
 
@@ -120,14 +124,43 @@ def _info_lines(summary: dict) -> list[str]:
 
 def _expand(paths: Sequence[str]) -> Iterator[Path]:
     for p in map(Path, paths):
-        yield from sorted(p.glob("*.pff")) if p.is_dir() else [p]
+        yield from sorted(p.glob("*.pff")) if p.is_dir() and not _is_store(p) else [p]
+
+
+def _is_store(path: Path) -> bool:
+    return path.suffix == ".zarr" or (path / "zarr.json").is_file()
+
+
+def _store_lines(path: Path) -> list[str]:
+    """What ``pff.py info`` prints about a Zarr store (product or housekeeping)."""
+    from panoseti_pipeline.store.facts import read_root, store_facts
+
+    attrs = read_root(path)[1].get("attributes") or {}
+    if attrs.get("content") == "housekeeping":
+        sources = attrs.get("records_by_source", {})
+        return [str(path), f"  housekeeping: {attrs.get('records')} records, "
+                f"{len(sources)} sources ({', '.join(sources)}), cut last record "
+                f"{attrs.get('cut_last_record')}, unreadable {attrs.get('unreadable_records')}"]
+    f = store_facts(path)
+    flags = ", ".join(f"{k}={v}" for k, v in f.flag_counts.items())
+    ratio = f"{f.compression_ratio:.2f}" if f.compression_ratio else "-"
+    return [str(path),
+            f"  level={f.level} dp={f.data_product} module={f.module} frames={f.frames}"
+            f" run={f.run or '-'} site={f.site or '-'}",
+            f"  time {format_ns(NAT if f.first_ns is None else f.first_ns)} .. "
+            f"{format_ns(NAT if f.last_ns is None else f.last_ns)}",
+            f"  flags: {flags or '-'}",
+            f"  size: {f.bytes} bytes on disk, {f.raw_bytes} uncompressed "
+            f"(compression ratio {ratio})"
+            + (f", L1/L0 {f.l1_to_l0:.2f}" if f.l1_to_l0 else "")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``pff.py info FILE_OR_DIR...``: what is in PFF files, one block of lines per file."""
     parser = argparse.ArgumentParser(prog="pff.py", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="summarise PFF files (a .pffd directory: its files)")
+    info = sub.add_parser("info", help="summarise PFF files (a .pffd directory: its files) "
+                          "or Zarr stores")
     info.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
     info.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
@@ -141,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 if not path.exists():
                     raise InputError(f"{path}: no such file")
+                if _is_store(path):
+                    print("\n".join(_store_lines(path)))
+                    continue
                 if path.stat().st_size == 0:
                     print(f"{path}\n  empty (0 bytes): no frames")
                     continue

@@ -259,8 +259,8 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     t0 = time.perf_counter()
     info = inspect_l0(l0_path)
     l0 = layout.open_product(l0_path, layout.LEVEL_L0)
-    for stale in publish.remove_stale_partials(output):
-        notice(f"{stale}: removed the partial store of an interrupted run")
+    for message in publish.clear_stale(output):
+        notice(message)
     publish.apply_permission_policy(gw)
     runner = runners.runner_for(client, threads, not quiet)
     baseline = compute_baseline(runner, l0, info, section, process)

@@ -3,8 +3,9 @@
 A product is written as ``<final>.<id>.partial`` next to its final path (same file
 system, so the rename is atomic) and renamed into place only when complete and verified
 (:func:`publishing`): a root document with the right ``processing_level`` under the final
-name means complete (:func:`is_published`). Partial stores of killed runs are removed
-before a rerun (:func:`remove_stale_partials`). Files follow the caller's umask, never
+name means complete (:func:`is_published`). What killed runs left (partial stores, a
+product half swapped) is cleared before a rerun, but only when the run that held it is
+gone (:func:`clear_stale`). Files follow the caller's umask, never
 world-writable, group-writable exactly when configured (:func:`permission_umask`).
 
 ``run.sh``'s planner calls these for every input and must start fast, so this module
@@ -17,16 +18,21 @@ import asyncio
 import contextlib
 import datetime as dt
 import errno
+import functools
+import glob
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from panoseti_pipeline.errors import PipelineError, StoreError
+from panoseti_pipeline.store import ownership
 
 PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
+OWNER_SUFFIX = ".owner"
 
 
 def is_published(path: str | os.PathLike, level: str) -> bool:
@@ -39,13 +45,43 @@ def is_published(path: str | os.PathLike, level: str) -> bool:
     return isinstance(meta, dict) and meta.get("attributes", {}).get("processing_level") == level
 
 
-def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
-    """Remove ``<final>.*.partial`` left by a killed run (it never became a product)."""
+def clear_stale(final: str | os.PathLike) -> list[str]:
+    """Remove what killed runs left beside ``final``; return a notice for each.
+
+    A run writing ``final`` holds ``<final>.<id>.owner`` (:mod:`.ownership`) while its
+    ``<final>.<id>.partial`` store and, during the swap, ``<final>.<id>.old`` (the product
+    it replaces) exist. Of a holder that is gone: the partial store is removed; an old
+    product is removed when a product is in place, else renamed back to ``final``. What a
+    live run holds -- or a run on another host, which cannot be checked from here -- is
+    left alone.
+    """
     final = Path(final)
-    stale = sorted(final.parent.glob(f"{final.name}.*{PARTIAL_SUFFIX}"))
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
+    notices = []
+    ids = {p.name[len(final.name) + 1:].rsplit(".", 1)[0]
+           for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX, OWNER_SUFFIX)
+           for p in final.parent.glob(f"{glob.escape(final.name)}.*{suffix}")}
+    for run_id in sorted(ids):
+        owner, partial, old = (final.with_name(f"{final.name}.{run_id}{suffix}")
+                               for suffix in (OWNER_SUFFIX, PARTIAL_SUFFIX, OLD_SUFFIX))
+        if owner.exists() and not ownership.is_stale(owner):
+            holder = ownership.read(owner)
+            notices.append(f"{partial}: left alone, a run that may still be writing it "
+                           f"holds it ({holder.describe() if holder else owner})")
+            continue
+        if partial.exists():
+            shutil.rmtree(partial)
+            notices.append(f"{partial}: removed the partial store of an interrupted run")
+        if old.exists():
+            if final.exists() or final.is_symlink():
+                shutil.rmtree(old)
+                notices.append(f"{old}: removed the product an interrupted run had replaced")
+            else:
+                old.rename(final)
+                notices.append(f"{final}: put back the product an interrupted run was "
+                               "replacing")
+        with contextlib.suppress(FileNotFoundError):
+            owner.unlink()
+    return notices
 
 
 @contextlib.contextmanager
@@ -53,19 +89,31 @@ def publishing(final: str | os.PathLike, level: str, overwrite: bool = False
                ) -> Iterator[Path]:
     """Yield a temporary store path; on success rename it to ``final``, else remove it.
 
-    The temporary store sits next to ``final`` (same file system, so the rename is
-    atomic) as ``<name>.<uuid>.partial``. With ``overwrite`` an existing ``final`` is
-    replaced only if it is a published product of ``level``: anything else there (a
-    directory of raw data given as the output by mistake) is refused, never removed.
-    The old product is moved aside and deleted only once the new one is in place.
+    With ``overwrite`` an existing ``final`` is replaced only if it is a published product
+    of ``level``: anything else there (a directory of raw data given as the output by
+    mistake, or made while this run worked) is refused, never removed. See :func:`staged`.
     """
     final = Path(final)
-    if final.exists() or final.is_symlink():
-        if not is_published(final, level):
-            raise StoreError(f"{final}: exists and is not an {level} store written by this "
-                             "pipeline; refusing to replace it (choose another output)")
-        if not overwrite:
-            raise StoreError(f"{final}: exists (use --overwrite to replace it)")
+    with staged(final, functools.partial(_replace_problem, final, level, overwrite),
+                "the store") as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def staged(final: Path, replace_problem: Callable[[], str | None], what: str
+           ) -> Iterator[Path]:
+    """Yield ``<final>.<id>.partial`` to write ``what`` into; on success rename it to
+    ``final``, else remove it.
+
+    The directory sits next to ``final`` (same file system, so the rename is atomic) and
+    is held by this process (``<final>.<id>.owner``, :func:`clear_stale`). Whatever is at
+    ``final`` is checked with ``replace_problem`` (None: it may be replaced) on entry and
+    again just before the rename; the old one is moved aside and deleted only once the
+    new one is in place.
+    """
+    problem = replace_problem()
+    if problem:
+        raise StoreError(problem)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -73,27 +121,52 @@ def publishing(final: str | os.PathLike, level: str, overwrite: bool = False
                          f"({err.strerror})") from None
     if not os.access(final.parent, os.W_OK | os.X_OK):
         raise StoreError(f"{final.parent}: output directory is not writable")
-    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+    run_id = uuid.uuid4().hex[:12]
+    owner = final.with_name(f"{final.name}.{run_id}{OWNER_SUFFIX}")
+    tmp = final.with_name(f"{final.name}.{run_id}{PARTIAL_SUFFIX}")
+    ownership.claim(owner)
     try:
         yield tmp
-        swap_into_place(tmp, final)
+        swap_into_place(tmp, final, replace_problem)
     except BaseException as err:
         try:
             wait_for_pending_writes()  # else writes still in flight re-create the partial
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if _is_write_failure(err, tmp):  # e.g. disk full: name the store, not "errno 28"
-            raise StoreError(f"{final}: cannot write the store: {err.strerror or err}; "
-                             "nothing was published (its partial store was removed)") from err
+            raise StoreError(f"{final}: cannot write {what}: {err.strerror or err}; "
+                             f"nothing was published (its partial copy was removed)"
+                             ) from err
         raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            owner.unlink()
 
 
-def swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an old product there is kept until that succeeded."""
-    if not final.exists():
+def _replace_problem(final: Path, level: str, overwrite: bool) -> str | None:
+    """Why ``final`` may not be (re)placed by a new product of ``level``, or None."""
+    if not (final.exists() or final.is_symlink()):
+        return None
+    if not is_published(final, level):
+        return (f"{final}: exists and is not an {level} store written by this pipeline; "
+                "refusing to replace it (choose another output)")
+    if not overwrite:
+        return f"{final}: exists (use --overwrite to replace it)"
+    return None
+
+
+def swap_into_place(tmp: Path, final: Path, replace_problem: Callable[[], str | None]
+                    ) -> None:
+    """Rename ``tmp`` (``<name>.<id>.partial``) to ``final``, checking again just before
+    that whatever is at ``final`` now may be replaced (``replace_problem()`` is None); an
+    old product there is kept as ``<name>.<id>.old`` until the rename succeeded."""
+    problem = replace_problem()
+    if problem:
+        raise StoreError(f"{problem} (found when publishing)")
+    if not (final.exists() or final.is_symlink()):
         tmp.rename(final)
         return
-    old = final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}.old")
+    old = tmp.with_name(tmp.name.removesuffix(PARTIAL_SUFFIX) + OLD_SUFFIX)
     final.rename(old)
     try:
         tmp.rename(final)

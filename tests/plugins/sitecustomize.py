@@ -45,10 +45,10 @@ def _sleep_first(fn: Callable[..., Any], seconds: float) -> Callable[..., Any]:
 
 def _hold_before(fn: Callable[..., Any], seconds: float, suffix: str) -> Callable[..., Any]:
     @functools.wraps(fn)
-    def held(tmp: Path, final: Path) -> Any:
+    def held(tmp: Path, final: Path, *rest: Any) -> Any:
         if final.name.endswith(suffix):
             time.sleep(seconds)
-        return fn(tmp, final)
+        return fn(tmp, final, *rest)
 
     return held
 

@@ -1,0 +1,121 @@
+"""What a published product store says about itself: the facts the catalog and
+``pff.py info STORE.zarr`` show.
+
+Everything comes from the root ``zarr.json`` (its attributes and consolidated metadata:
+level, product, module, observation, frames, flag counts, creation time, the array shapes
+for the uncompressed size), the bytes on disk, and the first and last time chunk of
+``unix_t_ns`` (the first and last frame that has a time: a frame with none holds NaT).
+Nothing else is read, so a night's store is described in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from panoseti_pipeline.errors import InputError
+from panoseti_pipeline.pff.timing import NAT
+from panoseti_pipeline.store.publish import store_bytes
+
+ROOT_DOCUMENT = "zarr.json"
+TIME_ARRAY = "unix_t_ns"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreFacts:
+    """One product store, described. Times are int64 ns (None: no frame has a time)."""
+
+    path: str
+    level: str
+    data_product: str
+    module: int | None
+    run: str  # the observation run directory's name without .pffd ("" for a lone file)
+    site: str
+    frames: int
+    first_ns: int | None
+    last_ns: int | None
+    flag_counts: dict[str, int]
+    created: str
+    zarr_json_sha256: str
+    bytes: int  # on disk
+    raw_bytes: int  # of every array, uncompressed
+    l1_to_l0: float | None
+
+    @property
+    def compression_ratio(self) -> float | None:
+        return self.raw_bytes / self.bytes if self.bytes else None
+
+
+def read_root(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
+    """The root ``zarr.json`` of a store: (its bytes, parsed); InputError if it has none."""
+    doc = Path(path) / ROOT_DOCUMENT
+    try:
+        data = doc.read_bytes()
+        meta = json.loads(data)
+    except FileNotFoundError:
+        raise InputError(f"{path}: not a Zarr v3 store (no {ROOT_DOCUMENT})") from None
+    except OSError as err:
+        raise InputError(f"{doc}: cannot read ({err.strerror})") from None
+    except ValueError as err:
+        raise InputError(f"{doc}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{doc}: not a Zarr v3 group document")
+    return data, meta
+
+
+def observation(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The run a product came from: ours in L0 ``observation``, in L1 under ``l0``."""
+    obs = attrs.get("observation") or (attrs.get("l0") or {}).get("observation") or {}
+    return obs if isinstance(obs, dict) else {}
+
+
+def store_facts(path: str | os.PathLike) -> StoreFacts:
+    """Describe the product store at ``path`` (ours, L0 or L1, or PANOSETI's L0)."""
+    data, meta = read_root(path)
+    attrs = meta.get("attributes") or {}
+    if "data_product" not in attrs:
+        raise InputError(f"{path}: not a PFF product store (no data_product attribute)")
+    arrays = ((meta.get("consolidated_metadata") or {}).get("metadata") or {})
+    obs = observation(attrs)
+    first, last = _time_span(path)
+    module = attrs.get("module")
+    return StoreFacts(
+        path=str(path), level=str(attrs.get("processing_level", "L0")),
+        data_product=str(attrs["data_product"]),
+        module=int(module) if str(module).isdigit() else None,
+        run=str(obs.get("name", "")).removesuffix(".pffd"), site=str(obs.get("site", "")),
+        frames=int(attrs.get("total_frames", 0)), first_ns=first, last_ns=last,
+        flag_counts={k: int(v) for k, v in (attrs.get("flag_counts") or {}).items()},
+        created=str(attrs.get("created", "")),
+        zarr_json_sha256=hashlib.sha256(data).hexdigest(), bytes=store_bytes(path),
+        raw_bytes=sum(_raw_bytes(m) for m in arrays.values() if isinstance(m, dict)),
+        l1_to_l0=(attrs.get("size") or {}).get("l1_to_l0_ratio"))
+
+
+def _raw_bytes(meta: dict[str, Any]) -> int:
+    try:
+        itemsize = np.dtype(meta.get("data_type")).itemsize
+    except TypeError:  # a group, or a data type numpy does not name (strings)
+        return 0
+    return math.prod(meta.get("shape") or ()) * itemsize
+
+
+def _time_span(path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """First and last non-NaT ``unix_t_ns`` within the first and last time chunks."""
+    import zarr
+
+    times = zarr.open_array(store=str(path), path=TIME_ARRAY, mode="r")
+    n = times.shape[0]
+    if not n:
+        return None, None
+    k = min(n, times.chunks[0])
+    head, tail = times[:k], times[n - k:]
+    head, tail = head[head != NAT], tail[tail != NAT]
+    return (int(head[0]) if head.size else None), (int(tail[-1]) if tail.size else None)

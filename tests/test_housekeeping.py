@@ -1,0 +1,187 @@
+"""hk.pff -> <run>.hk.zarr: the store holds exactly the records the generator wrote.
+
+The expected values come from parsing the generator's file here, independently of
+:mod:`panoseti_pipeline.housekeeping`: split on blank lines, ``json.loads``, ``Decimal``
+for the times.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from panoseti_pipeline import housekeeping, run_bundle, synthetic
+
+PYPFF_MISSING = "pypff>=1.0.4 is not installed (requirements-test.txt); it is the judge here"
+
+
+def records_of(path: Path) -> tuple[list[tuple[str, dict[str, str]]], str]:
+    """(complete records as (source, fields), the cut tail) of a generated hk.pff."""
+    *texts, tail = path.read_text().split("\n\n")
+    return [next(iter(json.loads(t).items())) for t in texts], tail
+
+
+def ns(text: str) -> int:
+    return int(Decimal(text) * 1_000_000_000)
+
+
+def test_store_values_equal_the_records_written(tmp_path: Path) -> None:
+    hk_file = synthetic.write_housekeeping(tmp_path, 60, modules=(1, 254))
+    records, tail = records_of(hk_file)
+    assert len(records) == 59 and tail  # the generator cut the 60th
+
+    store = tmp_path / "run.hk.zarr"
+    facts = housekeeping.convert_hk(hk_file, store, tmp_path / "run.hk.png")
+    assert facts["records"] == 59 and facts["cut_last_record"] == 1
+
+    root = zarr.open_group(str(store), mode="r")
+    assert root.attrs["records"] == 59 and root.attrs["cut_last_record"] == 1
+    assert root.attrs["cut_bytes"] == len(tail.encode())
+    assert "processing_level" not in root.attrs  # not a data product
+    by_source: dict[str, list[dict[str, str]]] = {}
+    for source, fields in records:
+        by_source.setdefault(source, []).append(fields)
+    assert sorted(g for g, _ in root.groups()) == sorted(by_source)
+    assert root.attrs["records_by_source"] == {s: len(r) for s, r in by_source.items()}
+    tree = xr.open_datatree(store, engine="zarr")
+    checked = 0
+    for source, recs in by_source.items():
+        group = root[source]
+        ds = tree[source].dataset
+        want_t = np.array([ns(r["Computer_UTC"]) for r in recs], dtype=np.int64)
+        np.testing.assert_array_equal(group["time"][:], want_t)
+        np.testing.assert_array_equal(ds["time"].values, want_t.astype("datetime64[ns]"))
+        fields = {f for r in recs for f in r} - {"Computer_UTC"}
+        assert set(group.array_keys()) == {"time", *fields}
+        for field in fields:
+            got = group[field][:]
+            assert group[field].attrs["hk_field"] == field
+            texts = [r[field] for r in recs]
+            if got.dtype.kind == "i":
+                assert got.tolist() == [int(t) for t in texts], (source, field)
+            elif got.dtype.kind == "f":
+                assert got.tolist() == [float(t) for t in texts], (source, field)
+            else:
+                assert list(got) == texts, (source, field)
+            checked += 1
+    assert checked > 100
+    # the kinds a user relies on: numbers are numbers, identifiers stay as written
+    quabo = root["QUABO_1016"]
+    assert quabo.attrs["module"] == 254 and quabo.attrs["quabo"] == 0
+    assert quabo["TEMP1"].dtype == np.float64 and quabo["HVMON0"].dtype == np.float64
+    assert quabo["BOARDLOC"].dtype == np.int64
+    assert list(quabo["FWVER"][:])[0] == "0208" and str(quabo["UID"][0]).startswith("0x")
+    assert root["WRSWITCH"]["Port 1_LINK"].dtype == np.int64
+    png = (tmp_path / "run.hk.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_a_whole_last_record_is_kept_and_a_bad_one_is_counted(tmp_path: Path) -> None:
+    hk_file = synthetic.write_housekeeping(tmp_path, 14, modules=(1,))
+    records, _ = records_of(hk_file)
+    texts = [json.dumps({s: f}) for s, f in records]
+    # a record with an empty value and one without a field, and garbage in the middle
+    temp = dict(records[0][1], TEMP1="", V12MON="")
+    del temp["V18MON"]
+    texts[0] = json.dumps({records[0][0]: temp})
+    texts.insert(3, '{"QUABO_4": {"TEMP1": "40"}}')  # no Computer_UTC
+    odd = {"Computer_UTC": records[1][1]["Computer_UTC"], "time": "1", ".": "x", "a/b": "2"}
+    texts[1] = json.dumps({records[1][0]: {**records[1][1], **odd}})  # names Zarr reserves
+    hk_file.write_text("".join(f"{t}\n\n" for t in texts))  # ends cleanly
+
+    store = tmp_path / "s.hk.zarr"
+    housekeeping.convert_hk(hk_file, store)
+    root = zarr.open_group(str(store), mode="r")
+    assert root.attrs["cut_last_record"] == 0 and root.attrs["records"] == 13
+    assert root.attrs["unreadable_records"] == 1
+    (bad,) = root.attrs["unreadable_records_listed"]
+    assert bad["offset"] == sum(len(t) + 2 for t in texts[:3]) and "Computer_UTC" in bad["reason"]
+    odd_group = root[records[1][0]]
+    for name, field, value in (("field_time", "time", 1), ("field_.", ".", "x"),
+                               ("a_b", "a/b", 2)):
+        assert odd_group[name].attrs["hk_field"] == field and odd_group[name][0] == value
+    assert records[0][0] == records[8][0] == "QUABO_4"  # one period: 4 quabos + 4 others
+    board = root["QUABO_4"]
+    for field in ("TEMP1", "V12MON", "V18MON"):  # empty or absent: NaN, the rest numbers
+        assert board[field].dtype == np.float64
+        assert np.isnan(board[field][0]) and board[field][1] == float(records[8][1][field])
+
+
+def test_store_sits_in_the_bundle_where_open_zarr_run_does_not_see_it(tmp_path: Path) -> None:
+    """A run directory with products and our bundle: PANOSETI's reader lists the products
+    only (it keys every top-level *.zarr by data product and module)."""
+    pypff_zarr = pytest.importorskip("pypff.zarr", reason=PYPFF_MISSING)
+    from pypff.io2 import PanosetiRun
+
+    run = synthetic.make_observation(tmp_path / "in", frames_per_file=20, files_per_stream=1)
+    out = tmp_path / "out"
+    stores = pypff_zarr.convert_run(PanosetiRun(run), out, write_sidecars=False)
+    bundle = run_bundle.write_bundle(run, out, [], notice=lambda _: None)
+    assert len(stores) == 2
+
+    stem = run.name.removesuffix(".pffd")
+    assert (bundle / f"{stem}.hk.zarr" / "zarr.json").is_file()
+    assert (bundle / f"{stem}.hk.png").is_file()
+    assert run_bundle.verify_bundle(bundle) == []
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["housekeeping"]["store"] == f"{stem}.hk.zarr"
+    assert manifest["housekeeping"]["cut_last_record"] == 1
+    zrun = pypff_zarr.open_zarr_run(out)
+    assert zrun.list_products() == ["dp_img16.bpp_2.module_1", "dp_ph256.bpp_2.module_1"]
+    assert zrun.configs  # the bundle is found, its configs read
+
+
+def test_computer_utc_to_ns_is_exact() -> None:
+    assert housekeeping.utc_to_ns("1721882086.1234567891") == 1_721_882_086_123_456_789
+    assert housekeeping.utc_to_ns("1721882086") == 1_721_882_086_000_000_000
+    with pytest.raises(ValueError, match="not Unix seconds"):
+        housekeeping.utc_to_ns("2024-07-25")
+
+
+def test_a_housekeeping_failure_costs_the_store_not_the_bundle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hk.pff is input: whatever in it the converter refuses is a notice, and the bundle
+    (configs, logs, hk.pff itself) is still written and verifies."""
+    run = synthetic.make_observation(tmp_path / "in", frames_per_file=5, files_per_stream=1)
+
+    def refuse(hk_file: Path, store: Path, png: Path) -> dict:
+        store.mkdir()  # a half-written store, to be removed
+        raise ValueError("surprise in the records")
+
+    monkeypatch.setattr(housekeeping, "convert_hk", refuse)
+    notices: list[str] = []
+    bundle = run_bundle.write_bundle(run, tmp_path / "out", [], notice=notices.append)
+    assert run_bundle.verify_bundle(bundle) == []
+    assert not list(bundle.glob("*.hk.*"))
+    assert (bundle / "hk.pff").read_bytes() == (run / "hk.pff").read_bytes()
+    assert any("no housekeeping store written (surprise in the records)" in n
+               for n in notices)
+    assert json.loads((bundle / "manifest.json").read_text())["housekeeping"] == {
+        "error": "surprise in the records"}
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    (["1", "-2", "0"], [1, -2, 0]),                    # int64
+    (["1", ""], [1.0, np.nan]),                        # an empty value: float64, NaN
+    (["1", None], [1.0, np.nan]),                      # a record without the field
+    (["-1.5e-3", "2.", ".5"], [-1.5e-3, 2.0, 0.5]),    # float64
+    (["0208", "1"], ["0208", "1"]),                    # a leading zero: as written
+    (["nan", "1"], ["nan", "1"]),                      # not a decimal number
+    (["1\n2", "3"], ["1\n2", "3"]),                    # a newline inside a value
+    (["99999999999999999999"], ["99999999999999999999"]),  # beyond int64: as written
+    (["", ""], ["", ""]),
+])
+def test_column_kinds(values: list, expected: list) -> None:
+    got = housekeeping.column(values)
+    kind = {int: "i", float: "f", str: "O"}[type(expected[0])]
+    assert got.dtype.kind == kind
+    if kind == "f":
+        np.testing.assert_array_equal(got, np.array(expected))
+    else:
+        assert got.tolist() == expected

@@ -1,0 +1,114 @@
+"""open_run / open_products against the stores opened directly with zarr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from panoseti_pipeline import open_products, open_run, synthetic
+from panoseti_pipeline.flags import FLAG_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = ("[cluster]\nuse_dask = false\n[pff_to_zarr]\ntime_chunk = 256\n"
+          "[baseline_subtract]\ncompute_chunk_size = 256\n")
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("products")
+    (root / "c.toml").write_text(CONFIG)
+    run = synthetic.make_observation(root / "in", frames_per_file=400, files_per_stream=1,
+                                     faults=("missing_quabo", "out_of_order"))
+    out = root / "out"
+    done = subprocess.run(["bash", str(REPO / "run.sh"), str(run), str(out)],
+                          env={**os.environ, "CONFIG_FILE": str(root / "c.toml")},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out, out / run.name.removesuffix(".pffd")
+
+
+def test_open_run_gives_the_values_of_each_store(night) -> None:
+    _, run_dir = night
+    tree = open_run(run_dir)
+    assert sorted(tree.children) == ["housekeeping", "module_1"]
+    assert sorted(tree["module_1"].children) == ["img16", "ph256"]
+    flagged = 0
+    for dp in ("img16", "ph256"):
+        (store,) = run_dir.glob(f"*dp_{dp}*_L1.zarr")
+        group = zarr.open_group(str(store), mode="r")
+        ds = tree[f"module_1/{dp}"].dataset
+        assert ds.attrs["data_product"] == dp and ds.attrs["processing_level"] == "L1"
+        for name, array in group.arrays():
+            want = array[:]
+            got = ds[name].values
+            if name == "time":
+                got = got.astype("datetime64[ns]").astype(np.int64)
+            np.testing.assert_array_equal(got, want, err_msg=f"{dp} {name}")
+        flags = group["frame_flags"][:]
+        for bit, name in FLAG_NAMES.items():
+            np.testing.assert_array_equal(ds[f"flag_{name}"].values, (flags & bit) != 0)
+            flagged += int(ds[f"flag_{name}"].values.sum())
+    assert flagged > 0  # the planted faults are there to decode
+    (hk,) = run_dir.glob("*.panoseti-meta/*.hk.zarr")
+    hk_group = zarr.open_group(str(hk), mode="r")
+    np.testing.assert_array_equal(tree["housekeeping/QUABO_4"].dataset["TEMP1"].values,
+                                  hk_group["QUABO_4/TEMP1"][:])
+
+
+def test_open_products_selects_and_cuts_by_time(night) -> None:
+    out, run_dir = night
+    (store,) = run_dir.glob("*dp_ph256*_L1.zarr")
+    t = zarr.open_group(str(store), mode="r")["time"][:]
+    lo, hi = np.sort(t)[[100, 300]]
+    between = tuple(str(np.datetime64(int(v), "ns")) for v in (lo, hi))
+    tree = open_products(out, dp="ph256", between=between)
+    (run,) = tree.children
+    assert run == run_dir.name
+    ds = tree[f"{run}/module_1/ph256"].dataset
+    inside = (t >= lo) & (t <= hi)
+    assert ds.sizes["time"] == int(inside.sum()) >= 201
+    np.testing.assert_array_equal(ds["images"].values,
+                                  zarr.open_group(str(store), mode="r")["images"][:][inside])
+    everything = open_products(out)
+    assert sorted(everything[run]["module_1"].children) == ["img16", "ph256"]
+
+
+def test_pff_info_describes_the_stores(night, capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    """`pff.py info STORE.zarr` on the run's real stores: every figure recomputed here."""
+    from panoseti_pipeline.pff.info import main
+
+    _, run_dir = night
+    (store,) = run_dir.glob("*dp_img16*_L1.zarr")
+    (hk,) = run_dir.glob("*.panoseti-meta/*.hk.zarr")
+    assert main(["info", str(store), str(hk)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    group = zarr.open_group(str(store), mode="r")
+    t = group["unix_t_ns"][:]
+    t = t[t != np.iinfo(np.int64).min]
+    flags = group["frame_flags"][:]
+    on_disk = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    raw = sum(a.nbytes for _, a in group.arrays())
+    first, last = (np.datetime_as_string(np.datetime64(int(v), "ns"), unit="ns") + "Z"
+                   for v in (t[0], t[-1]))
+    assert out[0] == str(store)
+    assert out[1].startswith(f"  level=L1 dp=img16 module=1 frames={group['images'].shape[0]} ")
+    assert out[2] == f"  time {first} .. {last}"
+    assert out[3] == "  flags: " + ", ".join(f"{name}={np.count_nonzero(flags & bit)}"
+                                            for bit, name in FLAG_NAMES.items())
+    assert out[4].startswith(f"  size: {on_disk} bytes on disk, {raw} uncompressed "
+                             f"(compression ratio {raw / on_disk:.2f}), L1/L0 ")
+    hk_attrs = zarr.open_group(str(hk), mode="r").attrs
+    assert out[5] == str(hk) and f"{hk_attrs['records']} records" in out[6]
+
+    (tmp_path / "x.zarr").mkdir()
+    (tmp_path / "x.zarr" / "zarr.json").write_text('{"attributes": {}}')
+    assert main(["info", str(tmp_path / "x.zarr")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"pff.py: error: {tmp_path / 'x.zarr'}: not a PFF product store (no " \
+                  "data_product attribute)"
