@@ -7,7 +7,8 @@ of the run (``<output>/<obs>/``, or the output directory for a lone ``.pff``) ge
 ``index.html``:
 the run record's status, a table of the products (module, product, level, status,
 frames, time span, flagged frames, hot/dead pixels, PFF/L0 compression, L1/L0 size, a
-link to the store) and their PNGs. Every link is relative, so the page opens from the
+link to the store), their PNGs and the housekeeping PNG of the run bundle, if there is
+one. Every link is relative, so the page opens from the
 filesystem (or a copied directory) in any browser with no server, and has no script.
 """
 
@@ -22,8 +23,9 @@ from typing import Any
 from urllib.parse import quote
 
 from panoseti_pipeline.driver.record import job_status, load_state
-from panoseti_pipeline.run_bundle import iso_ns, summarize_store
+from panoseti_pipeline.run_bundle import iso_ns
 from panoseti_pipeline.store import publish
+from panoseti_pipeline.store.facts import read_root, store_facts
 
 PAGE = "index.html"
 STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
@@ -34,23 +36,20 @@ figure{margin:1em 0}figcaption{font-size:90%;color:#555}img{max-width:100%}
 
 
 def _row_facts(store: Path) -> dict[str, Any]:
-    """What the table shows of a published store, from its attributes (no pixel read)."""
-    import zarr
-
-    attrs = zarr.open_group(str(store), mode="r").attrs.asdict()
-    level = attrs.get("processing_level", "L0")
-    l0 = attrs.get("l0", attrs) if level == "L1" else attrs
+    """What the table shows of a published store (its root metadata and time span; no
+    pixel is read)."""
+    facts = store_facts(store)
+    attrs = read_root(store)[1].get("attributes") or {}
+    l0 = attrs.get("l0", attrs) if facts.level == "L1" else attrs
     summary = attrs.get("summary", {})
-    facts = summarize_store(store)
-    flags = {k: v for k, v in (attrs.get("flag_counts") or {}).items() if v}
-    return {"module": attrs.get("module", "?"), "product": attrs.get("data_product", "?"),
-            "level": level, "frames": attrs.get("total_frames"),
-            "first": iso_ns(facts.first_ns), "last": iso_ns(facts.last_ns),
-            "flags": flags,
+    return {"module": facts.module, "product": facts.data_product, "level": facts.level,
+            "frames": facts.frames, "first": iso_ns(facts.first_ns),
+            "last": iso_ns(facts.last_ns),
+            "flags": {k: v for k, v in facts.flag_counts.items() if v},
             "hot_dead": (f"{summary['hot_pixels']} / {summary['dead_pixels']}"
                          if "hot_pixels" in summary else "-"),
-            "compression": l0.get("report", {}).get("compression_ratio"),
-            "l1_l0": attrs.get("size", {}).get("l1_to_l0_ratio")}
+            "compression": (l0.get("report") or {}).get("compression_ratio"),
+            "l1_l0": facts.l1_to_l0}
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -92,6 +91,10 @@ def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, An
                            f'{_link(r["png"], page_dir)}" alt="quicklook of '
                            f'{e(r["store"].name)}"><figcaption>{e(r["store"].name)}'
                            "</figcaption></figure>")
+    for png in sorted(page_dir.glob("*.panoseti-meta/*.hk.png")):  # the run's housekeeping
+        figures.append(f'<figure id="housekeeping"><img src="{_link(png, page_dir)}" '
+                       f'alt="housekeeping of the run"><figcaption>housekeeping: '
+                       f"{e(png.name)}</figcaption></figure>")
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>PANOSETI products: {e(page_dir.name)}</title>",
