@@ -39,6 +39,7 @@ OPT_OVERWRITE=0
 OPT_KEEP_GOING=0
 OPT_DEBUG=0
 OPT_DEMO=0
+OPT_NO_QUICKLOOK=0
 OPT_STEPS="1,2"
 OPT_L0_DIR=""
 OPT_SBATCH=""
@@ -109,6 +110,8 @@ Options:
                    <output_l1_dir>/.l0_tmp); never inside the input tree
   --overwrite      redo inputs whose product is already there (default: skip them)
   --keep-going     a failed input does not stop the others (the exit status is still 1)
+  --no-quicklook   no quicklook PNGs and index.html beside the products (default: made
+                   after the summary, one PNG per product, one index.html per directory)
   --demo [DIR]     write a small synthetic observation into DIR (default ./panoseti_demo),
                    run the whole pipeline on it, and print where to look
   --sbatch OPTS    check the run here, then submit it as one SLURM job (sbatch OPTS, e.g.
@@ -162,6 +165,7 @@ parse_args() {
       --keep-going) OPT_KEEP_GOING=1 ;;
       --debug) OPT_DEBUG=1 ;;
       --demo) OPT_DEMO=1 ;;
+      --no-quicklook) OPT_NO_QUICKLOOK=1 ;;
       --steps | --l0-dir | --sbatch)
         (($# >= 2)) || usage_error "$1 needs a value"
         case "$1" in
@@ -628,7 +632,8 @@ submit_sbatch() {
   py plan "${PLAN_ARGS[@]}" --dry-run -- "${inputs[@]}" || exit $?
   ((!OPT_DRY_RUN)) || return 0
   if [[ -n "$OPT_L0_DIR" ]]; then job_args+=(--l0-dir "$(absolute "$OPT_L0_DIR")"); fi
-  for arg in KEEP_L0:--keep-l0 OVERWRITE:--overwrite KEEP_GOING:--keep-going DEBUG:--debug; do
+  for arg in KEEP_L0:--keep-l0 OVERWRITE:--overwrite KEEP_GOING:--keep-going DEBUG:--debug \
+    NO_QUICKLOOK:--no-quicklook; do
     local flag="OPT_${arg%%:*}"
     if ((${!flag})); then job_args+=("${arg#*:}"); fi
   done
@@ -695,6 +700,9 @@ run_pipeline() {
     --cluster-address "$CLUSTER_ADDRESS" \
     --cluster-log "$CLUSTER_LOG" || say "warning: could not write the summary or run record"
   py catalog-update "$STATE_FILE" || say "warning: could not update the catalog in $OUT_DIR"
+  if ((!OPT_NO_QUICKLOOK)); then # PNGs and index.html: a look at the night, not a product
+    py quicklooks "$STATE_FILE" >&2 || say "warning: some quicklooks were not made (above)"
+  fi
   if ((FAILED > 0)); then
     say "error: $FAILED input(s) failed (listed above)"
   fi
@@ -725,6 +733,7 @@ Demo finished (exit status $PIPELINE_RC). Look at:
   L1 stores          $dir/L1/<run>/*_L1.zarr (one directory per observation run)
   run bundle         $dir/L1/<run>/<run>.pffd.panoseti-meta (configs, logs, hk.pff, manifest)
   run record         $dir/L1/run_record_*.toml
+  quicklooks         $dir/L1/<run>/index.html (open it in a browser; one PNG per store)
   config used        $CONFIG
 Open an L1 store with xarray, or the run with PANOSETI's reader (pip install pypff):
   $PYTHON -c 'import xarray as xr; print(xr.open_zarr("$first"))'

@@ -8,6 +8,8 @@ White Rabbit or GNSS timing, and the awkward cases real files have, each opt-in:
 * ``missing_quabo`` a few module frames without quabo 0 (zero sub-header and quadrant)
 * ``out_of_order``  one frame whose time is earlier than the previous one
 * ``partial_last``  the last file of each stream ends in a partial frame
+* ``bad_pixels``    hot pixels (about 1500 ADC above the pedestal, Poisson noise) and dead
+  pixels (always 0) at the places :func:`bad_pixels` gives, in every frame
 
 A run directory also gets what the DAQ writes besides data: its configs, hashpipe's log,
 the sentinels and ``hk.pff`` (:func:`write_run_metadata`, :func:`write_housekeeping`).
@@ -34,7 +36,10 @@ import numpy as np
 from panoseti_pipeline import pff
 from panoseti_pipeline.run_bundle import SENTINELS
 
-FAULTS = ("long_nsec", "clamped_nsec", "missing_quabo", "out_of_order", "partial_last")
+FAULTS = ("long_nsec", "clamped_nsec", "missing_quabo", "out_of_order", "partial_last",
+          "bad_pixels")
+HOT_PIXELS, DEAD_PIXELS = 3, 2  # planted per stream by the bad_pixels fault
+HOT_EXCESS = 1500  # mean ADC counts a hot pixel reads above its pedestal
 DEFAULT_START = dt.datetime(2024, 7, 25, 4, 34, 46, tzinfo=dt.timezone.utc)
 GNSS_TAI_OFFSET = 517  # pkt_tai of a GNSS-timed board: unrelated to TAI (d far from 0)
 
@@ -108,8 +113,46 @@ def synth_images(rng: np.random.Generator, spec: StreamSpec, n: int, first_frame
     return np.clip(img, 0, top).astype(product.dtype)
 
 
+def bad_pixels(spec: StreamSpec, seed: int = 0
+               ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(hot, dead) pixels the ``bad_pixels`` fault plants in a stream: (y, x) of the
+    module image, or (quabo, y, x) of ph256's per-quabo images; never the star."""
+    product = pff.PRODUCTS[spec.dp]
+    h, w = product.shape
+    groups = pff.N_QUABOS if product.header_kind == "ph256" else 1
+    yy, xx = np.mgrid[:h, :w]
+    star = (yy == h // 3) & (xx == w // 3) if spec.dp.startswith("ph") else (
+        (yy - 9) ** 2 + (xx - 21) ** 2 <= 9)
+    allowed = np.flatnonzero(np.tile(~star.ravel(), groups))
+    rng = np.random.default_rng([seed, spec.module, sorted(pff.PRODUCTS).index(spec.dp), 9])
+    picked = rng.choice(allowed, HOT_PIXELS + DEAD_PIXELS, replace=False)
+    g, y, x = (a.tolist() for a in np.unravel_index(picked, (groups, h, w)))
+    where = list(zip(g, y, x, strict=True)) if groups > 1 else list(zip(y, x, strict=True))
+    return where[:HOT_PIXELS], where[HOT_PIXELS:]
+
+
+def _plant_bad_pixels(spec: StreamSpec, images: np.ndarray, headers: dict[str, np.ndarray],
+                      seed: int, file_no: int) -> None:
+    hot, dead = bad_pixels(spec, seed)
+    rng = np.random.default_rng([seed, spec.module, file_no, 10])
+    limits = np.iinfo(images.dtype)
+    top = 250 if spec.dp == "img8" else limits.max  # as synth_images clips
+    ph256 = "quabo_num" in headers
+    for place in hot + dead:
+        frames = headers["quabo_num"] == place[0] if ph256 else slice(None)
+        y, x = place[-2:]
+        if place in dead:
+            images[frames, y, x] = 0
+            continue
+        column = images[frames, y, x].astype(np.int64)
+        images[frames, y, x] = np.clip(column + rng.poisson(HOT_EXCESS, column.shape),
+                                        limits.min, top)
+
+
 def _apply_faults(rng: np.random.Generator, spec: StreamSpec, images: np.ndarray,
-                  headers: dict[str, np.ndarray], file_no: int) -> None:
+                  headers: dict[str, np.ndarray], file_no: int, seed: int) -> None:
+    if "bad_pixels" in spec.faults:
+        _plant_bad_pixels(spec, images, headers, seed, file_no)
     n = len(images)
     pick = np.sort(rng.choice(np.arange(1, n - 1), size=min(3, max(n - 2, 0)), replace=False))
     if "long_nsec" in spec.faults and pick.size:
@@ -155,7 +198,7 @@ def write_stream(directory: Path, spec: StreamSpec, *, seed: int = 0,
         t0 = int(times[-1]) + spec.cadence_ns
         headers = synth_headers(rng, spec, times, first_pkt=first)
         images = synth_images(rng, spec, n, first)
-        _apply_faults(rng, spec, images, headers, seqno)
+        _apply_faults(rng, spec, images, headers, seqno, seed)
         opened = start if seqno == 0 else opened_at(int(times[0]))
         path = directory / file_name(spec, opened, seqno)
         with open(path, "wb") as f:

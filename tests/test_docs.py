@@ -41,6 +41,7 @@ def test_quick_start_is_the_two_commands():
 @pytest.mark.parametrize("command", [
     "step1_pff_to_zarr.py", "step2_dask_baseline.py", "cluster_lifecycle_manager.py",
     "pff.py", "-m panoseti_pipeline synthetic", "-m panoseti_pipeline config check",
+    "-m panoseti_pipeline quicklook",
     "-m panoseti_pipeline catalog"])
 def test_every_script_option_is_documented(command):
     argv = command.split()

@@ -32,7 +32,9 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"run": str(run), "FILE_OR_DIR...": str(run), "my.toml": str(root / "my.toml"),
             "config.toml": str(root / "my.toml"), "input.pff": str(first),
             "output_L0.zarr": str(root / "a_L0.zarr"), "input_L0.zarr": str(root / "a_L0.zarr"),
-            "output_L1.zarr": str(root / "a_L1.zarr"), "DIR": str(root / "synthetic")}
+            "output_L1.zarr": str(root / "a_L1.zarr"), "DIR": str(root / "synthetic"),
+            "STORE...": str(root / "a_L1.zarr"), "[--out": "--out",
+            "DIR]": str(root / "looks")}
 
 
 def run(example: str, paths: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -53,6 +55,7 @@ COMMANDS = [
     ("python3 step1_pff_to_zarr.py input.pff output_L0.zarr config.toml", "600 frames"),
     ("python3 step2_dask_baseline.py input_L0.zarr output_L1.zarr --config config.toml",
      "L1 written"),
+    ("python3 -m panoseti_pipeline quicklook STORE... [--out DIR]", "_L1.png"),
 ]
 
 
@@ -92,6 +95,31 @@ def test_the_readme_python_example_of_the_l1_store_runs(paths: dict[str, str],
                          timeout=300)
     assert ran.returncode == 0, ran.stderr
     assert "example ok" in ran.stdout
+
+
+def test_the_readme_python_example_of_looking_at_a_night_runs(paths: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """One frame is one 32x32 image (the old example drew a histogram of a whole
+    second); the light curve has one value per frame."""
+    from panoseti_pipeline import pff
+    from panoseti_pipeline.cli import step1, step2
+
+    files = sorted(Path(paths["run"]).glob("*dp_img16*.pff"),
+                   key=lambda p: pff.parse_name(p).seqno)
+    l0, l1 = tmp_path / "n_L0.zarr", tmp_path / "n_L1.zarr"
+    assert step1.main([*map(str, files), str(l0), paths["my.toml"], "--quiet"]) == 0
+    assert step2.main([str(l0), str(l1), "--config", paths["my.toml"], "--quiet"]) == 0
+    section = README.split("## Looking at a night", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace('"run_L1.zarr"', repr(str(l1)))
+    code += ("\nassert frame.dims == ('y', 'x') and frame.shape == (32, 32)"
+             "\nassert light_curve.sizes['time'] == 1200\nprint('night ok')\n")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert "night ok" in ran.stdout
+    for png in ("frame.png", "light_curve.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_finding_and_opening_examples_run(paths: dict[str, str], l1: Path) -> None:

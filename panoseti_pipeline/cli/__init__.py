@@ -21,6 +21,8 @@ COMMANDS = {
     "config": ("panoseti_pipeline.config:main", "config check|show CONFIG.toml"),
     "synthetic": ("panoseti_pipeline.synthetic:main",
                   "write a synthetic observation (tests, demo, benchmarks)"),
+    "quicklook": ("panoseti_pipeline.quicklook:main",
+                  "quicklook STORE... [--out DIR]: a PNG per L0/L1 store"),
     "catalog": ("panoseti_pipeline.catalog:main",
                 "catalog OUTPUT_ROOT [--module --dp --between --level --json]: find products"),
     "driver": ("panoseti_pipeline.driver.cli:main",

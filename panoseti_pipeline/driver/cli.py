@@ -10,6 +10,9 @@
     The table on stdout and the run record (TOML) in the output directory.
 ``catalog-update``
     The run's products into ``<output>/catalog.sqlite`` (after the summary).
+``quicklooks``
+    A quicklook PNG beside every product of the run and an ``index.html`` in each
+    directory of them (:mod:`panoseti_pipeline.driver.index_page`).
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
 ``clear-stale``
@@ -37,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from panoseti_pipeline.driver import demo, plan, record
-from panoseti_pipeline.errors import EXIT_OK, EXIT_USAGE, run_main
+from panoseti_pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_main
 
 PROG = "panoseti_pipeline driver"
 
@@ -109,6 +112,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         the_record["run"]["log"] = args.log
     path = record.write_run_record(out, the_record)
     print(f"run record: {path}")
+    state["run_record"] = str(path)  # for the index pages (quicklooks)
+    record.write_state(args.state, state)
     return EXIT_OK
 
 
@@ -122,6 +127,16 @@ def cmd_catalog_update(args: argparse.Namespace) -> int:
     path, n = update_from_state(state)
     print(f"catalog: {path} ({n} product{'s' if n != 1 else ''} of this run)")
     return EXIT_OK
+
+
+def cmd_quicklooks(args: argparse.Namespace) -> int:
+    """A quicklook PNG beside every product of the run, an index.html per directory."""
+    from panoseti_pipeline.driver import index_page
+
+    pages, failed = index_page.make_quicklooks(args.state)
+    for page in pages:
+        print(f"quicklooks: {page}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_demo_observation(args: argparse.Namespace) -> int:
@@ -238,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("catalog-update", help="catalog the run's products (catalog.sqlite)")
     p.add_argument("state")
     p.set_defaults(func=cmd_catalog_update)
+
+    p = sub.add_parser("quicklooks",
+                       help="quicklook PNGs and index.html of the run's products")
+    p.add_argument("state")
+    p.set_defaults(func=cmd_quicklooks)
 
     p = sub.add_parser("demo-observation", help="write the demo's small observation")
     p.add_argument("directory")

@@ -30,7 +30,7 @@ def write_demo_observation(directory: Path, frames: int = DEMO_FRAMES, seed: int
     directory.mkdir(parents=True, exist_ok=True)
     return synthetic.make_observation(directory, seed=seed, frames_per_file=frames,
                                       files_per_stream=2, products=("img16", "ph256"),
-                                      faults=("missing_quabo", "partial_last"))
+                                      faults=("missing_quabo", "partial_last", "bad_pixels"))
 
 
 def write_demo_config(config: str, output: Path | None) -> None:

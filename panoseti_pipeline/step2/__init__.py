@@ -2,7 +2,8 @@
 
 The L1 store holds ``images`` as float32 ``L0 - baseline`` (never cast back to the L0
 integer type: the original pipeline did, and every negative residual wrapped to ~65535),
-the ``baseline`` that was subtracted, and every per-frame array of the L0 store
+the ``baseline`` that was subtracted (with ``baseline_std`` and the hot/dead pixel
+masks), and every per-frame array of the L0 store
 (``unix_t_ns``, the header arrays, ``time``, ``frame_flags``) value-identical, in
 PANOSETI's layout (:mod:`panoseti_pipeline.store.spec`), so their reader opens L1 too.
 The L0 may be ours or any store of that layout (``pypff.zarr.convert_run``'s).
@@ -14,6 +15,8 @@ Where things are:
   frame selections, the reduction passes, what is subtracted;
 * :mod:`.histogram` -- the exact statistics the methods use: integer moments and the
   two-pass histogram median;
+* :mod:`.quality` -- NaN where a quabo is missing, the hot/dead pixel masks, the
+  ``summary`` attribute;
 * :mod:`.subtract` -- the step itself: create, fill, verify and publish the L1 store.
 
 How it runs (DESIGN.md §7): every statistics task owns one chunk-aligned frame range of

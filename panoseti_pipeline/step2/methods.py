@@ -14,7 +14,11 @@ Methods (``[baseline_subtract] method``; chosen by the config, never from a path
     published method defines them, and ``baseline`` is their sum, in ADC counts.)
 ``ph_pedestal``
     per-pixel median over all frames subtracted; values not above ``sigma_threshold`` x
-    the per-pixel standard deviation (ddof = 0) become NaN. ``baseline_std`` is stored.
+    the per-pixel standard deviation (ddof = 0) become NaN.
+
+Every method also gives ``baseline_std``, the per-pixel standard deviation (ddof = 0) of
+the frames that made its baseline: the pedestal noise the pixel masks are judged on
+(:mod:`panoseti_pipeline.step2.quality`).
 
 Groups: a module product (img16, img8, ph1024) has one baseline image (y, x); ph256 has
 one per quabo (quabo, y, x) because each ph256 frame is one quabo's 16x16 image, and for
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from panoseti_pipeline import chunking, pff, runners
-from panoseti_pipeline.step2 import histogram
+from panoseti_pipeline.step2 import histogram, quality
 from panoseti_pipeline.step2.l0_input import (
     QUADRANT,
     L0Info,
@@ -53,7 +57,7 @@ class Baseline:
     """The result of the reduction passes."""
 
     values: np.ndarray  # (groups, y, x) float64, NaN where no frame was used
-    std: np.ndarray | None
+    std: np.ndarray  # population std (ddof 0) of the frames that made the baseline
     frames: dict[str, Any]
     extra: dict[str, Any]
 
@@ -67,8 +71,11 @@ class Subtraction:
     threshold: np.ndarray | None = None  # (groups, y, x) float32, ph_pedestal
 
     def residuals(self, x: np.ndarray, quabo: np.ndarray | None,
-                  out: np.ndarray | None = None) -> np.ndarray:
-        """float32 residuals of integer frames ``x``; ``quabo``: quabo_num (ph256 only)."""
+                  out: np.ndarray | None = None, missing: np.ndarray | None = None
+                  ) -> np.ndarray:
+        """float32 residuals of integer frames ``x``; ``quabo``: quabo_num (ph256 only);
+        ``missing`` (time, quabo): quadrants of missing quabos become NaN (module products).
+        """
         pick = quabo.astype(np.intp) if quabo is not None else None
         base = self.baseline[pick] if pick is not None else self.baseline[0]
         out = np.subtract(x, base, out=out, dtype=np.float32)  # exact: |pixel| < 2**24
@@ -79,6 +86,8 @@ class Subtraction:
             below = np.greater(out, cut)
             np.logical_not(below, out=below)  # NaN compares False: stays NaN
             out[below] = np.nan
+        if missing is not None:
+            quality.blank_missing_quadrants(out, missing)
         return out
 
 
@@ -121,7 +130,7 @@ def stats_task(info: L0Info, sel: Selection, start: int, stop: int, method: str,
     (median-based methods), block medians (image_median)."""
     runners.prepare_process(process)
     x, use, aux, record = selected(info, sel, start, stop)
-    orders = {"mean": (0, 1), "ph_pedestal": (0, 1, 2)}.get(method, (0,))
+    orders = (0, 1, 2)  # count, sum, squares: every method stores baseline_std
     out: dict[str, Any] = {"start": start, "frames": record, "frames_any": len(x),
                            **histogram.first_pass(info, x, use, aux, orders,
                                                   high_bytes=method != "mean")}
@@ -157,23 +166,21 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, section: Any,
     frames["frames_used"] = int(acc.get("frames_any", 0))  # frames in any quadrant's baseline
     shape = (info.groups, *info.shape)
     count, total, squares = acc["moments"]
+    std = histogram.std(count, total, squares).reshape(shape)  # the pedestal noise
     if method == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = total / count + info.offset
-        return Baseline(mean.reshape(shape), None, frames, {})
+        return Baseline(mean.reshape(shape), std, frames, {})
     values = histogram.exact_median(runner, info, sel, section.compute_chunk_size,
                                     acc["hist"], count, process).reshape(shape)
-    if method == "ph_pedestal":
-        return Baseline(values, histogram.std(count, total, squares).reshape(shape), frames,
-                        {})
     if method == "image_median":
         block_map = _block_map(info, blocks)  # (groups, y/B, x/B)
         upsampled = block_map.repeat(BLOCK, axis=1).repeat(BLOCK, axis=2)
         supermedian = values - upsampled  # median over time of (sampled frame - upsampled)
         extra = {"block_size": BLOCK,
                  "block_median_map": _json_floats(block_map if info.ph256 else block_map[0])}
-        return Baseline(upsampled + supermedian, None, frames, extra)
-    return Baseline(values, None, frames, {})
+        return Baseline(upsampled + supermedian, std, frames, extra)
+    return Baseline(values, std, frames, {})
 
 
 def _block_map(info: L0Info, blocks: list[Any]) -> np.ndarray:

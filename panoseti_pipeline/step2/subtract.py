@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from panoseti_pipeline import chunking, runners
+from panoseti_pipeline import chunking, pff, runners
 from panoseti_pipeline.errors import InputError, StoreError
-from panoseti_pipeline.step2.l0_input import L0Info, arrays_of, inspect_l0
+from panoseti_pipeline.step2 import quality
+from panoseti_pipeline.step2.l0_input import QUADRANT, L0Info, arrays_of, inspect_l0
 from panoseti_pipeline.step2.methods import (
     Baseline,
     Subtraction,
@@ -58,14 +59,37 @@ class L1Layout:
 
 
 def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
-             ) -> tuple[dict[str, np.ndarray], int]:
-    """L1 frames a..b-1 (residuals and the per-frame arrays), and how many are NaN."""
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """L1 frames a..b-1 (residuals and the per-frame arrays), and their partial summary."""
     frames = layout.read_frames({n: info.array(n) for n in ["images", *info.carried]}, a, b)
-    x = frames["images"]
+    x = frames.pop("images")
+    frames |= info.derived_frames(a, b)
     quabo = frames["quabo_num"] if info.ph256 else None
-    out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32))
-    nan = int(np.isnan(out).sum()) if sub.threshold is not None else 0
-    return {**frames, "images": out, **info.derived_frames(a, b)}, nan
+    missing = None if info.ph256 else quality.missing_quabos(frames)
+    out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32), missing)
+    nan = nan_counts(info, sub, out, quabo, missing)
+    return ({"images": out, **frames},
+            quality.chunk_summary(a, out, frames["frame_flags"], frames["time"], nan))
+
+
+def nan_counts(info: L0Info, sub: Subtraction, out: np.ndarray, quabo: np.ndarray | None,
+               missing: np.ndarray | None) -> dict[str, int]:
+    """NaN values of a chunk by cause: a missing quabo's quadrant, a pixel with no baseline
+    (in frames where its quabo is there), and (ph_pedestal) not above the cut."""
+    no_base = np.isnan(sub.baseline).reshape(info.groups, -1)
+    if info.ph256:  # frames of each quabo x its pixels without a baseline
+        frames_of = np.bincount(quabo.astype(np.intp), minlength=info.groups)
+        uncalibrated = int(frames_of @ no_base.sum(axis=1))
+        gone = 0
+    else:
+        quadrant = QUADRANT[: info.shape[0], : info.shape[1]].ravel()
+        per_quadrant = np.bincount(quadrant[no_base[0]], minlength=pff.N_QUABOS)
+        uncalibrated = int((~missing).sum(axis=0) @ per_quadrant)
+        gone = int(missing.sum()) * (info.pixels // pff.N_QUABOS)
+    below = 0  # only ph_pedestal's cut makes NaN that must be counted
+    if sub.threshold is not None:
+        below = int(np.count_nonzero(np.isnan(out))) - gone - uncalibrated
+    return {"missing_quabo": gone, "uncalibrated": uncalibrated, "below_threshold": below}
 
 
 def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: int,
@@ -84,11 +108,11 @@ def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: i
     try:
         for a in range(start, stop, l1.chunk):
             writer.add(functools.partial(l1_chunk, info, sub, a, min(stop, a + l1.chunk)))
-        nans = writer.close()
+        parts = writer.close()
     except BaseException:
         writer.abort()  # nothing of this task is written after the driver's cleanup
         raise
-    return {"start": start, "frames": stop - start, "nan": sum(nans)}
+    return {"start": start, "frames": stop - start, "parts": parts}
 
 
 def l1_arrays(info: L0Info) -> list[spec.FrameArray]:
@@ -96,6 +120,15 @@ def l1_arrays(info: L0Info) -> list[spec.FrameArray]:
     images, *per_frame = spec.frame_arrays(info.product, info.module)
     images = dataclasses.replace(images, dtype=np.dtype("<f4"), fill_value=float("nan"))
     return [images, *per_frame]
+
+
+NAN_MEANS = ("no measurement: the pixel's quabo is missing in that frame (frame_flags bit "
+             "1, its quabo_<q>_tv_sec is 0), or the pixel has no baseline")
+
+
+def units_of(section: Any) -> str:
+    """The unit of the L1 images (image_median divides by ADC counts per photoelectron)."""
+    return "photoelectrons" if section.method == "image_median" else "ADC counts"
 
 
 def image_filters(section: Any) -> list:
@@ -114,26 +147,35 @@ def create_l1(path: Path, info: L0Info, section: Any, baseline: Baseline, l1: L1
 
     codecs = layout.compressors(**layout.codec_settings(section))
     group = zarr.open_group(store=str(path), mode="w-")
-    units = "photoelectrons" if section.method == "image_median" else "ADC counts"
     images, *per_frame = l1_arrays(info)
     images = dataclasses.replace(images, attrs={
-        **images.attrs, "long_name": f"baseline-subtracted {info.dp} pixels", "units": units,
-        "formula": formula(info, section)})
+        **images.attrs, "long_name": f"baseline-subtracted {info.dp} pixels",
+        "units": units_of(section), "formula": formula(info, section),
+        "nan_means": NAN_MEANS + (" or not above the cut (ph_pedestal)"
+                                  if section.method == "ph_pedestal" else "")})
     layout.create_frame_arrays(group, [images, *per_frame], info.n_frames, l1.chunk,
                                l1.per_shard, codecs, image_filters(section))
     dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
-    planes = {"baseline": baseline.values, "baseline_std": baseline.std}
-    for name, values in planes.items():
-        if values is None:
-            continue
+    std_name = "standard deviation (ddof 0) of the frames that made the baseline"
+    for name, values, long_name in (
+            ("baseline", baseline.values, f"baseline ({section.method})"),
+            ("baseline_std", baseline.std, f"pedestal noise: {std_name}")):
         data = (values if info.ph256 else values[0]).astype(np.float32)
         array = layout.create_array(group, name, data.shape, data.shape, "<f4", dims, codecs,
-                                    {"_ARRAY_DIMENSIONS": list(dims),
-                                     "long_name": f"{name.replace('_', ' ')} "
-                                                  f"({section.method})",
-                                     "units": "ADC counts"},
-                                    fill_value=float("nan"))
+                                    {"_ARRAY_DIMENSIONS": list(dims), "long_name": long_name,
+                                     "units": "ADC counts"}, fill_value=float("nan"))
         array[...] = data
+    for name, mask in zip(quality.MASK_ATTRS, pixel_masks(baseline, info), strict=True):
+        array = layout.create_array(group, name, mask.shape, mask.shape, "u1", dims, codecs,
+                                    {"_ARRAY_DIMENSIONS": list(dims),
+                                     **quality.MASK_ATTRS[name]})
+        array[...] = mask
+
+
+def pixel_masks(baseline: Baseline, info: L0Info) -> tuple[np.ndarray, np.ndarray]:
+    """(hot, dead) masks shaped like the stored baseline."""
+    hot, dead = quality.pixel_masks(baseline.values, baseline.std)
+    return (hot, dead) if info.ph256 else (hot[0], dead[0])
 
 
 def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
@@ -154,7 +196,9 @@ def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
     n = info.n_frames
     for a, b in {(0, min(n, 64)), (max(0, n - 64), n)}:
         x = layout.read_frames({k: l0[k] for k in ["images", *info.carried]}, a, b)
-        expect = sub.residuals(x.pop("images"), x["quabo_num"] if info.ph256 else None)
+        quabo = x["quabo_num"] if info.ph256 else None
+        missing = None if info.ph256 else quality.missing_quabos(x)
+        expect = sub.residuals(x.pop("images"), quabo, missing=missing)
         carried = x | info.derived_frames(a, b)
         stored = layout.read_frames({k: l1[k] for k in ["images", *carried]}, a, b)
         same_images = np.allclose(stored["images"], expect, rtol=2.0 ** -keep_bits, atol=0,
@@ -240,6 +284,11 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         summaries: list[dict] = []
         runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
         verify_l1(tmp, info, sub, summaries, section.keep_mantissa_bits)
+        hot, dead = pixel_masks(baseline, info)
+        summary = quality.combine_summaries(
+            [p for s in summaries for p in s["parts"]], units=units_of(section),
+            hot=int(hot.sum()), dead=int(dead.sum()),
+            uncalibrated_pixels=int(np.isnan(baseline.values).sum()))
         l0_bytes, l1_bytes = publish.store_bytes(l0_path), publish.store_bytes(tmp)
         seconds = time.perf_counter() - t0
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
@@ -270,7 +319,8 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
                      "l1_to_l0_ratio": round(l1_bytes / max(l0_bytes, 1), 4)},
             "report": {"seconds": round(seconds, 3), "mode": runner.mode,
                        "tasks": len(calls), "time_chunk": l1.chunk,
-                       "nan_values": sum(s["nan"] for s in summaries)},
+                       "nan_values": summary["nan_values"]["total"]},
+            "summary": summary,
         })
         layout.consolidate(tmp)
     return Result(str(output), "ok", section.method, info.n_frames, seconds, l0_bytes,

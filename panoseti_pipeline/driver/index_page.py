@@ -1,0 +1,158 @@
+"""The quicklooks of a run and one static ``index.html`` per directory of its products.
+
+After the run record is written, ``run.sh`` calls ``driver quicklooks STATE``: every
+product of the run gets its quicklook PNG beside it (:mod:`panoseti_pipeline.quicklook`;
+a PNG newer than its store is kept), and every directory that holds published products
+of the run (``<output>/<obs>/``, or the output directory for a lone ``.pff``) gets
+``index.html``:
+the run record's status, a table of the products (module, product, level, status,
+frames, time span, flagged frames, hot/dead pixels, PFF/L0 compression, L1/L0 size, a
+link to the store), their PNGs and the housekeeping PNG of the run bundle, if there is
+one. Every link is relative, so the page opens from the
+filesystem (or a copied directory) in any browser with no server, and has no script.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from panoseti_pipeline.driver.record import job_status, load_state
+from panoseti_pipeline.run_bundle import iso_ns
+from panoseti_pipeline.store import publish
+from panoseti_pipeline.store.facts import read_root, store_facts
+
+PAGE = "index.html"
+STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;font-size:90%}th,td{border:1px solid #bbb;padding:3px 6px}
+th{background:#eee}td.num{text-align:right}tr.failed td{background:#fdd}
+figure{margin:1em 0}figcaption{font-size:90%;color:#555}img{max-width:100%}
+.status-ok{color:#070}.status-failed{color:#a00}"""
+
+
+def _row_facts(store: Path) -> dict[str, Any]:
+    """What the table shows of a published store (its root metadata and time span; no
+    pixel is read)."""
+    facts = store_facts(store)
+    attrs = read_root(store)[1].get("attributes") or {}
+    l0 = attrs.get("l0", attrs) if facts.level == "L1" else attrs
+    summary = attrs.get("summary", {})
+    return {"module": facts.module, "product": facts.data_product, "level": facts.level,
+            "frames": facts.frames, "first": iso_ns(facts.first_ns),
+            "last": iso_ns(facts.last_ns),
+            "flags": {k: v for k, v in facts.flag_counts.items() if v},
+            "hot_dead": (f"{summary['hot_pixels']} / {summary['dead_pixels']}"
+                         if "hot_pixels" in summary else "-"),
+            "compression": (l0.get("report") or {}).get("compression_ratio"),
+            "l1_l0": facts.l1_to_l0}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def _link(target: Path, page_dir: Path) -> str:
+    return quote(os.path.relpath(target, page_dir).replace(os.sep, "/"))
+
+
+def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, Any],
+                record_path: Path | None) -> str:
+    """The HTML of one directory's page (``rows``: the run's products there)."""
+    e = html.escape
+    run = record.get("run", {})
+    status = run.get("exit_status")
+    verdict = "ok" if status == 0 else "failed"
+    counts = ", ".join(f"{k} {v}" for k, v in run.get("counts", {}).items())
+    record_link = (f'<a href="{_link(record_path, page_dir)}">{e(record_path.name)}</a>'
+                   if record_path else "no run record")
+    head = ["module", "product", "level", "status", "frames", "time span (UTC)",
+            "flagged frames", "hot / dead pixels", "PFF/L0", "L1/L0", "store"]
+    lines = [f"<th>{e(h)}</th>" for h in head]
+    body, figures = [], []
+    for r in rows:
+        span = f"{r['first'] or '?'} to {r['last'] or '?'}" if r.get("frames") else "-"
+        flags = ", ".join(f"{k} {v}" for k, v in r.get("flags", {}).items()) or "none"
+        store = (f'<a href="{_link(r["store"], page_dir)}/">{e(r["store"].name)}</a>'
+                 if r["published"] else e(r["store"].name) + " (not written)")
+        cells = [e(str(r.get("module", "-"))), e(str(r.get("product", "-"))),
+                 e(str(r.get("level", "-"))), e(r["status"]), e(str(r.get("frames", "-"))),
+                 e(span), e(flags), e(r.get("hot_dead", "-"))]
+        body.append(f'<tr class="product {e(r["status"])}" data-store="{e(r["store"].name)}">'
+                    + "".join(f"<td>{c}</td>" for c in cells)
+                    + f'<td class="num">{_fmt(r.get("compression"))}</td>'
+                    + f'<td class="num">{_fmt(r.get("l1_l0"))}</td><td>{store}</td></tr>')
+        if r.get("png"):
+            figures.append(f'<figure id="look-{e(r["store"].name)}"><img src="'
+                           f'{_link(r["png"], page_dir)}" alt="quicklook of '
+                           f'{e(r["store"].name)}"><figcaption>{e(r["store"].name)}'
+                           "</figcaption></figure>")
+    for png in sorted(page_dir.glob("*.panoseti-meta/*.hk.png")):  # the run's housekeeping
+        figures.append(f'<figure id="housekeeping"><img src="{_link(png, page_dir)}" '
+                       f'alt="housekeeping of the run"><figcaption>housekeeping: '
+                       f"{e(png.name)}</figcaption></figure>")
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>PANOSETI products: {e(page_dir.name)}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{e(page_dir.name)}</h1>",
+        f'<p id="run-status">Run: <b class="status-{verdict}">{verdict}</b> (exit status '
+        f"{e(str(status))}; inputs: {e(counts)}), started {e(str(run.get('started', '?')))}"
+        f", finished {e(str(run.get('finished', '?')))} on {e(str(run.get('host', '?')))}. "
+        f"Run record: {record_link}.</p>",
+        '<table id="products"><thead><tr>' + "".join(lines) + "</tr></thead><tbody>",
+        *body, "</tbody></table>", "<h2>Quicklooks</h2>", *figures, "</body></html>", ""])
+
+
+def run_products(state: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(final store, status) of every job of the run: its L1, or its L0 with --steps 1."""
+    out = []
+    for job in state["jobs"]:
+        status, _ = job_status(job, state["steps"])
+        out.append((Path(job["l1"] or job["l0"]), status))
+    return out
+
+
+def make_quicklooks(state_file: str | os.PathLike[str],
+                    notice: Callable[[str], None] | None = None) -> tuple[list[Path], int]:
+    """The PNGs and pages of a run; (pages written, quicklooks that failed)."""
+    import tomllib
+
+    from panoseti_pipeline import quicklook
+    from panoseti_pipeline.errors import PipelineError
+
+    notice = notice or (lambda msg: print(msg, file=sys.stderr))
+    state = load_state(state_file)
+    record_path = Path(state["run_record"]) if state.get("run_record") else None
+    record = tomllib.loads(record_path.read_text()) if record_path else {}
+    by_dir: dict[Path, list[dict[str, Any]]] = {}
+    failed = 0
+    for store, status in run_products(state):
+        row: dict[str, Any] = {"store": store, "status": status, "published": False}
+        level = "L1" if store.name.endswith("_L1.zarr") else "L0"
+        if publish.is_published(store, level):
+            row.update(_row_facts(store), published=True)
+            png = quicklook.png_path(store)
+            try:
+                if not (png.is_file() and png.stat().st_mtime
+                        >= (store / "zarr.json").stat().st_mtime):
+                    quicklook.quicklook(store)
+                row["png"] = png
+            except PipelineError as err:
+                notice(f"run.sh: warning: no quicklook of {store}: {err}")
+                failed += 1
+        by_dir.setdefault(store.parent, []).append(row)
+    pages = []
+    for page_dir, rows in by_dir.items():
+        if not any(r["published"] for r in rows):  # nothing there to look at
+            continue
+        page = page_dir / PAGE
+        tmp = page.with_name(f".{PAGE}.{os.getpid()}.tmp")
+        tmp.write_text(render_page(page_dir, rows, record, record_path))
+        os.replace(tmp, page)
+        pages.append(page)
+    return pages, failed

@@ -1,0 +1,365 @@
+"""Quicklooks: one PNG per product store (L0 or L1), to see a night at a glance.
+
+``python3 -m panoseti_pipeline quicklook STORE... [--out DIR]`` writes ``<store>.png``
+(beside the store, or into DIR) with
+
+* the mean image and the noise map (L1: its ``baseline_std``; L0: the per-pixel
+  standard deviation over all frames) with hot (x) and dead (o) pixels marked (L1: its
+  masks; L0: the same rule, :func:`panoseti_pipeline.step2.quality.pixel_masks`, applied
+  to its mean and noise), on the 32x32 module grid with the quadrant borders drawn
+  (ph256: each quabo's 16x16 image placed in its quadrant);
+* the light curve of the module sum (measured pixels: NaN and a missing quabo's quadrant
+  left out), downsampled to at most :data:`LC_BINS` bins (mean, min-max band), with the
+  bins that hold flagged frames marked;
+* the frame rate and the flagged frames per flag over time;
+* for pulse-height products (ph256, ph1024) the histogram of each event's pulse height
+  (the maximum over the quabo's 16x16 pixels), per quabo.
+
+Memory is bounded: the store is read in blocks of whole time chunks (about
+:data:`BLOCK_FRAMES` frames) and everything is accumulated per block, vectorised.
+
+Examples::
+
+    python3 -m panoseti_pipeline quicklook L1/obs_*/*.zarr
+    python3 -m panoseti_pipeline quicklook run_L0.zarr --out /tmp/looks
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from panoseti_pipeline import pff
+from panoseti_pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, PipelineError
+from panoseti_pipeline.flags import FLAG_NAMES
+from panoseti_pipeline.pff.timing import NAT
+from panoseti_pipeline.step2 import quality
+from panoseti_pipeline.store import layout
+
+BLOCK_FRAMES = 8192  # frames read at a time (rounded to whole time chunks)
+LC_BINS = 2000  # light-curve and time-series bins at most
+PH_EDGES = np.arange(-512, 4096 + 16, 16)  # pulse-height histogram bins (ADC counts)
+DPI = 80
+#: quabo -> (rows, columns) of its quadrant in a 32x32 module image (PFF_FORMAT.md §5)
+QUADRANT_SLICES = {0: (slice(0, 16), slice(0, 16)), 1: (slice(0, 16), slice(16, 32)),
+                   2: (slice(16, 32), slice(16, 32)), 3: (slice(16, 32), slice(0, 16))}
+
+
+def open_store(path: str | Path) -> tuple[Any, str]:
+    """A published L1 or L0 product (ours or PANOSETI's layout) and its level."""
+    try:
+        return layout.open_product(path, layout.LEVEL_L1), layout.LEVEL_L1
+    except InputError:
+        return layout.open_product(path, layout.LEVEL_L0), layout.LEVEL_L0
+
+
+@dataclasses.dataclass
+class Look:
+    """What a quicklook shows, accumulated block by block (small: pixels and bins)."""
+
+    name: str
+    level: str
+    dp: str
+    module: str
+    frames: int
+    groups: int  # baseline images: 4 for ph256 (one per quabo), else 1
+    shape: tuple[int, int]
+    bins: int
+    pixel_sum: np.ndarray
+    pixel_sumsq: np.ndarray
+    pixel_count: np.ndarray
+    lc_sum: np.ndarray
+    lc_count: np.ndarray
+    lc_min: np.ndarray
+    lc_max: np.ndarray
+    bin_frames: np.ndarray
+    bin_flags: np.ndarray  # (flag, bin): frames carrying each flag
+    t_min: np.ndarray
+    t_max: np.ndarray
+    ph_hist: np.ndarray | None  # (quabo, bin)
+
+    @classmethod
+    def empty(cls, name: str, level: str, dp: str, module: str, frames: int) -> Look:
+        product = pff.PRODUCTS[dp]
+        groups = pff.N_QUABOS if product.header_kind == "ph256" else 1
+        bins = max(1, min(frames, LC_BINS))
+        plane = (groups, *product.shape)
+        return cls(name, level, dp, module, frames, groups, product.shape, bins,
+                   np.zeros(plane), np.zeros(plane), np.zeros(plane, np.int64),
+                   np.zeros(bins), np.zeros(bins, np.int64), np.full(bins, np.inf),
+                   np.full(bins, -np.inf), np.zeros(bins, np.int64),
+                   np.zeros((len(FLAG_NAMES), bins), np.int64),
+                   np.full(bins, np.iinfo(np.int64).max), np.full(bins, NAT),
+                   np.zeros((pff.N_QUABOS, len(PH_EDGES) - 1), np.int64)
+                   if dp.startswith("ph") else None)
+
+    def add(self, start: int, images: np.ndarray, flags: np.ndarray, time_ns: np.ndarray,
+            quabo: np.ndarray | None) -> None:
+        """Fold in frames start..start+len(images)-1 (float32, NaN = not measured)."""
+        b = (start + np.arange(len(images))) * self.bins // self.frames
+        finite = np.isfinite(images)
+        z = np.where(finite, images, np.float32(0))  # float32; sums accumulate in float64
+        groups = quabo.astype(np.intp) if quabo is not None else np.zeros(len(images), np.intp)
+        for g in np.unique(groups):
+            mine = slice(None) if self.groups == 1 else groups == g  # no copy for modules
+            self.pixel_sum[g] += z[mine].sum(axis=0, dtype=np.float64)
+            self.pixel_sumsq[g] += np.square(z[mine]).sum(axis=0, dtype=np.float64)
+            self.pixel_count[g] += finite[mine].sum(axis=0)
+        total = z.sum(axis=(1, 2), dtype=np.float64)
+        measured = finite.any(axis=(1, 2))
+        self.lc_sum += np.bincount(b[measured], total[measured], self.bins)
+        self.lc_count += np.bincount(b[measured], minlength=self.bins)
+        np.minimum.at(self.lc_min, b[measured], total[measured])
+        np.maximum.at(self.lc_max, b[measured], total[measured])
+        self.bin_frames += np.bincount(b, minlength=self.bins)
+        for i, bit in enumerate(FLAG_NAMES):
+            self.bin_flags[i] += np.bincount(b, (flags & bit) != 0, self.bins).astype(np.int64)
+        timed = time_ns != NAT
+        np.minimum.at(self.t_min, b[timed], time_ns[timed])
+        np.maximum.at(self.t_max, b[timed], time_ns[timed])
+        if self.ph_hist is not None:
+            self._add_pulse_heights(images, groups)
+
+    def _add_pulse_heights(self, images: np.ndarray, groups: np.ndarray) -> None:
+        """Each event's pulse height per quabo: the maximum over its 16x16 pixels."""
+        if self.groups > 1:  # ph256: a frame is one quabo's image
+            heights = np.fmax.reduce(images.reshape(len(images), -1), axis=1)[:, None]
+            owner = groups[:, None]
+        else:  # ph1024: four quadrants per frame
+            heights = np.stack([np.fmax.reduce(images[:, ys, xs].reshape(len(images), -1),
+                                               axis=1)
+                                for ys, xs in QUADRANT_SLICES.values()], axis=1)
+            owner = np.broadcast_to(np.arange(pff.N_QUABOS), heights.shape)
+        ok = np.isfinite(heights)
+        k = np.clip(np.searchsorted(PH_EDGES, heights[ok], side="right") - 1, 0,
+                    len(PH_EDGES) - 2)
+        self.ph_hist += np.bincount(owner[ok] * (len(PH_EDGES) - 1) + k,
+                                    minlength=self.ph_hist.size).reshape(self.ph_hist.shape)
+
+
+def block_frames(group: Any) -> int:
+    """Frames per read: whole (inner) time chunks, about BLOCK_FRAMES."""
+    chunk = group["images"].chunks[0]
+    return chunk * max(1, BLOCK_FRAMES // chunk)
+
+
+def accumulate(path: Path) -> tuple[Look, dict[str, np.ndarray]]:
+    """Read the store once, block by block; the :class:`Look` and its pixel maps."""
+    group, level = open_store(path)
+    dp = group.attrs.get("data_product")
+    if dp not in pff.PRODUCTS:
+        raise InputError(f"{path}: unknown data_product {dp!r}")
+    n = group["images"].shape[0]
+    if n == 0:
+        raise InputError(f"{path}: the store has no frames")
+    look = Look.empty(path.name, level, dp, str(group.attrs.get("module", "?")), n)
+    names = set(group.array_keys())
+    ph256 = look.groups > 1
+    blank = level == layout.LEVEL_L0 and not ph256  # L1 has its NaN already
+    step = block_frames(group)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        images = group["images"][a:b].astype(np.float32)
+        if blank:
+            quality.blank_missing_quadrants(images, quality.missing_quabos(
+                {f"quabo_{q}_tv_sec": group[f"quabo_{q}_tv_sec"][a:b]
+                 for q in range(pff.N_QUABOS)}))
+        flags = (group["frame_flags"][a:b] if "frame_flags" in names
+                 else np.zeros(b - a, np.uint8))
+        time_ns = group["time"][a:b] if "time" in names else group["unix_t_ns"][a:b]
+        look.add(a, images, flags, time_ns, group["quabo_num"][a:b] if ph256 else None)
+    return look, pixel_maps(look, group, level)
+
+
+def pixel_maps(look: Look, group: Any, level: str) -> dict[str, np.ndarray]:
+    """Mean, noise, hot and dead maps, (groups, y, x) each."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = look.pixel_sum / look.pixel_count
+        std = np.sqrt(np.maximum(look.pixel_sumsq / look.pixel_count - mean * mean, 0))
+    std[look.pixel_count == 0] = np.nan
+    names = set(group.array_keys())
+    if level == layout.LEVEL_L1 and {"baseline_std", "hot_pixel_mask"} <= names:
+        def plane(name: str) -> np.ndarray:
+            return group[name][:].reshape(look.groups, *look.shape)
+
+        return {"mean": mean, "noise": plane("baseline_std"),
+                "hot": plane("hot_pixel_mask"), "dead": plane("dead_pixel_mask"),
+                "noise_label": "baseline_std (pedestal noise)"}
+    hot, dead = quality.pixel_masks(mean, std)
+    return {"mean": mean, "noise": std, "hot": hot, "dead": dead,
+            "noise_label": "std over all frames"}
+
+
+def module_grid(planes: np.ndarray) -> np.ndarray:
+    """(groups, y, x) -> one 32x32 image: ph256's quabo images placed in their quadrants."""
+    if planes.shape[0] == 1:
+        return planes[0]
+    out = np.full((32, 32), np.nan, dtype=np.result_type(planes.dtype, np.float32))
+    for q, (ys, xs) in QUADRANT_SLICES.items():
+        out[ys, xs] = planes[q]
+    return out
+
+
+def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
+    """Draw the quicklook of ``look`` into the PNG ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: batch jobs, SSH sessions
+    import matplotlib.pyplot as plt
+
+    rows = 4 if look.ph_hist is not None else 3
+    fig = plt.figure(figsize=(11, 3.2 * rows + 0.6), dpi=DPI)
+    grid = fig.add_gridspec(rows, 2, height_ratios=[1.4] + [1] * (rows - 1), hspace=0.45)
+    first = look.t_min[look.t_min != np.iinfo(np.int64).max]
+    t0 = int(first.min()) if first.size else 0
+    span = (int(look.t_max.max()) - t0) / 1e9 if first.size else float("nan")
+    fig.suptitle(f"{look.name}\n{look.level} {look.dp} module {look.module}: "
+                 f"{look.frames} frames, {span:.3f} s from "
+                 f"{np.datetime64(t0, 'ns') if first.size else '?'} UTC", fontsize=10)
+    hot, dead = module_grid(maps["hot"]), module_grid(maps["dead"])
+    for col, (key, title) in enumerate((("mean", "mean image"),
+                                        ("noise", maps["noise_label"]))):
+        ax = fig.add_subplot(grid[0, col])
+        image = ax.imshow(module_grid(maps[key]), origin="upper", cmap="viridis",
+                          interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        for line in (15.5,):
+            ax.axhline(line, color="white", lw=1)
+            ax.axvline(line, color="white", lw=1)
+        ys, xs = np.nonzero(hot)
+        ax.scatter(xs, ys, marker="x", s=40, color="red", label=f"hot ({len(xs)})")
+        ys, xs = np.nonzero(dead)
+        ax.scatter(xs, ys, marker="o", s=40, facecolors="none", edgecolors="cyan",
+                   label=f"dead ({len(xs)})")
+        ax.set_title(title + (" (quabo images in their quadrants)" if look.groups > 1 else ""),
+                     fontsize=9)
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
+    x = _bin_seconds(look, t0)
+    ax = fig.add_subplot(grid[1, :])
+    have = look.lc_count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_sum = look.lc_sum / look.lc_count
+    ax.fill_between(x[have], look.lc_min[have], look.lc_max[have], color="C0", alpha=0.25,
+                    lw=0, label="min-max in bin")
+    ax.plot(x[have], mean_sum[have], color="C0", lw=0.8, label="mean in bin")
+    flagged = look.bin_flags.sum(axis=0) > 0
+    if flagged.any():
+        ax.plot(x[flagged], np.full(flagged.sum(), np.nanmin(look.lc_min[have])), "|",
+                color="red", ms=12, label=f"bins with flagged frames ({flagged.sum()})")
+    ax.set_title(f"light curve: module sum of the measured pixels ({look.bins} bins)",
+                 fontsize=9)
+    ax.set_xlabel("seconds")
+    ax.legend(loc="upper right", fontsize=7)
+    ax = fig.add_subplot(grid[2, 0])
+    rate = _frame_rate(look)
+    ax.plot(x, rate, color="C2", lw=0.8)
+    top = np.nanmax(rate) if np.isfinite(rate).any() else 1.0
+    ax.set_ylim(0, 1.15 * top)  # a steady rate is a line below the top, not on it
+    ax.ticklabel_format(axis="y", useOffset=False)  # 1000 +- jitter, not "+1e3"
+    ax.set_title("frame rate (frames/s)", fontsize=9)
+    ax.set_xlabel("seconds")
+    ax = fig.add_subplot(grid[2, 1])
+    drawn = False
+    for i, name in enumerate(FLAG_NAMES.values()):
+        if look.bin_flags[i].any():
+            ax.step(x, look.bin_flags[i], where="mid", lw=0.8,
+                    label=f"{name} ({look.bin_flags[i].sum()})")
+            drawn = True
+    ax.set_title("flagged frames per bin", fontsize=9)
+    ax.set_xlabel("seconds")
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no flagged frames", ha="center", va="center",
+                transform=ax.transAxes)
+    if look.ph_hist is not None:
+        ax = fig.add_subplot(grid[3, :])
+        centres = (PH_EDGES[:-1] + PH_EDGES[1:]) / 2
+        for q in range(pff.N_QUABOS):
+            if look.ph_hist[q].any():
+                ax.step(centres, look.ph_hist[q], where="mid", lw=0.8,
+                        label=f"quabo {q} ({look.ph_hist[q].sum()} events)")
+        ax.set_yscale("log")
+        ax.set_title("pulse height per event and quabo (max of its 16x16 pixels; values "
+                     "outside the axis in the end bins)", fontsize=9)
+        ax.set_xlabel("ADC counts" + (" above the baseline" if look.level == "L1" else ""))
+        ax.legend(fontsize=7)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+def _bin_seconds(look: Look, t0: int) -> np.ndarray:
+    """Each bin's mid time in seconds from t0 (bins with no time: interpolated)."""
+    timed = look.t_min != np.iinfo(np.int64).max
+    mid = np.full(look.bins, np.nan)
+    mid[timed] = ((look.t_min[timed] - t0) + (look.t_max[timed] - t0)) / 2e9
+    if timed.any() and not timed.all():
+        idx = np.arange(look.bins)
+        mid = np.interp(idx, idx[timed], mid[timed])
+    return mid
+
+
+def _frame_rate(look: Look) -> np.ndarray:
+    """Frames per second per bin: its frames over the time to the next bin's first frame
+    (the last bin: over its own span)."""
+    start = look.t_min.astype(np.float64)
+    start[look.t_min == np.iinfo(np.int64).max] = np.nan
+    rate = np.full(look.bins, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate[:-1] = look.bin_frames[:-1] / ((start[1:] - start[:-1]) / 1e9)
+        last = (look.t_max[-1] - look.t_min[-1]) / 1e9
+        if look.bin_frames[-1] > 1 and last > 0:
+            rate[-1] = (look.bin_frames[-1] - 1) / last
+    rate[~np.isfinite(rate)] = np.nan
+    return rate
+
+
+def png_path(store: Path, out_dir: Path | None = None) -> Path:
+    """``<store name without .zarr>.png``, beside the store or in ``out_dir``."""
+    return (out_dir or store.parent) / f"{store.name.removesuffix('.zarr')}.png"
+
+
+def quicklook(store: str | Path, out_dir: Path | None = None) -> Path:
+    """Write the quicklook PNG of one store; its path."""
+    store = Path(store)
+    look, maps = accumulate(store)
+    return render(look, maps, png_path(store, out_dir))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write a quicklook PNG per L0 or L1 store."""
+    from panoseti_pipeline.errors import run_main
+
+    parser = argparse.ArgumentParser(prog="panoseti_pipeline quicklook",
+                                     description=main.__doc__)
+    parser.add_argument("stores", nargs="+", help="L0 or L1 Zarr stores")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the PNGs (default: beside each store)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        failed = 0
+        for store in args.stores:
+            try:
+                print(quicklook(store, args.out))
+            except PipelineError as err:
+                if args.debug:
+                    raise
+                print(f"quicklook: error: {err}", file=sys.stderr)
+                failed += 1
+        return EXIT_FAILED if failed else EXIT_OK
+
+    return run_main(body, "quicklook", args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

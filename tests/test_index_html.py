@@ -1,0 +1,129 @@
+"""The run's index.html in a real browser: headless Chromium (Debian's ``chromium``).
+
+``run.sh`` runs a generated night (two modules, img16 and ph256); its products'
+directory must hold a quicklook PNG per store and an ``index.html`` that shows, opened
+from the filesystem with no server, one row per product and every PNG loaded. Skipped,
+saying why, where Chromium is not installed; under CI (``CI`` set) that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from process_tools import start_or_skip
+
+from panoseti_pipeline import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = """
+[cluster]
+use_dask = false
+[pff_to_zarr]
+time_chunk = 256
+[baseline_subtract]
+compute_chunk_size = 256
+baseline_window = 100
+"""
+#: records, once every image has loaded or failed, each image's decoded width
+PROBE = ('<script>window.addEventListener("load", () => {for (const i of document.images)'
+         ' {i.setAttribute("data-natural-width", i.naturalWidth)}'
+         ' document.body.setAttribute("data-probed", "yes")})</script>')
+
+
+class ChromiumMissing(Exception):
+    """No chromium binary here."""
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise ChromiumMissing("chromium is not installed (apt-get install chromium)")
+
+
+def browse(*args: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium (root needs --no-sandbox); the DOM or screenshot it makes."""
+    binary = start_or_skip(chromium, ChromiumMissing, "chromium", "index.html")
+    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--hide-scrollbars", "--virtual-time-budget=10000", *args],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+def run_sh(*args: str | os.PathLike, config: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CONFIG_FILE": str(config)}
+    return subprocess.run(["bash", str(REPO / "run.sh"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("index")
+    run = synthetic.make_observation(root / "in", seed=2, modules=(1, 2),
+                                     products=("img16", "ph256"), frames_per_file=300,
+                                     files_per_stream=1, faults=("bad_pixels",))
+    config = root / "c.toml"
+    config.write_text(CONFIG)
+    result = run_sh(run, root / "out", config=config)
+    assert result.returncode == 0, result.stderr
+    products = root / "out" / run.name.removesuffix(".pffd")
+    stores = sorted(p.name for p in products.glob("*_L1.zarr"))
+    assert len(stores) == 4
+    return products, stores
+
+
+def test_a_png_beside_every_store_and_one_page(night):
+    products, stores = night
+    for store in stores:
+        png = products / f"{store.removesuffix('.zarr')}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (products / "index.html").read_text()
+    assert page.count('<tr class="product') == 4
+    record = next(products.parent.glob("run_record_*.toml"))
+    assert f'href="../{record.name}"' in page
+    assert "file://" not in page and "/tmp/" not in page  # relative links only
+
+
+def test_chromium_shows_every_row_and_every_image(night, tmp_path):
+    products, stores = night
+    probe = products / ".probe.html"  # beside the page: the same relative links
+    probe.write_text((products / "index.html").read_text().replace("</body>",
+                                                                  PROBE + "</body>"))
+    try:
+        dom = browse("--dump-dom", probe.as_uri()).stdout
+    finally:
+        probe.unlink()
+    assert 'data-probed="yes"' in dom
+    rows = re.findall(r'<tr class="product ok" data-store="([^"]+)"', dom)
+    assert sorted(rows) == stores
+    widths = re.findall(r'<img [^>]*data-natural-width="(\d+)"', dom)
+    housekeeping = list(products.glob("*.panoseti-meta/*.hk.png"))  # the bundle's, if any
+    assert len(widths) == 4 + len(housekeeping) and all(int(w) > 300 for w in widths)
+    assert 'id="run-status"' in dom and "<b class=\"status-ok\">ok</b>" in dom
+    shot = tmp_path / "page.png"
+    browse("--window-size=1200,3000", f"--screenshot={shot}",
+           (products / "index.html").as_uri())
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (3000, 1200)
+    assert pixels[..., :3].std() > 0.05  # not blank: text, table and plots drawn
+    assert (pixels[..., :3].std(axis=2) > 0.1).sum() > 10_000  # colour: the quicklooks
+
+
+def test_no_quicklook_makes_neither(tmp_path):
+    run = synthetic.make_observation(tmp_path / "in", products=("img16",),
+                                     frames_per_file=200, files_per_stream=1)
+    config = tmp_path / "c.toml"
+    config.write_text(CONFIG)
+    result = run_sh("--no-quicklook", run, tmp_path / "out", config=config)
+    assert result.returncode == 0, result.stderr
+    products = tmp_path / "out" / run.name.removesuffix(".pffd")
+    assert len(list(products.glob("*_L1.zarr"))) == 1
+    assert not list(products.glob("*.png")) and not (products / "index.html").exists()
+    assert "quicklooks:" not in result.stderr

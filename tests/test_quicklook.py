@@ -1,0 +1,105 @@
+"""Quicklooks: a PNG per L0 and L1 store that decodes, shows what the store holds, and
+differs between products; bad stores give one error line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from panoseti_pipeline import pff, quicklook, synthetic
+from panoseti_pipeline.cli import step1, step2
+
+PRODUCTS = ("img16", "ph256")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("looks")
+    run = synthetic.make_observation(root / "in", seed=5, products=PRODUCTS,
+                                     frames_per_file=400, files_per_stream=2,
+                                     faults=("missing_quabo", "bad_pixels"))
+    cfg = root / "c.toml"
+    cfg.write_text("[cluster]\nuse_dask = false\n[pff_to_zarr]\ntime_chunk = 128\n"
+                   "[baseline_subtract]\ncompute_chunk_size = 128\nbaseline_window = 100\n")
+    out = []
+    for dp in PRODUCTS:
+        files = sorted((p for p in run.glob(f"*.dp_{dp}.*.pff") if p.stat().st_size),
+                       key=lambda p: pff.parse_name(p).seqno)
+        l0, l1 = root / f"{dp}_L0.zarr", root / f"{dp}_L1.zarr"
+        assert step1.main([*map(str, files), str(l0), str(cfg), "--quiet"]) == 0
+        assert step2.main([str(l0), str(l1), "--config", str(cfg), "--quiet"]) == 0
+        out += [l0, l1]
+    return out
+
+
+def decode(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)
+
+
+def test_cli_writes_a_decodable_png_per_store_and_they_differ(stores, tmp_path, capsys):
+    assert quicklook.main([*map(str, stores), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    pngs = [tmp_path / f"{s.name.removesuffix('.zarr')}.png" for s in stores]
+    assert printed == list(map(str, pngs))
+    images = [decode(p) for p in pngs]
+    for image in images:
+        assert image.ndim == 3 and image.shape[0] > 500 and image.shape[1] > 500
+        assert image.std() > 0.05  # drawn, not blank
+    digests = {p.read_bytes() for p in pngs}
+    assert len(digests) == len(pngs)
+    ph = [i for i, s in enumerate(stores) if "ph256" in s.name]
+    assert all(images[i].shape[0] > images[0].shape[0] for i in ph)  # + the histogram row
+
+
+def test_what_the_look_accumulates_matches_the_store(stores):
+    l1 = next(s for s in stores if s.name == "img16_L1.zarr")
+    look, maps = quicklook.accumulate(l1)
+    g = zarr.open_group(str(l1), mode="r")
+    images = g["images"][:].astype(np.float64)
+    np.testing.assert_allclose(maps["mean"][0], np.nanmean(images, axis=0), rtol=1e-9,
+                               atol=1e-9)
+    assert np.array_equal(maps["hot"][0], g["hot_pixel_mask"][:])
+    assert np.array_equal(maps["dead"][0], g["dead_pixel_mask"][:])
+    sums = np.nansum(images, axis=(1, 2))
+    assert look.bins == len(sums) == 800  # fewer frames than LC_BINS: one per bin
+    np.testing.assert_allclose(look.lc_sum, sums, rtol=1e-9, atol=1e-6)
+    flags = g["frame_flags"][:]
+    assert np.array_equal(look.bin_flags[0], (flags & 1) != 0)
+    assert look.bin_flags[0].sum() == 2
+
+
+def test_l0_look_leaves_missing_quadrants_out_and_finds_the_same_pixels(stores):
+    l0 = next(s for s in stores if s.name == "img16_L0.zarr")
+    look, maps = quicklook.accumulate(l0)
+    hot, dead = synthetic.bad_pixels(synthetic.StreamSpec(dp="img16"), seed=5)
+    assert sorted(map(tuple, np.argwhere(maps["hot"][0]).tolist())) == sorted(hot)
+    assert sorted(map(tuple, np.argwhere(maps["dead"][0]).tolist())) == sorted(dead)
+    assert look.pixel_count[0, 0, 0] == 798 and look.pixel_count[0, 31, 31] == 800
+
+
+def test_pulse_heights_per_quabo(stores):
+    l0 = next(s for s in stores if s.name == "ph256_L0.zarr")
+    look, _ = quicklook.accumulate(l0)
+    g = zarr.open_group(str(l0), mode="r")
+    images, quabo = g["images"][:], g["quabo_num"][:]
+    assert look.ph_hist is not None
+    for q in range(4):
+        heights = images[quabo == q].reshape(-1, 256).max(axis=1)
+        assert look.ph_hist[q].sum() == heights.size
+        want, _ = np.histogram(np.clip(heights, quicklook.PH_EDGES[0],
+                                       quicklook.PH_EDGES[-1] - 1), quicklook.PH_EDGES)
+        assert np.array_equal(look.ph_hist[q], want)
+
+
+def test_a_bad_store_is_one_line_and_the_others_still_get_their_png(stores, tmp_path,
+                                                                    capsys):
+    assert quicklook.main([str(tmp_path / "nope_L1.zarr"), str(stores[0]), "--out",
+                           str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope_L1.zarr" in err[0] and "no such store" in err[0]
+    assert (tmp_path / f"{stores[0].name.removesuffix('.zarr')}.png").is_file()
