@@ -6,6 +6,8 @@ set, e.g.::
 
     PANOSETI_SOAK_RUNS=20 bash tests/run_tests.sh tests/test_soak.py -n 0
 
+Every interrupted run has ``--overwrite``, so each redoes the whole night and the signal
+lands in real work (a step, the cluster start, a swap of a finished product).
 PANOSETI_SOAK_SEED repeats a sequence (the seed in use is printed). Signals: SIGKILL to
 run.sh's whole process group (what a job killer or a crashed node does), SIGTERM to
 run.sh alone (``kill PID``), SIGINT to the process group (Ctrl-C at the terminal).
@@ -84,7 +86,9 @@ def test_a_night_survives_random_signals_and_one_clean_rerun_finishes_it(tmp_pat
     out = tmp_path / "soaked"
     for k in range(RUNS):
         sig, after = rng.choice(SIGNALS), rng.uniform(0.2, 1.2 * clean_s)
-        rc = interrupted_run([str(night), str(out)], env, sig, after)
+        # --overwrite: every run has the whole night to redo (and products to swap), so
+        # each signal lands in real work, not in a run that only skips finished products
+        rc = interrupted_run(["--overwrite", str(night), str(out)], env, sig, after)
         print(f"soak run {k + 1}: SIG{sig} after {after:.1f} s -> exit {rc}")
         assert rc in (0, 1, 2, 130, -9), f"run {k + 1}: unexpected exit status {rc}"
 
