@@ -20,8 +20,10 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -146,6 +148,22 @@ def _reported(body: Callable[[], int], prog: str, debug: bool) -> int:
         _report(prog, f"error: unexpected {type(err).__name__}: {text} (rerun with --debug "
                 "for the traceback)")
         return EXIT_FAILED
+
+
+def report_each(items: Iterable[T], handle: Callable[[T], object], prog: str, debug: bool,
+                errors: tuple[type[BaseException], ...] = (PipelineError,)) -> int:
+    """``handle`` every item of a command given several (files, stores): one that raises
+    ``errors`` is one error line and the others still run. EXIT_FAILED if any failed."""
+    failed = 0
+    for item in items:
+        try:
+            handle(item)
+        except errors as err:
+            if debug:
+                raise
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            failed += 1
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 #: Environment variable naming a file that receives a script's final error line too:

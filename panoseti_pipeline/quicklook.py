@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from panoseti_pipeline import pff
-from panoseti_pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, PipelineError
+from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.flags import FLAG_NAMES
 from panoseti_pipeline.pff.timing import NAT
 from panoseti_pipeline.step2 import quality
@@ -336,7 +336,7 @@ def quicklook(store: str | Path, out_dir: Path | None = None) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a quicklook PNG per L0 or L1 store."""
-    from panoseti_pipeline.errors import run_main
+    from panoseti_pipeline.errors import report_each, run_main
 
     parser = argparse.ArgumentParser(prog="panoseti_pipeline quicklook",
                                      description=main.__doc__)
@@ -347,16 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        failed = 0
-        for store in args.stores:
-            try:
-                print(quicklook(store, args.out))
-            except PipelineError as err:
-                if args.debug:
-                    raise
-                print(f"quicklook: error: {err}", file=sys.stderr)
-                failed += 1
-        return EXIT_FAILED if failed else EXIT_OK
+        return report_each(args.stores, lambda store: print(quicklook(store, args.out)),
+                           "quicklook", args.debug)
 
     return run_main(body, "quicklook", args.debug)
 

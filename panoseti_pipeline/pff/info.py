@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from panoseti_pipeline.errors import (
-    EXIT_FAILED,
-    EXIT_OK,
     InputError,
     PFFFormatError,
     PFFNameError,
+    report_each,
     run_main,
 )
 from panoseti_pipeline.flags import FLAG_NAMES, flag_counts
@@ -166,29 +165,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        failed = 0
-        for path in _expand(args.paths):
-            try:
-                if is_housekeeping(path):
-                    print(f"{path}\n  housekeeping (hk.pff): not image data, skipped")
-                    continue
-                if not path.exists():
-                    raise InputError(f"{path}: no such file")
-                if _is_store(path):
-                    print("\n".join(_store_lines(path)))
-                    continue
-                if path.stat().st_size == 0:
-                    print(f"{path}\n  empty (0 bytes): no frames")
-                    continue
-                print("\n".join(_info_lines(summarize_file(path))))
-            except (InputError, PFFFormatError, PFFNameError) as err:
-                if args.debug:
-                    raise
-                print(f"pff.py: error: {err}", file=sys.stderr)
-                failed += 1
-        return EXIT_FAILED if failed else EXIT_OK
+        return report_each(_expand(args.paths), _print_info, "pff.py", args.debug,
+                           (InputError, PFFFormatError, PFFNameError))
 
     return run_main(body, "pff.py", args.debug)
+
+
+def _print_info(path: Path) -> None:
+    """What ``pff.py info`` says about one path: a PFF file, a store, or why neither."""
+    if is_housekeeping(path):
+        print(f"{path}\n  housekeeping (hk.pff): not image data, skipped")
+    elif not path.exists():
+        raise InputError(f"{path}: no such file")
+    elif _is_store(path):
+        print("\n".join(_store_lines(path)))
+    elif path.stat().st_size == 0:
+        print(f"{path}\n  empty (0 bytes): no frames")
+    else:
+        print("\n".join(_info_lines(summarize_file(path))))
 
 
 if __name__ == "__main__":
