@@ -80,10 +80,12 @@ def _store_facts(store: str) -> dict[str, Any]:
     shape = images_shape(Path(store))
     if shape:
         facts["frames"] = shape[0]
+    from panoseti_pipeline.errors import InputError
+    from panoseti_pipeline.store.facts import read_root
+
     try:
-        with open(Path(store) / "zarr.json", encoding="utf-8") as f:
-            attrs = json.load(f).get("attributes", {})
-    except (OSError, ValueError):
+        attrs = read_root(store)[1].get("attributes", {})
+    except InputError:
         attrs = {}
     skipped = [dict(r, file=src.get("name", "?"))
                for src in attrs.get("source_files", []) if isinstance(src, dict)
