@@ -50,7 +50,7 @@ class ProcessSettings:
     CPUs and Dask threads of that process, not of the one that planned the tasks.
     """
 
-    io_concurrency: int  # zarr's async I/O concurrency
+    io_concurrency: int | None  # zarr's async I/O concurrency; None: the tasks skip zarr
     threads_per_task: int  # compression threads per concurrently running task; 0: all CPUs
     tasks_per_process: int  # tasks running at once; 0: the Dask worker's thread count
     group_writable: bool
@@ -71,23 +71,57 @@ class ProcessSettings:
 
 
 _setup_lock = threading.Lock()
-_applied: dict[str, tuple] = {}
+_applied: dict[str, Any] = {}
 
 
 def prepare_process(settings: ProcessSettings) -> None:
-    """Zarr's concurrency and compression threads, and the umask, of this process.
+    """Zarr's concurrency and compression threads, and the umask, of this process (and,
+    once, :func:`keep_freed_memory`).
 
     Applied whenever they differ from what this process last applied, so a long-lived
     worker running step 1, then step 2, then step 1 again gets each step's own settings.
     zarr sizes its compression thread pool at its first read or write in a process, so
     that pool keeps its first size (the concurrency and the umask follow each step).
     """
-    wanted = (settings.io_concurrency, settings.compress_threads(), settings.group_writable)
     with _setup_lock:
-        if _applied.get("settings") != wanted:
-            layout.configure_zarr(wanted[0], wanted[1])
+        if "malloc" not in _applied:
+            _applied["malloc"] = keep_freed_memory()
+        if settings.io_concurrency is not None:
+            wanted = (settings.io_concurrency, settings.compress_threads())
+            if _applied.get("zarr") != wanted:
+                layout.configure_zarr(*wanted)
+                _applied["zarr"] = wanted
+        if _applied.get("umask") != settings.group_writable:
             publish.apply_permission_policy(settings.group_writable)
-            _applied["settings"] = wanted
+            _applied["umask"] = settings.group_writable
+
+
+#: glibc ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: blocks up to a chunk come from the heap
+_TRIM_THRESHOLD = 512 << 20  # freed heap kept for reuse, at most (RSS stays at the peak)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed blocks instead of returning them to the OS.
+
+    By default a block over 128 kB is mmap'd and unmapped again when freed, so every
+    numpy temporary, read buffer and compressed chunk of every block costs page faults
+    on fresh zeroed memory: measured on step 1 of 1 GB, half of its system time and up
+    to a third of its wall time (e.g. 8.6 vs 1.7 ms to compare a block's headers with
+    their template). Peak RSS rises by what one block's temporaries hold (~100 MB).
+    Returns whether it applied (glibc only; elsewhere malloc is left as it is).
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+    except (ValueError, OSError):  # not a GNU libc
+        return False
+    import ctypes
+
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 _threads = threading.local()

@@ -4,13 +4,13 @@ Plan (driver) → tasks (local threads or Dask workers) → verify → publish:
 
 * the driver checks the inputs are one stream, indexes each file (assuming the nominal
   stride and verifying it while reading, pff.PFFReader), decides each file's time
-  source, creates the store's arrays under a temporary name and cuts the frames into
-  ranges aligned to ``time_chunk``;
+  source and cuts the frames into ranges aligned to ``time_chunk``;
 * each task (:func:`convert_range`) reads its byte ranges, decodes pixels, headers,
-  times and flags, writes whole chunks straight into the store, and returns a small
-  summary — image data never travels back;
-* the driver checks the frame count and reads a sample of chunks back against the PFF
-  bytes, writes the attributes, consolidates metadata and renames the store into place.
+  times and flags, writes whole chunks straight into the store under a temporary name,
+  and returns a small summary — image data never travels back;
+* the driver, which imported zarr meanwhile, creates the arrays' metadata, checks the
+  frame count and reads a sample of chunks back against the PFF bytes, writes the
+  attributes, consolidates metadata and renames the store into place.
 
 Tasks look back before their range for the last frame with a time, so the out-of-order
 flag is the same as a sequential read's wherever the ranges are cut.
@@ -280,7 +280,7 @@ def _create_store(path: Path, files: Sequence[SourceFile], settings: TaskSetting
     import zarr
 
     product = files[0].index.product
-    group = zarr.open_group(store=str(path), mode="w-")
+    group = zarr.open_group(store=str(path), mode="a")  # holds the tasks' chunk files
     layout.create_frame_arrays(group, spec.frame_arrays(product, _name(files).module),
                                files[-1].stop, settings.chunk, settings.per_shard,
                                layout.compressors(**layout.codec_settings(cfg.pff_to_zarr)))
@@ -384,16 +384,18 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
     per_shard = section.shard_factor
     ranges = chunking.task_ranges(n, chunk, per_shard or chunking.chunks_per_task(
         chunk, files[0].index.product.frame_bytes, section.chunk_size_mb))
-    process = runners.ProcessSettings(section.max_concurrent_writes, section.blosc_threads,
+    # The tasks write chunk files, never through zarr (None): only the driver needs zarr,
+    # after them, so it is imported while they run and the arrays are made then.
+    process = runners.ProcessSettings(None, section.blosc_threads,
                                       section.num_workers if client is None else 0,
                                       cfg.run.group_writable)
     with publish.publishing(output, layout.LEVEL_L0, overwrite) as tmp:
+        layout.import_zarr_meanwhile()
         settings = TaskSettings(str(tmp), tuple(files), process, chunk, per_shard,
                                 ChunkCodec(**layout.codec_settings(section)),
                                 section.blosc_threads)
-        if client is None:  # the tasks run here: set zarr up before its first write
+        if client is None:
             runners.prepare_process(process)
-        _create_store(tmp, files, settings, cfg)
         summaries: list[dict[str, Any]] = []
 
         def fold(_i: int, summary: dict[str, Any]) -> int:
@@ -406,6 +408,8 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
         # other replicas -- and a worker lost with them would cancel every task.
         runner.map(convert_range, [(settings, a, b) for a, b in ranges], str(output), fold,
                    total=n, unit="frame")
+        layout.configure_zarr(section.max_concurrent_writes, process.compress_threads())
+        _create_store(tmp, files, settings, cfg)
         _verify(tmp, files, summaries, n, chunk)
         seconds = time.perf_counter() - t0
         input_bytes = sum(f.index.file_size for f in files)

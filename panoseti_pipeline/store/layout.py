@@ -19,22 +19,36 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
-import zarr.codecs
 
 from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.store.publish import PARTIAL_SUFFIX
 from panoseti_pipeline.store.spec import SPEC_VERSION_KEY, FrameArray
 
+if TYPE_CHECKING:  # zarr is imported where it is used: 0.35 s a step 1 task never needs
+    import zarr
+
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
 _SHUFFLES = {"bit": "bitshuffle", "byte": "shuffle", "none": "noshuffle"}
+
+
+def import_zarr_meanwhile() -> None:
+    """Import zarr on a background thread while this one goes on (e.g. runs tasks that
+    do not use it); whoever then imports zarr waits for that import, or repeats it and
+    gets its error."""
+    threading.Thread(target=_import_zarr, name="import zarr", daemon=True).start()
+
+
+def _import_zarr() -> None:
+    with contextlib.suppress(Exception):
+        import zarr.codecs  # noqa: F401
 
 
 def configure_zarr(max_concurrent_writes: int, compress_threads: int) -> None:
@@ -44,6 +58,8 @@ def configure_zarr(max_concurrent_writes: int, compress_threads: int) -> None:
     Detector data never equals the fill value, so the per-chunk "is it empty?" scan of
     ``write_empty_chunks=False`` is pure cost (3-5x measured here): switch it off.
     """
+    import zarr
+
     zarr.config.set({"async.concurrency": max_concurrent_writes,
                      "threading.max_workers": compress_threads,
                      "array.write_empty_chunks": True})
@@ -51,6 +67,8 @@ def configure_zarr(max_concurrent_writes: int, compress_threads: int) -> None:
 
 def compressors(codec: str, level: int, shuffle: str, checksum: bool) -> list:
     """Zarr v3 bytes-to-bytes codecs for a ``[pff_to_zarr]``-style codec setting."""
+    import zarr.codecs
+
     out: list = []
     if codec in ("blosc-lz4", "zstd"):
         out.append(zarr.codecs.BloscCodec(cname="lz4" if codec == "blosc-lz4" else "zstd",
@@ -132,6 +150,8 @@ def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
     if p.name.endswith(PARTIAL_SUFFIX):
         raise InputError(f"{p}: incomplete store (a partial store: its writing never "
                          "finished; rerun the step that makes it)")
+    import zarr
+
     try:
         with _quiet_consolidated():
             group = zarr.open_group(store=str(p), mode="r", use_consolidated=None)
@@ -170,6 +190,8 @@ def open_array(path: str, name: str, level: str | None = None, run: str = "") ->
     path is opened afresh.
     """
     if level is None:
+        import zarr
+
         return zarr.open_array(store=f"{path}/{name}", mode="r+")
     return open_product(path, level)[name]
 
@@ -183,6 +205,8 @@ def _quiet_consolidated() -> Iterator[None]:
 
 
 def consolidate(path: str | os.PathLike) -> None:
+    import zarr
+
     with _quiet_consolidated():
         zarr.consolidate_metadata(str(path))
 
@@ -190,6 +214,7 @@ def consolidate(path: str | os.PathLike) -> None:
 def software_versions() -> dict[str, str]:
     """Versions recorded in every product's attributes (provenance)."""
     import numcodecs
+    import zarr
 
     versions = {"pipeline": _git_revision(), "python": sys.version.split()[0],
                 "numpy": np.__version__, "zarr": zarr.__version__,
