@@ -98,18 +98,22 @@ def prepare_process(settings: ProcessSettings) -> None:
 
 #: glibc ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` sets
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: blocks up to a chunk come from the heap
-_TRIM_THRESHOLD = 512 << 20  # freed heap kept for reuse, at most (RSS stays at the peak)
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: a chunk's blocks come from the heap
+_TRIM_THRESHOLD = 64 << 20  # freed memory kept for reuse at the top of a heap, at most
 
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse freed blocks instead of returning them to the OS.
 
-    By default a block over 128 kB is mmap'd and unmapped again when freed, so every
-    numpy temporary, read buffer and compressed chunk of every block costs page faults
-    on fresh zeroed memory: measured on step 1 of 1 GB, half of its system time and up
-    to a third of its wall time (e.g. 8.6 vs 1.7 ms to compare a block's headers with
-    their template). Peak RSS rises by what one block's temporaries hold (~100 MB).
+    By default glibc maps a block over 128 kB (up to 32 MB, as it learns) on its own and
+    unmaps it when freed, and trims freed memory at the top of each heap, so every numpy
+    temporary, compressed chunk and read-back of every block costs page faults on fresh
+    zeroed memory: on step 1 of 1 GB, half of its system time and up to a third of its
+    wall time (e.g. 8.6 vs 1.7 ms to compare a block's headers with their template).
+    Blocks up to 32 MB now come from the heaps, and up to 64 MB of freed memory stays on
+    top of each for the next block: peak RSS rises by about that (bench/RESULTS.md).
+    Larger blocks are still mapped on their own (glibc's limit), e.g. Blosc's output for
+    step 2's 32 MiB float32 chunks; keeping those too raised RSS above 600 MB at 4 GB.
     Returns whether it applied (glibc only; elsewhere malloc is left as it is).
     """
     try:

@@ -419,8 +419,6 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
                                 ChunkCodec(**layout.codec_settings(section)),
                                 section.blosc_threads)
         store_made = meanwhile.submit(_create_store, tmp, files, settings, cfg)
-        sample = _sample(n, chunk)
-        expected = meanwhile.submit(_decode_sample, files, sample)
         if client is None:
             runners.prepare_process(process)
         summaries: list[dict[str, Any]] = []
@@ -435,6 +433,8 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
         # other replicas -- and a worker lost with them would cancel every task.
         runner.map(convert_range, [(settings, a, b) for a, b in ranges], str(output), fold,
                    total=n, unit="frame")
+        sample = _sample(n, chunk)
+        expected = meanwhile.submit(_decode_sample, files, sample)  # while reading back
         store_made.result()
         _verify(tmp, files, summaries, n, sample, expected.result)
         seconds = time.perf_counter() - t0
