@@ -42,6 +42,8 @@ def run_child(code: str, *args: str) -> dict:
     Children measure their own peak RSS (``ru_maxrss`` of RUSAGE_SELF), which counts
     every page touched, mapped file pages included: how Dask judges a worker's memory.
     """
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, check=True,
+    # -P: the working directory is not put first on sys.path, so PYTHONPATH (or else the
+    # venv's install) says which tree is measured
+    proc = subprocess.run([sys.executable, "-P", "-c", code, *args], cwd=REPO, check=True,
                           capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])

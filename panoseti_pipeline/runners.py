@@ -116,7 +116,8 @@ def reuse_memory() -> bool:
       for step 2's 32 MiB float32 chunks; keeping those too raised RSS above 600 MB.
     * numpy asks for transparent huge pages on large arrays, and a huge page is zeroed
       whole (2 MB) when first touched: with memory kept, that was 9% of step 1's CPU
-      time (perf). Turned off for this process (``PR_SET_THP_DISABLE``).
+      time (perf). Turned off for this process and those it starts
+      (``PR_SET_THP_DISABLE`` is inherited).
 
     Together, on step 1 of 1 GB here: system time 1.65 -> 0.92 s, wall -13%; peak RSS
     rises by what is kept (bench/RESULTS.md). Returns whether both applied.

@@ -38,9 +38,10 @@ def test_each_step_gets_its_own_process_settings_on_a_long_lived_worker(
 
 
 FAULTS_OF_REUSED_BLOCKS = """
-import json, resource, sys
+import ctypes, json, resource, sys
 import numpy as np
 from panoseti_pipeline import runners
+ctypes.CDLL(None).prctl(41, 0, 0, 0, 0)  # huge pages as by default (a parent's choice is inherited)
 applied = runners.reuse_memory() if sys.argv[1] == "keep" else None
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
