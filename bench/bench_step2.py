@@ -12,7 +12,7 @@ On the L0 store of a generated img16 file (made once with step 1 from
   cannot avoid: its L1 is float32, ~4x the L0);
 * step 2 (``l1_baseline.subtract_baseline``, local threads) per method: wall time, the
   ratios bound / step 2 and write bound / step 2 (issue 15's target: >= 0.8 for the
-  default ``mean``), peak RSS (``ru_maxrss``; target <= 600 MB) and the L1/L0 size ratio;
+  default ``mean``), peak RSS (VmHWM; target <= 600 MB) and the L1/L0 size ratio;
 * ``keep_mantissa_bits`` (BitRound, lossy): L1 size and time per setting.
 """
 
@@ -60,7 +60,7 @@ with concurrent.futures.ThreadPoolExecutor(threads) as pool:
 seconds = time.perf_counter() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": seconds, "frames": frames, "threads": threads,
-                  "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024}))
+                  "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mb": peak_rss_mb()}))
 """
 
 STEP2 = """
@@ -75,7 +75,7 @@ seconds = time.perf_counter() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": seconds, "frames": r.frames, "l0_bytes": r.l0_bytes,
                   "l1_bytes": r.l1_bytes, "cpu_s": ru.ru_utime + ru.ru_stime,
-                  "rss_mb": ru.ru_maxrss / 1024}))
+                  "rss_mb": peak_rss_mb()}))
 """
 
 
