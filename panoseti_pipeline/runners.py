@@ -84,8 +84,8 @@ def prepare_process(settings: ProcessSettings) -> None:
     that pool keeps its first size (the concurrency and the umask follow each step).
     """
     with _setup_lock:
-        if "malloc" not in _applied:
-            _applied["malloc"] = reuse_memory()
+        if "memory" not in _applied:
+            _applied["memory"] = reuse_memory()
         if settings.io_concurrency is not None:
             wanted = (settings.io_concurrency, settings.compress_threads())
             if _applied.get("zarr") != wanted:
@@ -133,7 +133,7 @@ def reuse_memory() -> bool:
         return False
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None)
     kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
                 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
                 and libc.mallopt(_M_ARENA_MAX, _ARENA_MAX))

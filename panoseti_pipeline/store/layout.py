@@ -213,11 +213,10 @@ def software_versions() -> dict[str, str]:
     versions = {"pipeline": _git_revision(), "python": sys.version.split()[0],
                 "numpy": np.__version__, "zarr": zarr.__version__,
                 "numcodecs": numcodecs.__version__}
-    with contextlib.suppress(ImportError):  # its metadata: importing dask takes 0.13 s
-        from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version
 
-        with contextlib.suppress(PackageNotFoundError):
-            versions["dask"] = version("dask")
+    with contextlib.suppress(PackageNotFoundError):  # its metadata: importing dask is 0.13 s
+        versions["dask"] = version("dask")
     return versions
 
 
