@@ -15,7 +15,7 @@ import argparse
 from benchlib import big_file, run_child
 
 PFF_READ = """
-import json, resource, sys, time
+import json, sys, time
 from panoseti_pipeline import pff
 path = sys.argv[1]
 t0 = time.perf_counter()
@@ -27,16 +27,16 @@ with pff.PFFReader(path) as reader:
         prev = pff.last_valid_time(t, prev)
         frames += len(block)
 seconds = time.perf_counter() - t0
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = peak_rss_mb()
 print(json.dumps({"seconds": seconds, "frames": frames, "self_rss_mb": rss}))
 """
 
 RAW_READ = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 t0 = time.perf_counter()
 data = np.fromfile(sys.argv[1], np.uint8)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = peak_rss_mb()
 print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": data.size, "self_rss_mb": rss}))
 """
 

@@ -28,11 +28,11 @@ from pathlib import Path
 from benchlib import OUT, big_file, run_child
 
 STEP1 = """
-import json, resource, sys, time
+import json, sys, time
 from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
 t0 = time.perf_counter()
 rc = step1_pff_to_zarr.main([sys.argv[1], sys.argv[2], sys.argv[3], "--quiet"])
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = peak_rss_mb()
 print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "self_rss_mb": rss}))
 """
 

@@ -36,12 +36,24 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
+#: defined in every child: its own peak RSS in MB. Not ``ru_maxrss``: Linux keeps that
+#: across fork and exec, so a child's would be at least the bench's own (measured: a child
+#: of a 527 MB parent reported 527 MB with a 14 MB VmHWM).
+CHILD_PREAMBLE = """
+def peak_rss_mb():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) / 1024
+"""
+
+
 def run_child(code: str, *args: str) -> dict:
     """Run ``code`` in a fresh interpreter; return the JSON object it printed last.
 
-    Children measure their own peak RSS (``ru_maxrss`` of RUSAGE_SELF), which counts
-    every page touched, mapped file pages included: how Dask judges a worker's memory.
+    Children measure their own peak RSS with ``peak_rss_mb()`` (VmHWM: every page
+    touched, mapped file pages included, at its peak): what Dask's monitor samples.
     """
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, check=True,
-                          capture_output=True, text=True)
+    # -P: the working directory is not put first on sys.path, so PYTHONPATH (or else the
+    # venv's install) says which tree is measured
+    proc = subprocess.run([sys.executable, "-P", "-c", CHILD_PREAMBLE + code, *args],
+                          cwd=REPO, check=True, capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])

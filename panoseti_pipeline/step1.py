@@ -4,13 +4,13 @@ Plan (driver) → tasks (local threads or Dask workers) → verify → publish:
 
 * the driver checks the inputs are one stream, indexes each file (assuming the nominal
   stride and verifying it while reading, pff.PFFReader), decides each file's time
-  source, creates the store's arrays under a temporary name and cuts the frames into
-  ranges aligned to ``time_chunk``;
+  source and cuts the frames into ranges aligned to ``time_chunk``;
 * each task (:func:`convert_range`) reads its byte ranges, decodes pixels, headers,
-  times and flags, writes whole chunks straight into the store, and returns a small
-  summary — image data never travels back;
-* the driver checks the frame count and reads a sample of chunks back against the PFF
-  bytes, writes the attributes, consolidates metadata and renames the store into place.
+  times and flags, writes whole chunks straight into the store under a temporary name,
+  and returns a small summary — image data never travels back;
+* meanwhile the driver imports zarr and creates the arrays' metadata on a thread; then
+  it checks the frame count and reads a sample of chunks back against the PFF bytes,
+  writes the attributes, consolidates metadata and renames the store into place.
 
 Tasks look back before their range for the last frame with a time, so the out-of-order
 flag is the same as a sequential read's wherever the ranges are cut.
@@ -18,6 +18,7 @@ flag is the same as a sequential read's wherever the ranges are cut.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -277,36 +278,58 @@ class Result:
 
 def _create_store(path: Path, files: Sequence[SourceFile], settings: TaskSettings,
                   cfg: Any) -> None:
+    """The arrays' metadata (zarr), beside the chunk files the tasks write meanwhile."""
     import zarr
 
+    section = cfg.pff_to_zarr
+    layout.configure_zarr(section.max_concurrent_writes, settings.process.compress_threads())
     product = files[0].index.product
-    group = zarr.open_group(store=str(path), mode="w-")
+    group = zarr.open_group(store=str(path), mode="a")  # holds the tasks' chunk files
     layout.create_frame_arrays(group, spec.frame_arrays(product, _name(files).module),
                                files[-1].stop, settings.chunk, settings.per_shard,
-                               layout.compressors(**layout.codec_settings(cfg.pff_to_zarr)))
+                               layout.compressors(**layout.codec_settings(section)))
 
 
 def _name(files: Sequence[SourceFile]) -> pff.PFFName:
     return pff.parse_name(files[0].path)
 
 
+def _sample(n: int, time_chunk: int) -> list[tuple[int, int, int]]:
+    """The chunks verification reads back: (chunk, first frame, stop) of the first,
+    middle and last."""
+    n_chunks = -(-n // time_chunk)
+    return [(c, c * time_chunk, min(n, (c + 1) * time_chunk))
+            for c in sorted({0, n_chunks // 2, n_chunks - 1})[:VERIFY_SAMPLE_CHUNKS]
+            if n_chunks]
+
+
+def _decode_sample(files: Sequence[SourceFile], sample: list[tuple[int, int, int]]
+                   ) -> list[dict[str, np.ndarray]]:
+    """What the sampled chunks must hold, decoded from the PFF files again."""
+    out = []
+    for _, a, b in sample:
+        values = frame_values(files[0].index.product, *decode_range(files, a, b)[:4])
+        values["images"] = values["images"].copy()  # out of this thread's reused buffer
+        out.append(values)
+    return out
+
+
 def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: int,
-            time_chunk: int) -> None:
-    """Frame count = index count; a sample of chunks read back equals the PFF bytes."""
+            sample: list[tuple[int, int, int]],
+            expected: Callable[[], list[dict[str, np.ndarray]]]) -> None:
+    """Frame count = index count; the sample of chunks read back equals ``expected()``
+    (:func:`_decode_sample`, decoded meanwhile on another thread)."""
     import zarr
 
     got = sum(s["frames"] for s in summaries)
     if got != n:
         raise StoreError(f"{path}: wrote {got} frames, the index has {n}")
-    n_chunks = -(-n // time_chunk)
-    sample = sorted({0, n_chunks // 2, n_chunks - 1})[:VERIFY_SAMPLE_CHUNKS]
     names = [x.name for x in spec.frame_arrays(files[0].index.product, 0)]
     arrays = dict(zarr.open_group(store=str(path), mode="r", use_consolidated=False).arrays())
-    for c in sample:
-        a, b = c * time_chunk, min(n, (c + 1) * time_chunk)
-        stored = layout.read_frames({name: arrays[name] for name in names}, a, b)
-        expected = frame_values(files[0].index.product, *decode_range(files, a, b)[:4])
-        if not all(np.array_equal(stored[name], expected[name]) for name in names):
+    stored = layout.read_ranges({name: arrays[name] for name in names},
+                                [(a, b) for _, a, b in sample])
+    for (c, a, b), back, want in zip(sample, stored, expected(), strict=True):
+        if not all(np.array_equal(back[name], want[name]) for name in names):
             raise StoreError(f"{path}: chunk {c} (frames {a}..{b - 1}) read back differs "
                              "from the PFF input")
 
@@ -384,16 +407,20 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
     per_shard = section.shard_factor
     ranges = chunking.task_ranges(n, chunk, per_shard or chunking.chunks_per_task(
         chunk, files[0].index.product.frame_bytes, section.chunk_size_mb))
-    process = runners.ProcessSettings(section.max_concurrent_writes, section.blosc_threads,
+    # The tasks write chunk files, never through zarr (None). Only the driver needs zarr
+    # (0.35 s of imports) and the arrays' metadata: both are made on a thread meanwhile.
+    process = runners.ProcessSettings(None, section.blosc_threads,
                                       section.num_workers if client is None else 0,
                                       cfg.run.group_writable)
-    with publish.publishing(output, layout.LEVEL_L0, overwrite) as tmp:
+    # the thread's work ends before the store is published or removed on failure
+    with (publish.publishing(output, layout.LEVEL_L0, overwrite) as tmp,
+          concurrent.futures.ThreadPoolExecutor(1, "step1-driver") as meanwhile):
         settings = TaskSettings(str(tmp), tuple(files), process, chunk, per_shard,
                                 ChunkCodec(**layout.codec_settings(section)),
                                 section.blosc_threads)
-        if client is None:  # the tasks run here: set zarr up before its first write
+        store_made = meanwhile.submit(_create_store, tmp, files, settings, cfg)
+        if client is None:
             runners.prepare_process(process)
-        _create_store(tmp, files, settings, cfg)
         summaries: list[dict[str, Any]] = []
 
         def fold(_i: int, summary: dict[str, Any]) -> int:
@@ -406,7 +433,10 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
         # other replicas -- and a worker lost with them would cancel every task.
         runner.map(convert_range, [(settings, a, b) for a, b in ranges], str(output), fold,
                    total=n, unit="frame")
-        _verify(tmp, files, summaries, n, chunk)
+        sample = _sample(n, chunk)
+        expected = meanwhile.submit(_decode_sample, files, sample)  # while reading back
+        store_made.result()
+        _verify(tmp, files, summaries, n, sample, expected.result)
         seconds = time.perf_counter() - t0
         input_bytes = sum(f.index.file_size for f in files)
         store_bytes = publish.store_bytes(tmp)

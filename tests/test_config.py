@@ -432,3 +432,19 @@ def test_cli_show_is_loadable_toml(tmp_path, capsys):
     assert pc.from_dict(tomllib.loads(shown)) == dataclasses.replace(
         pc.load_config(tmp_path / "config.toml"), source="<defaults>"
     )
+
+
+@pytest.mark.parametrize("text", [
+    "4GB", "4 GB", "512MiB", "512 mib", "1.5 GiB", "100", "100B", "7kb", "7KiB", "2TB",
+    "3 pib", " 8GB ", "0GB", "0.5B", "0.9 kB", "1e9", "5k", "5 foos", "GB", "", "4 G B",
+    "4GBs", "-1GB", "1..5GB", "4\tGB", "4GB2",
+])
+def test_a_memory_size_is_judged_as_dask_reads_it(text: str) -> None:
+    """Plain sizes are judged without importing dask: the same verdict as dask's."""
+    from dask.utils import parse_bytes
+
+    try:
+        valid = parse_bytes(text) > 0
+    except (ValueError, TypeError):
+        valid = False
+    assert pc._is_memory_size(text) == valid

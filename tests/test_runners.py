@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,13 +27,53 @@ def test_each_step_gets_its_own_process_settings_on_a_long_lived_worker(
                                                                      threads)))
     monkeypatch.setattr(runners.publish, "apply_permission_policy",
                         lambda gw: applied.append(("umask", gw)))
-    step1 = runners.ProcessSettings(16, 2, 3, False)
     step2 = runners.ProcessSettings(4, 0, 0, True)
-    for settings in (step1, step1, step2, step2, step1):
+    other = runners.ProcessSettings(16, 2, 3, False)
+    step1 = runners.ProcessSettings(None, 2, 3, False)  # its tasks do not use zarr
+    for settings in (step2, step2, other, step1, step1, step2):
         runners.prepare_process(settings)
     cpus = runners.cpus()
-    assert applied == [("zarr", 16, 6), ("umask", False), ("zarr", 4, cpus), ("umask", True),
-                       ("zarr", 16, 6), ("umask", False)]
+    assert applied == [("zarr", 4, cpus), ("umask", True), ("zarr", 16, 6), ("umask", False),
+                       ("zarr", 4, cpus), ("umask", True)]
+
+
+FAULTS_OF_REUSED_BLOCKS = """
+import ctypes, json, resource, sys
+import numpy as np
+from panoseti_pipeline import runners
+ctypes.CDLL(None).prctl(41, 0, 0, 0, 0)  # huge pages as by default (a parent's choice is inherited)
+applied = runners.reuse_memory() if sys.argv[1] == "keep" else None
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def block():  # a block's temporaries: several alive at once, then all freed
+    arrays = [np.ones(4 << 20, np.uint8) for _ in range(8)]
+    del arrays
+block()
+before = faults()
+for _ in range(5):
+    block()
+status = open("/proc/self/status").read()
+thp = int(status.split("THP_enabled:")[1].split()[0]) if "THP_enabled:" in status else None
+print(json.dumps({"applied": applied, "faults": faults() - before, "thp": thp}))
+"""
+
+
+@pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"),
+                    reason="mallopt is glibc's")
+def test_a_task_process_reuses_freed_memory_instead_of_faulting_it_in_again() -> None:
+    """Blocks of 32 MB of temporaries, freed after each block: with glibc's defaults the
+    next block faults fresh pages in again (5 x 8192 pages touched); kept, none. And no
+    transparent huge pages, which numpy asks for and the kernel zeroes 2 MB at a time."""
+    def run(mode: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", FAULTS_OF_REUSED_BLOCKS, mode],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    default, kept = run("default"), run("keep")
+    assert default["faults"] >= 5000, default  # glibc gave the memory back
+    assert kept["applied"] is True and kept["faults"] < 100, kept
+    assert kept["thp"] in (0, None), kept  # no huge pages zeroed whole (None: old kernel)
+    assert default["thp"] in (1, None), default
 
 
 def test_thread_array_reuses_this_threads_buffer() -> None:

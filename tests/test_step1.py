@@ -518,3 +518,29 @@ def test_a_corrupt_frame_is_skipped_recorded_and_flagged_by_default(tmp_path, ca
     assert skipped["offset"] <= 500 * 2540 + 100 < skipped["offset"] + skipped["length"]
     assert np.flatnonzero(group["frame_flags"][:] & pff.FLAG_AFTER_GAP).tolist() == [500]
     assert group.attrs["report"]["degraded"] is True
+
+
+@pytest.mark.parametrize("array,chunk", [("images", 0), ("quabo_2_pkt_nsec", 2), ("time", 4)])
+def test_a_chunk_written_wrong_fails_verification_and_nothing_is_published(
+        tmp_path, monkeypatch, capsys, array, chunk):
+    """A task that writes one wrong value (of the first, middle or last chunk): the read
+    back finds it, step 1 fails naming the chunk, and no store is left."""
+    from panoseti_pipeline import step1
+
+    paths, _, _ = make_stream(tmp_path, "img16", [450])
+    decode_chunk = step1.decode_chunk
+
+    def one_value_wrong(files, a, b):
+        values, summary = decode_chunk(files, a, b)
+        if a == chunk * 100:
+            values = {**values, array: values[array].copy()}
+            values[array].reshape(-1)[7] += 1
+        return values, summary
+
+    monkeypatch.setattr(step1, "decode_chunk", one_value_wrong)
+    out = tmp_path / "bad_L0.zarr"
+    assert run_step1(paths[0], out, small_config(tmp_path, time_chunk=100)) == 1
+    err = capsys.readouterr().err
+    assert f"chunk {chunk} (frames {chunk * 100}..{min(449, chunk * 100 + 99)}) read back " \
+           "differs from the PFF input" in err, err
+    assert not out.exists() and not list(tmp_path.glob("bad_L0.zarr*"))

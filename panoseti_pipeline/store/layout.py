@@ -22,15 +22,16 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
-import zarr.codecs
 
 from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.store.publish import PARTIAL_SUFFIX
 from panoseti_pipeline.store.spec import SPEC_VERSION_KEY, FrameArray
+
+if TYPE_CHECKING:  # zarr is imported where it is used: 0.35 s a step 1 task never needs
+    import zarr
 
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
@@ -44,6 +45,8 @@ def configure_zarr(max_concurrent_writes: int, compress_threads: int) -> None:
     Detector data never equals the fill value, so the per-chunk "is it empty?" scan of
     ``write_empty_chunks=False`` is pure cost (3-5x measured here): switch it off.
     """
+    import zarr
+
     zarr.config.set({"async.concurrency": max_concurrent_writes,
                      "threading.max_workers": compress_threads,
                      "array.write_empty_chunks": True})
@@ -51,6 +54,8 @@ def configure_zarr(max_concurrent_writes: int, compress_threads: int) -> None:
 
 def compressors(codec: str, level: int, shuffle: str, checksum: bool) -> list:
     """Zarr v3 bytes-to-bytes codecs for a ``[pff_to_zarr]``-style codec setting."""
+    import zarr.codecs
+
     out: list = []
     if codec in ("blosc-lz4", "zstd"):
         out.append(zarr.codecs.BloscCodec(cname="lz4" if codec == "blosc-lz4" else "zstd",
@@ -100,11 +105,17 @@ def create_frame_arrays(group: zarr.Group, arrays: Sequence[FrameArray], n_frame
 
 
 def read_frames(arrays: Mapping[str, zarr.Array], a: int, b: int) -> dict[str, np.ndarray]:
-    """Frames a..b-1 of every array, read in one trip through zarr's event loop.
+    """Frames a..b-1 of every array, read in one trip through zarr's event loop."""
+    return read_ranges(arrays, [(a, b)])[0]
+
+
+def read_ranges(arrays: Mapping[str, zarr.Array], ranges: Sequence[tuple[int, int]]
+                ) -> list[dict[str, np.ndarray]]:
+    """Frames a..b-1 of every array for each (a, b) of ``ranges``, in one trip.
 
     ``array[a:b]`` one array at a time costs a round trip to zarr's loop thread each
     (3-5 ms measured here, more than reading a small chunk): a chunk of 20-odd arrays
-    pays it once instead.
+    pays it once instead, and the chunks are decoded on zarr's threads meanwhile.
     """
     import asyncio
 
@@ -112,9 +123,10 @@ def read_frames(arrays: Mapping[str, zarr.Array], a: int, b: int) -> dict[str, n
 
     async def read() -> list[np.ndarray]:
         return await asyncio.gather(*(array.async_array.getitem(slice(a, b))
-                                      for array in arrays.values()))
+                                      for a, b in ranges for array in arrays.values()))
 
-    return dict(zip(arrays, sync(read()), strict=True))
+    values = iter(sync(read()))
+    return [{name: next(values) for name in arrays} for _ in ranges]
 
 
 def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
@@ -132,6 +144,8 @@ def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
     if p.name.endswith(PARTIAL_SUFFIX):
         raise InputError(f"{p}: incomplete store (a partial store: its writing never "
                          "finished; rerun the step that makes it)")
+    import zarr
+
     try:
         with _quiet_consolidated():
             group = zarr.open_group(store=str(p), mode="r", use_consolidated=None)
@@ -170,6 +184,8 @@ def open_array(path: str, name: str, level: str | None = None, run: str = "") ->
     path is opened afresh.
     """
     if level is None:
+        import zarr
+
         return zarr.open_array(store=f"{path}/{name}", mode="r+")
     return open_product(path, level)[name]
 
@@ -183,6 +199,8 @@ def _quiet_consolidated() -> Iterator[None]:
 
 
 def consolidate(path: str | os.PathLike) -> None:
+    import zarr
+
     with _quiet_consolidated():
         zarr.consolidate_metadata(str(path))
 
@@ -190,14 +208,15 @@ def consolidate(path: str | os.PathLike) -> None:
 def software_versions() -> dict[str, str]:
     """Versions recorded in every product's attributes (provenance)."""
     import numcodecs
+    import zarr
 
     versions = {"pipeline": _git_revision(), "python": sys.version.split()[0],
                 "numpy": np.__version__, "zarr": zarr.__version__,
                 "numcodecs": numcodecs.__version__}
-    with contextlib.suppress(ImportError):
-        import dask
+    from importlib.metadata import PackageNotFoundError, version
 
-        versions["dask"] = dask.__version__
+    with contextlib.suppress(PackageNotFoundError):  # its metadata: importing dask is 0.13 s
+        versions["dask"] = version("dask")
     return versions
 
 
