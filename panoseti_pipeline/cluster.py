@@ -56,8 +56,10 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from panoseti_pipeline.errors import ClusterError, ConfigError
@@ -333,6 +335,7 @@ class ClusterHandle:
         import dask.config
         from distributed import SSHCluster
 
+        import_asyncssh()  # before distributed imports it, without its warnings
         args = ssh_cluster_arguments(self.config)
         hosts = args.pop("hosts")
         # Remote processes report their address through their log (dask/distributed#8393).
@@ -735,10 +738,25 @@ def _umask() -> int:
     return mask
 
 
+def import_asyncssh() -> ModuleType:
+    """asyncssh, imported without cryptography's deprecation warnings.
+
+    asyncssh imports the DSA types that cryptography >= 51 deprecates, so its first import
+    prints ten lines of warnings a user can do nothing about, before the cluster's one
+    error line. Only that class is silenced, and only during this import; later imports
+    of asyncssh (distributed's) find the module already loaded.
+    """
+    from cryptography.utils import CryptographyDeprecationWarning  # asyncssh requires it
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning)
+        import asyncssh
+    return asyncssh
+
+
 def _ssh_hint(err: BaseException, host: str, config: Any) -> str:
     """What to check after an SSH start failure, judged from the underlying error."""
-    import asyncssh
-
+    asyncssh = import_asyncssh()
     while err.__cause__ is not None:  # SSHCluster and we wrap the asyncssh error
         err = err.__cause__
     port = int(config.ssh_port)

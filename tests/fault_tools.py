@@ -11,8 +11,9 @@
   ``/root``, mode 0700);
 * a small tmpfs for disk-full cases (:func:`tmpfs`), always unmounted;
 * kill points: :func:`with_plugin` puts the test plugin (``tests/plugins/sitecustomize.py``)
-  on a command's PYTHONPATH when its environment asks for a slowdown (``SLOW_TASK``,
-  ``SLOW_PUBLISH``), so the command and the Dask workers it starts run slowed.
+  on a command's PYTHONPATH when its environment asks for one of its effects (a slowdown,
+  ``SLOW_TASK``, ``SLOW_PUBLISH``; a warning on import), so the command and the Dask
+  workers it starts have it.
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def with_plugin(env: dict[str, str]) -> dict[str, str]:
-    """``env``, with the test plugin first on PYTHONPATH if ``env`` asks for a slowdown."""
-    if SLOW_TASK in env or SLOW_PUBLISH in env:
+    """``env``, with the test plugin first on PYTHONPATH if ``env`` asks for any of its
+    effects (a ``TEST_PLUGIN_*`` variable)."""
+    if any(name.startswith("TEST_PLUGIN_") for name in env):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS),
                                                           env.get("PYTHONPATH")]))
     return env

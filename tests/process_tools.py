@@ -130,6 +130,7 @@ class ManagerProcess:
     workdir: Path
     config: Path
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    env: dict[str, str] = field(default_factory=dict)  # added to the tagged environment
     proc: subprocess.Popen | None = None
     files: list[Any] = field(default_factory=list)
 
@@ -143,7 +144,8 @@ class ManagerProcess:
         self.files += [out, err]
         self.proc = subprocess.Popen(
             [PYTHON, MANAGER, str(self.config), str(self.scheduler_file), *extra],
-            cwd=self.workdir, env=tagged_env(self.tag), stdout=out, stderr=err)
+            cwd=self.workdir, env={**tagged_env(self.tag), **self.env}, stdout=out,
+            stderr=err)
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> str:

@@ -4,7 +4,7 @@
 #     bash tests/run_tests.sh                 # ruff, then the whole pytest suite
 #     bash tests/run_tests.sh -k pff -x       # extra arguments go to pytest
 #     bash tests/run_tests.sh -m "not ssh"    # e.g. leave out the SSH-cluster tests
-#     bash tests/run_tests.sh -n 0 -x         # one process (the default is 4, pytest-xdist)
+#     bash tests/run_tests.sh -n 0 -x         # one process (the default: one per CPU, xdist)
 #
 # Chooses a Python >= 3.12 and installs requirements-test.txt into .venv when needed
 # (env_bootstrap.sh). Runs from the repository root whatever the caller's directory, so
@@ -25,8 +25,9 @@ main() {
   echo "run_tests.sh: ruff check $REPO_ROOT" >&2
   "$PYTHON" -m ruff check "$REPO_ROOT" || lint_rc=$?
 
-  # -n 4 first: a later -n in the arguments (e.g. -n 0 to debug) wins.
-  "$PYTHON" -m pytest -n 4 "$@" || test_rc=$?
+  # One pytest worker per CPU this process may use, first: a later -n in the arguments
+  # (e.g. -n 0 to debug) wins.
+  "$PYTHON" -m pytest -n "$(nproc)" "$@" || test_rc=$?
 
   if ((test_rc == 5)); then
     echo "run_tests.sh: error: pytest collected no tests (exit 5); counted as a failure" >&2

@@ -299,6 +299,34 @@ def test_venv_is_made_and_installed_into_only_when_requirements_change(tree: Pat
     assert len(pip_calls(tree)) == 3
 
 
+def test_the_lock_beside_the_requirements_is_what_gets_installed(tree: Path):
+    """With requirements-test.lock beside requirements-test.txt, .venv gets exactly the
+    lock (hash-checked, no dependency of its own choosing), then the package without
+    build isolation; a change of the lock reinstalls, one of the .txt alone does not."""
+    fake_python(tree / "bin" / "python3.13", "3.13.0")
+    repo = tree / "repo"
+    requirements = repo / "requirements-test.txt"
+    requirements.write_text("pytest>=8\n")
+    lock = repo / "requirements-test.lock"
+    lock.write_text("pytest==9.0.0 --hash=sha256:00\n")
+
+    first = bootstrap(tree, requirements)
+    assert first.returncode == 0, first.stderr
+    assert "installing requirements-test.lock" in first.stderr
+    calls = pip_calls(tree)
+    assert len(calls) == 2, calls
+    assert calls[0].endswith(f"--quiet --no-compile --require-hashes --no-deps -r {lock}")
+    assert calls[1].endswith(f"--quiet --no-deps --no-build-isolation -e {repo}")
+
+    requirements.write_text("pytest>=8.1\n")
+    assert bootstrap(tree, requirements).returncode == 0
+    assert len(pip_calls(tree)) == 2
+    lock.write_text("pytest==9.0.1 --hash=sha256:01\n")
+    third = bootstrap(tree, requirements)
+    assert third.returncode == 0, third.stderr
+    assert len(pip_calls(tree)) == 4
+
+
 def test_failed_install_leaves_no_stamp_and_fails(tree: Path):
     fake_python(tree / "bin" / "python3.13", "3.13.0")
     repo = tree / "repo"

@@ -37,7 +37,7 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("distributed")
 pytest.importorskip("asyncssh")
 
-from fault_tools import assert_same_store  # noqa: E402
+from fault_tools import assert_same_store, with_plugin  # noqa: E402
 from process_tools import (  # noqa: E402
     PYTHON,
     ManagerProcess,
@@ -326,6 +326,26 @@ def test_unreachable_host_is_a_clear_error(bed, make_manager, case: str) -> None
     line = one_error_line(manager.stderr)
     assert bad in line and "is sshd running" in line, line
     assert not manager.scheduler_file.exists()
+
+
+#: the test plugin's switch: importing the named module warns as cryptography >= 51 does
+DEPRECATION_ON_IMPORT = "TEST_PLUGIN_DEPRECATION_ON_IMPORT"
+
+
+def test_the_newest_cryptography_warnings_stay_out_of_the_error(bed, make_manager) -> None:
+    """cryptography >= 51 warns when asyncssh imports its DSA types. The lock holds an
+    older release, so the plugin warns as the newest does: the error is still one line,
+    and the plugin really warns where the pipeline does not filter."""
+    noisy = with_plugin({DEPRECATION_ON_IMPORT: "asyncssh"})
+    plain = subprocess.run([PYTHON, "-c", "import asyncssh"], env={**os.environ, **noisy},
+                           capture_output=True, text=True, timeout=60)
+    assert "CryptographyDeprecationWarning: DSA is deprecated" in plain.stderr, plain.stderr
+    port = sshd_testbed.free_port()
+    manager = make_manager(ssh_cluster(bed, ssh_port=port, startup_timeout_s=20.0))
+    manager.env = noisy
+    assert manager.start().proc.wait(timeout=60) == 1
+    line = one_error_line(manager.stderr)
+    assert f"127.0.0.1 port {port}" in line and "is sshd running" in line, line
 
 
 def test_startup_timeout_closes_the_workers_still_starting(bed, make_manager) -> None:

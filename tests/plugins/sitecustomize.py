@@ -11,7 +11,11 @@ The variables are read here only, never by the pipeline:
     (``step2.subtract.apply_task``) sleeps first;
 ``TEST_PLUGIN_SLOW_PUBLISH_S=SECONDS[:NAME_SUFFIX]``
     a verified store whose final name ends with NAME_SUFFIX is held just before its
-    rename into place (``store.publish.swap_into_place``).
+    rename into place (``store.publish.swap_into_place``);
+``TEST_PLUGIN_DEPRECATION_ON_IMPORT=MODULE``
+    importing MODULE (e.g. ``asyncssh``) warns as cryptography >= 51 does when asyncssh
+    imports its DSA types (``CryptographyDeprecationWarning``): the newest releases'
+    noise, whatever versions are installed.
 
 A wrapper replaces the function in its module when that module is imported, and keeps
 the function's name and module (functools.wraps): Dask pickles it by reference, and a
@@ -25,6 +29,7 @@ import importlib.abc
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +37,8 @@ from typing import Any
 
 SLOW_TASK = "TEST_PLUGIN_SLOW_TASK_S"
 SLOW_PUBLISH = "TEST_PLUGIN_SLOW_PUBLISH_S"
+DEPRECATION_ON_IMPORT = "TEST_PLUGIN_DEPRECATION_ON_IMPORT"
+AFTER_IMPORT = "<after import>"
 
 
 def _sleep_first(fn: Callable[..., Any], seconds: float) -> Callable[..., Any]:
@@ -53,8 +60,17 @@ def _hold_before(fn: Callable[..., Any], seconds: float, suffix: str) -> Callabl
     return held
 
 
+def _warn_deprecated(module: ModuleType) -> None:
+    from cryptography.utils import CryptographyDeprecationWarning
+
+    warnings.warn("DSA is deprecated and support will be removed in a future release. "
+                  "Use a more modern signature algorithm.", CryptographyDeprecationWarning,
+                  stacklevel=2)
+
+
 def _wanted() -> dict[str, dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
-    """module -> {function name: wrap} for what the environment asks."""
+    """module -> {function name: wrap} for what the environment asks (the name
+    :data:`AFTER_IMPORT`: a function called with the module once it has run)."""
     out: dict[str, dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = {}
     task = os.environ.get(SLOW_TASK)
     if task:
@@ -71,6 +87,9 @@ def _wanted() -> dict[str, dict[str, Callable[[Callable[..., Any]], Callable[...
             return _hold_before(fn, float(seconds), suffix)
 
         out["panoseti_pipeline.store.publish"] = {"swap_into_place": hold}
+    noisy = os.environ.get(DEPRECATION_ON_IMPORT)
+    if noisy:
+        out[noisy] = {AFTER_IMPORT: _warn_deprecated}
     return out
 
 
@@ -98,7 +117,10 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
         def exec_and_wrap(module: ModuleType) -> None:
             run(module)
             for attr, wrap in wraps.items():
-                setattr(module, attr, wrap(getattr(module, attr)))
+                if attr == AFTER_IMPORT:
+                    wrap(module)
+                else:
+                    setattr(module, attr, wrap(getattr(module, attr)))
 
         spec.loader.exec_module = exec_and_wrap
         return spec
