@@ -1,10 +1,14 @@
 """Who holds a partial store or an output directory, and whether that holder still lives.
 
-A holder is a small JSON file created with ``O_EXCL`` (atomic on local file systems, on
-NFS v3+ and on BeeGFS) naming the host, the process id and the process's start time. A
-process id alone can be reused after a reboot or a wrap-around; with its start time it
-names one process. A holder on this host is stale when that process is gone; a holder
-on another host cannot be checked from here, so it is never taken over silently.
+A holder is a small JSON file naming the host, the process id and the process's start
+time. It is written whole under a private name and hard-linked into place (``link()``
+fails when the name exists: atomic on local file systems, NFS and BeeGFS), so nobody ever
+reads a holder half written. A process id alone can be reused after a reboot or a
+wrap-around; with its start time it names one process. A holder on this host is stale
+when that process is gone -- a process that exists but whose details ``/proc`` hides
+(another user's, ``hidepid``) is alive; a holder on another host cannot be checked from
+here, so it is never taken over silently; a file that is no holder record (damaged) is
+held until it is :data:`UNREADABLE_STALE_S` old.
 
 Used for the ``<final>.<id>.owner`` file beside each partial store (store/publish.py) and
 for the output directory's run lock (``run.sh``: :func:`acquire_lock`).
@@ -18,6 +22,7 @@ import datetime as dt
 import json
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +31,8 @@ import psutil
 from panoseti_pipeline.errors import EXIT_USAGE, StoreError
 
 LOCK_NAME = ".panoseti-run.lock"
+#: Seconds after which a holder file that holds no holder record counts as stale.
+UNREADABLE_STALE_S = 60.0
 
 
 class LockHeld(StoreError):
@@ -47,11 +54,23 @@ class Holder:
         return cls(socket.gethostname(), pid, _start_time(pid) or 0.0)
 
     def alive(self) -> bool | None:
-        """True/False on this host; None when it is on another host (cannot tell)."""
+        """True/False on this host; None when it is on another host (cannot tell).
+
+        A process that exists but is hidden or closed to us (``/proc`` mounted
+        ``hidepid=1``: access denied; ``hidepid=2``: absent from ``/proc``, yet
+        ``kill(pid, 0)`` answers EPERM) is alive: its start time cannot be checked.
+        """
         if self.host != socket.gethostname():
             return None
-        started = _start_time(self.pid)
-        return started is not None and abs(started - self.started) < 1.0
+        try:
+            started = psutil.Process(self.pid).create_time()
+        except psutil.AccessDenied:
+            return True
+        except psutil.NoSuchProcess:
+            return _exists(self.pid)
+        except ValueError:  # not a process id
+            return False
+        return abs(started - self.started) < 1.0
 
     def describe(self) -> str:
         when = dt.datetime.fromtimestamp(self.started, dt.timezone.utc)
@@ -65,17 +84,41 @@ def _start_time(pid: int) -> float | None:
         return None
 
 
+def _exists(pid: int) -> bool:
+    """Whether process ``pid`` exists, asked of the kernel (``kill(pid, 0)``), not of
+    ``/proc``; EPERM (another user's process) means it does."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def claim(path: Path, holder: Holder | None = None) -> None:
-    """Create ``path`` naming ``holder``; FileExistsError when it exists already."""
+    """Create ``path`` naming ``holder``, whole at once; FileExistsError when it exists.
+
+    The record goes into a private file first, which is then hard-linked to ``path``:
+    the name never exists empty or half written (a reader of a file created, then
+    written, judged it stale in between and took it over too).
+    """
     holder = holder or Holder.of()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(holder), f)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(holder), f)
+        os.link(tmp, path, follow_symlinks=False)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read(path: Path) -> Holder | None:
     """The holder named in ``path``; None when the file is gone or not a holder record
-    (e.g. cut short by a crash between its creation and its write)."""
+    (damaged, or written by a version of this pipeline that created it before writing)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -85,9 +128,15 @@ def read(path: Path) -> Holder | None:
 
 
 def is_stale(path: Path) -> bool:
-    """True when ``path``'s holder is known to be gone (or the file holds no holder)."""
+    """True when ``path``'s holder is known to be gone, or the file is gone, or it holds
+    no holder record and is older than :data:`UNREADABLE_STALE_S`."""
     holder = read(path)
-    return holder is None or holder.alive() is False
+    if holder is not None:
+        return holder.alive() is False
+    try:
+        return time.time() - path.stat().st_mtime > UNREADABLE_STALE_S
+    except FileNotFoundError:
+        return True
 
 
 def release(path: Path, holder: Holder | None = None) -> bool:
@@ -104,33 +153,41 @@ def acquire_lock(directory: Path, holder: Holder) -> str | None:
     """Take ``directory``'s run lock for ``holder``; return a notice when a stale lock
     was taken over. Raises :class:`LockHeld` naming the holder when another run has it."""
     lock = directory / LOCK_NAME
-    try:
-        claim(lock, holder)
-        return None
-    except FileExistsError:
-        pass
-    current = read(lock)
-    if current is not None and current.alive() is not False:
-        where = "" if current.alive() else " (on another host: cannot check it from here)"
-        raise LockHeld(f"{directory}: another run.sh writes here ({current.describe()})"
-                         f"{where}; wait for it, or remove {lock} if that run is gone")
-    # Stale: move it aside under a name of our own, so that two runs taking it over at
-    # once cannot both succeed, then claim it afresh.
-    aside = lock.with_name(f"{LOCK_NAME}.{uuid.uuid4().hex[:12]}.stale")
-    try:
-        lock.rename(aside)
-    except FileNotFoundError:
-        pass  # another run took it over first; the claim below decides
-    else:
-        if read(aside) != current:  # a fresh lock replaced it meanwhile: put it back
+    while True:
+        try:
+            claim(lock, holder)
+            return None
+        except FileExistsError:
+            pass
+        current = read(lock)
+        if not is_stale(lock):
+            raise LockHeld(_held_message(directory, lock, current))
+        # Stale: move it aside under a name of our own, so that two runs taking it over
+        # at once cannot both succeed, then claim it afresh.
+        aside = lock.with_name(f"{LOCK_NAME}.{uuid.uuid4().hex[:12]}.stale")
+        try:
+            lock.rename(aside)
+        except FileNotFoundError:
+            continue  # another run took it over first; the claim decides
+        if not is_stale(aside):  # a fresh lock replaced it meanwhile: put it back
             with contextlib.suppress(OSError):
-                os.link(aside, lock)
+                os.link(aside, lock, follow_symlinks=False)
             aside.unlink()
-            return acquire_lock(directory, holder)
+            continue
         aside.unlink()
-    try:
-        claim(lock, holder)
-    except FileExistsError:
-        return acquire_lock(directory, holder)
-    old = current.describe() if current else "unreadable"
-    return f"{lock}: took over the lock of a run that is gone ({old})"
+        try:
+            claim(lock, holder)
+        except FileExistsError:
+            continue
+        old = current.describe() if current else "no holder record in it"
+        return f"{lock}: took over the lock of a run that is gone ({old})"
+
+
+def _held_message(directory: Path, lock: Path, current: Holder | None) -> str:
+    if current is None:
+        return (f"{directory}: another run.sh may be writing here: its lock {lock} holds no "
+                f"holder record yet (taken over once {UNREADABLE_STALE_S:.0f} s old); "
+                f"remove it if no run is writing here")
+    where = "" if current.alive() else " (on another host: cannot check it from here)"
+    return (f"{directory}: another run.sh writes here ({current.describe()}){where}; wait "
+            f"for it, or remove {lock} if that run is gone")
