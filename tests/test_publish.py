@@ -119,3 +119,27 @@ def test_the_output_lock(tmp_path: Path) -> None:
     assert notice and "took over" in notice and f"pid {gone.pid}" in notice
     assert ownership.read(lock) == me
     assert [p.name for p in tmp_path.iterdir()] == [ownership.LOCK_NAME]
+
+
+def test_a_linked_product_is_replaced_by_unlinking_the_link(tmp_path: Path) -> None:
+    """Defect: with --overwrite the swap renamed a symlinked product to ``.old`` and then
+    failed to rmtree the link (``OSError [Errno None]``), and so did every later run's
+    clear_stale. The link goes; the store it pointed to is not ours and stays."""
+    elsewhere = fake_product(tmp_path / "elsewhere" / "x_L1.zarr", "L1", "linked")
+    out = tmp_path / "out"
+    out.mkdir()
+    final = out / "x_L1.zarr"
+    final.symlink_to(elsewhere)
+    with publish.publishing(final, "L1", overwrite=True) as tmp:
+        fake_product(tmp, "L1", "new")
+    assert not final.is_symlink() and (final / "payload").read_text() == "new"
+    assert (elsewhere / "payload").read_text() == "linked"
+    assert [p.name for p in out.iterdir()] == ["x_L1.zarr"]
+    # a killed run's half swap of a linked product: the link is put back, or unlinked
+    old = out / "x_L1.zarr.abcd.old"
+    old.symlink_to(elsewhere)
+    ownership.claim(out / "x_L1.zarr.abcd.owner", dead_holder())
+    assert publish.clear_stale(final) == [f"{old}: removed the product an interrupted run "
+                                          "had replaced"]
+    assert [p.name for p in out.iterdir()] == ["x_L1.zarr"]
+    assert (elsewhere / "payload").read_text() == "linked"

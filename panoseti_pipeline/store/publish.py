@@ -68,12 +68,12 @@ def clear_stale(final: str | os.PathLike) -> list[str]:
             notices.append(f"{partial}: left alone, a run that may still be writing it "
                            f"holds it ({holder.describe() if holder else owner})")
             continue
-        if partial.exists():
-            shutil.rmtree(partial)
+        if os.path.lexists(partial):
+            remove_entry(partial)
             notices.append(f"{partial}: removed the partial store of an interrupted run")
-        if old.exists():
-            if final.exists() or final.is_symlink():
-                shutil.rmtree(old)
+        if os.path.lexists(old):
+            if os.path.lexists(final):
+                remove_entry(old)
                 notices.append(f"{old}: removed the product an interrupted run had replaced")
             else:
                 old.rename(final)
@@ -173,7 +173,16 @@ def swap_into_place(tmp: Path, final: Path, replace_problem: Callable[[], str | 
     except BaseException:
         old.rename(final)  # put the previous product back under its name
         raise
-    shutil.rmtree(old)
+    remove_entry(old)
+
+
+def remove_entry(path: Path) -> None:
+    """Remove what is at ``path``: a symbolic link is unlinked, never followed (a product
+    linked from elsewhere loses the link, its target is not ours); a directory goes whole."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def wait_for_pending_writes(timeout_s: float = 20.0) -> None:
