@@ -41,6 +41,7 @@ from panoseti_pipeline.flags import FLAG_NAMES
 from panoseti_pipeline.pff.timing import NAT
 from panoseti_pipeline.step2 import quality
 from panoseti_pipeline.store import layout
+from panoseti_pipeline.store.safe_write import write_file
 
 BLOCK_FRAMES = 8192  # frames read at a time (rounded to whole time chunks)
 LC_BINS = 2000  # light-curve and time-series bins at most
@@ -291,7 +292,7 @@ def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
         ax.set_xlabel("ADC counts" + (" above the baseline" if look.level == "L1" else ""))
         ax.legend(fontsize=7)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    write_file(out, lambda f: fig.savefig(f, dpi=DPI, format="png"))
     plt.close(fig)
     return out
 

@@ -103,3 +103,40 @@ def test_a_bad_store_is_one_line_and_the_others_still_get_their_png(stores, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope_L1.zarr" in err[0] and "no such store" in err[0]
     assert (tmp_path / f"{stores[0].name.removesuffix('.zarr')}.png").is_file()
+
+
+def test_a_link_at_a_png_or_index_name_is_replaced_never_written_through(stores, tmp_path,
+                                                                         capsys):
+    """Defect: PNGs were saved through whatever was at their name, and index.html went
+    through the predictable ``.index.html.<pid>.tmp``: a link planted there (any member of
+    a group-writable output's group can) made the pipeline overwrite the link's target."""
+    import json
+    import os
+    import shutil
+
+    from panoseti_pipeline.driver import index_page
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    png = tmp_path / "img16_L1.png"
+    png.symlink_to(victim)
+    assert quicklook.main([str(stores[1]), "--out", str(tmp_path)]) == 0
+    assert victim.read_text() == "mine" and not png.is_symlink()
+    assert decode(png).std() > 0.05
+    # the index page (and the PNG beside a store) of a run
+    out = tmp_path / "out"
+    store = shutil.copytree(stores[1], out / stores[1].name)
+    planted = [out / "img16_L1.png", out / "index.html",
+               out / f".index.html.{os.getpid()}.tmp"]
+    for link in planted:
+        link.symlink_to(victim)
+    state = tmp_path / "state.json"
+    ok = {"status": "ok", "exit_code": 0}
+    state.write_text(json.dumps({"steps": [1, 2], "jobs": [
+        {"name": "img16", "l0": "", "l1": str(store), "action": "run",
+         "steps": {"1": ok, "2": ok}}]}))
+    pages, failed = index_page.make_quicklooks(state)
+    assert (pages, failed) == ([out / "index.html"], 0)
+    assert victim.read_text() == "mine"
+    assert not (out / "index.html").is_symlink() and "img16_L1.zarr" in pages[0].read_text()
+    assert not (out / "img16_L1.png").is_symlink() and decode(out / "img16_L1.png").size

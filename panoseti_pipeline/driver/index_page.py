@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from panoseti_pipeline.driver.record import job_status, load_state
 from panoseti_pipeline.run_bundle import iso_ns
 from panoseti_pipeline.store import publish
 from panoseti_pipeline.store.facts import read_root, store_facts
+from panoseti_pipeline.store.safe_write import write_file
 
 PAGE = "index.html"
 STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
@@ -117,6 +119,15 @@ def run_products(state: dict[str, Any]) -> list[tuple[Path, str]]:
     return out
 
 
+def _up_to_date(png: Path, store: Path) -> bool:
+    """A PNG of ours (a regular file, not a link someone made) newer than its store."""
+    try:
+        st = png.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_mtime >= (store / "zarr.json").stat().st_mtime
+
+
 def make_quicklooks(state_file: str | os.PathLike[str],
                     notice: Callable[[str], None] | None = None) -> tuple[list[Path], int]:
     """The PNGs and pages of a run; (pages written, quicklooks that failed)."""
@@ -138,8 +149,7 @@ def make_quicklooks(state_file: str | os.PathLike[str],
             row.update(_row_facts(store), published=True)
             png = quicklook.png_path(store)
             try:
-                if not (png.is_file() and png.stat().st_mtime
-                        >= (store / "zarr.json").stat().st_mtime):
+                if not _up_to_date(png, store):
                     quicklook.quicklook(store)
                 row["png"] = png
             except PipelineError as err:
@@ -151,8 +161,6 @@ def make_quicklooks(state_file: str | os.PathLike[str],
         if not any(r["published"] for r in rows):  # nothing there to look at
             continue
         page = page_dir / PAGE
-        tmp = page.with_name(f".{PAGE}.{os.getpid()}.tmp")
-        tmp.write_text(render_page(page_dir, rows, record, record_path))
-        os.replace(tmp, page)
+        write_file(page, render_page(page_dir, rows, record, record_path).encode())
         pages.append(page)
     return pages, failed

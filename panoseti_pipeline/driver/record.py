@@ -11,6 +11,7 @@ two updates leaves the previous state readable.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from panoseti_pipeline.driver.plan import Plan, cluster_summary, images_shape
 from panoseti_pipeline.errors import ConfigError
 from panoseti_pipeline.store import publish as store_files
+from panoseti_pipeline.store.safe_write import write_file
 
 if TYPE_CHECKING:
     from panoseti_pipeline.config import PipelineConfig
@@ -42,10 +44,7 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def write_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Replace the state file atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    write_file(path, json.dumps(state, indent=1).encode())
 
 
 def new_state(plan: Plan, cfg: PipelineConfig, config_path: str, out: Path, l0: Path,
@@ -287,15 +286,17 @@ def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
 
 
 def write_run_record(out: Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` as ``<out>/run_record_<UTC time>[_n].toml``; never overwrites."""
+    """Write ``record`` as ``<out>/run_record_<UTC time>[_n].toml``; never overwrites
+    anything (a file or a link there: the next ``_n``)."""
     import tomli_w
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out / f"{RECORD_PREFIX}{stamp}.toml"
-    n = 1
-    while path.exists():
-        n += 1
-        path = out / f"{RECORD_PREFIX}{stamp}_{n}.toml"
-    path.write_text(f"# PANOSETI L0 -> L1 run record written by run.sh\n"
-                    f"{tomli_w.dumps(record)}")
-    return path
+    text = f"# PANOSETI L0 -> L1 run record written by run.sh\n{tomli_w.dumps(record)}"
+    for n in itertools.count(1):
+        path = out / f"{RECORD_PREFIX}{stamp}{f'_{n}' if n > 1 else ''}.toml"
+        try:
+            write_file(path, text.encode(), exclusive=True)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")

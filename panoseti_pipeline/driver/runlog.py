@@ -11,10 +11,14 @@ the log reads like a transcript.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
 import sys
+from typing import BinaryIO
+
+from panoseti_pipeline.store.safe_write import open_new
 
 _ESCAPES = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -31,12 +35,20 @@ def log_line(raw: bytes) -> bytes | None:
 def tee(log_path: str, src: int = 0, dst: int = 1) -> None:
     """Copy ``src`` to ``dst`` as it comes and its lines into ``log_path`` until EOF.
 
-    Carries on logging when ``dst`` goes away (a closed terminal), so that the log keeps
-    what happened after.
+    The log is a new file (:func:`.safe_write.open_new`: never written through a link or
+    into a file already there); when it cannot be created, a warning says so and the
+    copy to ``dst`` goes on, so that run.sh's stderr keeps working. Carries on logging
+    when ``dst`` goes away (a closed terminal), so that the log keeps what happened after.
     """
+    try:
+        log: BinaryIO | None = open_new(log_path)
+    except OSError as err:
+        os.write(dst, f"run.sh: warning: no run log: {log_path}: {err.strerror or err}\n"
+                 .encode())
+        log = None
     pending = b""
     show = True
-    with open(log_path, "ab", buffering=0) as log:
+    with log or contextlib.nullcontext():
         while chunk := os.read(src, 1 << 16):
             if show:
                 try:
@@ -46,9 +58,9 @@ def tee(log_path: str, src: int = 0, dst: int = 1) -> None:
                 except OSError:
                     show = False
             *lines, pending = (pending + chunk).split(b"\n")
-            log.write(b"".join(filter(None, map(log_line, lines))))
-        last = log_line(pending) if pending else None
-        if last:
+            if log:
+                log.write(b"".join(filter(None, map(log_line, lines))))
+        if log and pending and (last := log_line(pending)):
             log.write(last)
 
 

@@ -2,13 +2,13 @@
 
 A holder is a small JSON file naming the host, the process id and the process's start
 time. It is written whole under a private name and hard-linked into place (``link()``
-fails when the name exists: atomic on local file systems, NFS and BeeGFS), so nobody ever
-reads a holder half written. A process id alone can be reused after a reboot or a
-wrap-around; with its start time it names one process. A holder on this host is stale
-when that process is gone -- a process that exists but whose details ``/proc`` hides
-(another user's, ``hidepid``) is alive; a holder on another host cannot be checked from
-here, so it is never taken over silently; a file that is no holder record (damaged) is
-held until it is :data:`UNREADABLE_STALE_S` old.
+fails when the name exists: atomic on local file systems, NFS and BeeGFS;
+:mod:`.safe_write`), so nobody ever reads a holder half written. A process id alone can
+be reused after a reboot or a wrap-around; with its start time it names one process. A
+holder on this host is stale when that process is gone -- a process that exists but
+whose details ``/proc`` hides (another user's, ``hidepid``) is alive; a holder on another
+host cannot be checked from here, so it is never taken over silently; a file that is no
+holder record (damaged) is held until it is :data:`UNREADABLE_STALE_S` old.
 
 Used for the ``<final>.<id>.owner`` file beside each partial store (store/publish.py) and
 for the output directory's run lock (``run.sh``: :func:`acquire_lock`).
@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 from panoseti_pipeline.errors import EXIT_USAGE, StoreError
+from panoseti_pipeline.store.safe_write import write_file
 
 LOCK_NAME = ".panoseti-run.lock"
 #: Seconds after which a holder file that holds no holder record counts as stale.
@@ -101,19 +102,12 @@ def _exists(pid: int) -> bool:
 def claim(path: Path, holder: Holder | None = None) -> None:
     """Create ``path`` naming ``holder``, whole at once; FileExistsError when it exists.
 
-    The record goes into a private file first, which is then hard-linked to ``path``:
-    the name never exists empty or half written (a reader of a file created, then
-    written, judged it stale in between and took it over too).
+    The record is written under a private name and hard-linked to ``path``
+    (:func:`.safe_write.write_file`): the name never exists empty or half written (a
+    reader of a file created, then written, judged it stale in between and took it over).
     """
     holder = holder or Holder.of()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(holder), f)
-        os.link(tmp, path, follow_symlinks=False)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, json.dumps(dataclasses.asdict(holder)).encode(), exclusive=True)
 
 
 def read(path: Path) -> Holder | None:
