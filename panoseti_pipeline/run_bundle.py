@@ -23,8 +23,9 @@ These are pypff's rules, so a bundle of ours and one of ``pypff.zarr.convert_run
 same files (plus the housekeeping store and its quicklook, which pypff's reader never opens:
 it looks for products only at the run directory's top level). Files are copied byte for
 byte, keeping their modification time; the copies get the caller's umask like every other
-output (DESIGN.md §8), not the input's mode bits. Inputs are only read: a read-only run
-directory works.
+output (DESIGN.md §8), narrowed by the input's mode bits: a copy is never more readable
+than its file. A link that leaves the run directory is never followed. Inputs are only
+read: a read-only run directory works.
 
 ``manifest.json`` has pypff's keys (``panoseti_meta_version``, ``created_utc``,
 ``source_run_dir``, ``zarr_stores``) and ours: ``written_by`` (so that a re-run replaces
@@ -48,6 +49,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ from typing import Any
 from panoseti_pipeline.errors import InputError, PipelineError, StoreError
 from panoseti_pipeline.pff import HOUSEKEEPING_NAME, NAT
 from panoseti_pipeline.store import publish
+from panoseti_pipeline.store.safe_write import new_file_mode
 
 Notice = Callable[[str], None]
 
@@ -128,18 +131,28 @@ def bundle_name(run_dir: str | os.PathLike) -> str:
 def bundle_files(run_dir: str | os.PathLike) -> dict[str, Path]:
     """What the bundle holds: bundle-relative path -> file of the run directory.
 
-    Only regular files at the run directory's top level (a symlink counts as the file it
-    points to), by :data:`RULES`; one file may go to two places (``dp_manifest.json`` is a
-    config and a manifest).
+    Only regular files at the run directory's top level, by :data:`RULES`; a symlink
+    counts as the file it points to if that file is inside the run directory
+    (:func:`links_leaving` lists the others, never followed); one file may go to two
+    places (``dp_manifest.json`` is a config and a manifest).
     """
+    leaving = set(links_leaving(run_dir))
     files: dict[str, Path] = {}
     for entry in sorted(Path(run_dir).iterdir()):
-        if not entry.is_file():
+        if entry in leaving or not entry.is_file():
             continue
         for sub, patterns in RULES:
             if any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
                 files[f"{sub}/{entry.name}" if sub else entry.name] = entry
     return dict(sorted(files.items()))
+
+
+def links_leaving(run_dir: str | os.PathLike) -> list[Path]:
+    """Entries of the run directory that are links to something outside it (``notes.log
+    -> /etc/shadow``): what they point to is not the run's, so it is never copied."""
+    root = Path(os.path.realpath(run_dir))
+    return [entry for entry in sorted(Path(run_dir).iterdir()) if entry.is_symlink()
+            and not Path(os.path.realpath(entry)).is_relative_to(root)]
 
 
 def run_configs(run_dir: str | os.PathLike, *, notice: Notice) -> dict[str, Any]:
@@ -148,16 +161,24 @@ def run_configs(run_dir: str | os.PathLike, *, notice: Notice) -> dict[str, Any]
     The same files, parsed the same way (raw ``json``, no schema) as pypff's reader parses
     the bundle's ``configs/``, so the ``run_configs`` attribute of a store and
     ``open_zarr_run(...).configs`` agree. A file that is not valid JSON is left out with a
-    notice (it is still copied into the bundle), as the reader leaves it out.
+    notice (it is still copied into the bundle), as the reader leaves it out; so is a file
+    fewer users may read than may read the stores (a 0600 ``credentials.json``): its
+    contents never become more readable than the file.
     """
     configs: dict[str, Any] = {}
+    readers = new_file_mode() & 0o444
     for rel, path in bundle_files(run_dir).items():
         if not (rel.startswith("configs/") and rel.endswith(".json")):
             continue
         try:
+            mode = path.stat().st_mode
             text = path.read_bytes()
         except OSError as err:
             raise InputError(f"{path}: cannot read the run config ({err.strerror})") from None
+        if mode & readers != readers:
+            notice(f"{path}: readable by fewer users (mode {stat.S_IMODE(mode):04o}) than "
+                   "the stores; left out of run_configs, copied into the bundle with its mode")
+            continue
         try:
             configs[path.stem] = json.loads(text)
         except ValueError as err:
@@ -273,8 +294,12 @@ def _generated(manifest: dict[str, Any]) -> set[str]:
 
 
 def _notice_left_out(run_dir: Path, bundled: set[Path], notice: Notice) -> None:
+    leaving = links_leaving(run_dir)
+    for link in leaving:
+        notice(f"{link}: a link that leaves the run directory (to {os.readlink(link)}); not "
+               "followed, not in the run bundle")
     left = [entry.name + ("/" if entry.is_dir() else "") for entry in sorted(run_dir.iterdir())
-            if entry not in bundled
+            if entry not in bundled and entry not in leaving
             and not (entry.suffix == ".pff" and entry.is_file())]  # data: the products
     if left:
         shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
@@ -283,12 +308,21 @@ def _notice_left_out(run_dir: Path, bundled: set[Path], notice: Notice) -> None:
 
 
 def _copy(src: Path, dst: Path) -> dict[str, Any]:
-    """Copy ``src`` byte for byte (keeping its mtime); return the copy's size and sha256."""
+    """Copy ``src`` byte for byte (keeping its mtime), never more readable than it is: a
+    class of users (owner, group, others) that may not read ``src`` gets no access to the
+    copy, the others what the umask gives. Return the copy's size and sha256."""
     try:
-        shutil.copyfile(src, dst)
-        st = src.stat()
+        with open(src, "rb") as fin:
+            st = os.fstat(fin.fileno())
+            mode = 0o666
+            for shift in (6, 3, 0):
+                if not st.st_mode & (0o4 << shift):
+                    mode &= ~(0o6 << shift)
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            with os.fdopen(fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
     except OSError as err:
-        if err.filename == str(src) and err.filename2 is None:  # reading, not writing
+        if err.filename == str(src):  # reading, not writing
             raise InputError(f"{src}: cannot read ({err.strerror})") from None
         raise
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -349,3 +349,45 @@ def test_generator_is_deterministic(tmp_path: Path) -> None:
     assert tree(a) == tree(b)
     assert tree(a)["hk.pff"] != tree(c)["hk.pff"]
     assert os.listdir(a) and sorted(os.listdir(a)) == sorted(os.listdir(c))
+
+
+def test_links_out_of_the_run_are_not_followed_and_copies_keep_their_modes(
+        run: Path, tmp_path: Path) -> None:
+    """Defect: ``notes.log -> /etc/shadow`` was copied into the bundle, and a 0600
+    ``credentials.json`` was copied as 0644 (and its contents went into every store's
+    ``run_configs``)."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root:x:\n")
+    secret.chmod(0o600)
+    (run / "notes.log").symlink_to(secret)
+    (run / "inside.log").symlink_to(run / "daq_config.json")  # a link within the run
+    credentials = run / "credentials.json"
+    credentials.write_text('{"password": "hunter2"}')
+    credentials.chmod(0o600)
+    (run / "daq_config.json").chmod(0o640)
+    notices: list[str] = []
+    bundle = write(run, tmp_path / "out", notices)
+    files = json.loads((bundle / "manifest.json").read_text())["files"]
+    assert "logs/notes.log" not in files and not (bundle / "logs" / "notes.log").exists()
+    assert "root:x:" not in "".join(p.read_text(errors="replace")
+                                    for p in bundle.rglob("*") if p.is_file())
+    assert any(f"{run / 'notes.log'}: a link that leaves the run directory" in n
+               for n in notices)
+    assert (bundle / "logs" / "inside.log").read_bytes() == (run / "daq_config.json").read_bytes()
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(bundle / "configs" / "credentials.json") == 0o600 & ~_umask()
+    assert mode(bundle / "configs" / "daq_config.json") == 0o660 & ~_umask()
+    assert mode(bundle / "configs" / "obs_config.json") == 0o666 & ~_umask()
+    assert run_bundle.verify_bundle(bundle) == []
+    # what the stores carry: never the contents of a file fewer users may read
+    notices.clear()
+    configs = run_bundle.run_configs(run, notice=notices.append)
+    assert "credentials" not in configs and "daq_config" not in configs
+    assert "obs_config" in configs
+    assert sum("left out of run_configs" in n for n in notices) == 2
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -183,7 +183,11 @@ def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
         except PFFNameError as err:
             plan.problems.append(str(err))
     bundled = set(run_bundle.bundle_files(directory).values())
-    ignored = [name for name in others if directory / name not in bundled]
+    leaving = run_bundle.links_leaving(directory)
+    plan.notices += [f"{link}: a link that leaves the run directory; not followed, not in "
+                     "the run bundle" for link in leaving]
+    ignored = [name for name in others
+               if directory / name not in bundled and directory / name not in leaving]
     if ignored:
         shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
         plan.notices.append(f"{directory}: {len(ignored)} entries that are neither PFF data "

@@ -47,3 +47,15 @@ def open_new(path: str | os.PathLike) -> BinaryIO:
     """A new file at ``path`` opened for appending, unbuffered (a log); FileExistsError
     when anything is there already, a link included."""
     return os.fdopen(os.open(path, _NEW | os.O_APPEND, 0o666), "ab", buffering=0)
+
+
+def new_file_mode() -> int:
+    """The mode bits a new file gets here: 0666 with this process's umask applied (read
+    from ``/proc/self/status``; setting the umask to read it would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # not Linux (>= 4.7)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
