@@ -27,6 +27,7 @@ import json
 import os
 import sqlite3
 import sys
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,10 @@ def catalog_path(root: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def _writing(root: Path) -> Iterator[sqlite3.Connection]:
-    """One write transaction, started with the write lock (BEGIN IMMEDIATE); an SQLite
-    failure (locked longer than the busy timeout, read-only, not a database) is a
-    :class:`StoreError` naming the catalog."""
-    path = catalog_path(root)
+def _writing(path: Path) -> Iterator[sqlite3.Connection]:
+    """One write transaction on the catalog file ``path``, started with the write lock
+    (BEGIN IMMEDIATE); an SQLite failure (locked longer than the busy timeout, read-only,
+    not a database) is a :class:`StoreError` naming the catalog."""
     try:
         con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     except sqlite3.Error as err:
@@ -82,7 +82,8 @@ def _writing(root: Path) -> Iterator[sqlite3.Connection]:
         if con.in_transaction:
             con.execute("ROLLBACK")
         raise StoreError(f"{path}: cannot update the catalog ({err}); its rows are as "
-                         "before") from None
+                         "before (`python3 -m panoseti_pipeline catalog "
+                         f"{path.parent} --rebuild` rewrites it)") from None
     except BaseException:
         if con.in_transaction:
             con.execute("ROLLBACK")
@@ -113,7 +114,7 @@ def update(root: str | os.PathLike, products: Iterable[tuple[str, str]]) -> int:
             rows.append(row(store_facts(path), root, status, now))
         else:
             gone.append(row_path(path, root))
-    with _writing(root) as con:
+    with _writing(catalog_path(root)) as con:
         con.executemany("DELETE FROM products WHERE path = ?", [(p,) for p in gone])
         _insert(con, rows)
     return len(rows)
@@ -147,15 +148,24 @@ def published_stores(root: str | os.PathLike) -> list[Path]:
 
 
 def rebuild(root: str | os.PathLike) -> int:
-    """Rewrite the catalog from the published stores found below ``root`` (status ok)."""
+    """Rewrite the catalog from the published stores found below ``root`` (status ok).
+
+    The new catalog is written beside the old one and renamed over it: a catalog that
+    is damaged ("file is not a database") or a link is replaced, never read or written.
+    """
     root, now = Path(root), utc_now()
     if not root.is_dir():
         raise InputError(f"{root}: not a directory (--rebuild scans the output directory "
                          "given to run.sh)")
     rows = [row(store_facts(p), root, "ok", now) for p in published_stores(root)]
-    with _writing(root) as con:
-        con.execute("DELETE FROM products")
-        _insert(con, rows)
+    path = catalog_path(root)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with _writing(tmp) as con:
+            _insert(con, rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(rows)
 
 
