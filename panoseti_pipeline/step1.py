@@ -335,12 +335,12 @@ def _verify(path: Path, files: Sequence[SourceFile], summaries: list[dict], n: i
 
 
 def _attributes(files: Sequence[SourceFile], summaries: list[dict], cfg: Any,
-                report: dict[str, Any], notice: Callable[[str], None]) -> dict[str, Any]:
+                report: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
     """The spec's root attributes (PANOSETI's, :mod:`panoseti_pipeline.store.spec`), then
-    ours: provenance of every input file, time source, flag counts, config, software."""
+    ours: provenance of every input file, time source, flag counts, config, software;
+    ``configs``: the run's JSON configs (:func:`run_bundle.run_configs`)."""
     first = _name(files)
     run = pff.run_of(files[0].path)
-    configs = run_bundle.run_configs(run.path, notice=notice) if run else {}
     sources = {f.time_source for f in files}
     counts = dict.fromkeys(pff.FLAG_NAMES.values(), 0)
     for s in summaries:
@@ -384,6 +384,8 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     names = check_stream(inputs, notice)
     if not overwrite and publish.is_published(output, layout.LEVEL_L0):
         return Result(str(output), "exists")
+    run = pff.run_of(names[0].path)  # its configs are read before any work, not after it
+    configs = run_bundle.run_configs(run.path, notice=notice) if run else {}
     for message in publish.clear_stale(output):
         notice(message)
     publish.apply_permission_policy(cfg.run.group_writable)
@@ -391,15 +393,15 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, cfg:
     strict = cfg.pff_to_zarr.strict
     files = index_stream(names, notice, strict=strict)
     try:
-        return _publish(files, output, cfg, client, overwrite, quiet, t0, notice)
+        return _publish(files, output, cfg, client, overwrite, quiet, t0, configs)
     except pff.StrideMismatch as err:
         notice(f"{err}: indexing the stream frame by frame and converting again")
     files = index_stream(names, lambda _msg: None, exact=True, strict=strict)
-    return _publish(files, output, cfg, client, overwrite, quiet, t0, notice)
+    return _publish(files, output, cfg, client, overwrite, quiet, t0, configs)
 
 
 def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overwrite: bool,
-             quiet: bool, t0: float, notice: Callable[[str], None]) -> Result:
+             quiet: bool, t0: float, configs: dict[str, Any]) -> Result:
     """Write, verify and publish the L0 store of an indexed stream."""
     section = cfg.pff_to_zarr
     n = files[-1].stop
@@ -454,6 +456,6 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
         import zarr
 
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
-        group.attrs.update(_attributes(files, summaries, cfg, report, notice))
+        group.attrs.update(_attributes(files, summaries, cfg, report, configs))
         layout.consolidate(tmp)
     return Result(str(output), "ok", n, seconds, input_bytes, store_bytes, report)

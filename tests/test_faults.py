@@ -407,6 +407,29 @@ def test_run_sh_unreadable_input_is_found_before_any_work(data: Data, tmp_path: 
     assert stat.S_IMODE(p.stat().st_mode) == 0
 
 
+def test_an_unreadable_run_config_is_found_before_any_work(data: Data, tmp_path: Path) -> None:
+    """Defect: a *.json of the run directory that cannot be read failed each stream after
+    its whole conversion ("cannot read the run config"), and then the bundle."""
+    obs = tmp_path / data.obs.name
+    shutil.copytree(data.obs, obs)
+    config = obs / "daq_config.json"
+    config.chmod(0)
+    out = tmp_path / "out"
+    env = base_env(tmp_path, CONFIG_FILE=str(data.config))
+    rc, _, err = run_cmd(as_unprivileged([RUN_SH, str(obs), str(out)]), env)
+    assert rc == 2, err
+    assert f"run.sh: error: {config}: not readable (permission denied)" in err
+    assert not out.exists()
+    # step 1 alone reads the run's configs first: it fails before writing anything
+    store = tmp_path / "new" / "x_L0.zarr"
+    rc, _, err = run_cmd(as_unprivileged([sys.executable, STEP1, *map(str, sorted(
+        obs.glob("*dp_img16*.pff"))), str(store), str(data.config), "--quiet"]), env)
+    assert rc == 1, err
+    assert_one_error(err, "step1_pff_to_zarr.py", str(config), "cannot read the run config")
+    assert not store.parent.exists()
+    assert stat.S_IMODE(config.stat().st_mode) == 0
+
+
 @pytest.mark.parametrize("step", [1, 2])
 def test_disk_full_then_rerun_after_freeing_space(data: Data, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture,

@@ -183,6 +183,9 @@ def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
         except PFFNameError as err:
             plan.problems.append(str(err))
     bundled = set(run_bundle.bundle_files(directory).values())
+    plan.problems += [f"{path}: not readable (permission denied): run metadata the run bundle "
+                      "copies (and step 1 reads, *.json); make it readable or move it away"
+                      for path in sorted(bundled) if not os.access(path, os.R_OK)]
     leaving = run_bundle.links_leaving(directory)
     plan.notices += [f"{link}: a link that leaves the run directory; not followed, not in "
                      "the run bundle" for link in leaving]
