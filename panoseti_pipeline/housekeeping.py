@@ -15,14 +15,18 @@ The store has one group per source, each a table over its own ``time`` dimension
   every value is a decimal number (``""`` or a field a record lacks: NaN), otherwise the
   strings as written (``"0x28b4667a"``, ``"0208"``, ``"Doing fixes"``; absent: ``""``). A
   number with a leading zero (``"0208"``, a firmware version) stays a string. Attribute
-  ``hk_field`` holds the field's name as written (:func:`node_name`: an array or group name
-  has ``/`` replaced, and ``field_`` before a name Zarr or the ``time`` array reserves).
+  ``hk_field`` holds the field's name as written, group attribute ``hk_source`` the
+  source's (:func:`node_name`: an array or group name has ``/`` and NUL replaced, and
+  ``field_`` before a name Zarr or the ``time`` array reserves; two names that would
+  become one get ``_2``, ``_3``, ...: every rename is a notice, no field is lost).
 
 Root attributes: ``content = "housekeeping"`` (no ``processing_level``: it is not a data
 product), ``source_file`` and its size, ``records`` (read), ``records_by_source``,
 ``cut_last_record`` (0 or 1: the file ended inside a record, which is dropped),
 ``cut_bytes``, ``unreadable_records`` (offset and reason of any other record that is not
-one JSON object of strings with a usable ``Computer_UTC``), ``created``, ``software``.
+one JSON object of UTF-8 strings with a usable ``Computer_UTC``: one bad record is
+dropped and counted, never the store), ``renamed`` (stored name -> name as written),
+``created``, ``software``.
 
 The store lives inside the run bundle (:mod:`panoseti_pipeline.run_bundle`), never beside
 the products: PANOSETI's ``open_zarr_run`` keys every ``*.zarr`` of a run directory as a
@@ -35,7 +39,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,10 @@ _FLOAT = r"[+-]?(?:(?:0|[1-9]\d*)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _ALL_INT = re.compile(rf"(?:{_INT}\n)*{_INT}")
 _ALL_FLOAT = re.compile(rf"(?:{_FLOAT}\n)*{_FLOAT}")
 _UTC = re.compile(r"(\d+)(?:\.(\d*))?\Z")
+_MAX_NS = np.iinfo(np.int64).max
+#: names a Zarr node may not have: its own metadata file, Zarr v2's, the time array's
+_RESERVED = {"", "time", "zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
+_MAX_NAME_BYTES = 200  # a file name holds 255 bytes; room for the _<n> of a collision
 _MAX_REPORTED = 20  # unreadable records listed by offset in the attributes
 
 
@@ -68,6 +76,7 @@ class Housekeeping:
     cut_bytes: int
     unreadable: list[dict[str, Any]]
     unreadable_count: int
+    renamed: dict[str, str]  # "<group>[/<array>]" -> the source or field as written
 
 
 def utc_to_ns(text: str) -> int:
@@ -76,7 +85,10 @@ def utc_to_ns(text: str) -> int:
     if not m:
         raise ValueError(f"Computer_UTC {text!r} is not Unix seconds")
     frac = (m.group(2) or "")[:9].ljust(9, "0")
-    return int(m.group(1)) * 1_000_000_000 + int(frac)
+    t_ns = int(m.group(1)) * 1_000_000_000 + int(frac)
+    if t_ns > _MAX_NS:
+        raise ValueError(f"Computer_UTC {text!r} is out of range (after 2262)")
+    return t_ns
 
 
 def parse_hk(data: bytes) -> Housekeeping:
@@ -106,16 +118,21 @@ def parse_hk(data: bytes) -> Housekeeping:
         records += 1
     series: dict[str, dict[str, np.ndarray]] = {}
     names: dict[str, dict[str, str]] = {}
-    for source, recs in rows.items():
+    renamed: dict[str, str] = {}
+    for group, source in node_names(rows).items():
+        recs = rows[source]
+        if group != source:
+            renamed[group] = source
         order = list(dict.fromkeys(f for _, fields in recs for f in fields if f != TIME_FIELD))
         table = {"time": np.array([t for t, _ in recs], dtype=np.int64)}
-        names[source] = {}
-        for field in order:
-            name = node_name(field)
+        names[group] = {}
+        for name, field in node_names(order).items():
             table[name] = column([fields.get(field) for _, fields in recs])
-            names[source][name] = field
-        series[source] = table
-    return Housekeeping(series, names, records, cut, cut_bytes, unreadable, n_bad)
+            names[group][name] = field
+            if name != field:
+                renamed[f"{group}/{name}"] = field
+        series[group] = table
+    return Housekeeping(series, names, records, cut, cut_bytes, unreadable, n_bad, renamed)
 
 
 def _record(piece: bytes) -> tuple[str, dict[str, str], int]:
@@ -129,16 +146,44 @@ def _record(piece: bytes) -> tuple[str, dict[str, str], int]:
     ((source, fields),) = obj.items()
     if not (isinstance(fields, dict) and all(isinstance(v, str) for v in fields.values())):
         raise ValueError(f"{source}: fields are not all strings")
+    try:  # a lone surrogate ("\\ud800") is valid JSON, not text a store can hold
+        "".join([source, *fields, *fields.values()]).encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{source!r}: a name or value is not UTF-8 text") from None
     if TIME_FIELD not in fields:
         raise ValueError(f"{source}: no {TIME_FIELD}")
-    return node_name(source), fields, utc_to_ns(fields[TIME_FIELD])
+    return source, fields, utc_to_ns(fields[TIME_FIELD])
 
 
 def node_name(name: str) -> str:
-    """A Zarr node name for a source or field: no ``/``; ``field_`` before ``""``, ``.``,
-    ``..``, ``time`` and ``__*`` (reserved by Zarr or by the time array)."""
-    name = name.replace("/", "_")
-    return f"field_{name}" if name in ("", ".", "..", "time") or name.startswith("__") else name
+    """A Zarr node name for a source or field: no ``/`` or NUL, at most
+    :data:`_MAX_NAME_BYTES` bytes; ``field_`` before a name Zarr or the time array
+    reserves (``""``, dots only, ``time``, ``zarr.json``, ``.z*`` metadata, ``__*``)."""
+    name = name.replace("/", "_").replace("\0", "_")
+    name = name.encode()[:_MAX_NAME_BYTES].decode(errors="ignore")
+    reserved = name in _RESERVED or not name.strip(".") or name.startswith("__")
+    return f"field_{name}" if reserved else name
+
+
+def node_names(names: Iterable[str]) -> dict[str, str]:
+    """Node name -> name as written, for distinct ``names``, in their order: a name that is
+    a node name already keeps it; the others get :func:`node_name`, and ``_2``, ``_3``,
+    ... after a name already taken, so that no two become one."""
+    names = list(names)
+    taken = {name for name in names if node_name(name) == name}
+    nodes = {}
+    for name in names:
+        if name in taken:
+            nodes[name] = name
+            continue
+        base = candidate = node_name(name)
+        n = 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{base}_{n}"
+        taken.add(candidate)
+        nodes[name] = candidate
+    return {node: name for name, node in nodes.items()}
 
 
 def column(values: list[str | None]) -> np.ndarray:
@@ -147,16 +192,18 @@ def column(values: list[str | None]) -> np.ndarray:
     The distinct values are matched at once, joined by newlines; a value holding a
     newline could pass that test in pieces, but numpy's conversion then refuses it.
     """
-    text = np.array(["" if v is None else v for v in values], dtype=str)
+    strings = ["" if v is None else v for v in values]
     joined = "\n".join({v for v in values if v})
     try:
         if joined and all(values) and _ALL_INT.fullmatch(joined):
-            return text.astype(np.int64)
+            return np.array(strings, dtype=str).astype(np.int64)
         if joined and _ALL_FLOAT.fullmatch(joined):
-            return np.where(text == "", "nan", text).astype(np.float64)
+            return np.array([v or "nan" for v in strings], dtype=str).astype(np.float64)
     except (ValueError, OverflowError):  # beyond int64, or a newline inside a value
         pass
-    return text.astype(object)
+    out = np.empty(len(strings), dtype=object)  # not via numpy's str: it drops trailing NULs
+    out[:] = strings
+    return out
 
 
 def hk_names(run_dir: str | os.PathLike) -> tuple[str, str]:
@@ -179,10 +226,12 @@ def write_hk_store(hk: Housekeeping, path: str | os.PathLike, source_file: Path)
         "records_by_source": {s: int(t["time"].size) for s, t in hk.series.items()},
         "cut_last_record": hk.cut_last_record, "cut_bytes": hk.cut_bytes,
         "unreadable_records": hk.unreadable_count,
-        "unreadable_records_listed": hk.unreadable, "created": utc_now(),
+        "unreadable_records_listed": hk.unreadable, "renamed": hk.renamed,
+        "created": utc_now(),
         "software": software_versions()})
     for source, table in hk.series.items():
-        group = root.create_group(source, attributes=_source_attrs(source))
+        group = root.create_group(source, attributes=_source_attrs(
+            hk.renamed.get(source, source)))
         n = table["time"].size
         for name, values in table.items():
             attrs = TIME_ATTRS if name == "time" else {"hk_field": hk.fields[source][name]}
@@ -255,5 +304,5 @@ def convert_hk(hk_file: str | os.PathLike, store: str | os.PathLike,
         plot_hk(hk, png, title=f"{store.name}: temperatures and HV")
     return {"store": store.name, "quicklook": Path(png).name if png is not None else None,
             "records": hk.records, "cut_last_record": hk.cut_last_record,
-            "unreadable_records": hk.unreadable_count,
+            "unreadable_records": hk.unreadable_count, "renamed": hk.renamed,
             "sources": sorted(hk.series)}

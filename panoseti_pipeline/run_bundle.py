@@ -280,6 +280,12 @@ def _housekeeping(bundle: Path, run_dir: Path, notice: Notice) -> dict[str, Any]
         notice(f"{run_dir / HOUSEKEEPING_NAME}: no housekeeping store written ({err}); "
                "hk.pff is in the bundle as it is")
         return {"error": str(err)}
+    renamed = list(facts["renamed"].items())
+    if renamed:
+        shown = ", ".join(f"{name!r} as {node}" for node, name in renamed[:3])
+        notice(f"{run_dir / HOUSEKEEPING_NAME}: {len(renamed)} source or field names stored "
+               f"under another name (Zarr reserves them, or two would be one): {shown}"
+               f"{', ...' if len(renamed) > 3 else ''} (listed in {store}'s attributes)")
     if facts["unreadable_records"]:
         notice(f"{run_dir / HOUSEKEEPING_NAME}: {facts['unreadable_records']} records are not "
                f"housekeeping records, left out of {store} (listed in its attributes)")

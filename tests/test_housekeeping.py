@@ -185,3 +185,47 @@ def test_column_kinds(values: list, expected: list) -> None:
         np.testing.assert_array_equal(got, np.array(expected))
     else:
         assert got.tolist() == expected
+
+
+def test_one_hostile_record_never_sinks_the_bundle_or_loses_a_field(tmp_path: Path) -> None:
+    """Defects: ``Computer_UTC = "99999999999"`` raised OverflowError and a source or
+    field named ``zarr.json`` FileExistsError (the bundle was not written); fields
+    ``a/b`` and ``a_b`` became one array (a field lost silently); a trailing NUL of a
+    value was stripped. Now a bad record is dropped and counted, a reserved or colliding
+    name is renamed with a notice, every value is kept as written."""
+    run = synthetic.make_observation(tmp_path / "in", frames_per_file=5, files_per_stream=1)
+    records, _ = records_of(run / "hk.pff")
+    source, fields = records[0]
+    utc = fields["Computer_UTC"]
+    hostile = [
+        {source: {**fields, "Computer_UTC": "99999999999"}},  # after 2262: dropped
+        {source: {**fields, "Computer_UTC": utc, "note": "\ud800"}},  # not UTF-8: dropped
+        {"zarr.json": {"Computer_UTC": utc, "x": "1"}},
+        {"GPSPRIM": {"Computer_UTC": utc, "zarr.json": "2", "a/b": "ab-slash",
+                     "a_b": "ab-underscore", "nul": "x\x00"}},
+    ]
+    texts = [json.dumps({s: f}) for s, f in records] + [json.dumps(r) for r in hostile]
+    (run / "hk.pff").chmod(0o644)
+    (run / "hk.pff").write_text("".join(f"{t}\n\n" for t in texts))
+    notices: list[str] = []
+    bundle = run_bundle.write_bundle(run, tmp_path / "out", [], notice=notices.append)
+    assert run_bundle.verify_bundle(bundle) == []
+    store = next(bundle.glob("*.hk.zarr"))
+    root = zarr.open_group(str(store), mode="r")
+    assert root.attrs["records"] == len(records) + 2
+    assert root.attrs["unreadable_records"] == 2
+    reasons = [r["reason"] for r in root.attrs["unreadable_records_listed"]]
+    assert "out of range" in reasons[0] and "not UTF-8" in reasons[1]
+    odd = root["field_zarr.json"]
+    assert odd.attrs["hk_source"] == "zarr.json" and odd["x"][:].tolist() == [1]
+    gps = root["GPSPRIM"]
+    got = {gps[name].attrs["hk_field"]: gps[name][:].tolist()[-1]
+           for name in gps.array_keys() if name != "time"}
+    assert got["zarr.json"] == 2 and got["a/b"] == "ab-slash"
+    assert got["a_b"] == "ab-underscore" and got["nul"] == "x\x00"
+    assert gps["a_b"].attrs["hk_field"] == "a_b"  # the name as written keeps its name
+    assert gps["a_b_2"].attrs["hk_field"] == "a/b"
+    assert root.attrs["renamed"] == {"field_zarr.json": "zarr.json",
+                                     "GPSPRIM/field_zarr.json": "zarr.json",
+                                     "GPSPRIM/a_b_2": "a/b"}
+    assert any("3 source or field names stored under another name" in n for n in notices)
