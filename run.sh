@@ -466,12 +466,14 @@ on_signal() {
 
 # ---------------------------------------------------------------------------- the run
 
-# read_plan TEXT: the TAB-separated plan of the driver into the JOB_* arrays.
+# read_plan TEXT: the plan of the driver into the JOB_* arrays. Its fields are separated
+# by US ($'\x1f'), which read never merges (two TABs would be one: an empty field shifted
+# the others).
 read_plan() {
   local -a f
   local line
   while IFS= read -r line; do
-    IFS=$'\t' read -r -a f <<<"$line"
+    IFS=$'\x1f' read -r -a f <<<"$line"
     case "${f[0]:-}" in
       cluster)
         USE_DASK="${f[1]}"
@@ -486,7 +488,7 @@ read_plan() {
         JOB_NAME+=("${f[3]}")
         JOB_L0+=("${f[4]}")
         JOB_L1+=("${f[5]}")
-        JOB_INPUTS+=("$(IFS=$'\t' && printf '%s' "${f[*]:6}")")
+        JOB_INPUTS+=("$(IFS=$'\x1f' && printf '%s' "${f[*]:6}")")
         ;;
       bundle)
         BUNDLE_RUN+=("${f[1]}")
@@ -513,7 +515,7 @@ run_job() {
   local i="$1" rc=0 tag name="${JOB_NAME[$1]}" l0="${JOB_L0[$1]}" l1="${JOB_L1[$1]}"
   local -a files=() address=() extra=()
   tag="[$((i + 1))/${#JOB_NAME[@]}] $name"
-  IFS=$'\t' read -r -a files <<<"${JOB_INPUTS[i]}"
+  IFS=$'\x1f' read -r -a files <<<"${JOB_INPUTS[i]}"
   CURRENT_JOB="$i"
 
   if [[ "$OPT_STEPS" == *1* ]]; then

@@ -495,8 +495,8 @@ def test_plan_for_bash_carries_the_stop_grace(data: Data, tmp_path: Path) -> Non
                                                str(tmp_path / "out"))
     assert not plan.problems, plan.problems
     lines = driver_plan.bash_lines(plan, cfg, l0, 0o022)
-    assert "stop\t25" in lines
-    assert all(field for line in lines for field in line.split("\t"))  # no empty field
+    assert "stop\x1f25" in lines
+    assert all(field for line in lines for field in line.split("\x1f"))  # no empty field
 
 
 def test_job_status_says_why() -> None:
@@ -597,6 +597,23 @@ def test_steps_1_then_steps_2(data: Data, tmp_path: Path) -> None:
     assert rc == 0, stderr[-3000:]
     check_l1(l1_out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
     assert l0.is_dir(), "an input L0 store was removed"
+
+
+def test_an_empty_job_name_keeps_the_plan_in_its_columns(data: Data, tmp_path: Path) -> None:
+    """Defect: the plan's fields were TAB-separated and bash's read merges two TABs, so
+    the empty name of ``_L0.zarr`` shifted the columns: ``--steps 2 emp/_L0.zarr out``
+    ran step 2 with its input and output swapped."""
+    from panoseti_pipeline.cli import step1
+
+    config = write_config(tmp_path / "local.toml", "local")
+    l0 = tmp_path / "emp" / "_L0.zarr"
+    assert step1.main([str(data.file_a), str(l0), str(config), "--quiet"]) == 0
+    before = tree_state(l0)
+    out = tmp_path / "out"
+    rc, _, stderr = run(["--steps", "2", str(l0), str(out)], run_env(tmp_path, config))
+    assert rc == 0, stderr[-3000:]
+    check_l1(out / "_L1.zarr", [data.file_a])
+    assert tree_state(l0) == before
 
 
 # --------------------------------------------------------------------------- output lock

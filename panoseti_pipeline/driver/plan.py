@@ -9,15 +9,17 @@ and L0 directories are writable and outside the input tree; the free space is en
 the L0 + L1 estimate. Problems are collected, never raised, so that all are reported at once.
 
 The plan is printed for people (:func:`print_dry_run`) or for bash (:func:`bash_lines`):
-one line per record, fields separated by TABs, never an empty field (paths with a TAB or a
-newline are refused)::
+one line per record, fields separated by the ASCII unit separator (US, ``\x1f``): unlike a
+TAB, bash's ``read`` never merges two of them, so an empty field (a job named ``""``
+from ``_L0.zarr``) keeps every later field in its column. Paths with a control character
+(TAB, newline, US, ...) are refused::
 
-    cluster <TAB> 0|1 <TAB> seconds to wait for the scheduler file <TAB> description
-    stop    <TAB> tenths of a second a step or the cluster manager gets after SIGTERM
-    l0dir   <TAB> directory of the temporary L0 stores
-    umask   <TAB> octal umask for the files of the run ([run] group_writable)
-    job     <TAB> index <TAB> run|skip <TAB> name <TAB> L0 path <TAB> L1 path|- <TAB> input ...
-    bundle  <TAB> run directory (.pffd) <TAB> its product directory
+    cluster <US> 0|1 <US> seconds to wait for the scheduler file <US> description
+    stop    <US> tenths of a second a step or the cluster manager gets after SIGTERM
+    l0dir   <US> directory of the temporary L0 stores
+    umask   <US> octal umask for the files of the run ([run] group_writable)
+    job     <US> index <US> run|skip <US> name <US> L0 path <US> L1 path|- <US> input ...
+    bundle  <US> run directory (.pffd) <US> its product directory
 
 Products of a ``.pffd`` run go into their own directory, ``<output>/<run name>/``, beside
 the run's bundle (``<run>.pffd.panoseti-meta``): PANOSETI's reader
@@ -96,8 +98,14 @@ def parse_steps(text: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- paths
 
 
-def _bad_chars(path: str) -> bool:
-    return "\t" in path or "\n" in path or "\r" in path
+FIELD_SEPARATOR = "\x1f"  # of the plan for bash (the module docstring)
+
+
+def _bad_chars(path: str) -> str | None:
+    """Why run.sh cannot carry ``path`` in its plan (a control character), or None."""
+    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        return f"{path!r}: paths with a TAB, newline or other control character are not supported"
+    return None
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -260,8 +268,8 @@ def _input_jobs(inputs: Sequence[str], steps: tuple[int, ...], plan: Plan
     seen: dict[Path, str] = {}
     for text in inputs:
         path = Path(os.path.abspath(text))
-        if _bad_chars(text):
-            plan.problems.append(f"{text!r}: paths with a TAB or newline are not supported")
+        if problem := _bad_chars(text):
+            plan.problems.append(problem)
             continue
         if not path.exists():
             plan.problems.append(f"{path}: no such file or directory")
@@ -436,8 +444,8 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
         plan.problems.append("no input given")
     jobs, trees = _input_jobs(inputs, steps, plan)
     out = Path(os.path.abspath(out_dir))
-    if _bad_chars(out_dir):
-        plan.problems.append(f"{out_dir!r}: paths with a TAB or newline are not supported")
+    if problem := _bad_chars(out_dir):
+        plan.problems.append(problem)
     configured = l0_dir or (cfg.run.l0_dir if cfg else "")
     if steps == (1,):
         l0 = out  # the L0 stores are the products
@@ -455,8 +463,8 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
         problem = _scratch_problem(cfg, path, what)
         if problem:
             plan.problems.append(problem)
-    if l0 != out and _bad_chars(str(l0)):
-        plan.problems.append(f"{str(l0)!r}: paths with a TAB or newline are not supported")
+    if l0 != out and (problem := _bad_chars(str(l0))):
+        plan.problems.append(problem)
 
     names: dict[str, str] = {}
     for job in jobs:
@@ -552,17 +560,18 @@ def bash_lines(plan: Plan, cfg: PipelineConfig, l0: Path, umask: int) -> list[st
     caller's current one."""
     wait_s = int(cfg.cluster.startup_timeout_s) + CLUSTER_WAIT_MARGIN_S
     stop_tenths = max(1, round(cfg.run.stop_grace_s * 10))
-    lines = [
-        f"cluster\t{int(cfg.cluster.use_dask)}\t{wait_s}\t{cluster_summary(cfg)['description']}",
-        f"stop\t{stop_tenths}",
-        f"l0dir\t{l0}",
-        f"umask\t{store_files.permission_umask(cfg.run.group_writable, umask):04o}",
+    records = [
+        ["cluster", str(int(cfg.cluster.use_dask)), str(wait_s),
+         cluster_summary(cfg)["description"]],
+        ["stop", str(stop_tenths)],
+        ["l0dir", str(l0)],
+        ["umask", f"{store_files.permission_umask(cfg.run.group_writable, umask):04o}"],
     ]
     for k, j in enumerate(plan.jobs):
-        lines.append("\t".join(["job", str(k), j.action, j.name, j.l0, j.l1 or "-", *j.inputs]))
+        records.append(["job", str(k), j.action, j.name, j.l0, j.l1 or "-", *j.inputs])
     for run_dir, product_dir in run_directories(plan.jobs).items():
-        lines.append(f"bundle\t{run_dir}\t{product_dir}")
-    return lines
+        records.append(["bundle", run_dir, product_dir])
+    return [FIELD_SEPARATOR.join(r) for r in records]
 
 
 def run_directories(jobs: Sequence[Job]) -> dict[str, str]:
