@@ -640,8 +640,11 @@ submit_sbatch() {
     if ((${!flag})); then job_args+=("${arg#*:}"); fi
   done
   read -r -a opts <<<"$OPT_SBATCH"
-  job="$(sbatch --parsable --job-name=panoseti-l1 "${opts[@]}" --wrap "$(printf '%q ' env \
-    CONFIG_FILE="$CONFIG" "$REPO_ROOT/run.sh" "${job_args[@]}" -- "${inputs[@]}" "$OUT_DIR")")" ||
+  # The job script on sbatch's stdin, with a bash shebang: printf %q quotes for bash ($'...'
+  # for non-ASCII bytes), which the /bin/sh of sbatch --wrap would take literally.
+  job="$(printf '#!/usr/bin/env bash\n%s\n' "$(printf '%q ' exec env CONFIG_FILE="$CONFIG" \
+    "$REPO_ROOT/run.sh" "${job_args[@]}" -- "${inputs[@]}" "$OUT_DIR")" |
+    sbatch --parsable --job-name=panoseti-l1 "${opts[@]}")" ||
     usage_error "sbatch did not accept the job (its message is above); OPTS: ${opts[*]}"
   job="${job%%;*}"
   say "submitted SLURM job $job (sbatch ${opts[*]}): run.sh on its node; follow it with squeue -j $job"

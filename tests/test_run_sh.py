@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -614,6 +615,51 @@ def test_an_empty_job_name_keeps_the_plan_in_its_columns(data: Data, tmp_path: P
     assert rc == 0, stderr[-3000:]
     check_l1(out / "_L1.zarr", [data.file_a])
     assert tree_state(l0) == before
+
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# sbatch as SLURM runs a job: the script on stdin, or --wrap CMD in a /bin/sh script
+script="$FAKE_SLURM_DIR/job.sh"
+wrap=""
+while (($#)); do
+  if [[ "$1" == --wrap ]]; then wrap="$2"; shift; fi
+  shift
+done
+if [[ -n "$wrap" ]]; then printf '#!/bin/sh\\n%s\\n' "$wrap" >"$script"; else cat >"$script"; fi
+chmod +x "$script"
+echo 4242
+"""
+FAKE_ENV = """#!/usr/bin/env python3
+import json, os, sys
+json.dump(sys.argv[1:], open(os.path.join(os.environ["FAKE_SLURM_DIR"], "argv.json"), "w"))
+"""
+
+
+def test_sbatch_passes_every_argument_as_written(data: Data, tmp_path: Path) -> None:
+    """Defect: the job was ``sbatch --wrap "$(printf %q ...)"``: bash's quoting ($'...'
+    for non-ASCII bytes) run by /bin/sh, which passed it on literally. The job script
+    (here run as SLURM runs one) must hand run.sh exactly the paths given."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("env", FAKE_ENV)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    inputs = tmp_path / "nuit_é"
+    inputs.mkdir()
+    shutil.copy(data.file_a, inputs)
+    out = tmp_path / "L1 ñ"
+    config = write_config(tmp_path / "local.toml", "local")
+    env = run_env(tmp_path, config, FAKE_SLURM_DIR=str(fake), LC_ALL="C",
+                  PATH=f"{fake}:{os.environ['PATH']}")
+    rc, _, stderr = run(["--sbatch", "-c 2", "--keep-l0", str(inputs / data.file_a.name),
+                         str(out)], env)
+    assert rc == 0 and "submitted SLURM job 4242" in stderr, stderr[-3000:]
+    job = subprocess.run([str(fake / "job.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert job.returncode == 0, job.stderr
+    argv = json.loads((fake / "argv.json").read_text())
+    assert argv == [f"CONFIG_FILE={config}", RUN_SH, "--steps", "1,2", "--keep-l0", "--",
+                    str(inputs / data.file_a.name), str(out)]
 
 
 # --------------------------------------------------------------------------- output lock
