@@ -475,6 +475,42 @@ def test_output_inside_the_input_tree_is_refused(data: Data, tmp_path: Path) -> 
     assert any("inside the input tree" in p for p in plan.problems)
 
 
+def test_an_output_in_raw_data_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Defect: ``./run.sh ../two/*.pffd`` (the output forgotten) took the last run as the
+    output directory, wrote the catalog, log, record and products into that raw
+    observation and exited 0; ``./run.sh raw/*.pff raw`` was accepted too."""
+    import datetime as dt
+
+    config = write_config(tmp_path / "local.toml", "local")
+    env = run_env(tmp_path, config)
+    two = tmp_path / "two"
+    runs = [synthetic_obs.make_observation(two, frames_per_file=10, files_per_stream=1,
+                                           products=("img16",), start=start)
+            for start in (synthetic_obs.DEFAULT_START,
+                          synthetic_obs.DEFAULT_START + dt.timedelta(hours=1))]
+    raw = runs[0]
+    before = tree_state(two)
+    rc, _, stderr = run([str(runs[0]), str(runs[1])], env)
+    assert rc == 2, stderr
+    assert (f"run.sh: error: {runs[1]}: the output directory is a .pffd observation "
+            "directory (raw data); did you forget the output directory?") in stderr
+    files = sorted(map(str, raw.glob("*.dp_img16.*.pff")))
+    rc, _, stderr = run([*files, str(raw)], env)
+    assert rc == 2, stderr
+    assert f"{raw}: the output directory is a .pffd observation directory" in stderr
+    assert tree_state(two) == before
+    # a directory holding PFF files, or anything below it
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(files[0], loose)
+    for out, where in ((loose, "holds"), (loose / "L1" / "x", f"is inside {loose}, which holds")):
+        plan, *_ = driver_plan.make_plan([str(loose / Path(files[0]).name)], str(config),
+                                         str(out))
+        assert plan.problems == [f"{out}: the output directory {where} PFF files (raw data); "
+                                 "did you forget the output directory? It is the last "
+                                 "argument"]
+
+
 def test_free_space_is_checked_against_the_estimate(tmp_path: Path) -> None:
     job = driver_plan.Job(name="x", inputs=["x.pff"], l0="", l1="", input_bytes=10**9,
                        est_l0_bytes=10**9, est_l1_bytes=2 * 10**9)

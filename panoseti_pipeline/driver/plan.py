@@ -29,6 +29,7 @@ only, so two runs in one directory would hide each other's products.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -125,6 +126,23 @@ def _existing_ancestor(path: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
+
+
+def _raw_data_problem(path: Path, what: str) -> str | None:
+    """Why ``path`` may not be an output: it is, or lies inside, raw data (a ``.pffd``
+    directory, or a directory holding PFF files). Forgetting the output argument makes
+    the last input the output (``./run.sh ../two/*.pffd``), or the inputs' directory."""
+    for d in [path, *path.parents]:
+        if d.suffix == ".pffd":
+            where = "is" if d == path else f"is inside {d}, which is"
+            return (f"{path}: the {what} {where} a .pffd observation directory (raw data); "
+                    "did you forget the output directory? It is the last argument")
+        with contextlib.suppress(OSError), os.scandir(d) as entries:
+            if any(e.name.endswith(".pff") and e.is_file() for e in entries):
+                where = "holds" if d == path else f"is inside {d}, which holds"
+                return (f"{path}: the {what} {where} PFF files (raw data); did you forget "
+                        "the output directory? It is the last argument")
+    return None
 
 
 def _check_writable_dir(path: Path, what: str) -> str | None:
@@ -452,7 +470,9 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
     else:
         l0 = Path(os.path.abspath(configured)) if configured else out / DEFAULT_L0_SUBDIR
     for what, path in (("output directory", out), ("L0 directory", l0)):
-        problem = _check_writable_dir(path, what)
+        inside_out = path is l0 and _is_within(l0, out)  # then out's problem is l0's
+        raw = None if inside_out else _raw_data_problem(_real(path), what)
+        problem = raw or _check_writable_dir(path, what)
         if problem:
             plan.problems.append(problem)
         real = _real(path)
