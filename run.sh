@@ -63,7 +63,7 @@ CURRENT_STEP=""
 STEP_START=""
 STEP_RC=""
 CLEANED_UP=0
-LOCK_HELD=0 # this run holds OUT_DIR's lock (released by the cleanup)
+LOCKED=() # the directories whose run lock this run holds (released by the cleanup)
 RUN_LOG=""
 LOGGER_PID=""
 TERMINAL_ERR=""
@@ -76,6 +76,7 @@ STOP_GRACE_TENTHS=600
 CLUSTER_DESC=""
 OUT_DIR=""
 L0_DIR=""
+L0_DIR_SCRATCH=0 # L0_DIR is the pipeline's own (<output>/.l0_tmp): removed when empty
 L0_DIR_CREATED=0
 OUT_DIR_CREATED=0
 RUN_UMASK=""
@@ -349,35 +350,24 @@ cluster_alive() {
   return 1
 }
 
-# remove_store PATH: rm -rf a store this run wrote, after checking it is one.
-remove_store() {
-  local path="${1:?}"
-  case "$path" in
-    *_L0.zarr | *_L1.zarr | *.partial) rm -rf -- "${path:?}" ;;
-    *) say "warning: not removing $path (not a store name of this pipeline)" ;;
-  esac
+# release FINAL...: what killed steps left beside these products (partial stores of a
+# process that is gone; never another live run's), and the transient L0 stores this run
+# made among them (marked as its own when made: driver hold-l0; never a kept L0).
+release() {
+  py clear-stale --pid "$$" "$@" || say "warning: could not clear the partial stores of $*"
 }
 
-# remove_partials FINAL...: what killed steps left beside these products (partial stores
-# of a process that is gone; never another live run's).
-remove_partials() {
-  py clear-stale "$@" || say "warning: could not clear the partial stores of $*"
-}
-
-# remove_leftovers I: after input I failed: partial stores, and its temporary L0.
+# remove_leftovers I: after input I failed: partial stores, and its transient L0.
 remove_leftovers() {
   local i="$1"
   local -a finals=()
   if [[ "$OPT_STEPS" == *1* ]]; then
     finals+=("${JOB_L0[i]}")
-    if [[ "$OPT_STEPS" == 1,2 ]] && ((!OPT_KEEP_L0)) && [[ -e "${JOB_L0[i]}" ]]; then
-      remove_store "${JOB_L0[i]}"
-    fi
   fi
   if [[ "$OPT_STEPS" == *2* ]]; then
     finals+=("${JOB_L1[i]}")
   fi
-  remove_partials "${finals[@]}"
+  release "${finals[@]}"
 }
 
 # start_log: from here on, stderr (this script's and every step's) also goes, with
@@ -420,11 +410,11 @@ cleanup() {
     remove_leftovers "$CURRENT_JOB"
     CURRENT_JOB=""
   fi
-  if ((L0_DIR_CREATED)); then
-    rmdir -- "$L0_DIR" 2>/dev/null || true
+  if ((${#LOCKED[@]})); then
+    py lock release "${LOCKED[@]}" --pid "$$" || say "warning: could not release the lock of ${LOCKED[*]}"
   fi
-  if ((LOCK_HELD)); then
-    py lock release "$OUT_DIR" --pid "$$" || say "warning: could not release the lock of $OUT_DIR"
+  if ((L0_DIR_CREATED || L0_DIR_SCRATCH)); then # only when empty
+    rmdir -- "$L0_DIR" 2>/dev/null || true
   fi
   if ((OUT_DIR_CREATED)); then # only when empty (e.g. the cluster did not start)
     rmdir -- "$OUT_DIR" 2>/dev/null || true
@@ -481,7 +471,7 @@ read_plan() {
         CLUSTER_DESC="${f[3]}"
         ;;
       stop) STOP_GRACE_TENTHS="${f[1]}" ;;
-      l0dir) L0_DIR="${f[1]}" ;;
+      l0dir) L0_DIR="${f[1]}" L0_DIR_SCRATCH="${f[2]}" ;;
       umask) RUN_UMASK="${f[1]}" ;;
       job)
         JOB_ACTION+=("${f[2]}")
@@ -513,7 +503,7 @@ record() {
 # run_job I: step 1, step 2, drop the L0. Returns the failing step's status.
 run_job() {
   local i="$1" rc=0 tag name="${JOB_NAME[$1]}" l0="${JOB_L0[$1]}" l1="${JOB_L1[$1]}"
-  local -a files=() address=() extra=()
+  local -a files=() address=() extra=() keep=()
   tag="[$((i + 1))/${#JOB_NAME[@]}] $name"
   IFS=$'\x1f' read -r -a files <<<"${JOB_INPUTS[i]}"
   CURRENT_JOB="$i"
@@ -522,8 +512,16 @@ run_job() {
     if [[ -n "$CLUSTER_ADDRESS" ]]; then address=("$CLUSTER_ADDRESS"); fi
     say "$tag: step 1, PFF -> L0: ${#files[@]} file(s) -> $l0"
     CURRENT_STEP=1
-    run_step "$PYTHON" "$REPO_ROOT/step1_pff_to_zarr.py" "${files[@]}" "$l0" "$CONFIG" \
-      "${address[@]}" "${STEP_FLAGS[@]}" || rc=$?
+    if [[ "$OPT_STEPS" == 1,2 ]]; then # the L0 is transient (removed after step 2) or kept
+      if ((OPT_KEEP_L0)); then keep=(--keep); fi
+      STEP_START="$(now)"
+      PANOSETI_ERROR_FILE="$RUN_TMP/step_error" py hold-l0 "$l0" --pid "$$" "${keep[@]}" ||
+        rc=$?
+    fi
+    if ((rc == 0)); then
+      run_step "$PYTHON" "$REPO_ROOT/step1_pff_to_zarr.py" "${files[@]}" "$l0" "$CONFIG" \
+        "${address[@]}" "${STEP_FLAGS[@]}" || rc=$?
+    fi
     record "$i" 1 "$rc"
     CURRENT_STEP=""
     STEP_RC=""
@@ -542,9 +540,9 @@ run_job() {
     CURRENT_STEP=2
     run_step "$PYTHON" "$REPO_ROOT/step2_dask_baseline.py" "$l0" "$l1" --config "$CONFIG" \
       "${address[@]}" "${STEP_FLAGS[@]}" || rc=$?
-    if ((rc == 0)) && [[ "$OPT_STEPS" == 1,2 ]] && ((!OPT_KEEP_L0)); then
-      remove_store "$l0"
-      extra=(--l0-removed)
+    if ((rc == 0)) && [[ "$OPT_STEPS" == 1,2 ]]; then
+      release "$l0" # a transient L0 goes, a kept one stays
+      if [[ ! -e "$l0" ]]; then extra=(--l0-removed); fi
     fi
     record "$i" 2 "$rc" "${extra[@]}"
     CURRENT_STEP=""
@@ -565,9 +563,8 @@ run_jobs() {
   for ((i = 0; i < n; i++)); do
     if [[ "${JOB_ACTION[i]}" == skip ]]; then
       say "[$((i + 1))/$n] ${JOB_NAME[i]}: complete product already there, skipped (--overwrite redoes it)"
-      if [[ "$OPT_STEPS" == 1,2 && -e "${JOB_L0[i]}" ]] && ((!OPT_KEEP_L0)); then
-        say "[$((i + 1))/$n] ${JOB_NAME[i]}: removing its L0 store, left by a run stopped before it could: ${JOB_L0[i]}"
-        remove_store "${JOB_L0[i]}"
+      if [[ "$OPT_STEPS" == 1,2 ]]; then # a transient L0 a stopped run left (never a kept one)
+        py clear-stale "${JOB_L0[i]}" || say "warning: could not clear what stopped runs left beside ${JOB_L0[i]}"
       fi
       continue
     fi
@@ -653,7 +650,7 @@ submit_sbatch() {
 # run_pipeline INPUT... OUTPUT_DIR: the whole run; sets PIPELINE_RC (0 or 1), exits on
 # problems found before any work (2) and on signals (130).
 run_pipeline() {
-  local -a inputs=("${@:1:$#-1}")
+  local -a inputs=("${@:1:$#-1}") locked=()
   local plan_out rc=0
   OUT_DIR="$(absolute "${!#}")"
   set_plan_args
@@ -681,13 +678,17 @@ run_pipeline() {
     mkdir -p -- "$OUT_DIR"
     OUT_DIR_CREATED=1
   fi
-  py lock acquire "$OUT_DIR" --pid "$$" || exit $? # another run writes here: exit 2
-  LOCK_HELD=1
-  start_log
-  if [[ "$OPT_STEPS" != 2 && ! -d "$L0_DIR" ]]; then
-    mkdir -p -- "$L0_DIR"
-    L0_DIR_CREATED=1
+  locked=("$OUT_DIR")
+  if [[ "$OPT_STEPS" != 2 ]]; then # the L0 directory too: another output's run may share it
+    if [[ ! -d "$L0_DIR" ]]; then
+      mkdir -p -- "$L0_DIR"
+      L0_DIR_CREATED=1
+    fi
+    locked+=("$L0_DIR")
   fi
+  py lock acquire "${locked[@]}" --pid "$$" || exit $? # another run writes there: exit 2
+  LOCKED=("${locked[@]}")
+  start_log
   say "${#JOB_NAME[@]} input(s) -> $OUT_DIR (config $CONFIG)"
 
   if ((USE_DASK)) && any_job_to_run; then

@@ -6,12 +6,16 @@
 
 ``<OUTPUT_ROOT>/catalog.sqlite`` (standard library ``sqlite3``) has one row per product
 store, keyed by its path (relative to the root): run, site, module, data product, level,
-first and last frame time, frames, flag counts, the status of the run that last touched it,
-sha256 of its ``zarr.json`` (changes whenever the store is rewritten), bytes on disk,
-created (the store's own time) and cataloged (when the row was written). ``run.sh`` updates
-it after its summary (``driver catalog-update``): the rows of that run's products replace
+first and last frame time, frames, flag counts, status, sha256 of its ``zarr.json``
+(changes whenever the store is rewritten), bytes on disk, created (the store's own time)
+and cataloged (when the row was written). Every fact, the status included, describes the
+store on disk (``ok``, or ``degraded``: step 1 skipped corrupt bytes of its input), never
+what a run did: a run that skipped a product, or failed to replace it, leaves the row of
+the product that is there. ``run.sh`` updates it after its summary (``driver
+catalog-update``): its products (L1; the L0 with ``--steps 1``; kept L0 stores too) replace
 rows of the same path, so a rerun leaves one row per product. ``--rebuild`` scans the root
-for published stores (their attributes carry every fact) and rewrites the table.
+for published stores (their attributes carry every fact) and rewrites the table: the same
+rows.
 
 Two hosts finishing runs into one root at once: each update gathers its facts first, then
 writes them in one ``BEGIN IMMEDIATE`` transaction (SQLite's write lock, taken at the
@@ -37,7 +41,7 @@ import numpy as np
 from panoseti_pipeline.errors import EXIT_OK, ConfigError, InputError, StoreError, run_main
 from panoseti_pipeline.run_bundle import BUNDLE_SUFFIX, iso_ns
 from panoseti_pipeline.store.facts import StoreFacts, store_facts
-from panoseti_pipeline.store.publish import PARTIAL_SUFFIX, is_published, utc_now
+from panoseti_pipeline.store.publish import PARTIAL_SUFFIX, is_published, is_transient, utc_now
 
 CATALOG_NAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 120.0
@@ -52,7 +56,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS products (
     first_time TEXT, last_time TEXT,  -- ISO 8601 UTC with ns
     first_ns INTEGER, last_ns INTEGER, frames INTEGER,
     flag_counts TEXT,           -- JSON: flag name -> frames
-    status TEXT,                -- of the run that last touched it: ok, skipped, failed, not-run
+    status TEXT,                -- of the store: ok, degraded (corrupt input bytes skipped)
     zarr_json_sha256 TEXT, bytes INTEGER,
     created TEXT, cataloged TEXT)"""
 
@@ -92,26 +96,26 @@ def _writing(path: Path) -> Iterator[sqlite3.Connection]:
         con.close()
 
 
-def row(facts: StoreFacts, root: Path, status: str, cataloged: str) -> dict[str, Any]:
+def row(facts: StoreFacts, root: Path, cataloged: str) -> dict[str, Any]:
     """A product's catalog row (path relative to ``root`` when it lies below it)."""
     return {"path": row_path(facts.path, root),
             "run": facts.run, "site": facts.site, "module": facts.module,
             "data_product": facts.data_product, "level": facts.level,
             "first_time": iso_ns(facts.first_ns), "last_time": iso_ns(facts.last_ns),
             "first_ns": facts.first_ns, "last_ns": facts.last_ns, "frames": facts.frames,
-            "flag_counts": json.dumps(facts.flag_counts), "status": status,
+            "flag_counts": json.dumps(facts.flag_counts), "status": facts.status,
             "zarr_json_sha256": facts.zarr_json_sha256, "bytes": facts.bytes,
             "created": facts.created, "cataloged": cataloged}
 
 
-def update(root: str | os.PathLike, products: Iterable[tuple[str, str]]) -> int:
-    """Catalog ``(store path, status)`` pairs; rows of the same path are replaced, a path
-    with no published store loses its row. Returns the rows written."""
+def update(root: str | os.PathLike, products: Iterable[str | os.PathLike]) -> int:
+    """Catalog the stores at these paths; rows of the same path are replaced, a path with
+    no published store loses its row. Returns the rows written."""
     root, now = Path(root), utc_now()
     rows, gone = [], []
-    for path, status in products:
+    for path in products:
         if any(is_published(path, level) for level in LEVELS):
-            rows.append(row(store_facts(path), root, status, now))
+            rows.append(row(store_facts(path), root, now))
         else:
             gone.append(row_path(path, root))
     with _writing(catalog_path(root)) as con:
@@ -133,14 +137,16 @@ def _insert(con: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
 
 
 def published_stores(root: str | os.PathLike) -> list[Path]:
-    """Every published L0/L1 store below ``root`` (not inside stores, bundles, partials)."""
+    """Every published L0/L1 store below ``root`` (not inside stores, bundles, partials),
+    but a transient L0 a stopped run left (not a product: the next run removes it)."""
     found = []
     for top, dirs, _files in os.walk(root):
         keep = []
         for d in sorted(dirs):
             path = Path(top, d)
             if d.endswith(".zarr") and any(is_published(path, lv) for lv in LEVELS):
-                found.append(path)
+                if not is_transient(path):
+                    found.append(path)
             elif not d.endswith((".zarr", PARTIAL_SUFFIX, BUNDLE_SUFFIX)):
                 keep.append(d)
         dirs[:] = keep
@@ -148,7 +154,7 @@ def published_stores(root: str | os.PathLike) -> list[Path]:
 
 
 def rebuild(root: str | os.PathLike) -> int:
-    """Rewrite the catalog from the published stores found below ``root`` (status ok).
+    """Rewrite the catalog from the published stores found below ``root``.
 
     The new catalog is written beside the old one and renamed over it: a catalog that
     is damaged ("file is not a database") or a link is replaced, never read or written.
@@ -157,7 +163,7 @@ def rebuild(root: str | os.PathLike) -> int:
     if not root.is_dir():
         raise InputError(f"{root}: not a directory (--rebuild scans the output directory "
                          "given to run.sh)")
-    rows = [row(store_facts(p), root, "ok", now) for p in published_stores(root)]
+    rows = [row(store_facts(p), root, now) for p in published_stores(root)]
     path = catalog_path(root)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -170,12 +176,12 @@ def rebuild(root: str | os.PathLike) -> int:
 
 
 def update_from_state(state: dict[str, Any]) -> tuple[Path, int]:
-    """After a run: catalog its products (L1, or L0 with ``--steps 1``) with their status."""
-    from panoseti_pipeline.driver.record import job_status
-
+    """After a run: catalog its products (L1, or L0 with ``--steps 1``) and the L0 stores
+    kept beside them (``--keep-l0``, or kept by an earlier run; a transient L0 is gone)."""
     root = Path(state["output_dir"])
-    products = [(job["l1"] or job["l0"], job_status(job, state["steps"])[0])
-                for job in state["jobs"]]
+    products = [job["l1"] or job["l0"] for job in state["jobs"]]
+    products += [job["l0"] for job in state["jobs"] if job["l1"] and job["l0"]
+                 and state["steps"] == [1, 2] and is_published(job["l0"], "L0")]
     return catalog_path(root), update(root, products)
 
 
@@ -254,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--module", type=int)
     parser.add_argument("--dp", help="data product: img16, img8, ph256, ph1024")
     parser.add_argument("--level", choices=LEVELS)
-    parser.add_argument("--status", choices=("ok", "skipped", "failed", "not-run"))
+    parser.add_argument("--status", choices=("ok", "degraded"),
+                        help="degraded: step 1 skipped corrupt bytes of the input")
     parser.add_argument("--run", help="observation run name (obs_<site>.start_<t>Z.runtype_<t>)")
     parser.add_argument("--between", nargs=2, metavar=("START", "END"),
                         help="products with frames in this UTC interval (ISO 8601)")

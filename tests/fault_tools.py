@@ -110,9 +110,9 @@ def store_arrays(store: Path) -> dict[str, object]:
 
 def leftovers(directory: Path) -> list[str]:
     """What must not survive a failure: partial stores, their old copies and holder
-    files, and the output directory's run lock."""
+    files, transient marks of L0 stores, and the output directory's run lock."""
     return sorted(str(p) for p in directory.rglob("*")
-                  if p.name.endswith((".partial", ".old", ".owner", ".stale"))
+                  if p.name.endswith((".partial", ".old", ".owner", ".stale", ".transient"))
                   or p.name == ".panoseti-run.lock")
 
 

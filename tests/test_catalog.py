@@ -131,10 +131,31 @@ def test_cli_table_json_and_rebuild(nights, capsys: pytest.CaptureFixture[str]) 
             k: v for k, v in keep[path].items() if k != "cataloged"}
 
 
+def test_a_row_describes_the_store_on_disk_whatever_the_run_did(nights, tmp_path) -> None:
+    """Defects: a failed --overwrite rerun marked the intact old product's row ``failed``;
+    a skipped product's row said ``skipped`` (and ``ok`` after --rebuild)."""
+    (r,) = catalog.query(nights["out"], dp="ph256")
+    store = shutil.copytree(r["path"], tmp_path / "x_L1.zarr")
+    failed = {"status": "failed", "exit_code": 1}
+    for job in ({"action": "run", "steps": {"1": failed}},  # --overwrite failed: old intact
+                {"action": "skip", "steps": {}},
+                {"action": "run", "steps": {}}):  # not run: an earlier input failed
+        state = {"output_dir": str(tmp_path), "steps": [1, 2],
+                 "jobs": [{"name": "x", "l0": "", "l1": str(store), **job}]}
+        catalog.update_from_state(state)
+        (row,) = catalog.query(tmp_path)
+        assert row["status"] == "ok"
+        assert row["zarr_json_sha256"] == r["zarr_json_sha256"]
+    rows = catalog.query(tmp_path)
+    catalog.rebuild(tmp_path)
+    assert [{k: v for k, v in x.items() if k != "cataloged"} for x in catalog.query(tmp_path)
+            ] == [{k: v for k, v in x.items() if k != "cataloged"} for x in rows]
+
+
 def _hammer(root: str, stores: list[str], rounds: int, barrier) -> None:
     barrier.wait()
     for _ in range(rounds):
-        catalog.update(root, [(s, "ok") for s in stores])
+        catalog.update(root, stores)
 
 
 def test_two_processes_updating_at_once(nights, tmp_path: Path) -> None:

@@ -668,7 +668,7 @@ def test_read_only_input_tree_and_no_world_or_group_writable_output(data: Data,
     assert rc == 0, err[-3000:]
     assert after == before, "run.sh changed the input tree"
     assert_same_store(out / RUN / f"{STREAM}_L1.zarr", data.l1)
-    assert_same_store(out / ".l0_tmp" / f"{STREAM}_L0.zarr", data.l0)
+    assert_same_store(out / "L0" / f"{STREAM}_L0.zarr", data.l0)
     assert permission_problems(out, group_writable=False) == []
 
 
@@ -681,6 +681,6 @@ def test_group_writable_policy_is_followed(data: Data, tmp_path: Path) -> None:
                          base_env(tmp_path, CONFIG_FILE=str(config)), umask=0o022)
     assert rc == 0, err[-3000:]
     assert permission_problems(out, group_writable=True) == []
-    for store in (out / RUN / f"{STREAM}_L1.zarr", out / ".l0_tmp" / f"{STREAM}_L0.zarr"):
+    for store in (out / RUN / f"{STREAM}_L1.zarr", out / "L0" / f"{STREAM}_L0.zarr"):
         for p in [store, *store.rglob("*")]:
             assert p.stat().st_mode & stat.S_IWGRP, f"{p} is not group-writable"

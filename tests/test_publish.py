@@ -143,3 +143,37 @@ def test_a_linked_product_is_replaced_by_unlinking_the_link(tmp_path: Path) -> N
                                           "had replaced"]
     assert [p.name for p in out.iterdir()] == ["x_L1.zarr"]
     assert (elsewhere / "payload").read_text() == "linked"
+
+
+def test_only_a_transient_l0_is_ever_removed_and_only_by_its_run_or_once_it_is_gone(
+        tmp_path: Path) -> None:
+    """An L0 store run.sh reads once and removes is marked transient before step 1
+    (``<final>.<id>.transient``, naming run.sh); a kept one has no mark and is never
+    removed (defect: a plain rerun deleted the L0 stores --keep-l0 had kept)."""
+    me = ownership.Holder.of()
+    final = tmp_path / "x_L0.zarr"
+    marks = lambda: sorted(tmp_path.glob("x_L0.zarr.*.transient"))  # noqa: E731
+    assert publish.hold_transient(final, me) == []  # before step 1 made it
+    fake_product(final, "L0")
+    assert publish.is_transient(final) and ownership.read(marks()[0]) == me
+    assert publish.clear_stale(final) == [] and final.exists()  # its run lives
+    assert publish.clear_stale(final, released=me) == []  # its run is done with it
+    assert list(tmp_path.iterdir()) == []
+    # kept by an earlier run: used and left alone, whoever clears
+    fake_product(final, "L0", "kept")
+    assert "an L0 store an earlier run kept" in publish.hold_transient(final, me)[0]
+    assert marks() == []
+    assert publish.clear_stale(final, released=me) == [] and final.exists()
+    # a stopped run's transient L0: removed ...
+    ownership.claim(tmp_path / "x_L0.zarr.dead.transient", dead_holder())
+    assert "removed the store a stopped run made" in publish.clear_stale(final)[0]
+    assert list(tmp_path.iterdir()) == []
+    # ... or taken over by a run that uses it, or kept by one that keeps its L0
+    fake_product(final, "L0")
+    ownership.claim(tmp_path / "x_L0.zarr.dead.transient", dead_holder())
+    assert publish.hold_transient(final, me) == []
+    assert [ownership.read(m) for m in marks()] == [me]
+    marks()[0].unlink()
+    ownership.claim(tmp_path / "x_L0.zarr.dead.transient", dead_holder())
+    assert "kept now" in publish.hold_transient(final, None)[0]
+    assert marks() == [] and final.exists()

@@ -121,7 +121,7 @@ def test_a_gb_of_input_is_at_most_60_files_in_l0_and_in_l1(tmp_path: Path) -> No
     result = run_sh("--keep-l0", run, out, config=REPO / "config.toml")  # local: use_dask off
     assert result.returncode == 0, result.stderr
     gb = big.stat().st_size / 1e9
-    for level, where in (("L0", out / ".l0_tmp"), ("L1", out / run.name[: -len(".pffd")])):
+    for level, where in (("L0", out / "L0"), ("L1", out / run.name[: -len(".pffd")])):
         (store,) = where.glob(f"*_{level}.zarr")
         files = [p for p in store.rglob("*") if p.is_file()]
         assert len(files) / gb <= 60, (level, len(files), gb)

@@ -233,7 +233,7 @@ def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: 
     assert (run_dir / f"{data.obs.name}.panoseti-meta" / "manifest.json").is_file()
     for name, files in data.expected.items():
         check_l1(out / name, files)
-    assert not (out / driver_plan.DEFAULT_L0_SUBDIR).exists(), "L0 stores not removed"
+    assert not (out / driver_plan.SCRATCH_L0_SUBDIR).exists(), "L0 stores not removed"
     assert not list(out.rglob("*_L0.zarr")) and not list(out.rglob("*.partial"))
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
 
@@ -312,7 +312,7 @@ def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
                                                                  tmp_path: Path) -> None:
     config = write_config(tmp_path / "dask.toml", "dask")
     out = tmp_path / "L1"
-    l0_dir = out / driver_plan.DEFAULT_L0_SUBDIR
+    l0_dir = out / driver_plan.SCRATCH_L0_SUBDIR
     args = [str(data.file_a), str(data.file_b), str(out)]
     first_l1 = out / f"{data.file_a.stem}_L1.zarr"
     env = run_env(tmp_path, config, **{SLOW_TASK: "1.0"})
@@ -531,7 +531,7 @@ def test_plan_for_bash_carries_the_stop_grace(data: Data, tmp_path: Path) -> Non
     plan, cfg, out, l0 = driver_plan.make_plan([str(data.file_a)], str(config),
                                                str(tmp_path / "out"))
     assert not plan.problems, plan.problems
-    lines = driver_plan.bash_lines(plan, cfg, l0, 0o022)
+    lines = driver_plan.bash_lines(plan, cfg, out, l0, 0o022)
     assert "stop\x1f25" in lines
     assert all(field for line in lines for field in line.split("\x1f"))  # no empty field
 
@@ -629,7 +629,7 @@ def test_steps_1_then_steps_2(data: Data, tmp_path: Path) -> None:
     rc, _, stderr = run(["--steps", "1", str(data.file_a), str(l0_out)], env)
     assert rc == 0, stderr[-3000:]
     l0 = l0_out / f"{data.file_a.stem}_L0.zarr"
-    assert l0.is_dir() and not (l0_out / driver_plan.DEFAULT_L0_SUBDIR).exists()
+    assert l0.is_dir() and not (l0_out / driver_plan.SCRATCH_L0_SUBDIR).exists()
     rc, _, stderr = run(["--steps", "2", str(l0), str(l1_out)], env)
     assert rc == 0, stderr[-3000:]
     check_l1(l1_out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
@@ -739,17 +739,63 @@ def test_a_stale_lock_is_taken_over_with_a_notice(data: Data, tmp_path: Path) ->
     assert not (out / ownership.LOCK_NAME).exists()
 
 
-def test_a_rerun_removes_the_l0_a_stopped_run_left_beside_its_finished_l1(
+def test_kept_l0_stores_stay_and_only_a_stopped_runs_transient_l0_goes(
         data: Data, tmp_path: Path) -> None:
-    """Found by the soak test: a run killed between step 2 and the L0's removal left the
-    L0 for ever, since the rerun skipped the finished product."""
+    """Defect: after ``--keep-l0``, a plain rerun deleted the kept L0 stores, "left by a
+    run stopped before it could" (false). Now kept L0 stores live in <output>/L0, are
+    recorded and cataloged as kept, and stay; only an L0 marked transient by a run that
+    is gone (found by the soak test: a run killed between step 2 and the L0's removal)
+    is removed, and the scratch directory with it once empty."""
+    from panoseti_pipeline import catalog
+
     config = write_config(tmp_path / "local.toml", "local")
     out = tmp_path / "L1"
-    l0 = out / driver_plan.DEFAULT_L0_SUBDIR / f"{data.file_a.stem}_L0.zarr"
+    kept = out / driver_plan.KEPT_L0_SUBDIR / f"{data.file_a.stem}_L0.zarr"
     rc, _, stderr = run(["--keep-l0", str(data.file_a), str(out)], run_env(tmp_path, config))
-    assert rc == 0 and l0.is_dir(), stderr[-3000:]
+    assert rc == 0 and kept.is_dir(), stderr[-3000:]
+    (entry,) = run_records(out)[-1]["inputs"]
+    assert entry["l0"] == str(kept) and entry["l0_kept"] and not entry["l0_removed"]
+    assert {(Path(r["path"]).name, r["level"]) for r in catalog.query(out)} == {
+        (kept.name, "L0"), (f"{data.file_a.stem}_L1.zarr", "L1")}
+    before = tree_state(kept)
+    # a stopped run's transient L0 in the scratch directory (an earlier run made it)
+    scratch = out / driver_plan.SCRATCH_L0_SUBDIR
+    transient = scratch / kept.name
+    shutil.copytree(kept, transient)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # that run.sh, long gone
+    ownership.claim(scratch / f"{kept.name}.abcd.transient", ownership.Holder.of(gone.pid))
+    gone.wait()
     rc, _, stderr = run([str(data.file_a), str(out)], run_env(tmp_path, config))
     assert rc == 0, stderr[-3000:]
-    assert "skipped" in stderr and "removing its L0 store, left by a run stopped" in stderr
-    assert not l0.exists()
+    assert "skipped" in stderr and "left by a run stopped" not in stderr
+    assert f"{transient}: removed the store a stopped run made to read once" in stderr
+    assert tree_state(kept) == before, "a kept L0 store was touched"
+    assert not scratch.exists()
+    (entry,) = run_records(out)[-1]["inputs"]
+    assert entry["status"] == "skipped" and entry["l0_kept"] is False
     check_l1(out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
+
+
+def test_two_runs_sharing_an_l0_directory_never_touch_each_others_l0(
+        data: Data, tmp_path: Path) -> None:
+    """Defect: two runs on different outputs with one [run] l0_dir: B's step 1 failed
+    "exists (found when publishing)", B's cleanup removed A's L0, A's step 2 failed; both
+    exited 1. The L0 directory is locked like the output: B exits 2 before any work."""
+    l0_dir = tmp_path / "scratch_l0"
+    config = write_config(tmp_path / "local.toml", "local", run={"l0_dir": str(l0_dir)})
+    first_out, second_out = tmp_path / "A", tmp_path / "B"
+    env = run_env(tmp_path, config, **{SLOW_TASK: "1.0"})
+    with started([str(data.file_a), str(first_out)], env) as first:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not list(l0_dir.glob("*.partial")):  # A's step 1 under way
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first run's step 1 never started"
+            time.sleep(0.05)
+        rc, _, stderr = run([str(data.file_a), str(second_out)], run_env(tmp_path, config))
+        assert rc == 2, stderr[-3000:]
+        assert f"{l0_dir}: another run.sh writes here (pid {first.pid} on " in stderr
+        assert not (second_out / ownership.LOCK_NAME).exists()  # all locks or none
+        rc, _, stderr = finish(first)
+    assert rc == 0, stderr[-3000:]
+    check_l1(first_out / f"{data.file_a.stem}_L1.zarr", [data.file_a])
+    assert not l0_dir.exists()  # its L0 and lock removed, then the directory it made

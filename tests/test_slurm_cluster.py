@@ -330,7 +330,7 @@ def test_run_sh_on_slurm_matches_local(bed, night, local_l1, tmp_path, tag) -> N
 def test_ctrl_c_of_run_sh_leaves_no_job_and_no_process(bed, night, tmp_path, tag) -> None:
     config = write_config(tmp_path / "slurm.toml", slurm_keys(tmp_path, slow_task_s=1.0))
     out = tmp_path / "L1"
-    l0_dir = out / driver_plan.DEFAULT_L0_SUBDIR
+    l0_dir = out / driver_plan.SCRATCH_L0_SUBDIR
     with Spawned([RUN_SH, str(night), str(out)], run_env(tmp_path, config, tag)) as s:
         s.wait_until(lambda: bool(list(l0_dir.rglob("*.partial"))) and len(bed.jobs()) == 2,
                      "step 1 under way on the SLURM workers", timeout=RUN_TIMEOUT_S)

@@ -16,11 +16,15 @@
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
 ``clear-stale``
-    What killed steps left beside products (partial stores, half-swapped products), when
-    the process that held them is gone.
+    What killed steps left beside products (partial stores, half-swapped products,
+    transient L0 stores), when the process that held them is gone (``--pid``: or is that
+    run.sh, done with them).
+``hold-l0``
+    Before step 1: the L0 store is marked transient, to be removed after step 2 by this
+    run.sh (or kept, ``--keep``); a store an earlier run kept is used and stays.
 ``lock``
-    The output directory's run lock (``acquire``: exit 2 naming the holder when another
-    live run has it; a stale one is taken over with a notice).
+    The run locks of the output and L0 directories (``acquire``: exit 2 naming the holder
+    when another live run has one; a stale one is taken over with a notice).
 ``descendants``
     The process ids below a process (run.sh's cleanup of a hung cluster manager).
 
@@ -70,7 +74,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     record.write_state(args.state, state)
     umask = os.umask(0)
     os.umask(umask)
-    print("\n".join(plan.bash_lines(the_plan, cfg, l0, umask)))
+    print("\n".join(plan.bash_lines(the_plan, cfg, out, l0, umask)))
     return EXIT_OK
 
 
@@ -167,26 +171,53 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_clear_stale(args: argparse.Namespace) -> int:
-    """What killed steps left beside these products, when their holder is gone."""
-    from panoseti_pipeline.store import publish
+    """What killed steps left beside these products, when their holder is gone (or is
+    run.sh ``--pid``, done with its transient L0 stores)."""
+    from panoseti_pipeline.store import ownership, publish
 
+    released = ownership.Holder.of(args.pid) if args.pid else None
     for final in args.products:
-        for message in publish.clear_stale(final):
+        for message in publish.clear_stale(final, released):
             print(f"run.sh: note: {message}", file=sys.stderr)
     return EXIT_OK
 
 
+def cmd_hold_l0(args: argparse.Namespace) -> int:
+    """Before step 1: the L0 store is transient (removed after step 2 by run.sh ``--pid``)
+    or, ``--keep``, kept."""
+    from panoseti_pipeline.store import ownership, publish
+
+    holder = None if args.keep else ownership.Holder.of(args.pid)
+    for message in publish.hold_transient(args.l0, holder):
+        print(f"run.sh: note: {message}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
-    """Take or give back the output directory's run lock for run.sh (its pid)."""
+    """Take or give back the run locks of these directories for run.sh (its pid); a
+    directory inside one already locked needs none. All or none are taken (exit 2)."""
     from panoseti_pipeline.store import ownership
 
     holder = ownership.Holder.of(args.pid)
+    directories: list[Path] = []
+    for d in map(Path, args.directories):
+        if not any(d.resolve().is_relative_to(t.resolve()) for t in directories):
+            directories.append(d)
     if args.action == "release":
-        ownership.release(Path(args.directory) / ownership.LOCK_NAME, holder)
+        for d in directories:
+            ownership.release(d / ownership.LOCK_NAME, holder)
         return EXIT_OK
-    notice = ownership.acquire_lock(Path(args.directory), holder)
-    if notice:
-        print(f"run.sh: note: {notice}", file=sys.stderr)
+    taken: list[Path] = []
+    try:
+        for d in directories:
+            notice = ownership.acquire_lock(d, holder)
+            taken.append(d)
+            if notice:
+                print(f"run.sh: note: {notice}", file=sys.stderr)
+    except ownership.LockHeld:
+        for d in taken:
+            ownership.release(d / ownership.LOCK_NAME, holder)
+        raise
     return EXIT_OK
 
 
@@ -277,11 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clear-stale", help="clear what killed steps left beside products")
     p.add_argument("products", nargs="+", help="final product paths (<name>_L0.zarr, ...)")
+    p.add_argument("--pid", type=int, default=0,
+                   help="run.sh, done with its transient L0 stores among them")
     p.set_defaults(func=cmd_clear_stale)
 
-    p = sub.add_parser("lock", help="take or release the output directory's run lock")
+    p = sub.add_parser("hold-l0", help="mark an L0 store transient (or kept) before step 1")
+    p.add_argument("l0", help="the L0 store step 1 makes")
+    p.add_argument("--pid", type=int, required=True, help="run.sh, which removes it")
+    p.add_argument("--keep", action="store_true", help="the run keeps it (--keep-l0)")
+    p.set_defaults(func=cmd_hold_l0)
+
+    p = sub.add_parser("lock", help="take or release the run locks of directories")
     p.add_argument("action", choices=("acquire", "release"))
-    p.add_argument("directory")
+    p.add_argument("directories", nargs="+", help="the output and L0 directories")
     p.add_argument("--pid", type=int, required=True, help="the process holding it (run.sh)")
     p.set_defaults(func=cmd_lock)
 

@@ -16,7 +16,8 @@ from ``_L0.zarr``) keeps every later field in its column. Paths with a control c
 
     cluster <US> 0|1 <US> seconds to wait for the scheduler file <US> description
     stop    <US> tenths of a second a step or the cluster manager gets after SIGTERM
-    l0dir   <US> directory of the temporary L0 stores
+    l0dir   <US> directory of the L0 stores <US> 1 if it is the pipeline's own scratch
+                 directory (<output>/.l0_tmp: removed when empty), else 0
     umask   <US> octal umask for the files of the run ([run] group_writable)
     job     <US> index <US> run|skip <US> name <US> L0 path <US> L1 path|- <US> input ...
     bundle  <US> run directory (.pffd) <US> its product directory
@@ -49,7 +50,10 @@ if TYPE_CHECKING:
 
 L0_SUFFIX = "_L0.zarr"
 L1_SUFFIX = "_L1.zarr"
-DEFAULT_L0_SUBDIR = ".l0_tmp"
+#: The L0 directory in the output directory when none is configured: the pipeline's own
+#: scratch for the L0 stores it removes after step 2, or, with --keep-l0, "L0".
+SCRATCH_L0_SUBDIR = ".l0_tmp"
+KEPT_L0_SUBDIR = "L0"
 # Seconds run.sh waits for the scheduler file on top of [cluster] startup_timeout_s
 # (interpreter and Dask imports, SSH logins).
 CLUSTER_WAIT_MARGIN_S = 60
@@ -467,8 +471,10 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
     configured = l0_dir or (cfg.run.l0_dir if cfg else "")
     if steps == (1,):
         l0 = out  # the L0 stores are the products
+    elif configured:
+        l0 = Path(os.path.abspath(configured))
     else:
-        l0 = Path(os.path.abspath(configured)) if configured else out / DEFAULT_L0_SUBDIR
+        l0 = out / (KEPT_L0_SUBDIR if keep_l0 else SCRATCH_L0_SUBDIR)
     for what, path in (("output directory", out), ("L0 directory", l0)):
         inside_out = path is l0 and _is_within(l0, out)  # then out's problem is l0's
         raw = None if inside_out else _raw_data_problem(_real(path), what)
@@ -575,7 +581,8 @@ def print_dry_run(plan: Plan, cfg: PipelineConfig, out: Path, l0: Path,
         print(f"  estimated L1 size: {_human(est)} (uncompressed float32; compression helps)")
 
 
-def bash_lines(plan: Plan, cfg: PipelineConfig, l0: Path, umask: int) -> list[str]:
+def bash_lines(plan: Plan, cfg: PipelineConfig, out: Path, l0: Path, umask: int
+               ) -> list[str]:
     """The plan for run.sh (the module docstring gives the format); ``umask`` is the
     caller's current one."""
     wait_s = int(cfg.cluster.startup_timeout_s) + CLUSTER_WAIT_MARGIN_S
@@ -584,7 +591,7 @@ def bash_lines(plan: Plan, cfg: PipelineConfig, l0: Path, umask: int) -> list[st
         ["cluster", str(int(cfg.cluster.use_dask)), str(wait_s),
          cluster_summary(cfg)["description"]],
         ["stop", str(stop_tenths)],
-        ["l0dir", str(l0)],
+        ["l0dir", str(l0), str(int(l0 == out / SCRATCH_L0_SUBDIR))],
         ["umask", f"{store_files.permission_umask(cfg.run.group_writable, umask):04o}"],
     ]
     for k, j in enumerate(plan.jobs):

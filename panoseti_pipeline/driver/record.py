@@ -80,15 +80,13 @@ def _store_facts(store: str) -> dict[str, Any]:
     if shape:
         facts["frames"] = shape[0]
     from panoseti_pipeline.errors import InputError
-    from panoseti_pipeline.store.facts import read_root
+    from panoseti_pipeline.store.facts import read_root, skipped_ranges
 
     try:
         attrs = read_root(store)[1].get("attributes", {})
     except InputError:
         attrs = {}
-    skipped = [dict(r, file=src.get("name", "?"))
-               for src in attrs.get("source_files", []) if isinstance(src, dict)
-               for r in src.get("skipped", []) if isinstance(r, dict)]
+    skipped = skipped_ranges(attrs)
     if skipped:
         facts["skipped"] = skipped
     return facts
@@ -263,6 +261,7 @@ def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
                  "input_bytes": job["input_bytes"], "frames": job.get("frames"),
                  "l0_bytes": job.get("l0_bytes"), "l1_bytes": job.get("l1_bytes"),
                  "l0_removed": job.get("l0_removed", False),
+                 "l0_kept": steps == [1, 2] and store_files.is_published(job["l0"], "L0"),
                  "skipped_ranges": job.get("skipped")}
         for step, info in sorted(job.get("steps", {}).items()):
             entry[f"step{step}"] = info

@@ -47,10 +47,17 @@ class StoreFacts:
     bytes: int  # on disk
     raw_bytes: int  # of every array, uncompressed
     l1_to_l0: float | None
+    skipped_ranges: int  # corrupt byte ranges of the input step 1 skipped
 
     @property
     def compression_ratio(self) -> float | None:
         return self.raw_bytes / self.bytes if self.bytes else None
+
+    @property
+    def status(self) -> str:
+        """What the store is: ``ok``, or ``degraded`` (step 1 skipped corrupt bytes of its
+        input; the frames there are lost, the others exact)."""
+        return "degraded" if self.skipped_ranges else "ok"
 
 
 def read_root(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
@@ -76,6 +83,14 @@ def observation(attrs: dict[str, Any]) -> dict[str, Any]:
     return obs if isinstance(obs, dict) else {}
 
 
+def skipped_ranges(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The corrupt byte ranges step 1 skipped, each with its file's name: in L0
+    ``source_files``, in L1 under ``l0``."""
+    sources = attrs.get("source_files") or (attrs.get("l0") or {}).get("source_files") or []
+    return [dict(r, file=src.get("name", "?")) for src in sources if isinstance(src, dict)
+            for r in src.get("skipped", []) if isinstance(r, dict)]
+
+
 def store_facts(path: str | os.PathLike) -> StoreFacts:
     """Describe the product store at ``path`` (ours, L0 or L1, or PANOSETI's L0)."""
     data, meta = read_root(path)
@@ -96,7 +111,8 @@ def store_facts(path: str | os.PathLike) -> StoreFacts:
         created=str(attrs.get("created", "")),
         zarr_json_sha256=hashlib.sha256(data).hexdigest(), bytes=store_bytes(path),
         raw_bytes=sum(_raw_bytes(m) for m in arrays.values() if isinstance(m, dict)),
-        l1_to_l0=(attrs.get("size") or {}).get("l1_to_l0_ratio"))
+        l1_to_l0=(attrs.get("size") or {}).get("l1_to_l0_ratio"),
+        skipped_ranges=len(skipped_ranges(attrs)))
 
 
 def _raw_bytes(meta: dict[str, Any]) -> int:

@@ -33,6 +33,7 @@ from panoseti_pipeline.store import ownership
 PARTIAL_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 OWNER_SUFFIX = ".owner"
+TRANSIENT_SUFFIX = ".transient"
 
 
 def is_published(path: str | os.PathLike, level: str) -> bool:
@@ -45,15 +46,18 @@ def is_published(path: str | os.PathLike, level: str) -> bool:
     return isinstance(meta, dict) and meta.get("attributes", {}).get("processing_level") == level
 
 
-def clear_stale(final: str | os.PathLike) -> list[str]:
+def clear_stale(final: str | os.PathLike, released: ownership.Holder | None = None
+                ) -> list[str]:
     """Remove what killed runs left beside ``final``; return a notice for each.
 
     A run writing ``final`` holds ``<final>.<id>.owner`` (:mod:`.ownership`) while its
     ``<final>.<id>.partial`` store and, during the swap, ``<final>.<id>.old`` (the product
     it replaces) exist. Of a holder that is gone: the partial store is removed; an old
-    product is removed when a product is in place, else renamed back to ``final``. What a
-    live run holds -- or a run on another host, which cannot be checked from here -- is
-    left alone.
+    product is removed when a product is in place, else renamed back to ``final``. A
+    store a run made only to read and remove (``<final>.<id>.transient``,
+    :func:`hold_transient`) is removed with its mark once that run is gone, or when that
+    run, ``released``, is done with it (silently). What a live run holds -- or a run on
+    another host, which cannot be checked from here -- is left alone.
     """
     final = Path(final)
     notices = []
@@ -81,7 +85,59 @@ def clear_stale(final: str | os.PathLike) -> list[str]:
                                "replacing")
         with contextlib.suppress(FileNotFoundError):
             owner.unlink()
+    for mark in _transient_marks(final):
+        ours = released is not None and ownership.read(mark) == released
+        if not (ours or ownership.is_stale(mark)):
+            continue
+        if any(is_published(final, level) for level in ("L0", "L1")):
+            remove_entry(final)
+            if not ours:
+                notices.append(f"{final}: removed the store a stopped run made to read once "
+                               "and remove (it had not removed it yet)")
+        mark.unlink(missing_ok=True)
     return notices
+
+
+def hold_transient(final: str | os.PathLike, holder: ownership.Holder | None) -> list[str]:
+    """Before a run makes (or reuses) the L0 store ``final``: record whether it is
+    transient, to be removed once step 2 has read it, or kept; return notices.
+
+    ``holder`` (run.sh) will remove it: ``<final>.<id>.transient`` names it, so that if
+    that run stops first, a later run knows the store was left unfinished
+    (:func:`clear_stale`). ``None``: the run keeps it (``--keep-l0``). A store already
+    there without a mark was kept by an earlier run: it is used and stays. A stopped
+    run's mark is taken over (or dropped when the store is kept now), its store used.
+    """
+    final = Path(final)
+    marks = _transient_marks(final)
+    for mark in marks:
+        if not ownership.is_stale(mark):
+            other = ownership.read(mark)
+            raise StoreError(f"{final}: another run uses this L0 store "
+                             f"({other.describe() if other else mark}); give each run its "
+                             "own L0 directory (--l0-dir)")
+    there = is_published(final, "L0")
+    notices = []
+    if there and not marks:
+        notices.append(f"{final}: an L0 store an earlier run kept (--keep-l0): used, and it "
+                       "stays")
+    elif holder is not None:
+        ownership.claim(final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}"
+                                        f"{TRANSIENT_SUFFIX}"), holder)
+    elif there:
+        notices.append(f"{final}: the L0 store a stopped run left is kept now (--keep-l0)")
+    for mark in marks:  # after the new mark: a kill in between leaves one or the other
+        mark.unlink(missing_ok=True)
+    return notices
+
+
+def is_transient(final: str | os.PathLike) -> bool:
+    """Whether ``final`` is a store a run made to read once and remove (marked so)."""
+    return bool(_transient_marks(Path(final)))
+
+
+def _transient_marks(final: Path) -> list[Path]:
+    return sorted(final.parent.glob(f"{glob.escape(final.name)}.*{TRANSIENT_SUFFIX}"))
 
 
 @contextlib.contextmanager
