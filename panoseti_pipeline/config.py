@@ -146,7 +146,9 @@ class Key:
     ``lo``/``hi`` are inclusive bounds, ``above`` an exclusive lower bound, ``choices``
     the allowed strings, ``memory`` marks a size string that ``dask.utils.parse_bytes``
     must accept, ``pattern`` a regular expression the whole string must match and
-    ``shape`` what such a string is, for the message.
+    ``shape`` what such a string is, for the message. ``speed`` marks a key of a step that
+    changes only how fast its product is made, never the product
+    (:meth:`_Section.differences`).
     """
 
     doc: str
@@ -157,6 +159,7 @@ class Key:
     memory: bool = False
     pattern: str = ""
     shape: str = ""
+    speed: bool = False
 
     def field(self, default: Any) -> Any:
         """A dataclass field with this key's rules and ``default``."""
@@ -269,6 +272,20 @@ class _Section:
     def _cross_problems(cls, values: Mapping[str, Any]) -> list[str]:
         """Problems between keys, given every effective, well-typed value."""
         return []
+
+    def differences(self, recorded: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+        """``(key, recorded, this)`` for each key that makes the product (not a ``speed``
+        key) whose value in ``recorded`` -- the section as a product's ``config``
+        attribute holds it -- differs from this one's; values as TOML writes them,
+        ``?`` where the product does not say."""
+        out = []
+        for name, fld in type(self)._fields.items():
+            now = getattr(self, name)
+            then = recorded.get(name)
+            if fld.rules.speed or then == (list(now) if isinstance(now, tuple) else now):
+                continue
+            out.append((name, "?" if then is None else _show(then), _show(now)))
+        return out
 
 
 def _values(section: _Section) -> dict[str, Any]:
@@ -449,11 +466,13 @@ class PffToZarrConfig(_Section):
     shuffle: str = _SHUFFLE.field("bit")
     checksum: bool = _CHECKSUM.field(True)
     time_chunk: int = key(8192, "frames per Zarr chunk", lo=1)
-    num_workers: int = key(2, "parallel tasks in local mode (use_dask = false)", lo=1)
-    blosc_threads: int = key(2, "compression threads per running task", lo=1)
-    max_concurrent_writes: int = key(4, "chunk writes in flight per process", lo=1)
+    num_workers: int = key(2, "parallel tasks in local mode (use_dask = false)", lo=1,
+                           speed=True)
+    blosc_threads: int = key(2, "compression threads per running task", lo=1, speed=True)
+    max_concurrent_writes: int = key(4, "chunk writes in flight per process", lo=1,
+                                     speed=True)
     chunk_size_mb: int = key(64, "raw MB per task (shard_factor = 0), in whole time_chunks",
-                             lo=1)
+                             lo=1, speed=True)
     shard_factor: int = _SHARDS.field(64)
     strict: bool = key(False, "true: a corrupt frame refuses the file; false: its bytes are "
                               "skipped, recorded and the next frame flagged after_gap")

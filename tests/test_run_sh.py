@@ -536,6 +536,37 @@ def test_plan_for_bash_carries_the_stop_grace(data: Data, tmp_path: Path) -> Non
     assert all(field for line in lines for field in line.split("\x1f"))  # no empty field
 
 
+def test_a_product_made_with_other_settings_is_skipped_saying_so(data: Data,
+                                                                  tmp_path: Path) -> None:
+    """Defect: after a ``median`` run, a rerun with ``mean`` said "complete product
+    already there, skipped" and exited 0: the product was silently not what the config
+    asks. The plan compares the settings the product records with this config's."""
+    from panoseti_pipeline.cli import step1, step2
+
+    made = write_config(tmp_path / "median.toml", "local",
+                        baseline_subtract={"method": "median", "baseline_window": 100})
+    out = tmp_path / "out"
+    l0, l1 = tmp_path / f"{data.file_a.stem}_L0.zarr", out / f"{data.file_a.stem}_L1.zarr"
+    assert step1.main([str(data.file_a), str(l0), str(made), "--quiet"]) == 0
+    assert step2.main([str(l0), str(l1), "--config", str(made), "--quiet"]) == 0
+    now = write_config(tmp_path / "mean.toml", "local",
+                       pff_to_zarr={"num_workers": 1, "time_chunk": 256})  # speed only
+    plan, *_ = driver_plan.make_plan([str(data.file_a)], str(now), str(out))
+    (job,) = plan.jobs
+    assert job.action == "skip"
+    assert job.made_otherwise == 'made with method = "median"; this config: method = "mean"'
+    assert f"{l1}: complete product already there, skipped; {job.made_otherwise}; " \
+        "--overwrite redoes it" in plan.notices
+    status = driver_record.job_status({"action": "skip",
+                                       "made_otherwise": job.made_otherwise}, [1, 2])
+    assert status == ("skipped", f"complete product already there, {job.made_otherwise} "
+                                 "(--overwrite redoes it)")
+    plan, *_ = driver_plan.make_plan([str(data.file_a)], str(made), str(out))
+    assert plan.jobs[0].made_otherwise == "" and plan.notices == []  # made so: nothing to say
+    plan, *_ = driver_plan.make_plan([str(l0)], str(now), str(out), steps=(2,))
+    assert plan.jobs[0].made_otherwise.startswith('made with method = "median"')
+
+
 def test_job_status_says_why() -> None:
     ok = {"status": "ok", "exit_code": 0}
 

@@ -75,6 +75,7 @@ class Job:
     est_l1_bytes: int
     action: str = "run"  # "run" or "skip" (a complete product is already in place)
     kind: str = ""  # "file", "stream of <dir>", "L0 store"
+    made_otherwise: str = ""  # a skipped product made with other settings: which
     run_dir: str = ""  # the .pffd directory of a stream job (its products share a directory)
 
     @property
@@ -507,12 +508,42 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
         level = "L1" if job.l1 else "L0"
         if not overwrite and store_files.is_published(final, level):
             job.action = "skip"
+            job.made_otherwise = made_otherwise(final, cfg, steps) if cfg else ""
+            if job.made_otherwise:
+                plan.notices.append(f"{final}: complete product already there, skipped; "
+                                    f"{job.made_otherwise}; --overwrite redoes it")
         elif final.exists() and not final.is_dir():
             plan.problems.append(f"{final}: exists and is not a Zarr store")
     plan.jobs = jobs
     if not plan.problems:
         plan.problems.extend(free_space_problems(jobs, out, l0, steps, keep_l0))
     return plan, cfg, out, l0
+
+
+def made_otherwise(final: Path, cfg: PipelineConfig, steps: tuple[int, ...]) -> str:
+    """How the product at ``final`` was made otherwise than ``cfg`` would make it now
+    (``made with method = "median"; this config: method = "mean"``), from the settings
+    its attributes record of the steps this run would do; "" when the same (or unsaid)."""
+    from panoseti_pipeline.errors import InputError
+    from panoseti_pipeline.store.facts import read_root
+
+    try:
+        attrs = read_root(final)[1].get("attributes") or {}
+    except InputError:
+        return ""
+    l1 = attrs.get("processing_level") == "L1"
+    made = [(cfg.baseline_subtract, attrs)] if l1 else []
+    if 1 in steps:
+        made.append((cfg.pff_to_zarr, attrs.get("l0") if l1 else attrs))
+    diffs = []
+    for section, where in made:
+        config = where.get("config") if isinstance(where, dict) else None
+        if isinstance(config, dict):
+            diffs += section.differences(config.get(section.section) or {})
+    if not diffs:
+        return ""
+    return (f"made with {', '.join(f'{k} = {then}' for k, then, _ in diffs)}; this config: "
+            f"{', '.join(f'{k} = {now}' for k, _, now in diffs)}")
 
 
 def cluster_summary(cfg: PipelineConfig) -> dict[str, Any]:

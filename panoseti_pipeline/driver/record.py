@@ -63,7 +63,8 @@ def new_state(plan: Plan, cfg: PipelineConfig, config_path: str, out: Path, l0: 
         "cluster": cluster_summary(cfg),
         "notices": plan.notices,
         "jobs": [{"name": j.name, "kind": j.kind, "inputs": j.inputs, "l0": j.l0, "l1": j.l1,
-                  "action": j.action, "input_bytes": j.input_bytes, "steps": {}}
+                  "action": j.action, "made_otherwise": j.made_otherwise,
+                  "input_bytes": j.input_bytes, "steps": {}}
                  for j in plan.jobs],
     }
 
@@ -133,6 +134,9 @@ def job_status(job: dict[str, Any], steps: Sequence[int]) -> tuple[str, str]:
     """(status, why) of a job: ok, degraded (done, but corrupt input bytes were skipped),
     skipped, failed, not-run."""
     if job["action"] == "skip":
+        if job.get("made_otherwise"):
+            return "skipped", (f"complete product already there, {job['made_otherwise']} "
+                               "(--overwrite redoes it)")
         return "skipped", "complete product already there"
     done = job.get("steps", {})
     interrupted = job.get("mark") == "interrupted"  # between two steps
