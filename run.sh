@@ -231,7 +231,8 @@ wait_gone() {
 }
 
 # run_step CMD...: run one step in the background and wait for it, so that a signal
-# reaches our handler at once (bash runs traps only between foreground commands).
+# reaches our handler at once (bash runs traps only between foreground commands). The
+# step, like the cluster manager, stops if run.sh is killed (PANOSETI_PARENT_PID).
 # Its stdout goes to stderr: run.sh's stdout holds only the plan and the summary.
 # While a cluster is in use, the lifecycle manager is watched too: if it dies (the Dask
 # client of the step would wait ~30 s for a scheduler that is gone), the step is stopped
@@ -241,7 +242,7 @@ run_step() {
   STEP_START="$(now)"
   STEP_RC=""
   rm -f -- "$RUN_TMP/step_error"
-  PANOSETI_ERROR_FILE="$RUN_TMP/step_error" "$@" >&2 </dev/null &
+  PANOSETI_ERROR_FILE="$RUN_TMP/step_error" PANOSETI_PARENT_PID="$$" "$@" >&2 </dev/null &
   STEP_PID=$!
   if [[ -n "$MANAGER_PID" ]]; then
     while kill -0 "$STEP_PID" 2>/dev/null; do
@@ -289,8 +290,8 @@ start_cluster() {
   SCHEDULER_FILE="$RUN_TMP/scheduler_address"
   CLUSTER_LOG="$RUN_TMP/cluster_manager.out"
   say "starting the cluster: $CLUSTER_DESC"
-  "$PYTHON" "$REPO_ROOT/cluster_lifecycle_manager.py" "$CONFIG" "$SCHEDULER_FILE" \
-    "${DEBUG_ARGS[@]}" >"$CLUSTER_LOG" </dev/null &
+  PANOSETI_PARENT_PID="$$" "$PYTHON" "$REPO_ROOT/cluster_lifecycle_manager.py" "$CONFIG" \
+    "$SCHEDULER_FILE" "${DEBUG_ARGS[@]}" >"$CLUSTER_LOG" </dev/null &
   MANAGER_PID=$!
   deadline=$((SECONDS + CLUSTER_WAIT_S))
   while [[ ! -s "$SCHEDULER_FILE" ]]; do

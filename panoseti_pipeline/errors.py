@@ -102,9 +102,10 @@ def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
     """Run a script's body and map exceptions to one stderr line and an exit code.
 
     SIGTERM is turned into :class:`Interrupted` so that cleanup code (removing a
-    partial store, closing a Dask client) runs exactly as it does for Ctrl-C. Where
-    Python swallowed that exception (it arrived inside a callback), whatever failed
-    next is reported as the interruption it is. Tracebacks only with ``--debug``.
+    partial store, closing a Dask client) runs exactly as it does for Ctrl-C; a script
+    run.sh started gets it when run.sh dies (:mod:`.parent_death`). Where Python
+    swallowed that exception (it arrived inside a callback), whatever failed next is
+    reported as the interruption it is. Tracebacks only with ``--debug``.
     """
     _signals.clear()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -118,7 +119,10 @@ def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
 
 
 def _reported(body: Callable[[], int], prog: str, debug: bool) -> int:
+    from panoseti_pipeline.parent_death import stop_with_parent
+
     try:
+        stop_with_parent()
         return body()
     except KeyboardInterrupt:
         if debug:

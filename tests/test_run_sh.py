@@ -390,6 +390,31 @@ def test_hung_step_and_manager_are_killed_after_stop_grace_s(data: Data, tmp_pat
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*_L0.zarr"))
 
 
+@pytest.mark.faults
+def test_run_sh_killed_alone_takes_its_step_and_cluster_with_it(data: Data,
+                                                                tmp_path: Path) -> None:
+    """Defect (noticed in issue 12): SIGKILL to run.sh alone (not its group) left its
+    cluster manager, its workers and the running step running for ever. They get SIGTERM
+    from the kernel when run.sh dies, and stop as for Ctrl-C."""
+    config = write_config(tmp_path / "dask.toml", "dask")
+    out = tmp_path / "L1"
+    env = run_env(tmp_path, config, **{SLOW_TASK: "30"})
+    with started([str(data.file_a), str(out)], env) as proc:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while session_process(proc.pid, "step1_pff_to_zarr.py") is None:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "step 1 never started"
+            time.sleep(0.05)
+        assert session_process(proc.pid, "cluster_lifecycle_manager.py") is not None
+        os.kill(proc.pid, signal.SIGKILL)  # run.sh alone
+        proc.wait()
+        deadline = time.monotonic() + RUN_TIMEOUT_S  # the cluster's close, not a step task
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not session_processes(proc.pid), f"left behind: {session_processes(proc.pid)}"
+    assert not (out / f"{data.file_a.stem}_L1.zarr").exists()
+
+
 # --------------------------------------------------------------------------- no work
 
 
