@@ -86,7 +86,7 @@ JOB_NAME=()
 JOB_L0=()
 JOB_L1=()
 JOB_INPUTS=()
-BUNDLE_RUN=()     # per .pffd input: the run directory ...
+BUNDLE_RUN=()     # per run: its .pffd directory (or a bundle of it, --steps 2) ...
 BUNDLE_DIR=()     # ... and the directory of its products (its bundle goes there too)
 
 usage() {
@@ -587,14 +587,15 @@ run_jobs() {
   done
 }
 
-# write_bundles: each .pffd run's bundle (configs, logs, sentinels, hk.pff, manifest)
-# beside its products; a bundle that cannot be written fails the run.
+# write_bundles: each run's bundle (configs, logs, sentinels, hk.pff, manifest) beside its
+# products, from its .pffd (or, --steps 2, from the bundle beside its L0 stores); a bundle
+# that cannot be written fails the run.
 write_bundles() {
-  local k
+  local k path
   for ((k = 0; k < ${#BUNDLE_RUN[@]}; k++)); do
     [[ -d "${BUNDLE_DIR[k]}" ]] || continue # no product of that run was made
-    if py bundle "${BUNDLE_RUN[k]}" "${BUNDLE_DIR[k]}" >/dev/null; then
-      say "run bundle: ${BUNDLE_DIR[k]}/$(basename -- "${BUNDLE_RUN[k]}").panoseti-meta"
+    if path="$(py bundle "${BUNDLE_RUN[k]}" "${BUNDLE_DIR[k]}")"; then
+      say "run bundle: $path"
     else
       say "error: the run bundle of ${BUNDLE_RUN[k]} was not written"
       FAILED=$((FAILED + 1))

@@ -123,9 +123,37 @@ def iso_ns(t_ns: int | None) -> str | None:
     return f"{dt.datetime.fromtimestamp(sec, dt.timezone.utc):%Y-%m-%dT%H:%M:%S}.{ns:09d}Z"
 
 
-def bundle_name(run_dir: str | os.PathLike) -> str:
-    """``<run dir name>.panoseti-meta``: pypff's name, ``.pffd`` included."""
-    return Path(os.path.abspath(run_dir)).name + BUNDLE_SUFFIX
+def bundle_name(source: str | os.PathLike) -> str:
+    """``<run dir name>.panoseti-meta``: pypff's name, ``.pffd`` included (of a run
+    directory, or of a bundle already written)."""
+    name = Path(os.path.abspath(source)).name
+    return name if name.endswith(BUNDLE_SUFFIX) else name + BUNDLE_SUFFIX
+
+
+def bundle_sources(source: str | os.PathLike, notice: Notice
+                   ) -> tuple[dict[str, Path], Path]:
+    """What a bundle copies from ``source`` (bundle-relative path -> file), and the run
+    directory it comes from. ``source`` is the ``.pffd`` run directory, or a bundle of
+    ours beside the L0 stores ``run.sh --steps 1`` made (``--steps 2`` lays its L1 out
+    like ``--steps 1,2``, bundle included); such a bundle must verify."""
+    source = Path(os.path.abspath(source))
+    if not source.is_dir():
+        raise InputError(f"{source}: not a directory (expected an obs_*.pffd run directory "
+                         f"or a *{BUNDLE_SUFFIX} bundle)")
+    if source.name.endswith(BUNDLE_SUFFIX):
+        problems = verify_bundle(source)
+        if problems:
+            raise InputError(f"{source}: the run bundle does not verify ({problems[0]})")
+        manifest = _read_manifest(source)
+        assert manifest is not None  # it verified
+        return ({rel: source / rel for rel in manifest["files"]},
+                Path(manifest["source_run_dir"]))
+    try:
+        files = bundle_files(source)
+        _notice_left_out(source, set(files.values()), notice)
+    except OSError as err:
+        raise InputError(f"{source}: cannot list the run directory ({err.strerror})") from None
+    return files, source
 
 
 def bundle_files(run_dir: str | os.PathLike) -> dict[str, Path]:
@@ -186,25 +214,20 @@ def run_configs(run_dir: str | os.PathLike, *, notice: Notice) -> dict[str, Any]
     return configs
 
 
-def write_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+def write_bundle(source: str | os.PathLike, out_dir: str | os.PathLike,
                  products: Sequence[ProductSummary], *, notice: Notice) -> Path:
     """Write ``<out_dir>/<run dir name>.panoseti-meta/`` for ``products``; return its path.
 
+    ``source`` is the run directory, or a bundle of that run (:func:`bundle_sources`).
     Built under a ``.partial`` name in ``out_dir`` and renamed into place when complete. An
     existing bundle there is replaced only if this pipeline wrote it and it holds nothing
     else; anything else under that name is refused, never removed. Entries of the run
     directory that are neither PFF data nor bundled (sub-directories, ``*.jsonl``, ...) are
     named in one notice, so that a user knows what the bundle does not keep.
     """
-    run_dir, out_dir = Path(os.path.abspath(run_dir)), Path(out_dir)
-    if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: not a directory (expected an obs_*.pffd run directory)")
-    try:
-        files = bundle_files(run_dir)
-        _notice_left_out(run_dir, set(files.values()), notice)
-    except OSError as err:
-        raise InputError(f"{run_dir}: cannot list the run directory ({err.strerror})") from None
-    final = out_dir / bundle_name(run_dir)
+    out_dir = Path(out_dir)
+    files, run_dir = bundle_sources(source, notice)
+    final = out_dir / bundle_name(source)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -227,7 +250,8 @@ def write_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 "files": {rel: _copy(src, tmp / rel) for rel, src in files.items()},
             }
             if HOUSEKEEPING_NAME in files:
-                manifest["housekeeping"] = _housekeeping(tmp, run_dir, notice)
+                manifest["housekeeping"] = _housekeeping(tmp, run_dir,
+                                                         files[HOUSEKEEPING_NAME], notice)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
                                              encoding="utf-8")
     except OSError as err:
@@ -267,8 +291,10 @@ def verify_bundle(path: str | os.PathLike) -> list[str]:
     return problems
 
 
-def _housekeeping(bundle: Path, run_dir: Path, notice: Notice) -> dict[str, Any]:
-    """The bundle's copy of hk.pff as ``<run>.hk.zarr`` and ``<run>.hk.png``."""
+def _housekeeping(bundle: Path, run_dir: Path, hk_file: Path, notice: Notice
+                  ) -> dict[str, Any]:
+    """The bundle's copy of ``hk_file`` (the run's hk.pff) as ``<run>.hk.zarr`` and
+    ``<run>.hk.png``."""
     from panoseti_pipeline.housekeeping import convert_hk, hk_names
 
     store, png = hk_names(run_dir)
@@ -277,17 +303,17 @@ def _housekeeping(bundle: Path, run_dir: Path, notice: Notice) -> dict[str, Any]
     except ValueError as err:  # hk.pff is input: a surprise in it must not cost the bundle
         shutil.rmtree(bundle / store, ignore_errors=True)
         (bundle / png).unlink(missing_ok=True)
-        notice(f"{run_dir / HOUSEKEEPING_NAME}: no housekeeping store written ({err}); "
+        notice(f"{hk_file}: no housekeeping store written ({err}); "
                "hk.pff is in the bundle as it is")
         return {"error": str(err)}
     renamed = list(facts["renamed"].items())
     if renamed:
         shown = ", ".join(f"{name!r} as {node}" for node, name in renamed[:3])
-        notice(f"{run_dir / HOUSEKEEPING_NAME}: {len(renamed)} source or field names stored "
+        notice(f"{hk_file}: {len(renamed)} source or field names stored "
                f"under another name (Zarr reserves them, or two would be one): {shown}"
                f"{', ...' if len(renamed) > 3 else ''} (listed in {store}'s attributes)")
     if facts["unreadable_records"]:
-        notice(f"{run_dir / HOUSEKEEPING_NAME}: {facts['unreadable_records']} records are not "
+        notice(f"{hk_file}: {facts['unreadable_records']} records are not "
                f"housekeeping records, left out of {store} (listed in its attributes)")
     return facts
 

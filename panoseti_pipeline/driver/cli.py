@@ -155,7 +155,8 @@ def cmd_demo_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    """The run bundle of a .pffd run beside its products (those published there)."""
+    """The run bundle of a run beside its products (those published there), from its
+    .pffd directory or from a bundle of it (``--steps 2``)."""
     from panoseti_pipeline import run_bundle
     from panoseti_pipeline.store import publish
 
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_config)
 
     p = sub.add_parser("bundle", help="write a run's bundle beside its products")
-    p.add_argument("run_dir", help="the .pffd run directory")
+    p.add_argument("run_dir", help="the .pffd run directory (or a bundle of that run)")
     p.add_argument("product_dir", help="the directory of the run's products")
     p.set_defaults(func=cmd_bundle)
 

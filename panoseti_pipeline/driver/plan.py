@@ -20,12 +20,14 @@ from ``_L0.zarr``) keeps every later field in its column. Paths with a control c
                  directory (<output>/.l0_tmp: removed when empty), else 0
     umask   <US> octal umask for the files of the run ([run] group_writable)
     job     <US> index <US> run|skip <US> name <US> L0 path <US> L1 path|- <US> input ...
-    bundle  <US> run directory (.pffd) <US> its product directory
+    bundle  <US> run directory (.pffd), or a bundle of it <US> its product directory
 
 Products of a ``.pffd`` run go into their own directory, ``<output>/<run name>/``, beside
 the run's bundle (``<run>.pffd.panoseti-meta``): PANOSETI's reader
 (``pypff.zarr.open_zarr_run``) keys the stores of a directory by data product and module
-only, so two runs in one directory would hide each other's products.
+only, so two runs in one directory would hide each other's products. So do the L1 stores
+``--steps 2`` makes of a run's L0 stores (the run named in their attributes; the bundle
+from the one beside them).
 """
 
 from __future__ import annotations
@@ -76,12 +78,8 @@ class Job:
     action: str = "run"  # "run" or "skip" (a complete product is already in place)
     kind: str = ""  # "file", "stream of <dir>", "L0 store"
     made_otherwise: str = ""  # a skipped product made with other settings: which
-    run_dir: str = ""  # the .pffd directory of a stream job (its products share a directory)
-
-    @property
-    def subdir(self) -> str:
-        """Where under the output directory the product goes: the run's own directory."""
-        return Path(self.run_dir).name[: -len(".pffd")] if self.run_dir else ""
+    run: str = ""  # the observation run: its products go into <output>/<run>/
+    run_dir: str = ""  # what the run's bundle is made from: the .pffd, or a bundle
 
 
 @dataclass
@@ -240,7 +238,7 @@ def _expand_pffd(directory: Path, plan: Plan) -> list[Job]:
             bpp = files[0].product.bpp
             job = _stream_job(files, f"{stem}.dp_{stream.dp}.bpp_{bpp}.module_{stream.module}",
                               f"stream of {directory.name}")
-            job.run_dir = str(directory)
+            job.run, job.run_dir = stem, str(directory)
             jobs.append(job)
     if not jobs and not problems:
         plan.problems.append(f"{directory}: no PFF data in this .pffd directory (no non-empty "
@@ -279,8 +277,33 @@ def _l0_job(path: Path, plan: Plan) -> Job | None:
     for s in shape[1:]:
         pixels *= s
     size = store_files.store_bytes(path)
-    return Job(name=stem, inputs=[str(path)], l0=str(path), l1="", input_bytes=size,
-               est_l0_bytes=0, est_l1_bytes=_l1_estimate(shape[0], pixels), kind="L0 store")
+    job = Job(name=stem, inputs=[str(path)], l0=str(path), l1="", input_bytes=size,
+              est_l0_bytes=0, est_l1_bytes=_l1_estimate(shape[0], pixels), kind="L0 store")
+    job.run, job.run_dir = _l0_run(path, plan)
+    return job
+
+
+def _l0_run(path: Path, plan: Plan) -> tuple[str, str]:
+    """The observation run of an L0 store (its attributes) and the run bundle beside it
+    (``run.sh --steps 1`` puts one there), so that its L1 goes into <output>/<run>/ with
+    that bundle, as with ``--steps 1,2``; ("", "") for a store of no run."""
+    from panoseti_pipeline import run_bundle
+    from panoseti_pipeline.errors import InputError
+    from panoseti_pipeline.store.facts import observation, read_root
+
+    try:
+        name = str(observation(read_root(path)[1].get("attributes") or {}).get("name", ""))
+    except InputError:
+        return "", ""
+    run = name.removesuffix(".pffd")
+    if not name.endswith(".pffd") or "/" in run or not run.strip("."):
+        return "", ""
+    bundle = path.parent / run_bundle.bundle_name(name)
+    if not bundle.is_dir():
+        plan.notices.append(f"{path}: no run bundle beside it ({bundle.name}): its L1 goes "
+                            f"into the run's directory {run}/ without one")
+        return run, ""
+    return run, str(bundle)
 
 
 def _input_jobs(inputs: Sequence[str], steps: tuple[int, ...], plan: Plan
@@ -496,10 +519,10 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
     names: dict[str, str] = {}
     for job in jobs:
         if steps != (2,):
-            where = l0 / job.subdir if steps == (1,) else l0  # products in their run's dir
+            where = l0 / job.run if steps == (1,) else l0  # products in their run's dir
             job.l0 = str(where / f"{job.name}{L0_SUFFIX}")
         if 2 in steps:
-            job.l1 = str(out / job.subdir / f"{job.name}{L1_SUFFIX}")
+            job.l1 = str(out / job.run / f"{job.name}{L1_SUFFIX}")
         final = Path(job.l1 or job.l0)
         if job.name in names:
             plan.problems.append(f"{job.inputs[0]}: output name {final.name} is also the "
@@ -633,5 +656,6 @@ def bash_lines(plan: Plan, cfg: PipelineConfig, out: Path, l0: Path, umask: int
 
 
 def run_directories(jobs: Sequence[Job]) -> dict[str, str]:
-    """Each .pffd run of the plan -> the directory of its products (and its bundle)."""
+    """The bundle source (.pffd, or a bundle) of each run of the plan -> the directory of
+    its products (and its bundle)."""
     return {j.run_dir: str(Path(j.l1 or j.l0).parent) for j in jobs if j.run_dir}
