@@ -106,9 +106,11 @@ Options:
   --dry-run        print the plan (streams, outputs, cluster) and change nothing
   --steps S        1, 2 or 1,2 (default 1,2). --steps 1 writes <name>_L0.zarr into the
                    output directory; with --steps 2 the inputs are L0 stores
-  --keep-l0        keep the intermediate L0 stores (in the L0 directory)
+  --keep-l0        keep the intermediate L0 stores (default: in <output_l1_dir>/L0); no
+                   later run removes them
   --l0-dir DIR     where the L0 stores go (default: [run] l0_dir of the config, or
-                   <output_l1_dir>/.l0_tmp); never inside the input tree
+                   <output_l1_dir>/.l0_tmp); never inside the input tree; locked while a
+                   run uses it
   --overwrite      redo inputs whose product is already there (default: skip them)
   --keep-going     a failed input does not stop the others (the exit status is still 1)
   --no-quicklook   no quicklook PNGs and index.html beside the products (default: made
