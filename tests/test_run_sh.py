@@ -447,9 +447,10 @@ def test_demo_dry_run_writes_nothing(tmp_path: Path) -> None:
 def test_every_problem_is_listed_before_any_work(data: Data, tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[pff_to_zarr]\ncodex = 'zstd'\nlevel = 12\n")
-    empty = tmp_path / "start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_9.seqno_0.pff"
+    (tmp_path / "in").mkdir()  # beside the output, not holding it (that is raw data)
+    empty = tmp_path / "in" / "start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_9.seqno_0.pff"
     empty.touch()
-    badname = tmp_path / "observation.pff"
+    badname = tmp_path / "in" / "observation.pff"
     badname.write_bytes(b"x")
     out = tmp_path / "out"
     rc, stdout, stderr = run([str(tmp_path / "missing.pff"), str(badname), str(empty),
