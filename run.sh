@@ -355,7 +355,7 @@ cluster_alive() {
 
 # release FINAL...: what killed steps left beside these products (partial stores of a
 # process that is gone; never another live run's), and the transient L0 stores this run
-# made among them (marked as its own when made: driver hold-l0; never a kept L0).
+# made among them (marked as its own before the jobs: driver prepare-l0; never a kept L0).
 release() {
   py clear-stale --pid "$$" "$@" || say "warning: could not clear the partial stores of $*"
 }
@@ -414,6 +414,9 @@ cleanup() {
     CURRENT_JOB=""
   fi
   if ((${#LOCKED[@]})); then
+    if [[ "$OPT_STEPS" == 1,2 ]] && ((${#JOB_L0[@]})); then # the marks of jobs not run
+      release "${JOB_L0[@]}"
+    fi
     py lock release "${LOCKED[@]}" --pid "$$" || say "warning: could not release the lock of ${LOCKED[*]}"
   fi
   if ((L0_DIR_CREATED || L0_DIR_SCRATCH)); then # only when empty
@@ -506,7 +509,7 @@ record() {
 # run_job I: step 1, step 2, drop the L0. Returns the failing step's status.
 run_job() {
   local i="$1" rc=0 tag name="${JOB_NAME[$1]}" l0="${JOB_L0[$1]}" l1="${JOB_L1[$1]}"
-  local -a files=() address=() extra=() keep=()
+  local -a files=() address=() extra=()
   tag="[$((i + 1))/${#JOB_NAME[@]}] $name"
   IFS=$'\x1f' read -r -a files <<<"${JOB_INPUTS[i]}"
   CURRENT_JOB="$i"
@@ -515,16 +518,8 @@ run_job() {
     if [[ -n "$CLUSTER_ADDRESS" ]]; then address=("$CLUSTER_ADDRESS"); fi
     say "$tag: step 1, PFF -> L0: ${#files[@]} file(s) -> $l0"
     CURRENT_STEP=1
-    if [[ "$OPT_STEPS" == 1,2 ]]; then # the L0 is transient (removed after step 2) or kept
-      if ((OPT_KEEP_L0)); then keep=(--keep); fi
-      STEP_START="$(now)"
-      PANOSETI_ERROR_FILE="$RUN_TMP/step_error" py hold-l0 "$l0" --pid "$$" "${keep[@]}" ||
-        rc=$?
-    fi
-    if ((rc == 0)); then
-      run_step "$PYTHON" "$REPO_ROOT/step1_pff_to_zarr.py" "${files[@]}" "$l0" "$CONFIG" \
-        "${address[@]}" "${STEP_FLAGS[@]}" || rc=$?
-    fi
+    run_step "$PYTHON" "$REPO_ROOT/step1_pff_to_zarr.py" "${files[@]}" "$l0" "$CONFIG" \
+      "${address[@]}" "${STEP_FLAGS[@]}" || rc=$?
     record "$i" 1 "$rc"
     CURRENT_STEP=""
     STEP_RC=""
@@ -566,9 +561,6 @@ run_jobs() {
   for ((i = 0; i < n; i++)); do
     if [[ "${JOB_ACTION[i]}" == skip ]]; then
       say "[$((i + 1))/$n] ${JOB_NAME[i]}: complete product already there, skipped (--overwrite redoes it)"
-      if [[ "$OPT_STEPS" == 1,2 ]]; then # a transient L0 a stopped run left (never a kept one)
-        py clear-stale "${JOB_L0[i]}" || say "warning: could not clear what stopped runs left beside ${JOB_L0[i]}"
-      fi
       continue
     fi
     rc=0
@@ -693,6 +685,9 @@ run_pipeline() {
   py lock acquire "${locked[@]}" --pid "$$" || exit $? # another run writes there: exit 2
   LOCKED=("${locked[@]}")
   start_log
+  if [[ "$OPT_STEPS" == 1,2 ]]; then # each L0 marked transient (or kept); leftovers cleared
+    py prepare-l0 "$STATE_FILE" --pid "$$" || exit 1
+  fi
   say "${#JOB_NAME[@]} input(s) -> $OUT_DIR (config $CONFIG)"
 
   if ((USE_DASK)) && any_job_to_run; then

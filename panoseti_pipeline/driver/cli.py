@@ -19,9 +19,11 @@
     What killed steps left beside products (partial stores, half-swapped products,
     transient L0 stores), when the process that held them is gone (``--pid``: or is that
     run.sh, done with them).
-``hold-l0``
-    Before step 1: the L0 store is marked transient, to be removed after step 2 by this
-    run.sh (or kept, ``--keep``); a store an earlier run kept is used and stays.
+``prepare-l0``
+    Before the jobs (``--steps 1,2``): each L0 store to make is marked transient, to be
+    removed after step 2 by this run.sh (or kept, ``--keep-l0``; a store an earlier run
+    kept is used and stays), and the transient L0 stores stopped runs left beside skipped
+    products are removed.
 ``lock``
     The run locks of the output and L0 directories (``acquire``: exit 2 naming the holder
     when another live run has one; a stale one is taken over with a notice).
@@ -183,14 +185,21 @@ def cmd_clear_stale(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_hold_l0(args: argparse.Namespace) -> int:
-    """Before step 1: the L0 store is transient (removed after step 2 by run.sh ``--pid``)
-    or, ``--keep``, kept."""
+def cmd_prepare_l0(args: argparse.Namespace) -> int:
+    """Before the jobs: the L0 store of each job to run is transient (removed after step 2
+    by run.sh ``--pid``) or kept (``--keep-l0``); a skipped job's transient L0 that a
+    stopped run left is removed."""
     from panoseti_pipeline.store import ownership, publish
 
-    holder = None if args.keep else ownership.Holder.of(args.pid)
-    for message in publish.hold_transient(args.l0, holder):
-        print(f"run.sh: note: {message}", file=sys.stderr)
+    state = record.load_state(args.state)
+    holder = None if state["options"]["keep_l0"] else ownership.Holder.of(args.pid)
+    for job in state["jobs"]:
+        if job["action"] == "skip":
+            messages = publish.clear_stale(job["l0"])
+        else:
+            messages = publish.hold_transient(job["l0"], holder)
+        for message in messages:
+            print(f"run.sh: note: {message}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -313,11 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run.sh, done with its transient L0 stores among them")
     p.set_defaults(func=cmd_clear_stale)
 
-    p = sub.add_parser("hold-l0", help="mark an L0 store transient (or kept) before step 1")
-    p.add_argument("l0", help="the L0 store step 1 makes")
-    p.add_argument("--pid", type=int, required=True, help="run.sh, which removes it")
-    p.add_argument("--keep", action="store_true", help="the run keeps it (--keep-l0)")
-    p.set_defaults(func=cmd_hold_l0)
+    p = sub.add_parser("prepare-l0", help="mark the L0 stores transient (or kept)")
+    p.add_argument("state")
+    p.add_argument("--pid", type=int, required=True, help="run.sh, which removes them")
+    p.set_defaults(func=cmd_prepare_l0)
 
     p = sub.add_parser("lock", help="take or release the run locks of directories")
     p.add_argument("action", choices=("acquire", "release"))
