@@ -530,11 +530,12 @@ def test_an_output_in_raw_data_is_refused_before_any_work(tmp_path: Path) -> Non
     loose.mkdir()
     shutil.copy(files[0], loose)
     for out, where in ((loose, "holds"), (loose / "L1" / "x", f"is inside {loose}, which holds")):
-        plan, *_ = driver_plan.make_plan([str(loose / Path(files[0]).name)], str(config),
-                                         str(out))
-        assert plan.problems == [f"{out}: the output directory {where} PFF files (raw data); "
-                                 "did you forget the output directory? It is the last "
-                                 "argument"]
+        for steps in ((1, 2), (1,), (2,)):
+            inputs = [str(loose / Path(files[0]).name)] if 1 in steps else []
+            plan, *_ = driver_plan.make_plan(inputs, str(config), str(out), steps=steps)
+            assert f"{out}: the output directory {where} PFF files (raw data); did you " \
+                "forget the output directory? It is the last argument" in plan.problems
+            assert sum("raw data" in p for p in plan.problems) == 1, plan.problems
 
 
 def test_free_space_is_checked_against_the_estimate(tmp_path: Path) -> None:

@@ -500,7 +500,7 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
     else:
         l0 = out / (KEPT_L0_SUBDIR if keep_l0 else SCRATCH_L0_SUBDIR)
     for what, path in (("output directory", out), ("L0 directory", l0)):
-        inside_out = path is l0 and _is_within(l0, out)  # then out's problem is l0's
+        inside_out = what == "L0 directory" and _is_within(l0, out)  # out's problem
         raw = None if inside_out else _raw_data_problem(_real(path), what)
         problem = raw or _check_writable_dir(path, what)
         if problem:
