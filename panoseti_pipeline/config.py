@@ -513,7 +513,7 @@ class RunConfig(_Section):
     section: ClassVar[str] = "run"
 
     l0_dir: str = key(
-        "", 'where L0 stores are written; "" = <output_l1_dir>/.l0_tmp (/L0 with --keep-l0)'
+        "", 'where L0 stores are written; "" = <output_l1_dir>/.l0_tmp (--keep-l0: .../L0)'
     )
     group_writable: bool = key(
         False, "create files and directories group-writable (never world-writable)"
