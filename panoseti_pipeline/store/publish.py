@@ -4,9 +4,11 @@ A product is written as ``<final>.<id>.partial`` next to its final path (same fi
 system, so the rename is atomic) and renamed into place only when complete and verified
 (:func:`publishing`): a root document with the right ``processing_level`` under the final
 name means complete (:func:`is_published`). What killed runs left (partial stores, a
-product half swapped) is cleared before a rerun, but only when the run that held it is
-gone (:func:`clear_stale`). Files follow the caller's umask, never
-world-writable, group-writable exactly when configured (:func:`permission_umask`).
+product half swapped, an L0 store marked transient that was to be removed after step 2,
+:func:`hold_transient`) is cleared before a rerun, but only when the run that held it is
+gone (:func:`clear_stale`); nothing unmarked is ever removed, and a link is unlinked,
+never followed. Files follow the caller's umask, never world-writable, group-writable
+exactly when configured (:func:`permission_umask`).
 
 ``run.sh``'s planner calls these for every input and must start fast, so this module
 imports no zarr (0.7 s): it reads the root ``zarr.json`` directly.
