@@ -705,7 +705,8 @@ def test_an_empty_job_name_keeps_the_plan_in_its_columns(data: Data, tmp_path: P
     assert step1.main([str(data.file_a), str(l0), str(config), "--quiet"]) == 0
     before = tree_state(l0)
     out = tmp_path / "out"
-    rc, _, stderr = run(["--steps", "2", str(l0), str(out)], run_env(tmp_path, config))
+    rc, _, stderr = run(["--no-quicklook", "--steps", "2", str(l0), str(out)],
+                        run_env(tmp_path, config))
     assert rc == 0, stderr[-3000:]
     check_l1(out / "_L1.zarr", [data.file_a])
     assert tree_state(l0) == before
@@ -766,13 +767,13 @@ def test_steps_2_lays_out_a_runs_l1_like_steps_1_2(tmp_path: Path) -> None:
                                          files_per_stream=1, products=("img16", "ph256"))
     env = run_env(tmp_path, write_config(tmp_path / "local.toml", "local"))
     l0_out, l1_out = tmp_path / "L0", tmp_path / "L1"
-    rc, _, stderr = run(["--steps", "1", str(obs), str(l0_out)], env)
+    rc, _, stderr = run(["--no-quicklook", "--steps", "1", str(obs), str(l0_out)], env)
     assert rc == 0, stderr[-3000:]
     run_name = obs.name.removesuffix(".pffd")
     l0s = sorted((l0_out / run_name).glob("*_L0.zarr"))
     assert len(l0s) == 2
     before = tree_state(l0_out)
-    rc, _, stderr = run(["--steps", "2", *map(str, l0s), str(l1_out)], env)
+    rc, _, stderr = run(["--no-quicklook", "--steps", "2", *map(str, l0s), str(l1_out)], env)
     assert rc == 0, stderr[-3000:]
     assert tree_state(l0_out) == before  # inputs untouched
     for dp in ("img16", "ph256"):
@@ -842,7 +843,8 @@ def test_kept_l0_stores_stay_and_only_a_stopped_runs_transient_l0_goes(
     config = write_config(tmp_path / "local.toml", "local")
     out = tmp_path / "L1"
     kept = out / driver_plan.KEPT_L0_SUBDIR / f"{data.file_a.stem}_L0.zarr"
-    rc, _, stderr = run(["--keep-l0", str(data.file_a), str(out)], run_env(tmp_path, config))
+    rc, _, stderr = run(["--no-quicklook", "--keep-l0", str(data.file_a), str(out)],
+                        run_env(tmp_path, config))
     assert rc == 0 and kept.is_dir(), stderr[-3000:]
     (entry,) = run_records(out)[-1]["inputs"]
     assert entry["l0"] == str(kept) and entry["l0_kept"] and not entry["l0_removed"]
@@ -856,7 +858,8 @@ def test_kept_l0_stores_stay_and_only_a_stopped_runs_transient_l0_goes(
     gone = subprocess.Popen([sys.executable, "-c", "pass"])  # that run.sh, long gone
     ownership.claim(scratch / f"{kept.name}.abcd.transient", ownership.Holder.of(gone.pid))
     gone.wait()
-    rc, _, stderr = run([str(data.file_a), str(out)], run_env(tmp_path, config))
+    rc, _, stderr = run(["--no-quicklook", str(data.file_a), str(out)],
+                        run_env(tmp_path, config))
     assert rc == 0, stderr[-3000:]
     assert "skipped" in stderr and "left by a run stopped" not in stderr
     assert f"{transient}: removed the store a stopped run made to read once" in stderr
@@ -876,7 +879,7 @@ def test_two_runs_sharing_an_l0_directory_never_touch_each_others_l0(
     config = write_config(tmp_path / "local.toml", "local", run={"l0_dir": str(l0_dir)})
     first_out, second_out = tmp_path / "A", tmp_path / "B"
     env = run_env(tmp_path, config, **{SLOW_TASK: "1.0"})
-    with started([str(data.file_a), str(first_out)], env) as first:
+    with started(["--no-quicklook", str(data.file_a), str(first_out)], env) as first:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not list(l0_dir.glob("*.partial")):  # A's step 1 under way
             assert first.poll() is None, first.communicate()[1][-3000:]
