@@ -493,7 +493,7 @@ class BaselineConfig(_Section):
     baseline_window: int = key(200, "frames that make the baseline", lo=1)
     codec: str = _CODEC.field("blosc-lz4")
     level: int = _LEVEL.field(5)
-    shuffle: str = _SHUFFLE.field("byte")
+    shuffle: str = _SHUFFLE.field("bit")
     checksum: bool = _CHECKSUM.field(True)
     compute_chunk_size: int = key(8192, "frames per output chunk (and task, unsharded)", lo=1)
     shard_factor: int = _SHARDS.field(64)
@@ -503,6 +503,18 @@ class BaselineConfig(_Section):
     keep_mantissa_bits: int = key(
         23, "float32 mantissa bits kept; 23 = exact, fewer = BitRound (lossy)", lo=1, hi=23
     )
+    baseline_quantum: float = key(
+        0.125, "baseline rounded to a multiple of this (ADC counts; a power of two <= 1) "
+        "before subtracting, so L1 + baseline = L0 exactly; 0 = the exact float baseline",
+        lo=0, hi=1)
+
+    @classmethod
+    def _cross_problems(cls, values: Mapping[str, Any]) -> list[str]:
+        quantum = values["baseline_quantum"]
+        if quantum and math.frexp(quantum)[0] != 0.5:  # not 2**k
+            return [f"baseline_quantum = {_show(quantum)} is not a power of two (1, 0.5, "
+                    "0.25, 0.125, ...) or 0"]
+        return []
 
 
 @_register

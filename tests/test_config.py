@@ -67,7 +67,7 @@ def test_defaults():
     assert cfg.source == "<defaults>"
     assert cfg.cluster.cluster_type == "local"
     assert cfg.baseline_subtract.baseline_window == 200
-    assert cfg.pff_to_zarr.shuffle == "bit" and cfg.baseline_subtract.shuffle == "byte"
+    assert cfg.pff_to_zarr.shuffle == "bit" and cfg.baseline_subtract.shuffle == "bit"
     assert cfg == pc.PipelineConfig()
 
 

@@ -86,9 +86,16 @@ def run_step2(l0: Path, l1: Path, cfg: Path, *extra: str) -> int:
 # --------------------------------------------------------------------------- reference
 
 
+def quantize(base: np.ndarray, quantum: float) -> np.ndarray:
+    """The baseline rounded to the nearest multiple of quantum (ties to even; 0: as is)."""
+    return np.round(base / quantum) * quantum if quantum else base
+
+
 def reference(l0: Path, method: str, window: int = 100, frame_step: int = 10,
-              adc_to_pe: float = 1.5, sigma: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
-    """(expected L1 images, expected baseline (groups, y, x)) in float64."""
+              adc_to_pe: float = 1.5, sigma: float = 3.0, quantum: float = 0.125
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(expected L1 images, expected baseline (groups, y, x)) in float64; the baseline
+    rounded to ``quantum`` (the shipped default: 1/8 ADC count)."""
     g = zarr.open_group(str(l0), mode="r")
     x = g["images"][:].astype(np.float64)
     n = len(x)
@@ -119,21 +126,18 @@ def reference(l0: Path, method: str, window: int = 100, frame_step: int = 10,
     elif method == "image_median":
         chosen[t % frame_step != 0] = False
     masked = np.where(valid & chosen[:, :, None, None], x[:, None], np.nan)
-    if method == "mean":
-        base = np.nanmean(masked, axis=0)
-        return x - base[frame_group], base
-    if method == "median":
-        base = np.nanmedian(masked, axis=0)
+    if method in ("mean", "median"):
+        base = quantize((np.nanmean if method == "mean" else np.nanmedian)(masked, axis=0),
+                        quantum)
         return x - base[frame_group], base
     if method == "image_median":
         s = masked[chosen.any(axis=1)]
         k, gr, h, w = s.shape
         blocks = np.median(s.reshape(k, gr, h // 8, 8, w // 8, 8), axis=(3, 5))
         up = np.kron(np.nanmedian(blocks, axis=0), np.ones((8, 8)))
-        supermedian = np.nanmedian(s - up, axis=0)
-        out = ((x - up[frame_group]) - supermedian[frame_group]) / adc_to_pe
-        return out, up + supermedian
-    pedestal = np.nanmedian(masked, axis=0)
+        base = quantize(up + np.nanmedian(s - up, axis=0), quantum)
+        return (x - base[frame_group]) / adc_to_pe, base
+    pedestal = quantize(np.nanmedian(masked, axis=0), quantum)
     std = np.nanstd(masked, axis=0)
     d = x - pedestal[frame_group]
     return np.where(d > sigma * std[frame_group], d, np.nan), pedestal
@@ -145,6 +149,24 @@ def assert_float32_close(got: np.ndarray, want: np.ndarray, scale: float) -> Non
     np.testing.assert_allclose(got, want, rtol=4 * 2.0**-24, atol=4 * 2.0**-24 * scale,
                                equal_nan=True)
     assert np.array_equal(np.isnan(got), np.isnan(want))
+
+
+def assert_inverts_to_l0(l0: Path, l1: Path, adc_to_pe: float = 1.5) -> None:
+    """L0 = L1 + baseline, bit for bit in float32, wherever L1 is not NaN (image_median,
+    which divides by adc_to_pe: L0 = rint(L1 * adc_to_pe + baseline))."""
+    g0, g1 = zarr.open_group(str(l0), mode="r"), zarr.open_group(str(l1), mode="r")
+    x, images, base = g0["images"][:], g1["images"][:], g1["baseline"][:]
+    base = base[g0["quabo_num"][:].astype(int)] if base.ndim == 3 else base
+    finite = np.isfinite(images)
+    assert finite.sum() >= 100  # values there to check (ph_pedestal: above its cut)
+    if g1.attrs["baseline_method"] == "image_median":
+        back = np.rint(images * np.float32(adc_to_pe) + base)
+    else:
+        back = images + base  # float32 + float32: no rounding if the rule holds
+        assert back.dtype == np.float32
+    assert np.array_equal(back[finite], x[finite].astype(np.float32))
+    quantum = g1.attrs["precision"]["baseline_quantum"]
+    assert np.array_equal(base, quantize(base, quantum))  # a multiple of the quantum
 
 
 # --------------------------------------------------------------------------- methods
@@ -165,6 +187,7 @@ def test_method_matches_float64_reference(stores, tmp_path, dp, method):
     assert_float32_close(base, want_base if dp == "ph256" else want_base[0], scale)
     assert_float32_close(g["images"][:], want, scale)
     assert g.attrs["baseline_method"] == method
+    assert_inverts_to_l0(stores[dp], l1)
     if method == "ph_pedestal":
         assert g["baseline_std"].shape == base.shape
         assert 0 < g.attrs["report"]["nan_values"] < want.size
@@ -178,6 +201,21 @@ def test_other_products_mean_and_median(stores, tmp_path, dp):
         want, want_base = reference(stores[dp], method)
         got = zarr.open_group(str(l1), mode="r")["images"][:]
         assert_float32_close(got, want, float(np.nanmax(np.abs(want_base))) + 1)
+        assert_inverts_to_l0(stores[dp], l1)
+
+
+def test_exact_float_baseline_with_quantum_zero(stores, tmp_path):
+    """baseline_quantum = 0: the float mean itself is subtracted (not a multiple of a step)."""
+    l1 = tmp_path / "L1.zarr"
+    cfg = write_config(tmp_path / "c.toml", baseline_quantum=0)
+    assert run_step2(stores["img16"], l1, cfg) == 0
+    want, want_base = reference(stores["img16"], "mean", quantum=0)
+    g = zarr.open_group(str(l1), mode="r")
+    scale = float(np.nanmax(np.abs(want_base))) + 1
+    assert_float32_close(g["baseline"][:], want_base[0], scale)
+    assert_float32_close(g["images"][:], want, scale)
+    assert not np.array_equal(want_base, quantize(want_base, 1 / 8))  # the cases differ
+    assert g.attrs["precision"]["baseline_quantum"] == 0
 
 
 def test_ph256_baseline_is_per_quabo(stores, tmp_path):
@@ -221,9 +259,10 @@ def test_missing_quabo_frames_do_not_enter_the_baseline(stores, tmp_path):
     l0 = zarr.open_group(str(stores["img16"]), mode="r")["images"][:500].astype(float)
     keep = np.setdiff1d(np.arange(500), [3, 57, 400])
     ys, xs = QUADRANTS[0]
-    np.testing.assert_allclose(g["baseline"][ys, xs], l0[keep][:, ys, xs].mean(axis=0),
+    np.testing.assert_allclose(g["baseline"][ys, xs],
+                               quantize(l0[keep][:, ys, xs].mean(axis=0), 1 / 8), rtol=1e-6)
+    np.testing.assert_allclose(g["baseline"][16:, :], quantize(l0[:, 16:, :].mean(axis=0), 1 / 8),
                                rtol=1e-6)
-    np.testing.assert_allclose(g["baseline"][16:, :], l0[:, 16:, :].mean(axis=0), rtol=1e-6)
     naive = l0[:, ys, xs].mean(axis=0)  # the zeros pull it down: a test that means it
     assert (g["baseline"][ys, xs] - naive > 0.1).all()
 
@@ -317,12 +356,15 @@ def test_xarray_opens_l1_with_time_index_and_baseline(stores, tmp_path):
 
 def test_bitround_keeps_fewer_mantissa_bits(stores, tmp_path):
     exact, lossy = tmp_path / "exact.zarr", tmp_path / "lossy.zarr"
-    assert run_step2(stores["img16"], exact, write_config(tmp_path / "a.toml")) == 0
-    cfg = write_config(tmp_path / "b.toml", keep_mantissa_bits=7)
+    # on the exact float baseline: a quantized one leaves few mantissa bits to round
+    cfg = write_config(tmp_path / "a.toml", baseline_quantum=0)
+    assert run_step2(stores["img16"], exact, cfg) == 0
+    cfg = write_config(tmp_path / "b.toml", keep_mantissa_bits=7, baseline_quantum=0)
     assert run_step2(stores["img16"], lossy, cfg) == 0
     a = zarr.open_group(str(exact), mode="r")
     b = zarr.open_group(str(lossy), mode="r")
-    assert b.attrs["precision"] == {"keep_mantissa_bits": 7, "lossy": True}
+    assert b.attrs["precision"] == {"keep_mantissa_bits": 7, "lossy": True,
+                                    "baseline_quantum": 0, "max_baseline_error": 0}
     assert [f.codec_name for f in b["images"].filters] == ["numcodecs.bitround"]
     np.testing.assert_allclose(b["images"][:], a["images"][:], rtol=2.0**-7)
     assert b.attrs["size"]["l1_bytes"] < 0.8 * a.attrs["size"]["l1_bytes"]

@@ -61,6 +61,18 @@ class Baseline:
     frames: dict[str, Any]
     extra: dict[str, Any]
 
+    def quantized(self, quantum: float) -> Baseline:
+        """The baseline rounded to the nearest multiple of ``quantum`` (0: unchanged).
+
+        A baseline of a few fractional bits makes ``L0 - baseline`` exact in float32 (L0
+        pixels have at most 16 bits, float32 24), so ``L1 + baseline`` gives back the L0
+        bit for bit, and the L1's low mantissa bits are zeros that compress; the cost is a
+        baseline error of at most ``quantum / 2``.
+        """
+        if not quantum:
+            return self
+        return dataclasses.replace(self, values=np.round(self.values / quantum) * quantum)
+
 
 @dataclasses.dataclass(frozen=True)
 class Subtraction:

@@ -158,7 +158,9 @@ def create_l1(path: Path, info: L0Info, section: Any, baseline: Baseline, l1: L1
     dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
     std_name = "standard deviation (ddof 0) of the frames that made the baseline"
     for name, values, long_name in (
-            ("baseline", baseline.values, f"baseline ({section.method})"),
+            ("baseline", baseline.values, f"baseline ({section.method}"
+             + (f", a multiple of {section.baseline_quantum:g} ADC counts"
+                if section.baseline_quantum else "") + ")"),
             ("baseline_std", baseline.std, f"pedestal noise: {std_name}")):
         data = (values if info.ph256 else values[0]).astype(np.float32)
         array = layout.create_array(group, name, data.shape, data.shape, "<f4", dims, codecs,
@@ -265,7 +267,8 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         notice(message)
     publish.apply_permission_policy(gw)
     runner = runners.runner_for(client, threads, not quiet)
-    baseline = compute_baseline(runner, l0, info, section, process)
+    baseline = compute_baseline(runner, l0, info, section, process).quantized(
+        section.baseline_quantum)
     if baseline.frames.get("window_truncated"):
         notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "
                "frames there are; the baseline uses all of them")
@@ -309,7 +312,9 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
             "baseline_frames": baseline.frames,
             "formula": formula(info, section),
             "precision": {"keep_mantissa_bits": section.keep_mantissa_bits,
-                          "lossy": section.keep_mantissa_bits < 23},
+                          "lossy": section.keep_mantissa_bits < 23,
+                          "baseline_quantum": section.baseline_quantum,
+                          "max_baseline_error": section.baseline_quantum / 2},
             "config": cfg.as_dict(),
             "l0_path": str(l0_path.resolve()),
             "l0": l0.attrs.asdict(),
