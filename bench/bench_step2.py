@@ -41,9 +41,13 @@ zp.configure_zarr(4, 2)
 images = zp.open_product(sys.argv[1], "L0")["images"]
 n, h, w = images.shape
 chunk = section.compute_chunk_size
-codecs = zp.compressors(**zp.codec_settings(section))
+from panoseti_pipeline.store.shards import ChunkCodec
+codecs = zp.compressors(ChunkCodec(section.codec, section.level, section.shuffle,
+                                   section.checksum))
 threads = len(os.sched_getaffinity(0))
-baseline = images[:section.baseline_window].mean(axis=0).astype(np.float32)
+baseline = images[:section.baseline_window].mean(axis=0)
+quantum = section.baseline_quantum  # rounded as step 2 rounds it
+baseline = (np.round(baseline / quantum) * quantum if quantum else baseline).astype(np.float32)
 
 def one(a):
     x = images[a:a + chunk]  # decode

@@ -9,14 +9,17 @@
   to its mean and noise), on the 32x32 module grid with the quadrant borders drawn
   (ph256: each quabo's 16x16 image placed in its quadrant);
 * the light curve of the module sum (measured pixels: NaN and a missing quabo's quadrant
-  left out), downsampled to at most :data:`LC_BINS` bins (mean, min-max band), with the
-  bins that hold flagged frames marked;
+  left out), downsampled to at most 2000 bins (mean, min-max band), with the bins that
+  hold flagged frames marked;
 * the frame rate and the flagged frames per flag over time;
 * for pulse-height products (ph256, ph1024) the histogram of each event's pulse height
   (the maximum over the quabo's 16x16 pixels), per quabo.
 
-Memory is bounded: the store is read in blocks of whole time chunks (about
-:data:`BLOCK_FRAMES` frames) and everything is accumulated per block, vectorised.
+What is drawn is a :class:`panoseti_pipeline.look.Look`. Our L1 stores hold theirs
+(step 2 gathers it while it writes the images), so their PNG is drawn without reading
+the images. Any other store (an L0, a store of another writer, an L1 of an older
+version) is read once, in blocks of whole time chunks (about :data:`BLOCK_FRAMES`
+frames), each folded into the Look: memory is bounded by the block.
 
 Examples::
 
@@ -27,7 +30,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,18 +40,13 @@ import numpy as np
 from panoseti_pipeline import pff
 from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.flags import FLAG_NAMES
-from panoseti_pipeline.pff.timing import NAT
+from panoseti_pipeline.look import NO_TIME, PH_EDGES, QUADRANT_SLICES, Look
 from panoseti_pipeline.step2 import quality
 from panoseti_pipeline.store import layout
 from panoseti_pipeline.store.safe_write import write_file
 
 BLOCK_FRAMES = 8192  # frames read at a time (rounded to whole time chunks)
-LC_BINS = 2000  # light-curve and time-series bins at most
-PH_EDGES = np.arange(-512, 4096 + 16, 16)  # pulse-height histogram bins (ADC counts)
 DPI = 80
-#: quabo -> (rows, columns) of its quadrant in a 32x32 module image (PFF_FORMAT.md §5)
-QUADRANT_SLICES = {0: (slice(0, 16), slice(0, 16)), 1: (slice(0, 16), slice(16, 32)),
-                   2: (slice(16, 32), slice(16, 32)), 3: (slice(16, 32), slice(0, 16))}
 
 
 def open_store(path: str | Path) -> tuple[Any, str]:
@@ -60,102 +57,26 @@ def open_store(path: str | Path) -> tuple[Any, str]:
         return layout.open_product(path, layout.LEVEL_L0), layout.LEVEL_L0
 
 
-@dataclasses.dataclass
-class Look:
-    """What a quicklook shows, accumulated block by block (small: pixels and bins)."""
-
-    name: str
-    level: str
-    dp: str
-    module: str
-    frames: int
-    groups: int  # baseline images: 4 for ph256 (one per quabo), else 1
-    shape: tuple[int, int]
-    bins: int
-    pixel_sum: np.ndarray
-    pixel_sumsq: np.ndarray
-    pixel_count: np.ndarray
-    lc_sum: np.ndarray
-    lc_count: np.ndarray
-    lc_min: np.ndarray
-    lc_max: np.ndarray
-    bin_frames: np.ndarray
-    bin_flags: np.ndarray  # (flag, bin): frames carrying each flag
-    t_min: np.ndarray
-    t_max: np.ndarray
-    ph_hist: np.ndarray | None  # (quabo, bin)
-
-    @classmethod
-    def empty(cls, name: str, level: str, dp: str, module: str, frames: int) -> Look:
-        product = pff.PRODUCTS[dp]
-        groups = pff.N_QUABOS if product.header_kind == "ph256" else 1
-        bins = max(1, min(frames, LC_BINS))
-        plane = (groups, *product.shape)
-        return cls(name, level, dp, module, frames, groups, product.shape, bins,
-                   np.zeros(plane), np.zeros(plane), np.zeros(plane, np.int64),
-                   np.zeros(bins), np.zeros(bins, np.int64), np.full(bins, np.inf),
-                   np.full(bins, -np.inf), np.zeros(bins, np.int64),
-                   np.zeros((len(FLAG_NAMES), bins), np.int64),
-                   np.full(bins, np.iinfo(np.int64).max), np.full(bins, NAT),
-                   np.zeros((pff.N_QUABOS, len(PH_EDGES) - 1), np.int64)
-                   if dp.startswith("ph") else None)
-
-    def add(self, start: int, images: np.ndarray, flags: np.ndarray, time_ns: np.ndarray,
-            quabo: np.ndarray | None) -> None:
-        """Fold in frames start..start+len(images)-1 (float32, NaN = not measured)."""
-        b = (start + np.arange(len(images))) * self.bins // self.frames
-        finite = np.isfinite(images)
-        z = np.where(finite, images, np.float32(0))  # float32; sums accumulate in float64
-        groups = quabo.astype(np.intp) if quabo is not None else np.zeros(len(images), np.intp)
-        for g in np.unique(groups):
-            mine = slice(None) if self.groups == 1 else groups == g  # no copy for modules
-            self.pixel_sum[g] += z[mine].sum(axis=0, dtype=np.float64)
-            self.pixel_sumsq[g] += np.square(z[mine]).sum(axis=0, dtype=np.float64)
-            self.pixel_count[g] += finite[mine].sum(axis=0)
-        total = z.sum(axis=(1, 2), dtype=np.float64)
-        measured = finite.any(axis=(1, 2))
-        self.lc_sum += np.bincount(b[measured], total[measured], self.bins)
-        self.lc_count += np.bincount(b[measured], minlength=self.bins)
-        np.minimum.at(self.lc_min, b[measured], total[measured])
-        np.maximum.at(self.lc_max, b[measured], total[measured])
-        self.bin_frames += np.bincount(b, minlength=self.bins)
-        for i, bit in enumerate(FLAG_NAMES):
-            self.bin_flags[i] += np.bincount(b, (flags & bit) != 0, self.bins).astype(np.int64)
-        timed = time_ns != NAT
-        np.minimum.at(self.t_min, b[timed], time_ns[timed])
-        np.maximum.at(self.t_max, b[timed], time_ns[timed])
-        if self.ph_hist is not None:
-            self._add_pulse_heights(images, groups)
-
-    def _add_pulse_heights(self, images: np.ndarray, groups: np.ndarray) -> None:
-        """Each event's pulse height per quabo: the maximum over its 16x16 pixels."""
-        if self.groups > 1:  # ph256: a frame is one quabo's image
-            heights = np.fmax.reduce(images.reshape(len(images), -1), axis=1)[:, None]
-            owner = groups[:, None]
-        else:  # ph1024: four quadrants per frame
-            heights = np.stack([np.fmax.reduce(images[:, ys, xs].reshape(len(images), -1),
-                                               axis=1)
-                                for ys, xs in QUADRANT_SLICES.values()], axis=1)
-            owner = np.broadcast_to(np.arange(pff.N_QUABOS), heights.shape)
-        ok = np.isfinite(heights)
-        k = np.clip(np.searchsorted(PH_EDGES, heights[ok], side="right") - 1, 0,
-                    len(PH_EDGES) - 2)
-        self.ph_hist += np.bincount(owner[ok] * (len(PH_EDGES) - 1) + k,
-                                    minlength=self.ph_hist.size).reshape(self.ph_hist.shape)
-
-
 def block_frames(group: Any) -> int:
     """Frames per read: whole (inner) time chunks, about BLOCK_FRAMES."""
     chunk = group["images"].chunks[0]
     return chunk * max(1, BLOCK_FRAMES // chunk)
 
 
-def accumulate(path: Path) -> tuple[Look, dict[str, np.ndarray]]:
-    """Read the store once, block by block; the :class:`Look` and its pixel maps."""
+def accumulate(path: Path, stored: bool = True) -> tuple[Look, dict[str, np.ndarray]]:
+    """The :class:`Look` of a store and its pixel maps: the one step 2 stored in our L1
+    (``stored``), else read from the store's images once, block by block."""
     group, level = open_store(path)
     dp = group.attrs.get("data_product")
     if dp not in pff.PRODUCTS:
         raise InputError(f"{path}: unknown data_product {dp!r}")
+    look = ((Look.load(group, path.name) if stored and level == layout.LEVEL_L1 else None)
+            or read_look(path, group, level, dp))
+    return look, pixel_maps(look, group, level)
+
+
+def read_look(path: Path, group: Any, level: str, dp: str) -> Look:
+    """Fold every frame of the store into a :class:`Look`, block by block."""
     n = group["images"].shape[0]
     if n == 0:
         raise InputError(f"{path}: the store has no frames")
@@ -175,7 +96,7 @@ def accumulate(path: Path) -> tuple[Look, dict[str, np.ndarray]]:
                  else np.zeros(b - a, np.uint8))
         time_ns = group["time"][a:b] if "time" in names else group["unix_t_ns"][a:b]
         look.add(a, images, flags, time_ns, group["quabo_num"][a:b] if ph256 else None)
-    return look, pixel_maps(look, group, level)
+    return look
 
 
 def pixel_maps(look: Look, group: Any, level: str) -> dict[str, np.ndarray]:
@@ -217,7 +138,7 @@ def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
     rows = 4 if look.ph_hist is not None else 3
     fig = plt.figure(figsize=(11, 3.2 * rows + 0.6), dpi=DPI)
     grid = fig.add_gridspec(rows, 2, height_ratios=[1.4] + [1] * (rows - 1), hspace=0.45)
-    first = look.t_min[look.t_min != np.iinfo(np.int64).max]
+    first = look.t_min[look.t_min != NO_TIME]
     t0 = int(first.min()) if first.size else 0
     span = (int(look.t_max.max()) - t0) / 1e9 if first.size else float("nan")
     fig.suptitle(f"{look.name}\n{look.level} {look.dp} module {look.module}: "
@@ -299,7 +220,7 @@ def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
 
 def _bin_seconds(look: Look, t0: int) -> np.ndarray:
     """Each bin's mid time in seconds from t0 (bins with no time: interpolated)."""
-    timed = look.t_min != np.iinfo(np.int64).max
+    timed = look.t_min != NO_TIME
     mid = np.full(look.bins, np.nan)
     mid[timed] = ((look.t_min[timed] - t0) + (look.t_max[timed] - t0)) / 2e9
     if timed.any() and not timed.all():
@@ -312,7 +233,7 @@ def _frame_rate(look: Look) -> np.ndarray:
     """Frames per second per bin: its frames over the time to the next bin's first frame
     (the last bin: over its own span)."""
     start = look.t_min.astype(np.float64)
-    start[look.t_min == np.iinfo(np.int64).max] = np.nan
+    start[look.t_min == NO_TIME] = np.nan
     rate = np.full(look.bins, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         rate[:-1] = look.bin_frames[:-1] / ((start[1:] - start[:-1]) / 1e9)

@@ -287,7 +287,7 @@ def _create_store(path: Path, files: Sequence[SourceFile], settings: TaskSetting
     group = zarr.open_group(store=str(path), mode="a")  # holds the tasks' chunk files
     layout.create_frame_arrays(group, spec.frame_arrays(product, _name(files).module),
                                files[-1].stop, settings.chunk, settings.per_shard,
-                               layout.compressors(**layout.codec_settings(section)))
+                               layout.compressors(settings.codec))
 
 
 def _name(files: Sequence[SourceFile]) -> pff.PFFName:
@@ -418,7 +418,8 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
     with (publish.publishing(output, layout.LEVEL_L0, overwrite) as tmp,
           concurrent.futures.ThreadPoolExecutor(1, "step1-driver") as meanwhile):
         settings = TaskSettings(str(tmp), tuple(files), process, chunk, per_shard,
-                                ChunkCodec(**layout.codec_settings(section)),
+                                ChunkCodec(section.codec, section.level, section.shuffle,
+                                           section.checksum),
                                 section.blosc_threads)
         store_made = meanwhile.submit(_create_store, tmp, files, settings, cfg)
         if client is None:

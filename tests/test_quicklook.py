@@ -73,6 +73,28 @@ def test_what_the_look_accumulates_matches_the_store(stores):
     assert look.bin_flags[0].sum() == 2
 
 
+@pytest.mark.parametrize("dp", PRODUCTS)
+def test_step2_stores_the_look_that_reading_the_l1_gives(stores, dp):
+    """The quicklook of our L1 is drawn from what step 2 gathered while writing it: equal
+    to what reading every frame of the store again gives."""
+    from panoseti_pipeline import look as look_module
+
+    l1 = next(s for s in stores if s.name == f"{dp}_L1.zarr")
+    assert look_module.GROUP in set(zarr.open_group(str(l1), mode="r").group_keys())
+    stored, maps = quicklook.accumulate(l1)
+    read, read_maps = quicklook.accumulate(l1, stored=False)
+    assert (stored.frames, stored.bins, stored.dp, stored.groups) == (
+        read.frames, read.bins, read.dp, read.groups)
+    for name in ("pixel_count", "lc_count", "bin_frames", "bin_flags", "t_min", "t_max",
+                 "ph_hist"):
+        assert np.array_equal(getattr(stored, name), getattr(read, name)), name
+    for name in ("pixel_sum", "pixel_sumsq", "lc_sum", "lc_min", "lc_max"):
+        np.testing.assert_allclose(getattr(stored, name), getattr(read, name), rtol=1e-12,
+                                   atol=1e-9, err_msg=name)
+    assert stored.bin_frames.sum() == stored.frames and stored.lc_count.sum() > 0
+    np.testing.assert_allclose(maps["mean"], read_maps["mean"], rtol=1e-12)
+
+
 def test_l0_look_leaves_missing_quadrants_out_and_finds_the_same_pixels(stores):
     l0 = next(s for s in stores if s.name == "img16_L0.zarr")
     look, maps = quicklook.accumulate(l0)

@@ -52,6 +52,41 @@ from panoseti_pipeline.step2.l0_input import (
 BLOCK = 8  # image_median: side of the spatial median blocks (pixels)
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodSettings:
+    """What a baseline method is given: the ``[baseline_subtract]`` values it uses, taken
+    from the configuration once, at step 2's edge (:meth:`of`)."""
+
+    method: str
+    window: int  # mean, median: frames that make the baseline
+    frame_step: int  # image_median
+    adc_to_pe: float  # image_median
+    sigma_threshold: float  # ph_pedestal
+    quantum: float  # the baseline is rounded to a multiple of it (0: not rounded)
+    chunk: int  # frames per statistics task
+
+    @classmethod
+    def of(cls, section: Any) -> MethodSettings:
+        """The settings of a ``[baseline_subtract]`` section."""
+        return cls(section.method, section.baseline_window, section.frame_step,
+                   section.adc_to_pe, section.sigma_threshold, section.baseline_quantum,
+                   section.compute_chunk_size)
+
+    @property
+    def units(self) -> str:
+        """The unit of the L1 images (image_median divides by ADC counts per photoelectron)."""
+        return "photoelectrons" if self.method == "image_median" else "ADC counts"
+
+    def parameters(self) -> dict[str, Any]:
+        """The values the method uses, under their configuration names (for the attributes)."""
+        if self.method in ("mean", "median"):
+            return {"baseline_window": self.window}
+        if self.method == "image_median":
+            return {"frame_step": self.frame_step, "adc_to_pe": self.adc_to_pe,
+                    "block_size": BLOCK}
+        return {"sigma_threshold": self.sigma_threshold, "std_ddof": 0}
+
+
 @dataclasses.dataclass
 class Baseline:
     """The result of the reduction passes."""
@@ -103,20 +138,18 @@ class Subtraction:
         return out
 
 
-def selection_for(l0: Any, info: L0Info, section: Any) -> tuple[Selection, dict[str, Any]]:
+def selection_for(l0: Any, info: L0Info, m: MethodSettings
+                  ) -> tuple[Selection, dict[str, Any]]:
     """The frame selection of a method, and its description for the attributes."""
     n = info.n_frames
-    if section.method in ("mean", "median"):
-        sel, short = window_selection(l0, info, section.baseline_window,
-                                      section.compute_chunk_size)
-        what = (f"first {section.baseline_window} frames"
-                + (" of each quabo" if info.ph256 else ""))
-        return sel, {"selection": what, "window_requested": section.baseline_window,
+    if m.method in ("mean", "median"):
+        sel, short = window_selection(l0, info, m.window, m.chunk)
+        what = f"first {m.window} frames" + (" of each quabo" if info.ph256 else "")
+        return sel, {"selection": what, "window_requested": m.window,
                      "window_truncated": short}
-    if section.method == "image_median":
-        return Selection((n,) * pff.N_QUABOS, section.frame_step), {
-            "selection": f"every {section.frame_step}th frame (index % {section.frame_step}"
-                         " == 0)"}
+    if m.method == "image_median":
+        return Selection((n,) * pff.N_QUABOS, m.frame_step), {
+            "selection": f"every {m.frame_step}th frame (index % {m.frame_step} == 0)"}
     return Selection((n,) * pff.N_QUABOS, 1), {"selection": "all frames"}
 
 
@@ -151,13 +184,14 @@ def stats_task(info: L0Info, sel: Selection, start: int, stop: int, method: str,
     return out
 
 
-def compute_baseline(runner: Any, l0: Any, info: L0Info, section: Any,
+def compute_baseline(runner: Any, l0: Any, info: L0Info, m: MethodSettings,
                      process: runners.ProcessSettings) -> Baseline:
-    """Run the reduction passes of ``section.method`` and finish the baseline."""
-    method = section.method
-    sel, frames = selection_for(l0, info, section)
+    """Run the reduction passes of ``m.method`` and finish the baseline (rounded to
+    ``m.quantum``)."""
+    method = m.method
+    sel, frames = selection_for(l0, info, m)
     calls = [(info, sel, a, b, method, process)
-             for a, b in chunking.task_ranges(sel.stop, section.compute_chunk_size)]
+             for a, b in chunking.task_ranges(sel.stop, m.chunk)]
     k_total = info.groups * info.pixels
     acc: dict[str, Any] = {"moments": np.zeros((3, k_total), np.int64),
                            "hist": np.zeros((k_total, 256), np.int64)}
@@ -182,17 +216,17 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, section: Any,
     if method == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = total / count + info.offset
-        return Baseline(mean.reshape(shape), std, frames, {})
-    values = histogram.exact_median(runner, info, sel, section.compute_chunk_size,
-                                    acc["hist"], count, process).reshape(shape)
+        return Baseline(mean.reshape(shape), std, frames, {}).quantized(m.quantum)
+    values = histogram.exact_median(runner, info, sel, m.chunk, acc["hist"], count,
+                                    process).reshape(shape)
     if method == "image_median":
         block_map = _block_map(info, blocks)  # (groups, y/B, x/B)
         upsampled = block_map.repeat(BLOCK, axis=1).repeat(BLOCK, axis=2)
         supermedian = values - upsampled  # median over time of (sampled frame - upsampled)
         extra = {"block_size": BLOCK,
                  "block_median_map": _json_floats(block_map if info.ph256 else block_map[0])}
-        return Baseline(upsampled + supermedian, std, frames, extra)
-    return Baseline(values, std, frames, {})
+        return Baseline(upsampled + supermedian, std, frames, extra).quantized(m.quantum)
+    return Baseline(values, std, frames, {}).quantized(m.quantum)
 
 
 def _block_map(info: L0Info, blocks: list[Any]) -> np.ndarray:
@@ -212,33 +246,23 @@ def _json_floats(a: np.ndarray) -> Any:
     return np.where(np.isnan(a), None, a).tolist()
 
 
-def method_parameters(section: Any) -> dict[str, Any]:
-    """The configuration values the chosen method uses (recorded in the attributes)."""
-    if section.method in ("mean", "median"):
-        return {"baseline_window": section.baseline_window}
-    if section.method == "image_median":
-        return {"frame_step": section.frame_step, "adc_to_pe": section.adc_to_pe,
-                "block_size": BLOCK}
-    return {"sigma_threshold": section.sigma_threshold, "std_ddof": 0}
-
-
-def subtraction_for(section: Any, baseline: Baseline) -> Subtraction:
+def subtraction_for(m: MethodSettings, baseline: Baseline) -> Subtraction:
     """The per-frame operation of a method, with the baseline broadcast to every task."""
     values = baseline.values.astype(np.float32)
-    if section.method == "image_median":
-        return Subtraction(values, scale=section.adc_to_pe)
-    if section.method == "ph_pedestal":
-        return Subtraction(values, threshold=(section.sigma_threshold
+    if m.method == "image_median":
+        return Subtraction(values, scale=m.adc_to_pe)
+    if m.method == "ph_pedestal":
+        return Subtraction(values, threshold=(m.sigma_threshold
                                               * baseline.std).astype(np.float32))
     return Subtraction(values)
 
 
-def formula(info: L0Info, section: Any) -> str:
+def formula(info: L0Info, method: str) -> str:
     """What the L1 images are, in words (an attribute of the store and of ``images``)."""
     base = "baseline[quabo_num]" if info.ph256 else "baseline"
-    if section.method == "image_median":
+    if method == "image_median":
         return f"images = (L0 images - {base}) / adc_to_pe"
-    if section.method == "ph_pedestal":
+    if method == "ph_pedestal":
         return (f"d = L0 images - {base}; images = d where d > sigma_threshold * "
                 f"{base.replace('baseline', 'baseline_std')}, else NaN")
     return f"images = L0 images - {base}"

@@ -21,14 +21,15 @@ import numpy as np
 
 from panoseti_pipeline import chunking, pff, runners
 from panoseti_pipeline.errors import InputError, StoreError
+from panoseti_pipeline.look import Look
 from panoseti_pipeline.step2 import quality
 from panoseti_pipeline.step2.l0_input import QUADRANT, L0Info, arrays_of, inspect_l0
 from panoseti_pipeline.step2.methods import (
     Baseline,
+    MethodSettings,
     Subtraction,
     compute_baseline,
     formula,
-    method_parameters,
     subtraction_for,
 )
 from panoseti_pipeline.store import layout, publish, spec
@@ -57,6 +58,14 @@ class L1Layout:
         return {"images": lambda x: rounding.encode(np.ascontiguousarray(x))
                 .view(np.float32).reshape(x.shape)}
 
+    def image_filters(self) -> list:
+        """The zarr filter that says so in the metadata (BitRound, lossy), or none."""
+        if self.keep_mantissa_bits >= 23:
+            return []
+        from zarr.codecs.numcodecs import BitRound
+
+        return [BitRound(keepbits=self.keep_mantissa_bits)]
+
 
 def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -68,8 +77,10 @@ def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
     missing = None if info.ph256 else quality.missing_quabos(frames)
     out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32), missing)
     nan = nan_counts(info, sub, out, quabo, missing)
-    return ({"images": out, **frames},
-            quality.chunk_summary(a, out, frames["frame_flags"], frames["time"], nan))
+    look = Look.empty("", layout.LEVEL_L1, info.dp, str(info.module), info.n_frames)
+    look.add(a, out, frames["frame_flags"], frames["time"], quabo)  # while it is in memory
+    summary = quality.chunk_summary(a, out, frames["frame_flags"], frames["time"], nan)
+    return {"images": out, **frames}, summary | {"look": look}
 
 
 def nan_counts(info: L0Info, sub: Subtraction, out: np.ndarray, quabo: np.ndarray | None,
@@ -112,7 +123,8 @@ def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: i
     except BaseException:
         writer.abort()  # nothing of this task is written after the driver's cleanup
         raise
-    return {"start": start, "frames": stop - start, "parts": parts}
+    look = functools.reduce(Look.merge, [p.pop("look") for p in parts])  # in frame order
+    return {"start": start, "frames": stop - start, "parts": parts, "look": look}
 
 
 def l1_arrays(info: L0Info) -> list[spec.FrameArray]:
@@ -126,41 +138,26 @@ NAN_MEANS = ("no measurement: the pixel's quabo is missing in that frame (frame_
              "1, its quabo_<q>_tv_sec is 0), or the pixel has no baseline")
 
 
-def units_of(section: Any) -> str:
-    """The unit of the L1 images (image_median divides by ADC counts per photoelectron)."""
-    return "photoelectrons" if section.method == "image_median" else "ADC counts"
-
-
-def image_filters(section: Any) -> list:
-    """BitRound on the float32 images when fewer than 23 mantissa bits are kept (lossy)."""
-    if section.keep_mantissa_bits >= 23:
-        return []
-    from zarr.codecs.numcodecs import BitRound
-
-    return [BitRound(keepbits=section.keep_mantissa_bits)]
-
-
-def create_l1(path: Path, info: L0Info, section: Any, baseline: Baseline, l1: L1Layout
-              ) -> None:
+def create_l1(path: Path, info: L0Info, m: MethodSettings, baseline: Baseline,
+              l1: L1Layout) -> None:
     """The L1 group with every array defined and the baseline written."""
     import zarr
 
-    codecs = layout.compressors(**layout.codec_settings(section))
+    codecs = layout.compressors(l1.codec)
     group = zarr.open_group(store=str(path), mode="w-")
     images, *per_frame = l1_arrays(info)
     images = dataclasses.replace(images, attrs={
         **images.attrs, "long_name": f"baseline-subtracted {info.dp} pixels",
-        "units": units_of(section), "formula": formula(info, section),
+        "units": m.units, "formula": formula(info, m.method),
         "nan_means": NAN_MEANS + (" or not above the cut (ph_pedestal)"
-                                  if section.method == "ph_pedestal" else "")})
+                                  if m.method == "ph_pedestal" else "")})
     layout.create_frame_arrays(group, [images, *per_frame], info.n_frames, l1.chunk,
-                               l1.per_shard, codecs, image_filters(section))
+                               l1.per_shard, codecs, l1.image_filters())
     dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
     std_name = "standard deviation (ddof 0) of the frames that made the baseline"
     for name, values, long_name in (
-            ("baseline", baseline.values, f"baseline ({section.method}"
-             + (f", a multiple of {section.baseline_quantum:g} ADC counts"
-                if section.baseline_quantum else "") + ")"),
+            ("baseline", baseline.values, f"baseline ({m.method}"
+             + (f", a multiple of {m.quantum:g} ADC counts" if m.quantum else "") + ")"),
             ("baseline_std", baseline.std, f"pedestal noise: {std_name}")):
         data = (values if info.ph256 else values[0]).astype(np.float32)
         array = layout.create_array(group, name, data.shape, data.shape, "<f4", dims, codecs,
@@ -252,7 +249,8 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     import zarr
 
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
-    section = cfg.baseline_subtract
+    section = cfg.baseline_subtract  # read here only: what the layers below use is taken out
+    m = MethodSettings.of(section)
     l0_path, output = Path(l0_path), Path(l1_path)
     _check_paths(l0_path, output)
     gw = cfg.run.group_writable
@@ -267,8 +265,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         notice(message)
     publish.apply_permission_policy(gw)
     runner = runners.runner_for(client, threads, not quiet)
-    baseline = compute_baseline(runner, l0, info, section, process).quantized(
-        section.baseline_quantum)
+    baseline = compute_baseline(runner, l0, info, m, process)
     if baseline.frames.get("window_truncated"):
         notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "
                "frames there are; the baseline uses all of them")
@@ -276,45 +273,48 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         if q["count"] == 0 and not info.ph256:  # a ph256 quabo with no frame has no pixels
             notice(f"{l0_path}: no frame of quabo {q['quabo']} feeds its baseline; its "
                    "L1 pixels are NaN")
-    sub = subtraction_for(section, baseline)
+    sub = subtraction_for(m, baseline)
     l1 = L1Layout(chunking.time_chunk(section.compute_chunk_size, info.n_frames),
-                  section.shard_factor, ChunkCodec(**layout.codec_settings(section)),
+                  section.shard_factor,
+                  ChunkCodec(section.codec, section.level, section.shuffle, section.checksum),
                   section.keep_mantissa_bits, runners.cpus())
     with publish.publishing(output, layout.LEVEL_L1, overwrite) as tmp:
-        create_l1(tmp, info, section, baseline, l1)
+        create_l1(tmp, info, m, baseline, l1)
         calls = [(info, sub, str(tmp), a, b, l1, process)
                  for a, b in chunking.task_ranges(info.n_frames, l1.chunk, l1.per_shard or 1)]
         summaries: list[dict] = []
         runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
-        verify_l1(tmp, info, sub, summaries, section.keep_mantissa_bits)
+        verify_l1(tmp, info, sub, summaries, l1.keep_mantissa_bits)
         hot, dead = pixel_masks(baseline, info)
         summary = quality.combine_summaries(
-            [p for s in summaries for p in s["parts"]], units=units_of(section),
+            [p for s in summaries for p in s["parts"]], units=m.units,
             hot=int(hot.sum()), dead=int(dead.sum()),
             uncalibrated_pixels=int(np.isnan(baseline.values).sum()))
         l0_bytes, l1_bytes = publish.store_bytes(l0_path), publish.store_bytes(tmp)
         seconds = time.perf_counter() - t0
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
+        functools.reduce(Look.merge, [s["look"] for s in sorted(
+            summaries, key=lambda s: s["start"])]).save(group)  # what the quicklook shows
         group.attrs.update({
             **{k: l0.attrs[k] for k in spec.REQUIRED_ATTRIBUTES if k in l0.attrs},
             **({"shard_factor": l1.per_shard} if l1.per_shard else {}),
             "processing_level": layout.LEVEL_L1,
-            "calibration": {"method": section.method,
-                            "parameters": method_parameters(section) | baseline.extra},
+            "calibration": {"method": m.method,
+                            "parameters": m.parameters() | baseline.extra},
             "frame_flags_source": ("L0" if not info.derived else
                                    "derived in step 2: missing_quabo only; the other flags "
                                    "are unknown (the L0 had no frame_flags)"),
             "time_source": l0.attrs.get("time_source"),
             "flag_counts": l0.attrs.get("flag_counts"),
-            "baseline_method": section.method,
-            "baseline_window": section.baseline_window,
-            "parameters": method_parameters(section) | baseline.extra,
+            "baseline_method": m.method,
+            "baseline_window": m.window,
+            "parameters": m.parameters() | baseline.extra,
             "baseline_frames": baseline.frames,
-            "formula": formula(info, section),
+            "formula": formula(info, m.method),
             "precision": {"keep_mantissa_bits": section.keep_mantissa_bits,
                           "lossy": section.keep_mantissa_bits < 23,
-                          "baseline_quantum": section.baseline_quantum,
-                          "max_baseline_error": section.baseline_quantum / 2},
+                          "baseline_quantum": m.quantum,
+                          "max_baseline_error": m.quantum / 2},
             "config": cfg.as_dict(),
             "l0_path": str(l0_path.resolve()),
             "l0": l0.attrs.asdict(),
@@ -328,5 +328,5 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
             "summary": summary,
         })
         layout.consolidate(tmp)
-    return Result(str(output), "ok", section.method, info.n_frames, seconds, l0_bytes,
+    return Result(str(output), "ok", m.method, info.n_frames, seconds, l0_bytes,
                   l1_bytes, runner.mode)

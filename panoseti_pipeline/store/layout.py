@@ -33,6 +33,8 @@ from panoseti_pipeline.store.spec import SPEC_VERSION_KEY, FrameArray
 if TYPE_CHECKING:  # zarr is imported where it is used: 0.35 s a step 1 task never needs
     import zarr
 
+    from panoseti_pipeline.store.shards import ChunkCodec
+
 LEVEL_L0 = "L0"
 LEVEL_L1 = "L1"
 _SHUFFLES = {"bit": "bitshuffle", "byte": "shuffle", "none": "noshuffle"}
@@ -52,27 +54,22 @@ def configure_zarr(max_concurrent_writes: int, compress_threads: int) -> None:
                      "array.write_empty_chunks": True})
 
 
-def compressors(codec: str, level: int, shuffle: str, checksum: bool) -> list:
-    """Zarr v3 bytes-to-bytes codecs for a ``[pff_to_zarr]``-style codec setting."""
+def compressors(codec: ChunkCodec) -> list:
+    """Zarr v3 bytes-to-bytes codecs that write what ``codec`` writes."""
     import zarr.codecs
 
     out: list = []
-    if codec in ("blosc-lz4", "zstd"):
-        out.append(zarr.codecs.BloscCodec(cname="lz4" if codec == "blosc-lz4" else "zstd",
-                                          clevel=level, shuffle=_SHUFFLES[shuffle]))
-    elif codec == "gzip":
-        out.append(zarr.codecs.GzipCodec(level=level))
-    elif codec != "none":
-        raise ValueError(f"unknown codec {codec!r}")
-    if checksum:
+    if codec.codec in ("blosc-lz4", "zstd"):
+        out.append(zarr.codecs.BloscCodec(
+            cname="lz4" if codec.codec == "blosc-lz4" else "zstd", clevel=codec.level,
+            shuffle=_SHUFFLES[codec.shuffle]))
+    elif codec.codec == "gzip":
+        out.append(zarr.codecs.GzipCodec(level=codec.level))
+    elif codec.codec != "none":
+        raise ValueError(f"unknown codec {codec.codec!r}")
+    if codec.checksum:
         out.append(zarr.codecs.Crc32cCodec())
     return out
-
-
-def codec_settings(section: Any) -> dict[str, Any]:
-    """The codec keys of a config section, as given to :func:`compressors`."""
-    return {"codec": section.codec, "level": section.level, "shuffle": section.shuffle,
-            "checksum": section.checksum}
 
 
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
