@@ -79,23 +79,30 @@ class Look:
                    if dp.startswith("ph") else None)
 
     def add(self, start: int, images: np.ndarray, flags: np.ndarray, time_ns: np.ndarray,
-            quabo: np.ndarray | None) -> None:
-        """Fold in frames start..start+len(images)-1 (float32, NaN = not measured)."""
+            quabo: np.ndarray | None, nan_free: bool = False) -> None:
+        """Fold in frames start..start+len(images)-1 (float32, NaN = not measured;
+        ``nan_free``: the caller knows there is no NaN, which saves a pass).
+
+        Sums run in float32 within the block (numpy's pairwise sums over a frame's pixels;
+        over frames, one pass per pixel) and accumulate in float64 across blocks: a few
+        ms per 8192-frame chunk, and errors of about 1e-6 of the value, far below what a
+        plot shows.
+        """
         b = (start + np.arange(len(images))) * self.bins // self.frames
-        finite = np.isfinite(images)
-        all_finite = bool(finite.all())
-        # float32; sums accumulate in float64 (no copy when nothing is NaN)
-        z = images if all_finite else np.where(finite, images, np.float32(0))
+        finite = None if nan_free else np.isfinite(images)
+        if finite is not None and finite.all():
+            finite = None
+        z = images if finite is None else np.where(finite, images, np.float32(0))
         groups = quabo.astype(np.intp) if quabo is not None else np.zeros(len(images), np.intp)
         for g in np.unique(groups):
-            mine = slice(None) if self.groups == 1 else groups == g  # no copy for modules
-            self.pixel_sum[g] += z[mine].sum(axis=0, dtype=np.float64)
-            self.pixel_sumsq[g] += np.square(z[mine]).sum(axis=0, dtype=np.float64)
-            self.pixel_count[g] += (len(z[mine]) if all_finite
-                                    else finite[mine].sum(axis=0))
-        total = z.sum(axis=(1, 2), dtype=np.float64)
-        measured = (np.ones(len(images), bool) if all_finite
-                    else finite.any(axis=(1, 2)))
+            mine = z if self.groups == 1 else z[groups == g]  # no copy for modules
+            self.pixel_sum[g] += mine.sum(axis=0)
+            self.pixel_sumsq[g] += np.einsum("fyx,fyx->yx", mine, mine)
+            self.pixel_count[g] += (len(mine) if finite is None else
+                                    finite[groups == g].sum(axis=0))
+        total = z.reshape(len(z), -1).sum(axis=1).astype(np.float64)
+        measured = (np.ones(len(z), bool) if finite is None
+                    else finite.reshape(len(z), -1).any(axis=1))
         self.lc_sum += np.bincount(b[measured], total[measured], self.bins)
         self.lc_count += np.bincount(b[measured], minlength=self.bins)
         np.minimum.at(self.lc_min, b[measured], total[measured])

@@ -61,13 +61,13 @@ def test_what_the_look_accumulates_matches_the_store(stores):
     look, maps = quicklook.accumulate(l1)
     g = zarr.open_group(str(l1), mode="r")
     images = g["images"][:].astype(np.float64)
-    np.testing.assert_allclose(maps["mean"][0], np.nanmean(images, axis=0), rtol=1e-9,
-                               atol=1e-9)
+    np.testing.assert_allclose(maps["mean"][0], np.nanmean(images, axis=0), rtol=1e-6,
+                               atol=1e-5)
     assert np.array_equal(maps["hot"][0], g["hot_pixel_mask"][:])
     assert np.array_equal(maps["dead"][0], g["dead_pixel_mask"][:])
     sums = np.nansum(images, axis=(1, 2))
     assert look.bins == len(sums) == 800  # fewer frames than LC_BINS: one per bin
-    np.testing.assert_allclose(look.lc_sum, sums, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(look.lc_sum, sums, rtol=1e-6, atol=1e-3)
     flags = g["frame_flags"][:]
     assert np.array_equal(look.bin_flags[0], (flags & 1) != 0)
     assert look.bin_flags[0].sum() == 2
@@ -89,10 +89,11 @@ def test_step2_stores_the_look_that_reading_the_l1_gives(stores, dp):
                  "ph_hist"):
         assert np.array_equal(getattr(stored, name), getattr(read, name)), name
     for name in ("pixel_sum", "pixel_sumsq", "lc_sum", "lc_min", "lc_max"):
-        np.testing.assert_allclose(getattr(stored, name), getattr(read, name), rtol=1e-12,
-                                   atol=1e-9, err_msg=name)
+        # float32 sums within a block: step 2's blocks are its chunks, the reader's larger
+        np.testing.assert_allclose(getattr(stored, name), getattr(read, name), rtol=1e-5,
+                                   atol=1e-3, err_msg=name)
     assert stored.bin_frames.sum() == stored.frames and stored.lc_count.sum() > 0
-    np.testing.assert_allclose(maps["mean"], read_maps["mean"], rtol=1e-12)
+    np.testing.assert_allclose(maps["mean"], read_maps["mean"], rtol=1e-5, atol=1e-4)
 
 
 def test_l0_look_leaves_missing_quadrants_out_and_finds_the_same_pixels(stores):

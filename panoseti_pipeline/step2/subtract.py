@@ -78,7 +78,8 @@ def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
     out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32), missing)
     nan = nan_counts(info, sub, out, quabo, missing)
     look = Look.empty("", layout.LEVEL_L1, info.dp, str(info.module), info.n_frames)
-    look.add(a, out, frames["frame_flags"], frames["time"], quabo)  # while it is in memory
+    look.add(a, out, frames["frame_flags"], frames["time"], quabo,  # while in memory
+             nan_free=not any(nan.values()))
     summary = quality.chunk_summary(a, out, frames["frame_flags"], frames["time"], nan)
     return {"images": out, **frames}, summary | {"look": look}
 

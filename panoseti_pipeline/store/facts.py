@@ -116,9 +116,11 @@ def store_facts(path: str | os.PathLike) -> StoreFacts:
 
 
 def _raw_bytes(meta: dict[str, Any]) -> int:
+    if meta.get("node_type") != "array":  # a group (np.dtype(None) would be float64)
+        return 0
     try:
         itemsize = np.dtype(meta.get("data_type")).itemsize
-    except TypeError:  # a group, or a data type numpy does not name (strings)
+    except TypeError:  # a data type numpy does not name (strings)
         return 0
     return math.prod(meta.get("shape") or ()) * itemsize
 
