@@ -77,7 +77,8 @@ class L0Info:
                 if a.name not in self.derived]
 
     def array(self, name: str) -> Any:
-        """Array ``name`` of the L0 store, opened once per process and run."""
+        """Array ``name`` of the L0 store, opened once per process and run: read by
+        :mod:`panoseti_pipeline.store.shard_reader` when it is one of our shard layout."""
         return layout.open_array(self.path, name, layout.LEVEL_L0, self.token)
 
     def quabo_state(self, start: int, stop: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 
 from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.store.publish import PARTIAL_SUFFIX
+from panoseti_pipeline.store.shard_reader import ShardedFrames, frames_of
 from panoseti_pipeline.store.spec import SPEC_VERSION_KEY, FrameArray
 
 if TYPE_CHECKING:  # zarr is imported where it is used: 0.35 s a step 1 task never needs
@@ -101,29 +102,39 @@ def create_frame_arrays(group: zarr.Group, arrays: Sequence[FrameArray], n_frame
                            attributes={"_ARRAY_DIMENSIONS": list(a.dims), **a.attrs})
 
 
-def read_frames(arrays: Mapping[str, zarr.Array], a: int, b: int) -> dict[str, np.ndarray]:
-    """Frames a..b-1 of every array, read in one trip through zarr's event loop."""
+def read_frames(arrays: Mapping[str, Any], a: int, b: int) -> dict[str, np.ndarray]:
+    """Frames a..b-1 of every array (zarr's or :class:`ShardedFrames`), in one trip."""
     return read_ranges(arrays, [(a, b)])[0]
 
 
-def read_ranges(arrays: Mapping[str, zarr.Array], ranges: Sequence[tuple[int, int]]
+def read_ranges(arrays: Mapping[str, Any], ranges: Sequence[tuple[int, int]]
                 ) -> list[dict[str, np.ndarray]]:
     """Frames a..b-1 of every array for each (a, b) of ``ranges``, in one trip.
 
+    :class:`ShardedFrames` are read on the calling thread. For zarr arrays,
     ``array[a:b]`` one array at a time costs a round trip to zarr's loop thread each
     (3-5 ms measured here, more than reading a small chunk): a chunk of 20-odd arrays
     pays it once instead, and the chunks are decoded on zarr's threads meanwhile.
     """
+    through_zarr = [name for name, array in arrays.items()
+                    if not isinstance(array, ShardedFrames)]
+    values = iter(_zarr_ranges([arrays[n] for n in through_zarr], ranges)
+                  if through_zarr else ())
+    return [{name: next(values) if name in through_zarr else array.read(a, b)
+             for name, array in arrays.items()} for a, b in ranges]
+
+
+def _zarr_ranges(arrays: list[zarr.Array], ranges: Sequence[tuple[int, int]]
+                 ) -> list[np.ndarray]:
     import asyncio
 
     from zarr.core.sync import sync
 
     async def read() -> list[np.ndarray]:
         return await asyncio.gather(*(array.async_array.getitem(slice(a, b))
-                                      for a, b in ranges for array in arrays.values()))
+                                      for a, b in ranges for array in arrays))
 
-    values = iter(sync(read()))
-    return [{name: next(values) for name in arrays} for _ in ranges]
+    return sync(read())
 
 
 def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
@@ -171,20 +182,21 @@ def missing_files(store: str | os.PathLike, array: zarr.Array) -> tuple[int, int
 
 
 @functools.lru_cache(maxsize=256)
-def open_array(path: str, name: str, level: str | None = None, run: str = "") -> zarr.Array:
+def open_array(path: str, name: str, level: str | None = None, run: str = "") -> Any:
     """Array ``name`` of the store at ``path``, opened once per process and ``run``.
 
     Tasks open the same arrays again and again, and metadata reads cost milliseconds
     each. ``level``: a published product of that level, read-only (checked as
-    :func:`open_product` does); None: a store being written (not consolidated yet),
-    writable. ``run`` tells runs apart, so a store rewritten between runs under the same
-    path is opened afresh.
+    :func:`open_product` does), as a :class:`ShardedFrames` if the array has our shard
+    layout (:func:`frames_of`), else as a zarr array; None: a store being written (not
+    consolidated yet), a writable zarr array. ``run`` tells runs apart, so a store
+    rewritten between runs under the same path is opened afresh.
     """
     if level is None:
         import zarr
 
         return zarr.open_array(store=f"{path}/{name}", mode="r+")
-    return open_product(path, level)[name]
+    return frames_of(open_product(path, level)[name])
 
 
 @contextlib.contextmanager
