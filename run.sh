@@ -95,12 +95,15 @@ Usage: ./run.sh [options] <input_pff_file_or_pffd_dir> [more ...] <output_l1_dir
        ./run.sh --demo [dir]
 
 Converts PANOSETI PFF files to L1 Zarr stores: step 1 PFF -> L0 (lossless), step 2
-L0 -> L1 (baseline-subtracted float32), with one Dask cluster for all inputs.
+L0 -> L1 (baseline-subtracted float32). The steps run on this machine, or on one Dask
+cluster for all inputs when the config sets [cluster] use_dask = true.
 
 Inputs: .pff data files (start_*.dp_*.bpp_*.module_*.seqno_*.pff), or .pffd observation
 directories (one product per data product and module; seqno files joined in order; 0-byte
-files and hk.pff skipped). Outputs: <output_l1_dir>/<input name>_L1.zarr and
-<output_l1_dir>/run_record_<UTC time>.toml.
+files and hk.pff skipped). Outputs: <output_l1_dir>/<run>/<run>.dp_*.module_*_L1.zarr for
+a .pffd run <run>.pffd (with its run bundle and index.html), <output_l1_dir>/<input
+name>_L1.zarr for a .pff file given alone, and in <output_l1_dir>: catalog.sqlite,
+run_record_<UTC time>.toml, run_log_<UTC time>_<pid>.log. See docs/run.md.
 
 Options:
   --dry-run        print the plan (streams, outputs, cluster) and change nothing
