@@ -43,6 +43,7 @@ OPT_NO_QUICKLOOK=0
 OPT_STEPS="1,2"
 OPT_L0_DIR=""
 OPT_SBATCH=""
+OPT_VERSION=0
 OPT_SBATCH_SET=0
 ARGS=()
 PLAN_ARGS=()
@@ -126,6 +127,7 @@ Options:
                    cluster_type = "local", local_workers = the job's cores; with
                    use_dask = false the steps run as threads); prints the job id
   --debug          tracebacks and Dask logs from every step
+  --version        print the pipeline's version (and git commit) and exit
   -h, --help       this help
 
 Environment: CONFIG_FILE (default: config.toml next to run.sh).
@@ -164,6 +166,10 @@ parse_args() {
       -h | --help)
         usage
         exit 0
+        ;;
+      --version)
+        OPT_VERSION=1
+        return 0
         ;;
       --dry-run) OPT_DRY_RUN=1 ;;
       --keep-l0) OPT_KEEP_L0=1 ;;
@@ -758,6 +764,10 @@ main() {
   parse_args "$@"
   CONFIG="$(absolute "${CONFIG_FILE:-$REPO_ROOT/config.toml}")"
   bootstrap_python_env "$REPO_ROOT" "$REPO_ROOT/requirements.txt" || exit 2
+  if ((OPT_VERSION)); then
+    exec "$PYTHON" -c 'import sys; from panoseti_pipeline.version import version_line
+print(version_line(sys.argv[1]))' "run.sh"
+  fi
   PIPELINE_RC=0
   if ((OPT_DEMO)); then
     run_demo

@@ -251,15 +251,18 @@ def _short(iso: str | None) -> str:
     return iso[:23] if iso else "-"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         prog: str = "python3 -m panoseti_pipeline catalog") -> int:
     """List (or rebuild) the catalog of an output root."""
-    parser = argparse.ArgumentParser(prog="python3 -m panoseti_pipeline catalog",
-                                     description=main.__doc__)
+    from panoseti_pipeline.version import add_version_option
+
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    add_version_option(parser)
     parser.add_argument("root", metavar="OUTPUT_ROOT",
                         help="the output directory given to run.sh (or its catalog.sqlite)")
-    parser.add_argument("--module", type=int)
+    parser.add_argument("--module", type=int, help="module number, e.g. 1")
     parser.add_argument("--dp", help="data product: img16, img8, ph256, ph1024")
-    parser.add_argument("--level", choices=LEVELS)
+    parser.add_argument("--level", choices=LEVELS, help="processing level")
     parser.add_argument("--status", choices=("ok", "degraded"),
                         help="degraded: step 1 skipped corrupt bytes of the input")
     parser.add_argument("--run", help="observation run name (obs_<site>.start_<t>Z.runtype_<t>)")
