@@ -749,8 +749,10 @@ Demo finished (exit status $PIPELINE_RC). Look at:
   run record         $dir/L1/run_record_*.toml
   quicklooks         $dir/L1/<run>/index.html (open it in a browser; one PNG per store)
   config used        $CONFIG
-Open an L1 store with xarray, or the run with PANOSETI's reader (pip install pypff):
+Open an L1 store with xarray:
   $PYTHON -c 'import xarray as xr; print(xr.open_zarr("$first"))'
+or the run with PANOSETI's reader, pypff (not a requirement: first
+$PYTHON -m pip install pypff):
   $PYTHON -c 'from pypff.zarr import open_zarr_run; print(open_zarr_run("${first%/*}").list_products())'
 EOF
 }
