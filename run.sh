@@ -221,9 +221,22 @@ parse_args() {
   fi
 }
 
-# absolute PATH: PATH made absolute (not resolved), for messages and the run record.
+# absolute PATH: PATH made absolute and normalised (".", ".." and "//" taken out, as
+# Python's os.path.abspath does; links are not followed), for messages and the run record.
 absolute() {
-  if [[ "$1" == /* ]]; then printf '%s\n' "$1"; else printf '%s\n' "$PWD/$1"; fi
+  local path="$1" part
+  local -a parts out=()
+  [[ "$path" == /* ]] || path="$PWD/$path"
+  IFS=/ read -r -a parts <<<"$path"
+  for part in "${parts[@]}"; do
+    case "$part" in
+      "" | .) ;;
+      ..) if ((${#out[@]})); then unset 'out[-1]'; fi ;;
+      *) out+=("$part") ;;
+    esac
+  done
+  local IFS=/
+  printf '/%s\n' "${out[*]}"
 }
 
 # ---------------------------------------------------------------------------- processes
@@ -387,6 +400,13 @@ remove_leftovers() {
 # that a Ctrl-C at the terminal leaves it to log how the run stopped.
 start_log() {
   RUN_LOG="$OUT_DIR/run_log_$(date -u +%Y%m%dT%H%M%SZ)_$$.log"
+  # The steps' stderr becomes the logger's pipe: tell them what ours is, so that they
+  # draw progress bars on a terminal and print whole lines into a file (runners.py).
+  if [[ -t 2 ]]; then
+    export PANOSETI_PROGRESS=bar
+  else
+    export PANOSETI_PROGRESS=lines
+  fi
   exec {TERMINAL_ERR}>&2
   exec 2> >(
     trap '' INT TERM

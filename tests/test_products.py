@@ -102,7 +102,9 @@ def test_pff_info_describes_the_stores(night, capsys: pytest.CaptureFixture[str]
     assert out[3] == "  flags: " + ", ".join(f"{name}={np.count_nonzero(flags & bit)}"
                                             for bit, name in FLAG_NAMES.items())
     assert out[4].startswith(f"  size: {on_disk} bytes on disk, {raw} uncompressed "
-                             f"(compression ratio {raw / on_disk:.2f}), L1/L0 ")
+                             f"(compression ratio {raw / on_disk:.2f}), PFF/L0 "
+                             f"{group.attrs['l0']['report']['compression_ratio']:.2f}, L1/L0 "
+                             f"{group.attrs['size']['l1_to_l0_ratio']:.2f}")
     hk_attrs = zarr.open_group(str(hk), mode="r").attrs
     assert out[5] == str(hk) and f"{hk_attrs['records']} records" in out[6]
 

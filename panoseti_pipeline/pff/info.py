@@ -151,6 +151,7 @@ def _store_lines(path: Path) -> list[str]:
             f"  flags: {flags or '-'}",
             f"  size: {f.bytes} bytes on disk, {f.raw_bytes} uncompressed "
             f"(compression ratio {ratio})"
+            + (f", PFF/L0 {f.pff_to_l0:.2f}" if f.pff_to_l0 else "")
             + (f", L1/L0 {f.l1_to_l0:.2f}" if f.l1_to_l0 else "")]
 
 
