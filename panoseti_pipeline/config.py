@@ -667,7 +667,7 @@ def main(argv: list[str] | None = None, prog: str = "python3 -m panoseti_pipelin
             print(tomli_w.dumps(config.as_dict()), end="")
         return 0
 
-    return run_main(body, parser.prog, args.debug)
+    return run_main(body, "panoseti_pipeline config", args.debug)
 
 
 if __name__ == "__main__":
