@@ -43,6 +43,7 @@ OPT_NO_QUICKLOOK=0
 OPT_STEPS="1,2"
 OPT_L0_DIR=""
 OPT_SBATCH=""
+OPT_VERSION=0
 OPT_SBATCH_SET=0
 ARGS=()
 PLAN_ARGS=()
@@ -95,12 +96,15 @@ Usage: ./run.sh [options] <input_pff_file_or_pffd_dir> [more ...] <output_l1_dir
        ./run.sh --demo [dir]
 
 Converts PANOSETI PFF files to L1 Zarr stores: step 1 PFF -> L0 (lossless), step 2
-L0 -> L1 (baseline-subtracted float32), with one Dask cluster for all inputs.
+L0 -> L1 (baseline-subtracted float32). The steps run on this machine, or on one Dask
+cluster for all inputs when the config sets [cluster] use_dask = true.
 
 Inputs: .pff data files (start_*.dp_*.bpp_*.module_*.seqno_*.pff), or .pffd observation
 directories (one product per data product and module; seqno files joined in order; 0-byte
-files and hk.pff skipped). Outputs: <output_l1_dir>/<input name>_L1.zarr and
-<output_l1_dir>/run_record_<UTC time>.toml.
+files and hk.pff skipped). Outputs: <output_l1_dir>/<run>/<run>.dp_*.module_*_L1.zarr for
+a .pffd run <run>.pffd (with its run bundle and index.html), <output_l1_dir>/<input
+name>_L1.zarr for a .pff file given alone, and in <output_l1_dir>: catalog.sqlite,
+run_record_<UTC time>.toml, run_log_<UTC time>_<pid>.log. See docs/run.md.
 
 Options:
   --dry-run        print the plan (streams, outputs, cluster) and change nothing
@@ -123,6 +127,7 @@ Options:
                    cluster_type = "local", local_workers = the job's cores; with
                    use_dask = false the steps run as threads); prints the job id
   --debug          tracebacks and Dask logs from every step
+  --version        print the pipeline's version (and git commit) and exit
   -h, --help       this help
 
 Environment: CONFIG_FILE (default: config.toml next to run.sh).
@@ -161,6 +166,10 @@ parse_args() {
       -h | --help)
         usage
         exit 0
+        ;;
+      --version)
+        OPT_VERSION=1
+        return 0
         ;;
       --dry-run) OPT_DRY_RUN=1 ;;
       --keep-l0) OPT_KEEP_L0=1 ;;
@@ -212,9 +221,22 @@ parse_args() {
   fi
 }
 
-# absolute PATH: PATH made absolute (not resolved), for messages and the run record.
+# absolute PATH: PATH made absolute and normalised (".", ".." and "//" taken out, as
+# Python's os.path.abspath does; links are not followed), for messages and the run record.
 absolute() {
-  if [[ "$1" == /* ]]; then printf '%s\n' "$1"; else printf '%s\n' "$PWD/$1"; fi
+  local path="$1" part
+  local -a parts out=()
+  [[ "$path" == /* ]] || path="$PWD/$path"
+  IFS=/ read -r -a parts <<<"$path"
+  for part in "${parts[@]}"; do
+    case "$part" in
+      "" | .) ;;
+      ..) if ((${#out[@]})); then unset 'out[-1]'; fi ;;
+      *) out+=("$part") ;;
+    esac
+  done
+  local IFS=/
+  printf '/%s\n' "${out[*]}"
 }
 
 # ---------------------------------------------------------------------------- processes
@@ -378,6 +400,13 @@ remove_leftovers() {
 # that a Ctrl-C at the terminal leaves it to log how the run stopped.
 start_log() {
   RUN_LOG="$OUT_DIR/run_log_$(date -u +%Y%m%dT%H%M%SZ)_$$.log"
+  # The steps' stderr becomes the logger's pipe: tell them what ours is, so that they
+  # draw progress bars on a terminal and print whole lines into a file (runners.py).
+  if [[ -t 2 ]]; then
+    export PANOSETI_PROGRESS=bar
+  else
+    export PANOSETI_PROGRESS=lines
+  fi
   exec {TERMINAL_ERR}>&2
   exec 2> >(
     trap '' INT TERM
@@ -740,8 +769,10 @@ Demo finished (exit status $PIPELINE_RC). Look at:
   run record         $dir/L1/run_record_*.toml
   quicklooks         $dir/L1/<run>/index.html (open it in a browser; one PNG per store)
   config used        $CONFIG
-Open an L1 store with xarray, or the run with PANOSETI's reader (pip install pypff):
+Open an L1 store with xarray:
   $PYTHON -c 'import xarray as xr; print(xr.open_zarr("$first"))'
+or the run with PANOSETI's reader, pypff (not a requirement: first
+$PYTHON -m pip install pypff):
   $PYTHON -c 'from pypff.zarr import open_zarr_run; print(open_zarr_run("${first%/*}").list_products())'
 EOF
 }
@@ -755,6 +786,10 @@ main() {
   parse_args "$@"
   CONFIG="$(absolute "${CONFIG_FILE:-$REPO_ROOT/config.toml}")"
   bootstrap_python_env "$REPO_ROOT" "$REPO_ROOT/requirements.txt" || exit 2
+  if ((OPT_VERSION)); then
+    exec "$PYTHON" -c 'import sys; from panoseti_pipeline.version import version_line
+print(version_line(sys.argv[1]))' "run.sh"
+  fi
   PIPELINE_RC=0
   if ((OPT_DEMO)); then
     run_demo

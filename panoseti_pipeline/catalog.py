@@ -36,8 +36,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from panoseti_pipeline.errors import EXIT_OK, ConfigError, InputError, StoreError, run_main
 from panoseti_pipeline.run_bundle import BUNDLE_SUFFIX, iso_ns
 from panoseti_pipeline.store.facts import StoreFacts, store_facts
@@ -185,14 +183,27 @@ def update_from_state(state: dict[str, Any]) -> tuple[Path, int]:
     return catalog_path(root), update(root, products)
 
 
-def parse_time(text: str) -> int:
-    """ISO 8601 (UTC; a trailing Z or +00:00 allowed) -> int ns; ConfigError if not."""
+def time_bounds(text: str) -> tuple[int, int]:
+    """The first and last ns a UTC time string covers, as xarray's ``sel`` reads it.
+
+    pandas (so ``ds.sel(time=slice(a, b))``) takes a partial time as its whole period:
+    ``04:35`` is 04:35:00 to 04:35:59.999999999, ``04:34:46.2`` a whole millisecond.
+    ``pandas.Period`` has exactly those bounds. A trailing Z or +00:00 is allowed.
+    """
+    import pandas as pd
+
     t = text.strip().removesuffix("Z").removesuffix("+00:00")
     try:
-        return int(np.datetime64(t, "ns").astype(np.int64))
+        period = pd.Period(t)
     except ValueError:
-        raise ConfigError(f"--between {text!r}: not an ISO 8601 time "
+        raise ConfigError(f"between {text!r}: not an ISO 8601 time "
                           "(e.g. 2025-08-02T05:00)") from None
+    return period.start_time.value, period.end_time.value
+
+
+def interval(between: tuple[str, str]) -> tuple[int, int]:
+    """``(start, end)`` -> the ns interval ``ds.sel(time=slice(start, end))`` selects."""
+    return time_bounds(between[0])[0], time_bounds(between[1])[1]
 
 
 def query(root: str | os.PathLike, *, module: int | None = None, dp: str | None = None,
@@ -211,7 +222,7 @@ def query(root: str | os.PathLike, *, module: int | None = None, dp: str | None 
             where.append(f"{column} = ?")
             args.append(value)
     if between is not None:
-        start, end = (parse_time(t) for t in between)
+        start, end = interval(between)
         where.append("first_ns <= ? AND last_ns >= ?")
         args += [end, start]
     sql = (f"SELECT {', '.join(COLUMNS)} FROM products"
@@ -251,15 +262,18 @@ def _short(iso: str | None) -> str:
     return iso[:23] if iso else "-"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         prog: str = "python3 -m panoseti_pipeline catalog") -> int:
     """List (or rebuild) the catalog of an output root."""
-    parser = argparse.ArgumentParser(prog="python3 -m panoseti_pipeline catalog",
-                                     description=main.__doc__)
+    from panoseti_pipeline.version import add_version_option
+
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    add_version_option(parser)
     parser.add_argument("root", metavar="OUTPUT_ROOT",
                         help="the output directory given to run.sh (or its catalog.sqlite)")
-    parser.add_argument("--module", type=int)
+    parser.add_argument("--module", type=int, help="module number, e.g. 1")
     parser.add_argument("--dp", help="data product: img16, img8, ph256, ph1024")
-    parser.add_argument("--level", choices=LEVELS)
+    parser.add_argument("--level", choices=LEVELS, help="processing level")
     parser.add_argument("--status", choices=("ok", "degraded"),
                         help="degraded: step 1 skipped corrupt bytes of the input")
     parser.add_argument("--run", help="observation run name (obs_<site>.start_<t>Z.runtype_<t>)")

@@ -652,11 +652,12 @@ def _syntax_error(err: tomllib.TOMLDecodeError) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python3 -m panoseti_pipeline config") -> int:
     """``check CONFIG`` or ``show CONFIG``; see the module docstring."""
-    parser = argparse.ArgumentParser(
-        prog="panoseti_pipeline config", description="Check or show a pipeline config."
-    )
+    from panoseti_pipeline.version import add_version_option
+
+    parser = argparse.ArgumentParser(prog=prog, description="Check or show a pipeline config.")
+    add_version_option(parser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("config", metavar="CONFIG", help="TOML configuration file")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -678,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             print(tomli_w.dumps(config.as_dict()), end="")
         return 0
 
-    return run_main(body, parser.prog, args.debug)
+    return run_main(body, "panoseti_pipeline config", args.debug)
 
 
 if __name__ == "__main__":

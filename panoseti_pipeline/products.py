@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from panoseti_pipeline.errors import InputError
+from panoseti_pipeline.errors import ConfigError, InputError
 from panoseti_pipeline.flags import FLAG_NAMES
 from panoseti_pipeline.run_bundle import BUNDLE_SUFFIX
 from panoseti_pipeline.store.facts import read_root
@@ -100,15 +100,32 @@ def open_run(path: str | os.PathLike) -> xr.DataTree:
     return tree
 
 
+#: root attributes that describe a whole store: on a dataset cut by ``between`` they are
+#: kept as ``store_<name>``, so that no one reads them as facts about the cut
+WHOLE_STORE_ATTRS = ("total_frames", "summary", "flag_counts", "report", "size")
+
+
 def open_products(catalog_or_root: str | os.PathLike, *, module: int | None = None,
                   dp: str | None = None, between: tuple[str, str] | None = None,
                   level: str | None = None, status: str | None = None) -> xr.DataTree:
     """The products the catalog lists (filters as ``catalog``'s options) as a DataTree:
-    ``<run>/module_<n>/<dp>``. With ``between`` each product is cut to that UTC interval."""
+    ``<run>/module_<n>/<dp>``.
+
+    With ``between=(start, end)`` (UTC) each product is cut exactly as
+    ``ds.sel(time=slice(start, end))`` cuts it (a partial time covers its whole period:
+    ``"04:35"`` ends at 04:35:59.999999999); the cut dataset's whole-store attributes
+    are renamed ``store_<name>`` and ``between`` records the interval. An unknown data
+    product or level is refused (ConfigError), not answered with an empty tree.
+    """
     import xarray as xr
 
-    from panoseti_pipeline.catalog import parse_time, query
+    from panoseti_pipeline.catalog import LEVELS, interval, query
+    from panoseti_pipeline.pff.products import PRODUCTS
 
+    if dp is not None and dp not in PRODUCTS:
+        raise ConfigError(f"dp={dp!r}: not a data product (known: {', '.join(PRODUCTS)})")
+    if level is not None and level not in LEVELS:
+        raise ConfigError(f"level={level!r}: not a level (known: {', '.join(LEVELS)})")
     rows = query(catalog_or_root, module=module, dp=dp, between=between, level=level,
                  status=status)
     by_run: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
@@ -118,12 +135,20 @@ def open_products(catalog_or_root: str | os.PathLike, *, module: int | None = No
             "module": r["module"], "data_product": r["data_product"],
             "processing_level": r["level"]}))
     nodes: dict[str, Any] = {"/": xr.Dataset()}
-    if between is not None:
-        start, end = (np.datetime64(parse_time(t), "ns") for t in between)
+    bounds = interval(between) if between is not None else None
     for run, stores in by_run.items():
         for name, (store, _attrs) in zip(_node_names(stores), stores, strict=True):
             ds = open_dataset(store)
-            if between is not None:
-                ds = ds.isel(time=((ds["time"] >= start) & (ds["time"] <= end)).values)
+            if bounds is not None:
+                ds = _cut(ds, bounds, between)
             nodes[f"{run}/{name}"] = ds
     return xr.DataTree.from_dict(nodes)
+
+
+def _cut(ds: xr.Dataset, bounds: tuple[int, int], between: tuple[str, str]) -> xr.Dataset:
+    """The frames whose time lies in ``bounds`` (ns, both ends included; NaT never)."""
+    start, end = (np.datetime64(b, "ns") for b in bounds)
+    ds = ds.isel(time=((ds["time"] >= start) & (ds["time"] <= end)).values)
+    attrs = {(f"store_{k}" if k in WHOLE_STORE_ATTRS else k): v for k, v in ds.attrs.items()}
+    ds.attrs = {**attrs, "between": list(between)}
+    return ds

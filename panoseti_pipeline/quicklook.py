@@ -256,12 +256,14 @@ def quicklook(store: str | Path, out_dir: Path | None = None) -> Path:
     return render(look, maps, png_path(store, out_dir))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         prog: str = "python3 -m panoseti_pipeline quicklook") -> int:
     """Write a quicklook PNG per L0 or L1 store."""
     from panoseti_pipeline.errors import report_each, run_main
+    from panoseti_pipeline.version import add_version_option
 
-    parser = argparse.ArgumentParser(prog="panoseti_pipeline quicklook",
-                                     description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    add_version_option(parser)
     parser.add_argument("stores", nargs="+", help="L0 or L1 Zarr stores")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the PNGs (default: beside each store)")

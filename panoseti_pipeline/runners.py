@@ -163,11 +163,50 @@ def thread_array(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 # --------------------------------------------------------------------------- runners
 
 
+#: run.sh tells its steps whether its own stderr is a terminal ("bar") or not ("lines"):
+#: theirs is always the pipe to its log
+PROGRESS_ENV = "PANOSETI_PROGRESS"
+
+
 def _bar(total: int, desc: str, unit: str, progress: bool) -> Any:
+    """A progress bar on a terminal; whole lines elsewhere (a redirected log, a SLURM
+    ``-o`` file), which tqdm's carriage-return redraws would fill."""
+    if progress and not _progress_on_terminal():
+        return LineProgress(total, desc, unit)
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit != "task",
                 disable=not progress, file=sys.stderr, leave=False)
+
+
+def _progress_on_terminal() -> bool:
+    told = os.environ.get(PROGRESS_ENV, "")
+    return told == "bar" if told in ("bar", "lines") else sys.stderr.isatty()
+
+
+class LineProgress:
+    """Progress as one line at about every 10 % of the work, the last at 100 %."""
+
+    STEP = 0.1
+
+    def __init__(self, total: int, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit = max(total, 1), desc, unit
+        self.done = 0
+        self.shown = 0.0  # the fraction last shown
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        fraction = min(self.done / self.total, 1.0)
+        if fraction >= 1.0 or fraction - self.shown >= self.STEP - 1e-9:
+            self.shown = fraction
+            print(f"{self.desc}: {fraction:4.0%} ({self.done}/{self.total} {self.unit}s)",
+                  file=sys.stderr, flush=True)
 
 
 class LocalRunner:

@@ -448,25 +448,32 @@ def write_big_file(directory: str | Path, megabytes: int, *, dp: str = "img16", 
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         prog: str = "python3 -m panoseti_pipeline synthetic") -> int:
     """Write a synthetic PANOSETI observation (or one big file) for tests and demos."""
     from panoseti_pipeline.errors import run_main
+    from panoseti_pipeline.version import add_version_option
 
-    parser = argparse.ArgumentParser(prog="panoseti_pipeline synthetic",
-                                     description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    add_version_option(parser)
     parser.add_argument("root", help="directory to write into (created if needed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modules", type=int, nargs="+", default=[1])
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed: the same seed writes the same bytes (default 0)")
+    parser.add_argument("--modules", type=int, nargs="+", default=[1],
+                        help="module numbers to record (default: 1)")
     parser.add_argument("--products", nargs="+", default=["img16", "ph256"],
-                        choices=sorted(pff.PRODUCTS))
+                        choices=sorted(pff.PRODUCTS),
+                        help="data products, one stream each per module (default: img16 ph256)")
     parser.add_argument("--frames", type=int, default=2000, help="frames per file")
-    parser.add_argument("--files-per-stream", type=int, default=2)
-    parser.add_argument("--timing", choices=("wr", "gnss"), default="wr")
+    parser.add_argument("--files-per-stream", type=int, default=2,
+                        help="seqno files per stream (default 2)")
+    parser.add_argument("--timing", choices=("wr", "gnss"), default="wr",
+                        help="wr: White Rabbit timing (default); gnss: host clock only")
     parser.add_argument("--faults", default="",
-                        help=f"comma-separated subset of {','.join(FAULTS)}, or 'all'")
+                        help=f"comma-separated subset of {', '.join(FAULTS)}; or all")
     parser.add_argument("--single-file-mb", type=int, default=0,
                         help="instead: write one clean img16 file of this many MB")
-    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     faults = FAULTS if args.faults == "all" else [f for f in args.faults.split(",") if f]
 

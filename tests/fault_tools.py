@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -133,10 +134,16 @@ def permission_problems(root: Path, group_writable: bool) -> list[str]:
 # --------------------------------------------------------------------------- stderr
 
 
+#: a progress line where stderr is not a terminal (runners.LineProgress)
+PROGRESS_LINE = re.compile(r": +\d+% \(\d+/\d+ \w+\)$")
+
+
 def error_lines(stderr: str) -> list[str]:
-    """Lines of stderr that are not progress bars (tqdm redraws with a carriage return)."""
+    """Lines of stderr that are not progress: tqdm's bars (redrawn with a carriage return)
+    on a terminal, whole progress lines elsewhere."""
     return [line for line in stderr.splitlines()
-            if line.strip() and "\r" not in line and "frame/s" not in line]
+            if line.strip() and "\r" not in line and "frame/s" not in line
+            and not PROGRESS_LINE.search(line)]
 
 
 def assert_one_error(stderr: str, prog: str, *needles: str) -> str:

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -62,23 +64,30 @@ def run_sh(*args: str | os.PathLike, config: Path) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def night(tmp_path_factory) -> tuple[Path, list[str]]:
+def night(tmp_path_factory) -> tuple[Path, list[str], str]:
     root = tmp_path_factory.mktemp("index")
     run = synthetic.make_observation(root / "in", seed=2, modules=(1, 2),
                                      products=("img16", "ph256"), frames_per_file=300,
                                      files_per_stream=1, faults=("bad_pixels",))
     config = root / "c.toml"
     config.write_text(CONFIG)
-    result = run_sh(run, root / "out", config=config)
+    result = run_sh(run, root / "in" / ".." / "out", config=config)  # printed normalised
     assert result.returncode == 0, result.stderr
+    assert "/../" not in result.stderr and "/../" not in result.stdout
+    (record,) = (root / "out").glob("run_record_*.toml")
+    log = tomllib.loads(record.read_text())["run"]["log"]
+    assert log == os.path.abspath(log) and Path(log).parent == root / "out"
+    assert f"log: {log}" in result.stderr
+    # stderr into a pipe, as into a file or a SLURM -o: progress as lines, never redrawn
+    assert "\r" not in result.stderr and re.search(r"^.*: 100% \(", result.stderr, re.M)
     products = root / "out" / run.name.removesuffix(".pffd")
     stores = sorted(p.name for p in products.glob("*_L1.zarr"))
     assert len(stores) == 4
-    return products, stores
+    return products, stores, result.stdout
 
 
 def test_a_png_beside_every_store_and_one_page(night):
-    products, stores = night
+    products, stores, _ = night
     for store in stores:
         png = products / f"{store.removesuffix('.zarr')}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,8 +98,33 @@ def test_a_png_beside_every_store_and_one_page(night):
     assert "file://" not in page and "/tmp/" not in page  # relative links only
 
 
+def test_each_ratio_reads_the_same_in_the_summary_the_page_and_pff_info(night):
+    """PFF/L0 and L1/L0 are each defined once (what the steps recorded in the stores):
+    the run's summary table, index.html and ``pff.py info`` show the same two decimals."""
+    import zarr
+
+    products, stores, summary = night
+    page = (products / "index.html").read_text()
+    head = next(line for line in summary.splitlines() if "PFF/L0" in line).split()
+    for store in stores:
+        attrs = dict(zarr.open_group(str(products / store), mode="r").attrs)
+        pff_l0 = f"{attrs['l0']['report']['compression_ratio']:.2f}"
+        l1_l0 = f"{attrs['size']['l1_to_l0_ratio']:.2f}"
+        row = next(line.split() for line in summary.splitlines()
+                   if store.removesuffix("_L1.zarr") in line)
+        assert head[-6:-4] == ["PFF/L0", "L1/L0"]  # then "step1 s", "step2 s"
+        assert row[-4:-2] == [pff_l0, l1_l0], row
+        cells = re.search(rf'<tr class="product[^"]*" data-store="{re.escape(store)}">(.*?)</tr>',
+                          page, re.S)
+        assert cells and f">{pff_l0}<" in cells.group(1) and f">{l1_l0}<" in cells.group(1)
+        info = subprocess.run([sys.executable, str(REPO / "pff.py"), "info",
+                               str(products / store)], capture_output=True, text=True,
+                              check=True).stdout
+        assert f"PFF/L0 {pff_l0}" in info and f"L1/L0 {l1_l0}" in info
+
+
 def test_chromium_shows_every_row_and_every_image(night, tmp_path):
-    products, stores = night
+    products, stores, _ = night
     probe = products / ".probe.html"  # beside the page: the same relative links
     probe.write_text((products / "index.html").read_text().replace("</body>",
                                                                   PROBE + "</body>"))

@@ -328,13 +328,22 @@ def test_unknown_keys_are_kept_and_run_dir_parsed(tmp_path):
     ("data.pff", "not a PFF data file name"),
     ("start_2024-07-25T04:34:46Z.dp_img32.bpp_2.module_1.seqno_0.pff", "unknown data product"),
     ("start_2024-07-25T04:34:46Z.dp_img16.bpp_1.module_1.seqno_0.pff", "bpp_1 disagrees"),
-    ("start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_x.seqno_0.pff", "not a PFF data file"),
-    ("start_2024-07-25T04.dp_img16.bpp_2.module_1.seqno_0.pff", "not a PFF data file"),
+    ("start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_x.seqno_0.pff",
+     r"part module_x is not module_<n> \(expected start_<time>Z\.dp_<dp>\.bpp_<n>\."
+     r"module_<n>\.seqno_<n>\.pff\)"),
+    ("start_2024-07-25T04:34:46Z.dp_img16.bpp_2.seqno_0.pff", "no part module_<n> "),
+    ("start_2024-07-25T04.dp_img16.bpp_2.module_1.seqno_0.pff",
+     "part start_2024-07-25T04 is not start_<YYYY-mm-ddTHH:MM:SS>Z"),
 ])
 def test_bad_names_are_refused_with_the_reason(name, match):
     with pytest.raises(PFFNameError, match=match):
         pff.parse_name(name)
     assert pff.is_housekeeping(name) == (name == "hk.pff")
+
+
+def test_a_bad_run_directory_name_says_which_part_and_the_pattern():
+    with pytest.raises(PFFNameError, match=r"no part start_.*\(expected obs_<site>\.start_"):
+        pff.parse_run_dir("obs_Lick.runtype_sci-obs.pffd")
 
 
 def test_housekeeping_is_not_read_as_images(tmp_path):

@@ -103,7 +103,9 @@ def test_pff_info_describes_the_stores(night, capsys: pytest.CaptureFixture[str]
     assert out[3] == "  flags: " + ", ".join(f"{name}={np.count_nonzero(flags & bit)}"
                                             for bit, name in FLAG_NAMES.items())
     assert out[4].startswith(f"  size: {on_disk} bytes on disk, {raw} uncompressed "
-                             f"(compression ratio {raw / on_disk:.2f}), L1/L0 ")
+                             f"(compression ratio {raw / on_disk:.2f}), PFF/L0 "
+                             f"{group.attrs['l0']['report']['compression_ratio']:.2f}, L1/L0 "
+                             f"{group.attrs['size']['l1_to_l0_ratio']:.2f}")
     hk_attrs = zarr.open_group(str(hk), mode="r").attrs
     assert out[5] == str(hk) and f"{hk_attrs['records']} records" in out[6]
 
@@ -113,3 +115,48 @@ def test_pff_info_describes_the_stores(night, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err.strip()
     assert err == f"pff.py: error: {tmp_path / 'x.zarr'}: not a PFF product store (no " \
                   "data_product attribute)"
+
+
+@pytest.mark.parametrize("between", [
+    ("2024-07-25T04:34:46", "2024-07-25T04:34:46.2"),    # a partial end: its whole ms
+    ("2024-07-25T04:34:46.15", "2024-07-25T04:34:46.3Z"),
+    ("2024-07-25T04:34", "2024-07-25T04:35"),            # whole minutes
+    ("2024-07-25T04:34:46.250000001", "2024-07-25T04:34:46.26"),
+])
+def test_between_selects_what_ds_sel_selects(night, between) -> None:
+    """``between`` with the strings a user pastes is ``ds.sel(time=slice(...))``."""
+    import xarray as xr
+
+    out, run_dir = night
+    for dp in ("img16", "ph256"):
+        (store,) = run_dir.glob(f"*dp_{dp}*_L1.zarr")
+        direct = xr.open_zarr(str(store)).sortby("time")   # sel needs a sorted index
+        want = direct.sel(time=slice(*(t.removesuffix("Z") for t in between)))
+        tree = open_products(out, dp=dp, between=between)
+        got = tree[f"{run_dir.name}/module_1/{dp}"].dataset
+        assert want.sizes["time"] > 0
+        np.testing.assert_array_equal(np.sort(got["time"].values), want["time"].values)
+        np.testing.assert_array_equal(got["images"].sortby("time").values,
+                                      want["images"].values)
+
+
+def test_a_cut_dataset_does_not_state_the_whole_stores_facts(night) -> None:
+    out, run_dir = night
+    whole = open_run(run_dir)["module_1/img16"].dataset
+    between = ("2024-07-25T04:34:46.2", "2024-07-25T04:34:46.3")
+    cut = open_products(out, dp="img16", between=between)[
+        f"{run_dir.name}/module_1/img16"].dataset
+    assert cut.sizes["time"] < whole.sizes["time"] == whole.attrs["total_frames"]
+    for name in ("total_frames", "summary", "flag_counts"):
+        assert name not in cut.attrs and cut.attrs[f"store_{name}"] == whole.attrs[name]
+    assert cut.attrs["between"] == list(between)
+    assert cut.attrs["data_product"] == "img16"
+
+
+@pytest.mark.parametrize("kwargs,match", [({"dp": "img17"}, "img17.*not a data product"),
+                                          ({"level": "L2"}, "L2.*not a level")])
+def test_an_unknown_product_or_level_is_refused(night, kwargs, match) -> None:
+    from panoseti_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        open_products(night[0], **kwargs)

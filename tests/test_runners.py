@@ -112,3 +112,25 @@ def test_a_failed_dask_map_returns_only_when_no_task_still_writes(tmp_path: Path
         shutil.rmtree(partial)  # the caller's clean-up after the failure
         time.sleep(2.0)  # longer than any task still running would need to write
         assert not partial.exists()
+
+
+def test_progress_into_a_file_is_whole_lines_about_every_ten_percent(tmp_path):
+    """Where stderr is not a terminal (a redirected log, a SLURM -o file): no carriage
+    returns, a line at about every 10 % and one at 100 %."""
+    import subprocess
+    import sys
+
+    code = ("from panoseti_pipeline.runners import LocalRunner\n"
+            "LocalRunner(2, progress=True).map(abs, [(i,) for i in range(95)], 'demo step',"
+            " lambda i, r: None)\n")
+    log = tmp_path / "stderr.log"
+    for told in ({}, {"PANOSETI_PROGRESS": "lines"}):
+        with log.open("wb") as err:
+            subprocess.run([sys.executable, "-c", code], stderr=err, check=True, timeout=120,
+                           env={**{k: v for k, v in os.environ.items()
+                                   if k != "PANOSETI_PROGRESS"}, **told})
+        text = log.read_bytes()
+        assert b"\r" not in text and b"\x1b[" not in text
+        lines = text.decode().splitlines()
+        assert lines[-1] == "demo step: 100% (95/95 tasks)"
+        assert 9 <= len(lines) <= 11 and all(line.startswith("demo step: ") for line in lines)

@@ -410,13 +410,13 @@ def test_worker_scratch_inside_the_output_is_refused(night: Path, tmp_path: Path
 
 
 def test_readme_slurm_config_block_is_valid() -> None:
-    """The complete [cluster] block of "Running on a SLURM cluster" loads as it stands."""
+    """The complete [cluster] block of docs/cluster.md's "A SLURM cluster" loads as it stands."""
     import re
 
     from panoseti_pipeline.config import from_dict
 
-    section = (REPO / "README.md").read_text().split("## Running on a SLURM cluster", 1)[1]
+    section = (REPO / "docs" / "cluster.md").read_text().split("## A SLURM cluster", 1)[1]
     block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
-    cluster = from_dict(tomllib.loads(block), "README.md").cluster
+    cluster = from_dict(tomllib.loads(block), "docs/cluster.md").cluster
     assert cluster.cluster_type == "slurm" and cluster.n_workers == 8
     assert "--lifetime" in cluster.slurm_worker_extra_args

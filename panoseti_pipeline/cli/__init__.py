@@ -17,7 +17,8 @@ COMMANDS = {
     "step2": ("panoseti_pipeline.cli.step2:main", "L0 Zarr -> baseline-subtracted L1 Zarr"),
     "cluster": ("panoseti_pipeline.cli.cluster_manager:main",
                 "start a Dask cluster from [cluster], hold it until SIGTERM"),
-    "pff": ("panoseti_pipeline.pff.info:main", "pff info FILE_OR_DIR...: what is in PFF files"),
+    "pff": ("panoseti_pipeline.pff.info:main",
+            "pff info FILE_OR_DIR_OR_STORE...: what is in PFF files and Zarr stores"),
     "config": ("panoseti_pipeline.config:main", "config check|show CONFIG.toml"),
     "synthetic": ("panoseti_pipeline.synthetic:main",
                   "write a synthetic observation (tests, demo, benchmarks)"),
@@ -30,16 +31,26 @@ COMMANDS = {
 }
 
 
+PROG = "python3 -m panoseti_pipeline"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--version"]:
+        from panoseti_pipeline.version import version_line
+
+        print(version_line(PROG))
+        return 0
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-        usage = "usage: python3 -m panoseti_pipeline COMMAND [ARGS...]\n\ncommands:\n"
+        usage = (f"usage: {PROG} COMMAND [ARGS...]\n       {PROG} --version\n\n"
+                 f"commands (COMMAND --help for each):\n")
         print(usage + "\n".join(lines), file=sys.stdout if args else sys.stderr)
         if args and args[0] not in ("-h", "--help"):
             print(f"panoseti_pipeline: error: unknown command {args[0]!r}", file=sys.stderr)
             return 2
         return 0 if args else 2
     module, _, function = COMMANDS[args[0]][0].partition(":")
-    return int(getattr(importlib.import_module(module), function)(args[1:]) or 0)
+    command = getattr(importlib.import_module(module), function)
+    return int(command(args[1:], prog=f"{PROG} {args[0]}") or 0)

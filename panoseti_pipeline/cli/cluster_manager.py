@@ -39,11 +39,14 @@ from panoseti_pipeline.errors import ConfigError, run_main
 PROG = "cluster_lifecycle_manager.py"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    from panoseti_pipeline.version import add_version_option
+
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog,
         description="Start the pipeline's Dask cluster and hold it until SIGTERM/SIGINT.",
     )
+    add_version_option(parser)
     parser.add_argument("config", help="pipeline configuration (TOML), section [cluster]")
     parser.add_argument("scheduler_file", help="file to receive the scheduler address")
     parser.add_argument("--debug", action="store_true", help="tracebacks and Dask logs")

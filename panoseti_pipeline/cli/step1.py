@@ -25,16 +25,21 @@ import sys
 from collections.abc import Sequence
 
 from panoseti_pipeline.errors import EXIT_OK, run_main
+from panoseti_pipeline.version import add_version_option
 
 _ADDRESS = re.compile(r"^[a-z]+://")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+PROG = "step1_pff_to_zarr.py"
+
+
+def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="step1_pff_to_zarr.py",
+        prog=prog,
         description="Convert the PFF file(s) of one stream into a lossless L0 Zarr store.",
         epilog="Positional arguments: INPUT.pff [INPUT.pff ...] OUTPUT_L0.zarr CONFIG.toml "
-               "[SCHEDULER_ADDRESS]. See the module docstring or README for details.")
+               "[SCHEDULER_ADDRESS]. See docs/steps.md.")
+    add_version_option(parser)
     parser.add_argument("args", nargs="+", metavar="ARG",
                         help="input PFF file(s), the output store, the config file, and "
                              "optionally a Dask scheduler address (tcp://host:port)")
@@ -56,8 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return ns
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog)
 
     def body() -> int:
         from panoseti_pipeline import cluster, step1

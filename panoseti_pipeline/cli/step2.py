@@ -26,13 +26,15 @@ from collections.abc import Sequence
 
 from panoseti_pipeline.config import BASELINE_METHODS
 from panoseti_pipeline.errors import EXIT_OK, run_main
+from panoseti_pipeline.version import add_version_option
 
 PROG = "step2_dask_baseline.py"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Subtract the baseline from an L0 Zarr store (-> L1).")
+        prog=prog, description="Subtract the baseline from an L0 Zarr store (-> L1).")
+    add_version_option(parser)
     parser.add_argument("input", metavar="INPUT_L0.zarr", help="L0 store written by step 1")
     parser.add_argument("output", metavar="OUTPUT_L1.zarr", help="L1 store to write")
     parser.add_argument("--config", metavar="CONFIG.toml",
@@ -52,8 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog)
 
     def body() -> int:
         from panoseti_pipeline import cluster, step2

@@ -48,7 +48,7 @@ from pathlib import Path
 from panoseti_pipeline.driver import demo, plan, record
 from panoseti_pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_main
 
-PROG = "panoseti_pipeline driver"
+PROG = "python3 -m panoseti_pipeline driver"
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -244,8 +244,11 @@ def cmd_descendants(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="The Python side of run.sh.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    from panoseti_pipeline.version import add_version_option
+
+    parser = argparse.ArgumentParser(prog=prog, description="The Python side of run.sh.")
+    add_version_option(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -303,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-observation", help="write the demo's small observation")
     p.add_argument("directory")
     p.add_argument("--frames", type=int, default=demo.DEMO_FRAMES, help="frames per file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed writes the same bytes (default 0)")
     p.set_defaults(func=cmd_demo_observation)
 
     p = sub.add_parser("demo-config", help="write the demo's config (loopback cluster)")
@@ -339,6 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     return run_main(lambda: args.func(args), "run.sh", args.debug)

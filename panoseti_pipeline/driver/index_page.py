@@ -42,7 +42,6 @@ def _row_facts(store: Path) -> dict[str, Any]:
     pixel is read)."""
     facts = store_facts(store)
     attrs = read_root(store)[1].get("attributes") or {}
-    l0 = attrs.get("l0", attrs) if facts.level == "L1" else attrs
     summary = attrs.get("summary", {})
     return {"module": facts.module, "product": facts.data_product, "level": facts.level,
             "frames": facts.frames, "first": iso_ns(facts.first_ns),
@@ -50,8 +49,7 @@ def _row_facts(store: Path) -> dict[str, Any]:
             "flags": {k: v for k, v in facts.flag_counts.items() if v},
             "hot_dead": (f"{summary['hot_pixels']} / {summary['dead_pixels']}"
                          if "hot_pixels" in summary else "-"),
-            "compression": (l0.get("report") or {}).get("compression_ratio"),
-            "l1_l0": facts.l1_to_l0}
+            "compression": facts.pff_to_l0, "l1_l0": facts.l1_to_l0}
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

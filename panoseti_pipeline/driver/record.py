@@ -81,12 +81,21 @@ def _store_facts(store: str) -> dict[str, Any]:
     if shape:
         facts["frames"] = shape[0]
     from panoseti_pipeline.errors import InputError
-    from panoseti_pipeline.store.facts import read_root, skipped_ranges
+    from panoseti_pipeline.store.facts import (
+        l1_to_l0_ratio,
+        pff_to_l0_ratio,
+        read_root,
+        skipped_ranges,
+    )
 
     try:
         attrs = read_root(store)[1].get("attributes", {})
     except InputError:
         attrs = {}
+    for name, ratio in (("pff_to_l0", pff_to_l0_ratio(attrs)),
+                        ("l1_to_l0", l1_to_l0_ratio(attrs))):
+        if ratio is not None:
+            facts[name] = ratio
     skipped = skipped_ranges(attrs)
     if skipped:
         facts["skipped"] = skipped
@@ -113,6 +122,7 @@ def record_step(state: dict[str, Any], job_index: int, step: int, status: str, *
         if store and Path(store).is_dir():
             facts = _store_facts(store)
             job["l0_bytes" if step == 1 else "l1_bytes"] = facts["bytes"]
+            job.update({k: facts[k] for k in ("pff_to_l0", "l1_to_l0") if k in facts})
             if "frames" in facts:
                 job["frames"] = facts["frames"]
             if "skipped" in facts:
@@ -164,9 +174,9 @@ def _mb(n: Any) -> str:
     return f"{n / 1e6:.1f}" if isinstance(n, (int, float)) else "-"
 
 
-def _ratio(a: Any, b: Any) -> str:
-    ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0
-    return f"{a / b:.2f}" if ok else "-"
+def _ratio(ratio: Any) -> str:
+    """A ratio the stores recorded (``store.facts``: one definition each), two decimals."""
+    return f"{ratio:.2f}" if isinstance(ratio, (int, float)) else "-"
 
 
 def _secs(job: dict[str, Any], step: int) -> str:
@@ -186,7 +196,8 @@ def summary_table(state: dict[str, Any]) -> list[str]:
         l0_bytes = job.get("l0_bytes", job["input_bytes"] if steps == [2] else None)
         l1 = job.get("l1_bytes")
         rows.append([str(k), job["name"], status, str(job.get("frames", "-")), _mb(pff_bytes),
-                     _mb(l0_bytes), _mb(l1), _ratio(pff_bytes, l0_bytes), _ratio(l1, l0_bytes),
+                     _mb(l0_bytes), _mb(l1), _ratio(job.get("pff_to_l0")),
+                     _ratio(job.get("l1_to_l0")),
                      _secs(job, 1), _secs(job, 2)])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     left = {1, 2}
@@ -215,6 +226,7 @@ def measure_skipped(state: dict[str, Any]) -> None:
         if job["action"] == "skip" and Path(final).is_dir():
             facts = _store_facts(final)
             job["l1_bytes" if job["l1"] else "l0_bytes"] = facts["bytes"]
+            job.update({k: facts[k] for k in ("pff_to_l0", "l1_to_l0") if k in facts})
             job.setdefault("frames", facts.get("frames"))
 
 

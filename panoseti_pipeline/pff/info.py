@@ -151,12 +151,16 @@ def _store_lines(path: Path) -> list[str]:
             f"  flags: {flags or '-'}",
             f"  size: {f.bytes} bytes on disk, {f.raw_bytes} uncompressed "
             f"(compression ratio {ratio})"
+            + (f", PFF/L0 {f.pff_to_l0:.2f}" if f.pff_to_l0 else "")
             + (f", L1/L0 {f.l1_to_l0:.2f}" if f.l1_to_l0 else "")]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``pff.py info FILE_OR_DIR...``: what is in PFF files, one block of lines per file."""
-    parser = argparse.ArgumentParser(prog="pff.py", description=main.__doc__)
+def main(argv: Sequence[str] | None = None, prog: str = "pff.py") -> int:
+    """``pff.py info FILE_OR_DIR_OR_STORE...``: what is in PFF files and Zarr stores."""
+    from panoseti_pipeline.version import add_version_option
+
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    add_version_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="summarise PFF files (a .pffd directory: its files) "
                           "or Zarr stores")

@@ -29,15 +29,39 @@ _START_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2})[:_-](\d{2})[:_-](\d{2}
 HOUSEKEEPING_NAME = "hk.pff"
 
 
+DATA_FILE_PATTERN = "start_<time>Z.dp_<dp>.bpp_<n>.module_<n>.seqno_<n>.pff"
+RUN_DIR_PATTERN = "obs_<site>.start_<time>Z.runtype_<type>.pffd"
+#: how each part of a name reads: key -> the form of its value, its parser
+_PART_FORMS = {"start": ("<YYYY-mm-ddTHH:MM:SS>Z", lambda value: parse_start(value)),
+               "dp": ("<dp>", str), "obs": ("<site>", str), "runtype": ("<type>", str),
+               "bpp": ("<n>", int), "module": ("<n>", int), "seqno": ("<n>", int)}
+
+
 def _pairs(stem: str) -> dict[str, str]:
     """``k1_v1.k2_v2`` -> {k1: v1, k2: v2}; key and value split at the first ``_``."""
     out = {}
     for part in stem.split("."):
         key, sep, value = part.partition("_")
         if not sep or not key:
-            raise ValueError(part)
+            raise ValueError(f"part {part!r} is not <key>_<value>")
         out[key] = value
     return out
+
+
+def _parts(stem: str, keys: Sequence[str]) -> tuple[list, dict[str, str]]:
+    """The values of ``keys`` parsed, and the other pairs; ValueError names the part."""
+    pairs = _pairs(stem)
+    values = []
+    for key in keys:
+        form, parse = _PART_FORMS[key]
+        if key not in pairs:
+            raise ValueError(f"no part {key}_{form}")
+        raw = pairs.pop(key)
+        try:
+            values.append(parse(raw))
+        except ValueError:
+            raise ValueError(f"part {key}_{raw} is not {key}_{form}") from None
+    return values, pairs
 
 
 def parse_start(text: str) -> dt.datetime:
@@ -92,17 +116,13 @@ def parse_name(path: str | os.PathLike) -> PFFName:
     if p.name == HOUSEKEEPING_NAME:
         raise PFFNameError(f"{p}: is housekeeping (hk.pff), not image or pulse-height data")
     if p.suffix != ".pff":
-        raise PFFNameError(f"{p}: not a PFF data file name (expected "
-                           "start_<time>Z.dp_<dp>.bpp_<n>.module_<n>.seqno_<n>.pff)")
+        raise PFFNameError(f"{p}: not a PFF data file name (expected {DATA_FILE_PATTERN})")
     try:
-        pairs = _pairs(p.name[: -len(".pff")])
-        start = parse_start(pairs.pop("start"))
-        dp = pairs.pop("dp")
-        bpp, module, seqno = (int(pairs.pop(k)) for k in ("bpp", "module", "seqno"))
-    except (ValueError, KeyError) as err:
-        raise PFFNameError(f"{p}: not a PFF data file name (bad or missing part {err}; "
-                           "expected start_<time>Z.dp_<dp>.bpp_<n>.module_<n>.seqno_<n>.pff)"
-                           ) from None
+        (start, dp, bpp, module, seqno), pairs = _parts(
+            p.name[: -len(".pff")], ("start", "dp", "bpp", "module", "seqno"))
+    except ValueError as err:
+        raise PFFNameError(f"{p}: not a PFF data file name: {err} "
+                           f"(expected {DATA_FILE_PATTERN})") from None
     product = PRODUCTS.get(dp)
     if product is None:
         raise PFFNameError(f"{p}: unknown data product dp_{dp} (known: {', '.join(PRODUCTS)})")
@@ -116,15 +136,13 @@ def parse_run_dir(path: str | os.PathLike) -> RunName:
     p = Path(path)
     if p.suffix != ".pffd":
         raise PFFNameError(f"{p}: not a PFF observation directory name (must end in .pffd)")
+    stem = p.name[: -len(".pffd")]
     try:
-        pairs = _pairs(p.name[: -len(".pffd")])
-        site = pairs.pop("obs")
-        start = parse_start(pairs.pop("start"))
+        (site, start), pairs = _parts(stem, ("obs", "start"))
         runtype = pairs.pop("runtype", "")
-    except (ValueError, KeyError) as err:
-        raise PFFNameError(f"{p}: not a PFF observation directory name (bad or missing part "
-                           f"{err}; expected obs_<site>.start_<time>Z.runtype_<type>.pffd)"
-                           ) from None
+    except ValueError as err:
+        raise PFFNameError(f"{p}: not a PFF observation directory name: {err} "
+                           f"(expected {RUN_DIR_PATTERN})") from None
     return RunName(p, site, start, runtype, pairs)
 
 

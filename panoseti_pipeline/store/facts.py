@@ -46,6 +46,7 @@ class StoreFacts:
     zarr_json_sha256: str
     bytes: int  # on disk
     raw_bytes: int  # of every array, uncompressed
+    pff_to_l0: float | None  # step 1's compression (of this L0, or of an L1's L0)
     l1_to_l0: float | None
     skipped_ranges: int  # corrupt byte ranges of the input step 1 skipped
 
@@ -91,6 +92,21 @@ def skipped_ranges(attrs: dict[str, Any]) -> list[dict[str, Any]]:
             for r in src.get("skipped", []) if isinstance(r, dict)]
 
 
+def pff_to_l0_ratio(attrs: dict[str, Any]) -> float | None:
+    """PFF bytes / L0 bytes as step 1 measured and recorded it (``report``); an L1 carries
+    its L0's attributes in ``l0``. The one source of this figure: the run summary, the
+    index page and ``pff.py info`` all read it here."""
+    l0 = attrs.get("l0", attrs) if attrs.get("processing_level") == "L1" else attrs
+    ratio = (l0.get("report") or {}).get("compression_ratio")
+    return float(ratio) if isinstance(ratio, (int, float)) else None
+
+
+def l1_to_l0_ratio(attrs: dict[str, Any]) -> float | None:
+    """L1 bytes / L0 bytes as step 2 measured and recorded it (``size``); the one source."""
+    ratio = (attrs.get("size") or {}).get("l1_to_l0_ratio")
+    return float(ratio) if isinstance(ratio, (int, float)) else None
+
+
 def store_facts(path: str | os.PathLike) -> StoreFacts:
     """Describe the product store at ``path`` (ours, L0 or L1, or PANOSETI's L0)."""
     data, meta = read_root(path)
@@ -111,7 +127,7 @@ def store_facts(path: str | os.PathLike) -> StoreFacts:
         created=str(attrs.get("created", "")),
         zarr_json_sha256=hashlib.sha256(data).hexdigest(), bytes=store_bytes(path),
         raw_bytes=sum(_raw_bytes(m) for m in arrays.values() if isinstance(m, dict)),
-        l1_to_l0=(attrs.get("size") or {}).get("l1_to_l0_ratio"),
+        pff_to_l0=pff_to_l0_ratio(attrs), l1_to_l0=l1_to_l0_ratio(attrs),
         skipped_ranges=len(skipped_ranges(attrs)))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.store.publish import PARTIAL_SUFFIX
 from panoseti_pipeline.store.shard_reader import ShardedFrames, frames_of
 from panoseti_pipeline.store.spec import SPEC_VERSION_KEY, FrameArray
+from panoseti_pipeline.version import git_revision
 
 if TYPE_CHECKING:  # zarr is imported where it is used: 0.35 s a step 1 task never needs
     import zarr
@@ -219,7 +219,7 @@ def software_versions() -> dict[str, str]:
     import numcodecs
     import zarr
 
-    versions = {"pipeline": _git_revision(), "python": sys.version.split()[0],
+    versions = {"pipeline": git_revision(), "python": sys.version.split()[0],
                 "numpy": np.__version__, "zarr": zarr.__version__,
                 "numcodecs": numcodecs.__version__}
     from importlib.metadata import PackageNotFoundError, version
@@ -229,11 +229,3 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def _git_revision() -> str:
-    repo = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
