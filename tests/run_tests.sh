@@ -22,12 +22,25 @@ main() {
   bootstrap_python_env "$REPO_ROOT" "$REPO_ROOT/requirements-test.txt"
   cd -- "$REPO_ROOT"
 
+  # Byte-code cache: the suite starts a few hundred Python processes (run.sh's steps and
+  # driver calls, cluster managers, workers), each importing numpy, dask, zarr and xarray.
+  # Without written .pyc files (PYTHONDONTWRITEBYTECODE, and the venv is installed with
+  # --no-compile) every one of them compiles those modules again: ~4 s of CPU each. So the
+  # tests write byte code, into one cache inside .venv (PYTHONPYCACHEPREFIX; the source
+  # tree gets no __pycache__), unless the caller chose a cache directory of their own.
+  export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-$REPO_ROOT/.venv/pycache}"
+  unset PYTHONDONTWRITEBYTECODE
+
   echo "run_tests.sh: ruff check $REPO_ROOT" >&2
   "$PYTHON" -m ruff check "$REPO_ROOT" || lint_rc=$?
 
   # One pytest worker per CPU this process may use, first: a later -n in the arguments
-  # (e.g. -n 0 to debug) wins.
-  "$PYTHON" -m pytest -n "$(nproc)" "$@" || test_rc=$?
+  # (e.g. -n 0 to debug) wins. --dist loadscope: each module (test class) runs whole on
+  # one worker, so a module's fixture (a night through run.sh, a running cluster) is made
+  # once, not once per worker; the modules with the most tests are handed out first.
+  # (--dist loadgroup would allow finer groups, but pytest-xdist 3.8 ignores xdist_group
+  # marks under pytest 9.2: pytest-dev/pytest-xdist#1386.)
+  "$PYTHON" -m pytest -n "$(nproc)" --dist loadscope "$@" || test_rc=$?
 
   if ((test_rc == 5)); then
     echo "run_tests.sh: error: pytest collected no tests (exit 5); counted as a failure" >&2
