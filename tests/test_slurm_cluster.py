@@ -204,11 +204,12 @@ def test_workers_run_in_slurm_jobs_on_loopback_and_are_cancelled(
     manager = make_manager(slurm_keys(tmp_path))
     address = manager.wait_ready()
     up_s = time.monotonic() - started
-    assert address.startswith("tcp://127.0.0.1:")
+    assert address.startswith("tls://127.0.0.1:")
     assert f"scheduler {address} (slurm, 2 workers)" in manager.stdout
     queued = dict(bed.jobs())
     assert sorted(queued.values()) == ["RUNNING", "RUNNING"], queued
-    client = dask_cluster.connect_client(address, timeout=30)
+    client = dask_cluster.connect_client(address, timeout=30,
+                                               credentials=manager.credentials)
     try:
         rows = dask_cluster.describe_workers(client)
     finally:
@@ -274,12 +275,13 @@ def test_scancel_of_a_worker_job_mid_step_gives_the_same_store(
         manager = make_manager(slurm_keys(tmp_path, slow_task_s=2.0))
         address = manager.wait_ready()
         assert ref.finish() == 0, ref.stderr
-    client = dask_cluster.connect_client(address, timeout=30)
+    client = dask_cluster.connect_client(address, timeout=30,
+                                               credentials=manager.credentials)
     out = tmp_path / "slurm_L0.zarr"
     try:
         jobs = {r["address"]: r["slurm_job"] for r in dask_cluster.describe_workers(client)}
         with Spawned([PYTHON, STEP1, *inputs, str(out), str(manager.config), address,
-                      "--quiet"], env) as step1:
+                      "--quiet", "--dask-credentials", manager.credentials], env) as step1:
             victim = None
             deadline = time.monotonic() + RUN_TIMEOUT_S
             while victim is None and time.monotonic() < deadline:
