@@ -80,10 +80,12 @@ def dask_config(directory: str) -> dict[str, object]:
     """Dask configuration making a process's default ``Security`` the one of
     ``directory`` (for remote processes, which get the configuration, not objects)."""
     cert, key = f"{directory}/{CERT}", f"{directory}/{KEY}"
-    tls: dict[str, object] = {"ca-file": cert}
-    for role in ("scheduler", "worker", "client"):
-        tls[role] = {"cert": cert, "key": key}
-    return {"distributed.comm.require-encryption": True, "distributed.comm.tls": tls}
+    settings: dict[str, object] = {"distributed.comm.require-encryption": True,
+                                   "distributed.comm.tls.ca-file": cert}
+    for role in ("scheduler", "worker", "client"):  # leaf by leaf: the other TLS keys stay
+        settings[f"distributed.comm.tls.{role}.cert"] = cert
+        settings[f"distributed.comm.tls.{role}.key"] = key
+    return settings
 
 
 def remove(directory: str | os.PathLike[str]) -> None:

@@ -206,13 +206,14 @@ def one_cluster(bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneCl
     manager = ManagerProcess(workdir, config).start()
     try:
         address = manager.wait_ready()
-        remote = Path.home() / f".panoseti_{Path(manager.credentials).name}"
+        local = Path(manager.credentials)
+        remote = Path.home() / f".panoseti_{local.name}"
         yield OneCluster(manager, address, {p.pid for p in bed.processes()})
         assert manager.terminate() == 0, manager.stderr
         assert "ssh cluster closed" in manager.stdout
         assert not manager.scheduler_file.exists()
         # the TLS credentials are gone, here and on the SSH hosts
-        assert not Path(manager.credentials).exists() and not remote.exists()
+        assert not local.exists() and not remote.exists()
     finally:
         manager.stop()
         assert_nothing_left(bed, manager.tag)
