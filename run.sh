@@ -55,6 +55,7 @@ CONFIG=""
 RUN_TMP=""
 STATE_FILE=""
 SCHEDULER_FILE=""
+CLUSTER_CREDENTIALS="" # TLS credentials directory of the cluster (its scheduler file's 2nd line)
 CLUSTER_LOG=""
 CLUSTER_ADDRESS=""
 MANAGER_PID=""
@@ -331,7 +332,7 @@ start_cluster() {
     fi
     sleep "$WAIT_POLL_S"
   done
-  CLUSTER_ADDRESS="$(<"$SCHEDULER_FILE")"
+  { IFS= read -r CLUSTER_ADDRESS && IFS= read -r CLUSTER_CREDENTIALS; } <"$SCHEDULER_FILE" || true
   while IFS= read -r line; do
     say "cluster: $line"
   done <"$CLUSTER_LOG"
@@ -545,6 +546,7 @@ run_job() {
 
   if [[ "$OPT_STEPS" == *1* ]]; then
     if [[ -n "$CLUSTER_ADDRESS" ]]; then address=("$CLUSTER_ADDRESS"); fi
+    if [[ -n "$CLUSTER_CREDENTIALS" ]]; then address+=(--dask-credentials "$CLUSTER_CREDENTIALS"); fi
     say "$tag: step 1, PFF -> L0: ${#files[@]} file(s) -> $l0"
     CURRENT_STEP=1
     run_step "$PYTHON" "$REPO_ROOT/step1_pff_to_zarr.py" "${files[@]}" "$l0" "$CONFIG" \
@@ -563,6 +565,7 @@ run_job() {
   if [[ "$OPT_STEPS" == *2* ]]; then
     address=()
     if [[ -n "$CLUSTER_ADDRESS" ]]; then address=(--dask-scheduler "$CLUSTER_ADDRESS"); fi
+    if [[ -n "$CLUSTER_CREDENTIALS" ]]; then address+=(--dask-credentials "$CLUSTER_CREDENTIALS"); fi
     say "$tag: step 2, L0 -> L1: $l1"
     CURRENT_STEP=2
     run_step "$PYTHON" "$REPO_ROOT/step2_dask_baseline.py" "$l0" "$l1" --config "$CONFIG" \

@@ -62,10 +62,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from panoseti_pipeline import cluster_credentials
 from panoseti_pipeline.errors import ClusterError, ConfigError
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, Security
 
 #: Environment variables (exact names or prefixes ending in "_") forwarded to SSH workers.
 WORKER_ENV_PREFIXES: tuple[str, ...] = (
@@ -157,17 +158,25 @@ def ssh_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
     }
 
 
-def slurm_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
+def slurm_cluster_arguments(cluster_config: Any,
+                            credentials: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Keyword arguments for :class:`dask_jobqueue.SLURMCluster` (nothing is submitted).
 
     The ``slurm_*`` keys map to the option after the prefix. With an ``interface``, the
     job script looks up that interface's address on its node (with the workers' Python)
-    and binds the worker's HTTP server to it.
+    and binds the worker's HTTP server to it. With ``credentials`` (a directory of
+    :mod:`~panoseti_pipeline.cluster_credentials`), every connection uses TLS: the job
+    script writes the credentials on its node for its workers.
     """
     c = cluster_config
     python = c.remote_python or sys.executable
     prologue = list(c.slurm_job_script_prologue)
     worker_args = list(c.slurm_worker_extra_args)
+    tls: dict[str, Any] = {}
+    if credentials is not None:
+        prologue = cluster_credentials.job_script_lines(credentials) + prologue
+        worker_args += cluster_credentials.job_worker_args()
+        tls = {"protocol": "tls://", "security": cluster_credentials.security(credentials)}
     host = ""
     if c.interface:
         host = interface_address(c.interface)
@@ -193,6 +202,7 @@ def slurm_cluster_arguments(cluster_config: Any) -> dict[str, Any]:
             "dashboard": bool(c.dashboard_port),
             "dashboard_address": f"{host}:{int(c.dashboard_port)}",
         },
+        **tls,
     }
 
 
@@ -203,9 +213,15 @@ class ClusterHandle:
     joined, or raises :class:`ClusterError` after ``startup_timeout_s`` with everything
     it started already closed. :meth:`close` is idempotent. As a context manager the
     handle is closed on exit (it is not started on entry).
+
+    A cluster the handle starts (every kind but ``scheduler``) accepts only TLS
+    connections with the temporary credentials it makes in ``credentials_parent`` (a
+    private directory, :attr:`credentials`, removed on close); the steps connect with
+    them (:func:`connect_client`).
     """
 
-    def __init__(self, cluster_config: Any, *, silence_logs: int = logging.ERROR) -> None:
+    def __init__(self, cluster_config: Any, *, silence_logs: int = logging.ERROR,
+                 credentials_parent: str | os.PathLike[str] | None = None) -> None:
         self.config = cluster_config
         self.kind = cluster_config.cluster_type  # resolved and checked by the config
         self.state = ClusterState.NEW
@@ -221,6 +237,11 @@ class ClusterHandle:
         self._workers_tried: threading.Event | None = None
         #: Every SLURM job id this handle submitted (appended as sbatch answers).
         self._job_ids: list[str] = []
+        self._credentials_parent = credentials_parent
+        #: The directory of this cluster's TLS credentials (None: no TLS of ours).
+        self.credentials: Path | None = None
+        #: Where the SSH hosts keep them, relative to the SSH user's home directory.
+        self._remote_credentials: str | None = None
 
     def __repr__(self) -> str:
         where = f" {self.address}" if self.address else ""
@@ -256,6 +277,9 @@ class ClusterHandle:
         self.state = ClusterState.STARTING
         self._pids_before = _child_pids()
         try:
+            if self.kind != "scheduler":
+                self.credentials = cluster_credentials.create(
+                    self._credentials_parent or tempfile.gettempdir())
             if self.kind == "local":
                 self._start_local()
             elif self.kind == "ssh":
@@ -264,7 +288,8 @@ class ClusterHandle:
                 self._start_slurm()
             else:
                 self.address = self.config.scheduler_address  # set: the config checked it
-            self._client = _open_client(self.address, _remaining(deadline, floor=1.0))
+            self._client = _open_client(self.address, _remaining(deadline, floor=1.0),
+                                        self._security())
             self._wait_for_workers(need, deadline)
             if self.kind == "scheduler":
                 self.dashboard_link = self._client.dashboard_link  # not ours to judge
@@ -296,6 +321,16 @@ class ClusterHandle:
             _reap(started)
         elif self.kind == "slurm":
             _cancel_jobs(self._job_ids)
+        if self._remote_credentials is not None:
+            _remove_remote_credentials(self._remote_credentials, self.config)
+        if self.credentials is not None:
+            cluster_credentials.remove(self.credentials)
+
+    def _security(self) -> Security | None:
+        """The client side of this cluster's TLS (None: the Dask configuration's)."""
+        if self.credentials is None:
+            return None
+        return cluster_credentials.security(self.credentials)
 
     # -- starting ------------------------------------------------------------------
 
@@ -322,6 +357,8 @@ class ClusterHandle:
                 dashboard_address=dashboard_address,
                 scheduler_kwargs={"dashboard": dashboard},
                 silence_logs=self._silence_logs,
+                protocol="tls://",
+                security=self._security(),
             )
         except Exception as err:
             raise ClusterError(f"local cluster did not start: {_describe(err)}") from err
@@ -333,16 +370,36 @@ class ClusterHandle:
 
     def _start_ssh(self) -> None:
         import dask.config
-        from distributed import SSHCluster
+        from distributed import SpecCluster
 
         import_asyncssh()  # before distributed imports it, without its warnings
         args = ssh_cluster_arguments(self.config)
         hosts = args.pop("hosts")
+        assert self.credentials is not None
+        # Each host keeps the credentials in the SSH user's home directory (its own,
+        # whoever else uses the host), at a path every remote process finds through the
+        # Dask configuration forwarded with its command.
+        remote = self._remote_credentials = f".panoseti_{self.credentials.name}"
         # Remote processes report their address through their log (dask/distributed#8393).
-        dask.config.set({"logging.distributed": "info"})
+        dask.config.set({"logging.distributed": "info",
+                         **cluster_credentials.dask_config(remote)})
+        args["scheduler_options"]["protocol"] = "tls"
+        args["worker_options"]["protocol"] = "tls"
+        push = (str(self.credentials), remote)
         try:
             # Scheduler first (blocking, bounded by asyncssh's connect_timeout) ...
-            self._cluster = SSHCluster(hosts=hosts[:1], silence_logs=self._silence_logs, **args)
+            self._cluster = SpecCluster(
+                workers={},
+                scheduler={"cls": _ssh_scheduler_class(push), "options": {
+                    "address": hosts[0],
+                    "connect_options": args["connect_options"],
+                    "kwargs": args["scheduler_options"],
+                    "remote_python": args["remote_python"],
+                }},
+                name="SSHCluster",
+                security=self._security(),
+                silence_logs=self._silence_logs,
+            )
         except Exception as err:
             raise ClusterError(
                 f"SSH scheduler on {hosts[0]} did not start: {_describe(err)}; "
@@ -355,7 +412,7 @@ class ClusterHandle:
         # so that min_workers can be met while a slow or dead host is still tried.
         for i, host in enumerate(hosts[1:]):
             self._cluster.worker_spec[i] = {
-                "cls": _ssh_host_workers_class(),
+                "cls": _ssh_host_workers_class(push),
                 "options": {
                     "address": host,
                     "connect_options": args["connect_options"],
@@ -377,7 +434,7 @@ class ClusterHandle:
             self._cluster = SLURMCluster(
                 job_cls=_recorded_slurm_job_class(self._job_ids),
                 silence_logs=self._silence_logs,
-                **slurm_cluster_arguments(c),
+                **slurm_cluster_arguments(c, self.credentials),
             )
         except Exception as err:
             raise ClusterError(f"SLURM cluster did not start: {_describe(err)}") from err
@@ -483,8 +540,11 @@ def start_cluster(cluster_config: Any) -> ClusterHandle:
 
 
 @contextlib.contextmanager
-def step_client(address: str | None, debug: bool = False) -> Iterator[Client | None]:
+def step_client(address: str | None, debug: bool = False,
+                credentials: str | None = None) -> Iterator[Client | None]:
     """The client a step runs its tasks through; None (run locally) without an address.
+
+    ``credentials`` is the TLS credentials directory of a cluster the pipeline started.
 
     Keeps distributed's log lines out of the step's one-line errors unless ``debug``,
     and closes the client at the end.
@@ -494,7 +554,7 @@ def step_client(address: str | None, debug: bool = False) -> Iterator[Client | N
         return
     if not debug:
         quiet_client_logs()
-    client = connect_client(address)
+    client = connect_client(address, credentials=credentials)
     try:
         yield client
     finally:
@@ -514,9 +574,20 @@ def quiet_client_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def connect_client(address: str, timeout: float = 30.0) -> Client:
-    """Connect to the scheduler at ``address`` (a :class:`ClusterError` if it is not there)."""
-    return _open_client(address, timeout)
+def add_credentials_option(parser: Any) -> None:
+    """A step's ``--dask-credentials`` option (argparse)."""
+    parser.add_argument("--dask-credentials", metavar="DIRECTORY",
+                        help="TLS credentials of the Dask scheduler (the directory named in "
+                             "the cluster manager's scheduler file)")
+
+
+def connect_client(address: str, timeout: float = 30.0,
+                   credentials: str | os.PathLike[str] | None = None) -> Client:
+    """Connect to the scheduler at ``address`` (a :class:`ClusterError` if it is not there),
+    with the TLS ``credentials`` directory of a cluster the pipeline started; without
+    them, with the Dask configuration's ``distributed.comm.tls`` settings."""
+    security = cluster_credentials.security(credentials) if credentials else None
+    return _open_client(address, timeout, security)
 
 
 def describe_workers(client: Client) -> list[dict[str, Any]]:
@@ -561,16 +632,17 @@ def describe_workers(client: Client) -> list[dict[str, Any]]:
     return rows
 
 
-def write_scheduler_file(path: str | os.PathLike[str], address: str) -> None:
-    """Write ``address`` and a newline to ``path`` atomically (temp file + rename)."""
+def write_scheduler_file(path: str | os.PathLike[str], address: str,
+                         credentials: str | os.PathLike[str] | None = None) -> None:
+    """Write ``address`` and the credentials directory (an empty line for none), a line
+    each, to ``path`` atomically (temp file + rename), readable by its owner only."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(address + "\n")
+        with os.fdopen(fd, "w") as f:  # mkstemp's mode: 0600
+            f.write(f"{address}\n{credentials or ''}\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -578,19 +650,29 @@ def write_scheduler_file(path: str | os.PathLike[str], address: str) -> None:
         raise
 
 
-def read_scheduler_file(path: str | os.PathLike[str]) -> str:
-    """The address written by :func:`write_scheduler_file`."""
-    return Path(path).read_text().strip()
+def read_scheduler_file(path: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """The address and the credentials directory (or None) of :func:`write_scheduler_file`."""
+    address, credentials = ([*Path(path).read_text().splitlines(), "", ""])[:2]
+    return address.strip(), credentials.strip() or None
 
 
 # -- helpers -------------------------------------------------------------------------
 
 
-def _open_client(address: str, timeout: float) -> Client:
+def _open_client(address: str, timeout: float, security: Security | None = None) -> Client:
     from distributed import Client
 
     try:
-        return Client(address, timeout=timeout)
+        return Client(address, timeout=timeout, security=security)
+    except TypeError as err:  # distributed's "TLS expects a `ssl_context` argument"
+        if not address.startswith("tls://"):
+            raise
+        raise ClusterError(
+            f"the Dask scheduler at {address} accepts TLS connections only, and no TLS "
+            f"credentials were given: pass the directory on the second line of the cluster "
+            f"manager's scheduler file (--dask-credentials), or set distributed.comm.tls "
+            f"in the Dask configuration"
+        ) from err
     except (OSError, TimeoutError) as err:
         raise ClusterError(
             f"cannot reach the Dask scheduler at {address} within {timeout:g} s "
@@ -641,6 +723,11 @@ def _recorded_slurm_job_class(job_ids: list[str]) -> type:
     from distributed.core import Status
 
     class RecordedSLURMJob(SLURMJob):
+        def __init__(self, *args: Any, security: Any = None, **kwargs: Any) -> None:
+            # The TLS options come from the job script (slurm_cluster_arguments): the
+            # scheduler's own files are not on the job's node.
+            super().__init__(*args, security=None, **kwargs)
+
         async def start(self) -> None:
             try:
                 await super().start()
@@ -732,12 +819,6 @@ def _current_user() -> str:
     return getpass.getuser()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def import_asyncssh() -> ModuleType:
     """asyncssh, imported without cryptography's deprecation warnings.
 
@@ -782,13 +863,67 @@ def _ssh_hint(err: BaseException, host: str, config: Any) -> str:
     return "check ssh_hosts, ssh_username, ssh_client_keys, ssh_known_hosts and remote_python"
 
 
-def _ssh_host_workers_class() -> type:
-    """distributed's SSH worker group, whose start failure names its host."""
+async def _push_credentials(address: str, connect_options: dict[str, Any],
+                            push: tuple[str, str]) -> None:
+    """Write the credentials of local directory ``push[0]`` to ``push[1]`` on ``address``
+    over a verified SSH connection (the same options as the cluster's)."""
+    asyncssh = import_asyncssh()
+    local, remote = push
+    async with asyncssh.connect(address, **connect_options) as connection:
+        for name, text in cluster_credentials.read_pems(local).items():
+            done = await connection.run(cluster_credentials.remote_write_command(remote, name),
+                                        input=text)
+            if done.exit_status != 0:
+                raise ClusterError(
+                    f"cannot write the cluster's TLS credentials to ~/{remote} on {address} "
+                    f"(exit {done.exit_status}): {_describe(Exception(done.stderr or ''))}"
+                )
+
+
+def _remove_remote_credentials(remote: str, config: Any) -> None:
+    """Remove ``~/remote`` on every SSH host (after the cluster's processes ended)."""
+    import asyncio
+    import shlex
+
+    args = ssh_cluster_arguments(config)
+    asyncssh = import_asyncssh()
+
+    async def remove(host: str) -> None:
+        async with asyncssh.connect(host, **args["connect_options"]) as connection:
+            await connection.run(f"rm -rf -- {shlex.quote(remote)}")
+
+    async def remove_all() -> None:
+        hosts = list(dict.fromkeys(args["hosts"]))
+        for host, result in zip(hosts, await asyncio.gather(
+                *(remove(h) for h in hosts), return_exceptions=True), strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("could not remove ~/%s on %s: %s", remote, host,
+                               _describe(result))
+
+    asyncio.run(remove_all())
+
+
+def _ssh_scheduler_class(push: tuple[str, str]) -> type:
+    """distributed's SSH scheduler, given the credentials on its host before it starts."""
+    from distributed.deploy.ssh import Scheduler as SSHScheduler
+
+    class SSHSchedulerWithCredentials(SSHScheduler):
+        async def start(self) -> None:
+            await _push_credentials(self.address, self.connect_options, push)
+            await super().start()
+
+    return SSHSchedulerWithCredentials
+
+
+def _ssh_host_workers_class(push: tuple[str, str]) -> type:
+    """distributed's SSH worker group, given the credentials on its host before it
+    starts, whose start failure names its host."""
     from distributed.deploy.ssh import Worker as SSHWorker
 
     class SSHHostWorkers(SSHWorker):
         async def start(self) -> None:
             try:
+                await _push_credentials(self.address, self.connect_options, push)
                 await super().start()
             except Exception as err:
                 with contextlib.suppress(Exception):

@@ -160,10 +160,15 @@ class ManagerProcess:
             if time.monotonic() > deadline:
                 pytest.fail(f"no scheduler file after {timeout} s: {self.stderr}")
             time.sleep(0.05)
-        address = self.scheduler_file.read_text().strip()
+        address = self.scheduler_file.read_text().splitlines()[0]
         while "stop with:" not in self.stdout and time.monotonic() < deadline:
             time.sleep(0.05)  # the file is written just before the lines are printed
         return address
+
+    @property
+    def credentials(self) -> str | None:
+        """The TLS credentials directory named in the scheduler file (None: none)."""
+        return self.scheduler_file.read_text().splitlines()[1] or None
 
     def wait_exit(self, timeout: float = 30.0) -> int:
         assert self.proc is not None

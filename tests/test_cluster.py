@@ -117,6 +117,8 @@ def assert_all_gone(manager: ManagerProcess, seen: list[psutil.Process]) -> None
     assert not alive, [p.pid for p in alive]
     assert not tagged_processes(manager.tag)
     assert not manager.scheduler_file.exists()
+    # the cluster's TLS credentials went with it
+    assert not list(manager.workdir.glob("dask_tls.*"))
 
 
 # -- the running cluster ---------------------------------------------------------------
@@ -124,7 +126,7 @@ def assert_all_gone(manager: ManagerProcess, seen: list[psutil.Process]) -> None
 
 def test_manager_publishes_a_loopback_cluster(running: tuple[ManagerProcess, str]) -> None:
     manager, address = running
-    assert address.startswith("tcp://127.")
+    assert address.startswith("tls://127.")
     assert f"scheduler {address}" in manager.stdout
     assert "dashboard off" in manager.stdout
     # Every socket the manager and its workers listen on is on loopback.
@@ -135,6 +137,29 @@ def test_manager_publishes_a_loopback_cluster(running: tuple[ManagerProcess, str
     assert all(laddr.ip.startswith("127.") for laddr in listening), listening
     # No file left half-written next to the scheduler file.
     assert [p.name for p in manager.workdir.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_cluster_refuses_clients_without_its_credentials(
+        running: tuple[ManagerProcess, str]) -> None:
+    """Only a client holding the cluster's temporary key gets in; nobody else can read it."""
+    manager, address = running
+    credentials = Path(manager.credentials)
+    assert credentials.parent == manager.workdir
+    assert manager.scheduler_file.stat().st_mode & 0o777 == 0o600
+    assert credentials.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in credentials.iterdir()) == ["cert.pem", "key.pem"]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in credentials.iterdir())
+    with pytest.raises(ClusterError, match="accepts TLS connections only"):
+        dask_cluster.connect_client(address, timeout=5)  # no credentials
+    with pytest.raises(ClusterError, match="cannot reach"):
+        dask_cluster.connect_client(address.replace("tls://", "tcp://"), timeout=5)
+    with pytest.raises(OSError, match="certificate"):  # credentials of another cluster
+        distributed.Client(address, timeout=5, security=distributed.Security.temporary())
+    client = dask_cluster.connect_client(address, timeout=10, credentials=str(credentials))
+    try:
+        assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+    finally:
+        client.close()
 
 
 #: pipeline modules that tasks import on the workers
@@ -148,12 +173,12 @@ def installed_file(name: str) -> Path:
 
 
 def test_workers_import_the_installed_package(running: tuple[ManagerProcess, str]) -> None:
-    _, address = running
-    client = dask_cluster.connect_client(address, timeout=10)
+    manager, address = running
+    client = dask_cluster.connect_client(address, timeout=10, credentials=manager.credentials)
     try:
         rows = dask_cluster.describe_workers(client)
         assert len(rows) == 2
-        assert all(r["address"].startswith("tcp://127.") for r in rows)
+        assert all(r["address"].startswith("tls://127.") for r in rows)
         assert all(r["host"].startswith("127.") and r["nthreads"] == 1 for r in rows)
         assert all(r["memory_limit"] == 10**9 and r["pid"] and r["cwd"] for r in rows)
         for row in rows:
@@ -169,19 +194,21 @@ def test_workers_import_the_installed_package(running: tuple[ManagerProcess, str
 def test_late_worker_elsewhere_imports_the_package(running: tuple[ManagerProcess, str],
                                                   tmp_path: Path) -> None:
     """A worker that joins later, with cwd outside the repo and no PYTHONPATH to it."""
-    _, address = running
-    client = dask_cluster.connect_client(address, timeout=10)
+    manager, address = running
+    client = dask_cluster.connect_client(address, timeout=10, credentials=manager.credentials)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cert, key = (f"{manager.credentials}/{name}" for name in ("cert.pem", "key.pem"))
     worker = subprocess.Popen(
         [PYTHON, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
          "--no-nanny", "--no-dashboard", "--interface", "lo", "--name", "late",
-         "--local-directory", str(tmp_path / "space")],
+         "--local-directory", str(tmp_path / "space"),
+         "--tls-ca-file", cert, "--tls-cert", cert, "--tls-key", key],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         client.wait_for_workers(3, timeout=30)
         late = [r for r in dask_cluster.describe_workers(client) if r["name"] == "late"]
-        assert len(late) == 1 and late[0]["address"].startswith("tcp://127.")
+        assert len(late) == 1 and late[0]["address"].startswith("tls://127.")
         got = client.submit(
             module_probe(), TASK_MODULES, workers=[late[0]["address"]], pure=False
         ).result(timeout=30)
@@ -206,7 +233,13 @@ def test_scheduler_type_checks_publishes_and_leaves_it_running(
     manager = make_manager(
         cluster_type="scheduler", scheduler_address=address, startup_timeout_s=10.0
     )
+    # a scheduler of the user's own with TLS: its credentials come from Dask's configuration
+    cert, key = (f"{owner.credentials}/{name}" for name in ("cert.pem", "key.pem"))
+    manager.env.update({"DASK_DISTRIBUTED__COMM__TLS__CA_FILE": cert,
+                        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": cert,
+                        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": key})
     assert manager.start().wait_ready() == address
+    assert manager.credentials is None  # none of ours to publish
     manager.proc.send_signal(signal.SIGTERM)
     assert manager.wait_exit() == 0, manager.stderr
     assert not manager.scheduler_file.exists()
@@ -238,7 +271,7 @@ def test_signal_closes_everything(manager_per_signal: dict[int, ManagerProcess],
                                   signum: int) -> None:
     manager = manager_per_signal[signum]
     address = manager.wait_ready()
-    assert address.startswith("tcp://127.")
+    assert address.startswith("tls://127.")
     seen = manager.descendants()
     assert len(seen) >= 2  # the two worker processes
     manager.proc.send_signal(signum)
@@ -304,11 +337,13 @@ def test_handle_states_and_idempotent_close(tmp_path: Path) -> None:
     with handle:
         handle.start()
         assert handle.state is dask_cluster.ClusterState.RUNNING
-        assert handle.address.startswith("tcp://127.")
+        assert handle.address.startswith("tls://127.")
+        assert handle.credentials is not None and handle.credentials.is_dir()
         assert len(handle.client.nthreads()) == 1
         with pytest.raises(ClusterError, match="already running"):
             handle.start()
     assert handle.state is dask_cluster.ClusterState.CLOSED
+    assert not handle.credentials.exists()
     handle.close()
     with pytest.raises(ClusterError, match="closed"):
         _ = handle.client
@@ -323,10 +358,13 @@ def test_handle_refuses_use_dask_false(tmp_path: Path) -> None:
 def test_write_scheduler_file_is_atomic(tmp_path: Path) -> None:
     target = tmp_path / "sched.txt"
     target.write_text("tcp://old:1\n")
-    dask_cluster.write_scheduler_file(target, "tcp://127.0.0.1:8786")
-    assert dask_cluster.read_scheduler_file(target) == "tcp://127.0.0.1:8786"
+    dask_cluster.write_scheduler_file(target, "tls://127.0.0.1:8786", tmp_path / "tls")
+    assert dask_cluster.read_scheduler_file(target) == ("tls://127.0.0.1:8786",
+                                                        str(tmp_path / "tls"))
     assert [p.name for p in tmp_path.iterdir()] == ["sched.txt"]
-    assert target.stat().st_mode & 0o002 == 0
+    assert target.stat().st_mode & 0o777 == 0o600
+    dask_cluster.write_scheduler_file(target, "tcp://127.0.0.1:8786")
+    assert dask_cluster.read_scheduler_file(target) == ("tcp://127.0.0.1:8786", None)
     with pytest.raises(OSError):
         dask_cluster.write_scheduler_file(tmp_path / "missing" / "s.txt", "tcp://x:1")
 

@@ -249,7 +249,7 @@ def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: 
     for name in data.expected:
         assert Path(name).name[: -len("_L1.zarr")] in stdout  # the summary table
     if mode == "dask":
-        assert record["cluster"]["scheduler_address"].startswith("tcp://127.0.0.1:")
+        assert record["cluster"]["scheduler_address"].startswith("tls://127.0.0.1:")
         assert record["cluster"]["workers"] == 2
 
     # Again: everything is there, so every input is skipped and no cluster starts.

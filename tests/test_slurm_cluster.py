@@ -45,6 +45,7 @@ from fault_tools import (  # noqa: E402
 from process_tools import (  # noqa: E402
     PYTHON,
     ManagerProcess,
+    cmdline,
     described,
     lingering,
     start_or_skip,
@@ -55,8 +56,10 @@ from process_tools import (  # noqa: E402
 from panoseti_pipeline import cluster as dask_cluster  # noqa: E402
 from panoseti_pipeline.config import load_config  # noqa: E402
 from panoseti_pipeline.driver import plan as driver_plan  # noqa: E402
+from panoseti_pipeline.errors import ClusterError  # noqa: E402
 
 psutil = pytest.importorskip("psutil")
+distributed = pytest.importorskip("distributed")
 
 #: Two worker jobs of one core each: the test node has CPUs=2.
 SLURM = {
@@ -204,11 +207,12 @@ def test_workers_run_in_slurm_jobs_on_loopback_and_are_cancelled(
     manager = make_manager(slurm_keys(tmp_path))
     address = manager.wait_ready()
     up_s = time.monotonic() - started
-    assert address.startswith("tcp://127.0.0.1:")
+    assert address.startswith("tls://127.0.0.1:")
     assert f"scheduler {address} (slurm, 2 workers)" in manager.stdout
     queued = dict(bed.jobs())
     assert sorted(queued.values()) == ["RUNNING", "RUNNING"], queued
-    client = dask_cluster.connect_client(address, timeout=30)
+    client = dask_cluster.connect_client(address, timeout=30,
+                                               credentials=manager.credentials)
     try:
         rows = dask_cluster.describe_workers(client)
     finally:
@@ -226,8 +230,20 @@ def test_workers_run_in_slurm_jobs_on_loopback_and_are_cancelled(
     assert len(listening) >= 3 * len(rows), listening  # nanny, worker, worker's HTTP
     assert all(ip.startswith("127.") for ip in listening), listening
     print(f"\nSLURM cluster of 2 worker jobs up in {up_s:.1f} s")
+    # Only the cluster's own key gets in; each job keeps it in a private directory of its
+    # node, written by its job script (no shared directory needed).
+    with pytest.raises(ClusterError, match="accepts TLS connections only"):
+        dask_cluster.connect_client(address, timeout=5)
+    with pytest.raises(OSError, match="certificate"):
+        distributed.Client(address, timeout=5, security=distributed.Security.temporary())
+    keys = {Path(c[c.index("--tls-key") + 1]) for p in job_procs
+            if "--tls-key" in (c := cmdline(p))}
+    assert len(keys) == 2, keys  # one per job
+    assert all(k.parent.stat().st_mode & 0o777 == 0o700 for k in keys)
+    assert all(k.stat().st_mode & 0o777 == 0o600 for k in keys)
 
     assert manager.terminate() == 0, manager.stderr
+    assert not any(k.parent.exists() for k in keys)  # removed when the job script ended
     assert "slurm cluster closed" in manager.stdout
     assert bed.jobs() == []  # the manager waited for its jobs to leave the queue
     assert not manager.scheduler_file.exists()
@@ -274,12 +290,13 @@ def test_scancel_of_a_worker_job_mid_step_gives_the_same_store(
         manager = make_manager(slurm_keys(tmp_path, slow_task_s=2.0))
         address = manager.wait_ready()
         assert ref.finish() == 0, ref.stderr
-    client = dask_cluster.connect_client(address, timeout=30)
+    client = dask_cluster.connect_client(address, timeout=30,
+                                               credentials=manager.credentials)
     out = tmp_path / "slurm_L0.zarr"
     try:
         jobs = {r["address"]: r["slurm_job"] for r in dask_cluster.describe_workers(client)}
         with Spawned([PYTHON, STEP1, *inputs, str(out), str(manager.config), address,
-                      "--quiet"], env) as step1:
+                      "--quiet", "--dask-credentials", manager.credentials], env) as step1:
             victim = None
             deadline = time.monotonic() + RUN_TIMEOUT_S
             while victim is None and time.monotonic() < deadline:
@@ -396,6 +413,18 @@ def test_slurm_arguments_map_the_config(tmp_path: Path) -> None:
     assert plain["queue"] is None and plain["account"] is None
     assert plain["local_directory"] is None and plain["interface"] is None
     assert plain["job_script_prologue"] == [] and plain["worker_extra_args"] == []
+    # With credentials: the job script writes them first, the worker reads them, TLS.
+    from panoseti_pipeline import cluster_credentials
+
+    credentials = cluster_credentials.create(tmp_path)
+    tls = dask_cluster.slurm_cluster_arguments(cluster, credentials)
+    written = "\n".join(tls["job_script_prologue"][:-2])
+    assert all(pem in written for pem in cluster_credentials.read_pems(credentials).values())
+    assert tls["job_script_prologue"][-2] == "module load python"
+    assert tls["worker_extra_args"] == ["--lifetime", "3h50m",
+                                        *cluster_credentials.job_worker_args(),
+                                        "--dashboard-address", '"$PANOSETI_WORKER_IP:0"']
+    assert tls["protocol"] == "tls://" and tls["security"].require_encryption
 
 
 def test_worker_scratch_inside_the_output_is_refused(night: Path, tmp_path: Path) -> None:

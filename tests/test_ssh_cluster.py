@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sshd_testbed  # noqa: E402
 
 psutil = pytest.importorskip("psutil")
-pytest.importorskip("distributed")
+distributed = pytest.importorskip("distributed")
 pytest.importorskip("asyncssh")
 
 from fault_tools import assert_same_store, with_plugin  # noqa: E402
@@ -49,6 +49,7 @@ from process_tools import (  # noqa: E402
 )
 
 from panoseti_pipeline import cluster as dask_cluster  # noqa: E402
+from panoseti_pipeline.errors import ClusterError  # noqa: E402
 
 pytestmark = [pytest.mark.ssh]
 
@@ -205,10 +206,14 @@ def one_cluster(bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneCl
     manager = ManagerProcess(workdir, config).start()
     try:
         address = manager.wait_ready()
+        local = Path(manager.credentials)
+        remote = Path.home() / f".panoseti_{local.name}"
         yield OneCluster(manager, address, {p.pid for p in bed.processes()})
         assert manager.terminate() == 0, manager.stderr
         assert "ssh cluster closed" in manager.stdout
         assert not manager.scheduler_file.exists()
+        # the TLS credentials are gone, here and on the SSH hosts
+        assert not local.exists() and not remote.exists()
     finally:
         manager.stop()
         assert_nothing_left(bed, manager.tag)
@@ -220,9 +225,10 @@ class TestOneCluster:
 
     def test_workers_run_on_both_ssh_hosts_outside_the_repo(self, bed, one_cluster) -> None:
         manager, address = one_cluster.manager, one_cluster.address
-        assert address.startswith("tcp://127.0.0.1:")
+        assert address.startswith("tls://127.0.0.1:")
         assert f"scheduler {address} (ssh, 4 workers)" in manager.stdout
-        client = dask_cluster.connect_client(address, timeout=30)
+        client = dask_cluster.connect_client(address, timeout=30,
+                                               credentials=manager.credentials)
         try:
             rows = dask_cluster.describe_workers(client)
             # Two workers per "host", each one a process started through that host's sshd.
@@ -230,7 +236,7 @@ class TestOneCluster:
             sessions = {p.pid: sshd_testbed.session_host(p) for p in bed.processes()}
             for row in rows:
                 assert sessions.get(row["pid"]) == row["ssh_host"], (row, sessions)
-                assert row["address"].startswith("tcp://127.") and row["nthreads"] == 1
+                assert row["address"].startswith("tls://127.") and row["nthreads"] == 1
                 assert row["memory_limit"] == 10**9
                 # An SSH session starts in the remote home directory, not in the repository.
                 assert Path(row["cwd"]) == Path.home() and Path(row["cwd"]) != REPO
@@ -255,6 +261,20 @@ class TestOneCluster:
         finally:
             client.close()
 
+    def test_cluster_refuses_clients_without_its_credentials(self, one_cluster) -> None:
+        """The remote scheduler accepts only the cluster's temporary key, which the SSH
+        hosts keep in a private directory of the SSH user's home."""
+        manager, address = one_cluster.manager, one_cluster.address
+        remote = Path.home() / f".panoseti_{Path(manager.credentials).name}"
+        assert remote.stat().st_mode & 0o777 == 0o700
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in remote.iterdir())
+        with pytest.raises(ClusterError, match="accepts TLS connections only"):
+            dask_cluster.connect_client(address, timeout=5)
+        with pytest.raises(ClusterError, match="cannot reach"):
+            dask_cluster.connect_client(address.replace("tls://", "tcp://"), timeout=5)
+        with pytest.raises(OSError, match="certificate"):
+            distributed.Client(address, timeout=5, security=distributed.Security.temporary())
+
     def test_killed_worker_mid_step1_is_rescheduled(self, one_cluster, big_stream, tmp_path,
                                                     tag) -> None:
         """SIGKILL a busy SSH worker by PID during step 1: same store as a local run."""
@@ -263,11 +283,13 @@ class TestOneCluster:
                              pff_to_zarr=MANY_TASKS)
         ref = start_step1([big_stream], tmp_path / "local_L0.zarr", local, "--quiet", tag=tag,
                           cwd=tmp_path)  # the reference, meanwhile
-        client = dask_cluster.connect_client(address, timeout=30)
+        client = dask_cluster.connect_client(address, timeout=30,
+                                               credentials=manager.credentials)
         out = tmp_path / "ssh_L0.zarr"
         try:
             pids = {r["address"]: r for r in dask_cluster.describe_workers(client)}
-            step1 = start_step1([big_stream], out, manager.config, address, "--quiet", tag=tag,
+            step1 = start_step1([big_stream], out, manager.config, address, "--quiet",
+                                "--dask-credentials", manager.credentials, tag=tag,
                                 cwd=tmp_path)
             victim = None
             deadline = time.monotonic() + STEP_TIMEOUT_S
@@ -375,7 +397,7 @@ def test_host_key_check_opt_out_works(bed, make_manager) -> None:
     cluster = ssh_cluster(bed, ssh_known_hosts=str(bed.wrong_known_hosts),
                           ssh_verify_host_keys=False, ssh_workers_per_host=1)
     manager = make_manager(cluster).start()
-    assert manager.wait_ready().startswith("tcp://127.0.0.1:")
+    assert manager.wait_ready().startswith("tls://127.0.0.1:")
     assert "(ssh, 2 workers)" in manager.stdout
     assert manager.terminate() == 0, manager.stderr
 
@@ -464,7 +486,7 @@ def test_run_sh_on_two_ssh_hosts_matches_local(bed, observation, tmp_path, tag) 
     for host, line in zip(sorted(HOSTS), by_host, strict=True):
         assert f" on {host} via ssh " in line, line
         assert f"cwd {Path.home()}," in f"{line}," and str(REPO) not in line, line
-    assert record["cluster"]["scheduler_address"].startswith("tcp://127.0.0.1:")
+    assert record["cluster"]["scheduler_address"].startswith("tls://127.0.0.1:")
     assert [i["status"] for i in record["inputs"]] == ["ok", "ok"], record["inputs"]
 
 

@@ -3,10 +3,15 @@
 Usage::
 
     python3 cluster_lifecycle_manager.py config.toml /tmp/scheduler_address.txt &
-    # ... wait until the file exists, then: --dask-scheduler "$(cat /tmp/scheduler_address.txt)"
+    # ... wait until the file exists, then give the steps its two lines:
+    # --dask-scheduler ADDRESS --dask-credentials DIRECTORY
     kill -TERM %1      # closes scheduler and workers, removes the file, exit 0
 
-The scheduler file is written atomically, and only once the workers have joined
+The scheduler file (mode 0600) holds the scheduler's address on its first line and, on
+its second, the directory of the cluster's temporary TLS credentials (a private directory
+beside the scheduler file, removed when the cluster closes; empty for
+``cluster_type = "scheduler"``): a client connects with them only, e.g. a step's
+``--dask-credentials``. It is written atomically, and only once the workers have joined
 (``min_workers``, 0 = all requested, within ``startup_timeout_s``). The address, one line
 per worker (address, host -- for SSH workers the host their session reached, for SLURM
 workers their job id --, pid, threads, working directory) and the dashboard link are
@@ -78,7 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     # run is being stopped logs a traceback that is noise there; real failures reach the
     # steps, which report them in one line.
     silence = logging.WARNING if args.debug else logging.CRITICAL
-    cluster = dask_cluster.ClusterHandle(config.cluster, silence_logs=silence)
+    cluster = dask_cluster.ClusterHandle(config.cluster, silence_logs=silence,
+                                         credentials_parent=scheduler_file.parent)
     try:
         try:
             cluster.start()  # SIGTERM here raises Interrupted: start() closes what it began
@@ -96,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"dashboard {cluster.dashboard_link or 'off (dashboard_port = 0)'}")
                 print(f"scheduler file {scheduler_file}; stop with: kill -TERM {os.getpid()}")
                 sys.stdout.flush()
-                dask_cluster.write_scheduler_file(scheduler_file, cluster.address)
+                dask_cluster.write_scheduler_file(scheduler_file, cluster.address,
+                                                  cluster.credentials)
                 while not stop.wait(1.0):
                     pass
             finally:

@@ -24,6 +24,7 @@ import re
 import sys
 from collections.abc import Sequence
 
+from panoseti_pipeline import cluster
 from panoseti_pipeline.errors import EXIT_OK, run_main
 from panoseti_pipeline.version import add_version_option
 
@@ -43,6 +44,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespa
     parser.add_argument("args", nargs="+", metavar="ARG",
                         help="input PFF file(s), the output store, the config file, and "
                              "optionally a Dask scheduler address (tcp://host:port)")
+    cluster.add_credentials_option(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output store")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
@@ -65,13 +67,13 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = parse_args(argv, prog)
 
     def body() -> int:
-        from panoseti_pipeline import cluster, step1
+        from panoseti_pipeline import step1
         from panoseti_pipeline.config import load_config
 
         cfg = load_config(args.config)
         notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
                                                                            file=sys.stderr))
-        with cluster.step_client(args.address, args.debug) as client:
+        with cluster.step_client(args.address, args.debug, args.dask_credentials) as client:
             result = step1.convert(args.inputs, args.output, cfg, client=client,
                                    overwrite=args.overwrite, quiet=args.quiet, notice=notice)
         print(result.line())

@@ -24,6 +24,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from panoseti_pipeline import cluster
 from panoseti_pipeline.config import BASELINE_METHODS
 from panoseti_pipeline.errors import EXIT_OK, run_main
 from panoseti_pipeline.version import add_version_option
@@ -41,6 +42,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespa
                         help="pipeline configuration (default: built-in defaults)")
     parser.add_argument("--dask-scheduler", metavar="ADDRESS",
                         help="run the tasks on this Dask scheduler (tcp://host:port)")
+    cluster.add_credentials_option(parser)
     parser.add_argument("--baseline-window", type=int, metavar="N",
                         help="frames that make the baseline (overrides the config)")
     parser.add_argument("--method", metavar="M",
@@ -58,14 +60,15 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = parse_args(argv, prog)
 
     def body() -> int:
-        from panoseti_pipeline import cluster, step2
+        from panoseti_pipeline import step2
         from panoseti_pipeline.config import load_config
 
         cfg = load_config(args.config).with_overrides(
             "baseline_subtract", baseline_window=args.baseline_window, method=args.method)
         notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
                                                                            file=sys.stderr))
-        with cluster.step_client(args.dask_scheduler, args.debug) as client:
+        with cluster.step_client(args.dask_scheduler, args.debug,
+                                 args.dask_credentials) as client:
             result = step2.subtract_baseline(args.input, args.output, cfg, client=client,
                                              overwrite=args.overwrite, quiet=args.quiet,
                                              notice=notice)
