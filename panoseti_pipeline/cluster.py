@@ -660,24 +660,34 @@ def read_scheduler_file(path: str | os.PathLike[str]) -> tuple[str, str | None]:
 
 
 def _open_client(address: str, timeout: float, security: Security | None = None) -> Client:
+    import dask.config
     from distributed import Client
 
+    # A Client that fails to connect has already made itself the default scheduler in the
+    # Dask configuration and never undoes it: dask collections computed later in this
+    # process would then ask for a client that is not there.
+    saved = {k: dask.config.config[k] for k in ("scheduler", "shuffle")
+             if k in dask.config.config}
     try:
         return Client(address, timeout=timeout, security=security)
-    except TypeError as err:  # distributed's "TLS expects a `ssl_context` argument"
-        if not address.startswith("tls://"):
-            raise
-        raise ClusterError(
-            f"the Dask scheduler at {address} accepts TLS connections only, and no TLS "
-            f"credentials were given: pass the directory on the second line of the cluster "
-            f"manager's scheduler file (--dask-credentials), or set distributed.comm.tls "
-            f"in the Dask configuration"
-        ) from err
-    except (OSError, TimeoutError) as err:
-        raise ClusterError(
-            f"cannot reach the Dask scheduler at {address} within {timeout:g} s "
-            f"({_describe(err)}); is it running and is the address right?"
-        ) from err
+    except BaseException as err:
+        for key in ("scheduler", "shuffle"):
+            dask.config.config.pop(key, None)
+        dask.config.config.update(saved)
+        if isinstance(err, TypeError) and address.startswith("tls://"):
+            # distributed's "TLS expects a `ssl_context` argument"
+            raise ClusterError(
+                f"the Dask scheduler at {address} accepts TLS connections only, and no TLS "
+                f"credentials were given: pass the directory on the second line of the "
+                f"cluster manager's scheduler file (--dask-credentials), or set "
+                f"distributed.comm.tls in the Dask configuration"
+            ) from err
+        if isinstance(err, (OSError, TimeoutError)):
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {address} within {timeout:g} s "
+                f"({_describe(err)}); is it running and is the address right?"
+            ) from err
+        raise
 
 
 def _remaining(deadline: float, floor: float = 0.0) -> float:
@@ -870,6 +880,7 @@ async def _push_credentials(address: str, connect_options: dict[str, Any],
     asyncssh = import_asyncssh()
     local, remote = push
     async with asyncssh.connect(address, **connect_options) as connection:
+        _WRITTEN_ON.setdefault(remote, set()).add(address)  # from here on, remove it
         for name, text in cluster_credentials.read_pems(local).items():
             done = await connection.run(cluster_credentials.remote_write_command(remote, name),
                                         input=text)
@@ -880,8 +891,14 @@ async def _push_credentials(address: str, connect_options: dict[str, Any],
                 )
 
 
+#: remote credentials directory -> the hosts it may have been written on (hosts never
+#: reached have nothing to remove, and their errors were reported when they failed)
+_WRITTEN_ON: dict[str, set[str]] = {}
+
+
 def _remove_remote_credentials(remote: str, config: Any) -> None:
-    """Remove ``~/remote`` on every SSH host (after the cluster's processes ended)."""
+    """Remove ``~/remote`` on every SSH host it was written on (after the cluster's
+    processes ended)."""
     import asyncio
     import shlex
 
@@ -893,7 +910,8 @@ def _remove_remote_credentials(remote: str, config: Any) -> None:
             await connection.run(f"rm -rf -- {shlex.quote(remote)}")
 
     async def remove_all() -> None:
-        hosts = list(dict.fromkeys(args["hosts"]))
+        written = _WRITTEN_ON.pop(remote, set())
+        hosts = [h for h in dict.fromkeys(args["hosts"]) if h in written]
         for host, result in zip(hosts, await asyncio.gather(
                 *(remove(h) for h in hosts), return_exceptions=True), strict=True):
             if isinstance(result, BaseException):

@@ -36,6 +36,8 @@ _SUMS = ("pixel_sum", "pixel_sumsq", "pixel_count", "lc_sum", "lc_count", "bin_f
 _MINS = ("lc_min", "t_min")
 _MAXS = ("lc_max", "t_max")
 _META = ("level", "dp", "module", "frames", "groups", "bins")
+_TIMES = {"t_min": NO_TIME, "t_max": NAT}  # time arrays and their "no time" value
+_INTEGERS = ("pixel_count", "lc_count", "bin_frames", "bin_flags", "ph_hist")
 
 
 @dataclasses.dataclass
@@ -145,27 +147,31 @@ class Look:
         return self
 
     def save(self, group: Any) -> None:
-        """Store the arrays in ``group``'s :data:`GROUP` (uncompressed: a few hundred kB)."""
+        """Store it in ``group``'s :data:`GROUP` as one float64 array (three files: a
+        product's file count matters on BeeGFS), its layout in the group's attributes.
+
+        Counts are exact in float64 (below 2**53); times are stored as ns after the first
+        bin's first time (exact for spans below 104 days), NaN where a bin has none.
+        """
+        t0 = int(self.t_min.min()) if (self.t_min != NO_TIME).any() else 0
+        pieces, where, offset = [], {}, 0
+        for name in (*_SUMS, *_MINS, *_MAXS):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if name in _TIMES:
+                values = np.where(values == _TIMES[name], np.nan, (values - t0).astype(float))
+            pieces.append(np.asarray(values, np.float64).ravel())
+            where[name] = [offset, list(values.shape)]
+            offset += pieces[-1].size
         sub = group.create_group(GROUP, attributes={
-            "version": VERSION, **{k: getattr(self, k) for k in _META},
+            "version": VERSION, **{k: getattr(self, k) for k in _META}, "t0_ns": t0,
+            "layout": where,
             "description": "what the quicklook shows, gathered by step 2 while it wrote the "
                            "images: per-pixel sums, light-curve and flag bins, times, "
                            "pulse-height histograms (panoseti_pipeline.look)"})
-        for name in (*_SUMS, *_MINS, *_MAXS):
-            values = getattr(self, name)
-            if values is not None:
-                sub.create_array(name, data=values, compressors=None,
-                                 dimension_names=self._dims(name))
-
-    def _dims(self, name: str) -> tuple[str, ...]:
-        """Dimension names of a stored array (xarray's datatree needs them)."""
-        if name.startswith("pixel_"):
-            return ("quabo" if self.groups > 1 else "group", "y", "x")
-        if name == "bin_flags":
-            return ("flag", "bin")
-        if name == "ph_hist":
-            return ("quabo", "pulse_height_bin")
-        return ("bin",)
+        sub.create_array("values", data=np.concatenate(pieces), compressors=None,
+                         dimension_names=("value",))
 
     @classmethod
     def load(cls, group: Any, name: str) -> Look | None:
@@ -176,8 +182,20 @@ class Look:
         meta = dict(sub.attrs)
         if meta.get("version") != VERSION:
             return None
-        arrays = {k: sub[k][...] for k in sub.array_keys()}
+        flat = sub["values"][...]
+        arrays: dict[str, np.ndarray | None] = {}
+        for key in (*_SUMS, *_MINS, *_MAXS):
+            if key not in meta["layout"]:
+                arrays[key] = None
+                continue
+            offset, shape = meta["layout"][key]
+            values = flat[offset: offset + int(np.prod(shape))].reshape(shape)
+            if key in _TIMES:
+                values = np.where(np.isnan(values), _TIMES[key],
+                                  meta["t0_ns"] + np.nan_to_num(values).astype(np.int64))
+            elif key in _INTEGERS:
+                values = values.astype(np.int64)
+            arrays[key] = values
         product = pff.PRODUCTS[meta["dp"]]
         return cls(name, meta["level"], meta["dp"], meta["module"], meta["frames"],
-                   meta["groups"], product.shape, meta["bins"],
-                   **{k: arrays.get(k) for k in (*_SUMS, *_MINS, *_MAXS)})
+                   meta["groups"], product.shape, meta["bins"], **arrays)

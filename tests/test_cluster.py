@@ -154,7 +154,8 @@ def test_cluster_refuses_clients_without_its_credentials(
     with pytest.raises(ClusterError, match="cannot reach"):
         dask_cluster.connect_client(address.replace("tls://", "tcp://"), timeout=5)
     with pytest.raises(OSError, match="certificate"):  # credentials of another cluster
-        distributed.Client(address, timeout=5, security=distributed.Security.temporary())
+        distributed.Client(address, timeout=5, security=distributed.Security.temporary(),
+                           set_as_default=False)
     client = dask_cluster.connect_client(address, timeout=10, credentials=str(credentials))
     try:
         assert client.submit(sum, [1, 2]).result(timeout=30) == 3

@@ -22,6 +22,7 @@ from panoseti_pipeline.errors import StoreError
 from panoseti_pipeline.step2 import l0_input, subtract_baseline
 from panoseti_pipeline.store import layout, spec
 from panoseti_pipeline.store.shard_reader import ShardedFrames, frames_of
+from panoseti_pipeline.store.shards import ChunkCodec
 
 CHUNK, PER_SHARD, FRAMES = 64, 3, 700  # shards of 192 frames; the 4th holds 124
 CONFIG = from_dict({"cluster": {"use_dask": False},
@@ -117,7 +118,8 @@ def test_absent_chunks_and_shards_read_as_the_fill_value(tmp_path):
     data[512:768] = 7  # one whole shard
     array = zarr.create_array(str(tmp_path / "a.zarr"), shape=data.shape, chunks=(64, 4),
                               shards=(256, 4), dtype=data.dtype, fill_value=7,
-                              compressors=layout.compressors("blosc-lz4", 5, "bit", True),
+                              compressors=layout.compressors(
+                                  ChunkCodec("blosc-lz4", 5, "bit", True)),
                               config={"write_empty_chunks": False})
     array[:] = data
     assert not (tmp_path / "a.zarr" / "c" / "2" / "0").exists()
@@ -181,7 +183,7 @@ def test_a_flipped_byte_in_the_index_names_the_file(stores, tmp_path):
 def test_other_layouts_are_left_to_zarr(tmp_path, kind):
     data = np.random.default_rng(2).integers(0, 5000, (500, 3, 3)).astype("<u2")
     kwargs: dict = {"chunks": (50, 3, 3), "shards": (200, 3, 3),
-                    "compressors": layout.compressors("blosc-lz4", 5, "bit", True)}
+                    "compressors": layout.compressors(ChunkCodec("blosc-lz4", 5, "bit", True))}
     if kind == "unsharded":
         kwargs.pop("shards")
     elif kind == "zstd":
