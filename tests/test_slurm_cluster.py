@@ -235,7 +235,8 @@ def test_workers_run_in_slurm_jobs_on_loopback_and_are_cancelled(
     with pytest.raises(ClusterError, match="accepts TLS connections only"):
         dask_cluster.connect_client(address, timeout=5)
     with pytest.raises(OSError, match="certificate"):
-        distributed.Client(address, timeout=5, security=distributed.Security.temporary())
+        distributed.Client(address, timeout=5, security=distributed.Security.temporary(),
+                           set_as_default=False)
     keys = {Path(c[c.index("--tls-key") + 1]) for p in job_procs
             if "--tls-key" in (c := cmdline(p))}
     assert len(keys) == 2, keys  # one per job

@@ -273,7 +273,8 @@ class TestOneCluster:
         with pytest.raises(ClusterError, match="cannot reach"):
             dask_cluster.connect_client(address.replace("tls://", "tcp://"), timeout=5)
         with pytest.raises(OSError, match="certificate"):
-            distributed.Client(address, timeout=5, security=distributed.Security.temporary())
+            distributed.Client(address, timeout=5, security=distributed.Security.temporary(),
+                               set_as_default=False)
 
     def test_killed_worker_mid_step1_is_rescheduled(self, one_cluster, big_stream, tmp_path,
                                                     tag) -> None:
