@@ -53,6 +53,11 @@ class L0Info:
         return pff.PRODUCTS[self.dp].header_kind == "ph256"
 
     @property
+    def kind(self) -> str:
+        """"ph" (pulse heights: ph256, ph1024) or "img" (images: img8, img16)."""
+        return "ph" if self.dp.startswith("ph") else "img"
+
+    @property
     def groups(self) -> int:
         """Number of baseline images: one per quabo for ph256, else one."""
         return pff.N_QUABOS if self.ph256 else 1
@@ -161,12 +166,21 @@ def _time_dim(array: Any) -> bool:
 # --------------------------------------------------------------------------- selection
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Selection:
-    """Frames that feed the baseline: index < cutoff[q] and index % step == 0."""
+    """Frames that feed the baseline: index < cutoff[q] and index % step == 0, or the
+    L0 positions ``picked``; ``pooled``: every ph256 frame feeds group 0 (one baseline
+    for all quabos), else a ph256 frame feeds its quabo's."""
 
     cutoff: tuple[int, ...]  # per quabo
     step: int
+    picked: np.ndarray | None = None  # ascending L0 positions, instead of cutoff and step
+    pooled: bool = False
+
+    @classmethod
+    def positions(cls, picked: np.ndarray, pooled: bool) -> Selection:
+        """The frames at L0 positions ``picked`` (ascending, not empty)."""
+        return cls((int(picked[-1]) + 1,) * pff.N_QUABOS, 1, picked, pooled)
 
     @property
     def stop(self) -> int:
@@ -181,6 +195,10 @@ def _chunk_use(info: L0Info, sel: Selection, start: int, aux: np.ndarray
     """
     t = start + np.arange(len(aux))
     chosen = (t[:, None] < np.asarray(sel.cutoff)) & (t % sel.step == 0)[:, None]
+    if sel.picked is not None:
+        near = sel.picked[np.searchsorted(sel.picked, start):
+                          np.searchsorted(sel.picked, start + len(aux))]
+        chosen &= np.isin(t, near)[:, None]
     if info.ph256:
         return chosen & (aux[:, None] == np.arange(pff.N_QUABOS)), np.zeros_like(chosen)
     missing = aux == 0  # the frame is flagged missing_quabo
@@ -232,6 +250,8 @@ def selected(info: L0Info, sel: Selection, start: int, stop: int
     use, excluded = _chunk_use(info, sel, start, aux)
     record = _frame_record(use, excluded, start)
     feeds = use.any(axis=1)
+    if sel.pooled:  # the statistics put every frame in group 0 (aux is quabo_num)
+        aux = np.zeros_like(aux)
     if feeds.all():  # the usual case: no copy
         return x, use, aux, record
     return x[feeds], use[feeds], aux[feeds], record

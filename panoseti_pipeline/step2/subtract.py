@@ -29,9 +29,11 @@ from panoseti_pipeline.step2.methods import (
     MethodSettings,
     Subtraction,
     compute_baseline,
+    exchange_quadrants,
     formula,
     subtraction_for,
 )
+from panoseti_pipeline.step2.time_order import time_order
 from panoseti_pipeline.store import layout, publish, spec
 from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
 
@@ -149,33 +151,60 @@ def create_l1(path: Path, info: L0Info, m: MethodSettings, baseline: Baseline,
     images, *per_frame = l1_arrays(info)
     images = dataclasses.replace(images, attrs={
         **images.attrs, "long_name": f"baseline-subtracted {info.dp} pixels",
-        "units": m.units, "formula": formula(info, m.method),
-        "nan_means": NAN_MEANS + (" or not above the cut (ph_pedestal)"
-                                  if m.method == "ph_pedestal" else "")})
+        "units": m.units, "formula": formula(info, m),
+        "nan_means": NAN_MEANS + (f" or not above the cut ({m.method})"
+                                  if m.like == "ph_pedestal" else "")})
     layout.create_frame_arrays(group, [images, *per_frame], info.n_frames, l1.chunk,
                                l1.per_shard, codecs, l1.image_filters())
     dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
     std_name = "standard deviation (ddof 0) of the frames that made the baseline"
+    in_l1_order = exchange_quadrants if m.exchange else (lambda a: a)  # like the images
     for name, values, long_name in (
             ("baseline", baseline.values, f"baseline ({m.method}"
              + (f", a multiple of {m.quantum:g} ADC counts" if m.quantum else "") + ")"),
             ("baseline_std", baseline.std, f"pedestal noise: {std_name}")):
-        data = (values if info.ph256 else values[0]).astype(np.float32)
+        data = in_l1_order((values if info.ph256 else values[0]).astype(np.float32))
         array = layout.create_array(group, name, data.shape, data.shape, "<f4", dims, codecs,
                                     {"_ARRAY_DIMENSIONS": list(dims), "long_name": long_name,
                                      "units": "ADC counts"}, fill_value=float("nan"))
         array[...] = data
-    for name, mask in zip(quality.MASK_ATTRS, pixel_masks(baseline, info), strict=True):
-        array = layout.create_array(group, name, mask.shape, mask.shape, "u1", dims, codecs,
-                                    {"_ARRAY_DIMENSIONS": list(dims),
-                                     **quality.MASK_ATTRS[name]})
-        array[...] = mask
+    for name, (mask, mask_dims, attrs) in stored_masks(baseline, info, m).items():
+        array = layout.create_array(group, name, mask.shape, mask.shape, "u1", mask_dims,
+                                    codecs, {"_ARRAY_DIMENSIONS": list(mask_dims), **attrs})
+        array[...] = in_l1_order(mask.copy())
 
 
-def pixel_masks(baseline: Baseline, info: L0Info) -> tuple[np.ndarray, np.ndarray]:
-    """(hot, dead) masks shaped like the stored baseline."""
+#: panoseti_analysis stores its own masks under the usual names, the pipeline's under these
+PIPELINE_MASK_NAMES = {"hot_pixel_mask": "pipeline_hot_pixel_mask",
+                       "dead_pixel_mask": "pipeline_dead_pixel_mask"}
+ANALYSIS_MASK_ATTRS = {
+    "hot_pixel_mask": {"long_name": "hot pixels (1 = hot), the PANOSETI analysis code's rule",
+                       "rule": "hot: level > 3 * mean(level) over the pixels; level: pulse "
+                               "heights, the pedestal + baseline_offset; images, the "
+                               "upsampled block-median map"},
+    "dead_pixel_mask": {"long_name": "dead pixels (1 = dead), the PANOSETI analysis code's "
+                                     "rule", "rule": "dead: level == 0 (level as for hot)"},
+}
+
+
+def stored_masks(baseline: Baseline, info: L0Info, m: MethodSettings
+                 ) -> dict[str, tuple[np.ndarray, tuple[str, ...], dict[str, Any]]]:
+    """The L1's uint8 masks by name: (values in the L0's pixel order, dims, attributes).
+
+    The pipeline's (:func:`quality.pixel_masks`, shaped like the stored baseline) are
+    ``hot_pixel_mask`` and ``dead_pixel_mask``, unless the method has its own
+    (panoseti_analysis, (y, x)): those take the names, the pipeline's are kept beside.
+    """
     hot, dead = quality.pixel_masks(baseline.values, baseline.std)
-    return (hot, dead) if info.ph256 else (hot[0], dead[0])
+    ours = (hot, dead) if info.ph256 else (hot[0], dead[0])
+    dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
+    if baseline.own_masks is None:
+        return {name: (mask, dims, quality.MASK_ATTRS[name])
+                for name, mask in zip(quality.MASK_ATTRS, ours, strict=True)}
+    return ({name: (mask, ("y", "x"), ANALYSIS_MASK_ATTRS[name])
+             for name, mask in zip(ANALYSIS_MASK_ATTRS, baseline.own_masks, strict=True)}
+            | {PIPELINE_MASK_NAMES[name]: (mask, dims, quality.MASK_ATTRS[name])
+               for name, mask in zip(quality.MASK_ATTRS, ours, strict=True)})
 
 
 def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
@@ -251,7 +280,6 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
 
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
     section = cfg.baseline_subtract  # read here only: what the layers below use is taken out
-    m = MethodSettings.of(section)
     l0_path, output = Path(l0_path), Path(l1_path)
     _check_paths(l0_path, output)
     gw = cfg.run.group_writable
@@ -261,12 +289,14 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         return Result(str(output), "exists")
     t0 = time.perf_counter()
     info = inspect_l0(l0_path)
+    m = MethodSettings.of(section, info)
     l0 = layout.open_product(l0_path, layout.LEVEL_L0)
     for message in publish.clear_stale(output):
         notice(message)
     publish.apply_permission_policy(gw)
     runner = runners.runner_for(client, threads, not quiet)
-    baseline = compute_baseline(runner, l0, info, m, process)
+    order = time_order(l0["unix_t_ns"], m.chunk)
+    baseline = compute_baseline(runner, l0, info, m, order, process)
     if baseline.frames.get("window_truncated"):
         notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "
                "frames there are; the baseline uses all of them")
@@ -286,10 +316,11 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         summaries: list[dict] = []
         runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
         verify_l1(tmp, info, sub, summaries, l1.keep_mantissa_bits)
-        hot, dead = pixel_masks(baseline, info)
+        masks = stored_masks(baseline, info, m)
         summary = quality.combine_summaries(
             [p for s in summaries for p in s["parts"]], units=m.units,
-            hot=int(hot.sum()), dead=int(dead.sum()),
+            hot=int(masks["hot_pixel_mask"][0].sum()),
+            dead=int(masks["dead_pixel_mask"][0].sum()),
             uncalibrated_pixels=int(np.isnan(baseline.values).sum()))
         l0_bytes, l1_bytes = publish.store_bytes(l0_path), publish.store_bytes(tmp)
         seconds = time.perf_counter() - t0
@@ -311,7 +342,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
             "baseline_window": m.window,
             "parameters": m.parameters() | baseline.extra,
             "baseline_frames": baseline.frames,
-            "formula": formula(info, m.method),
+            "formula": formula(info, m),
             "precision": {"keep_mantissa_bits": section.keep_mantissa_bits,
                           "lossy": section.keep_mantissa_bits < 23,
                           "baseline_quantum": m.quantum,

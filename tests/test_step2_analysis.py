@@ -1,0 +1,186 @@
+"""Step 2's ``panoseti_analysis`` method against an independent numpy implementation of
+the PANOSETI analysis code's two calibrations, written here from their description
+(../shared/ANALYSIS_L1.md: whole arrays in memory, on the time-sorted frames)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from panoseti_pipeline import pff
+from panoseti_pipeline import synthetic as synthetic_obs
+from panoseti_pipeline.cli import step1 as step1_pff_to_zarr
+from panoseti_pipeline.cli import step2 as step2_dask_baseline
+
+NAT = np.iinfo(np.int64).min
+
+
+def write_config(path: Path, **baseline) -> Path:
+    keys = {"compute_chunk_size": 160, "method": "panoseti_analysis", **baseline}
+    body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
+    path.write_text("[cluster]\nuse_dask = false\n[pff_to_zarr]\ntime_chunk = 128\n"
+                    f"[baseline_subtract]\n{body}\n")
+    return path
+
+
+def make_l0(root: Path, dp: str, n: int, swap_every: int = 0) -> Path:
+    """A step-1 L0 store of one synthetic PFF file; with ``swap_every``, frames t and t+1
+    are written in reverse for every t % swap_every == 0 (acquisition order is then not
+    time order, as when a module's quabos interleave)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(11)
+    spec = synthetic_obs.StreamSpec(dp=dp)
+    times = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9 + np.arange(n) * 10**6
+    headers = synthetic_obs.synth_headers(rng, spec, times, first_pkt=0)
+    images = synthetic_obs.synth_images(rng, spec, n, 0)
+    if dp.startswith("ph"):  # pulses well above the cut
+        images[rng.random(images.shape) < 0.01] += 1500
+    if dp == "ph256":  # quabo pedestals apart: one pooled baseline is what is tested
+        images = (images + 50 * headers["quabo_num"][:, None, None]).astype("<i2")
+    if dp == "ph1024":  # quadrants of different levels: the exchange shows
+        images[:, :16, 16:] += 300
+    written = np.arange(n)
+    if swap_every:
+        for t in range(0, n - 1, swap_every):
+            written[[t, t + 1]] = written[[t + 1, t]]
+    images = images[written]
+    headers = {k: v[written] for k, v in headers.items()}
+    path = root / synthetic_obs.file_name(spec, synthetic_obs.DEFAULT_START, 0)
+    with open(path, "wb") as f:
+        pff.write_frames(f, dp, images, headers)
+    l0 = root / f"{dp}_L0.zarr"
+    assert step1_pff_to_zarr.main([str(path), str(l0), str(write_config(root / "s1.toml")),
+                                   "--quiet"]) == 0
+    return l0
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("l0")
+    return {"img16": make_l0(root / "img16", "img16", 900),
+            "ph256": make_l0(root / "ph256", "ph256", 1200, swap_every=5),
+            "ph1024": make_l0(root / "ph1024", "ph1024", 500, swap_every=9)}
+
+
+# ----------------------------------------------------- their algorithm, whole arrays
+
+
+def sorted_frames(l0: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images in time order, the L0 positions in that order): stable, NaT last."""
+    g = zarr.open_group(str(l0), mode="r")
+    t = g["unix_t_ns"][:]
+    order = np.argsort(np.where(t == NAT, np.iinfo(np.int64).max, t), kind="stable")
+    return g["images"][:][order], order
+
+
+def swap_quadrants(a: np.ndarray) -> np.ndarray:
+    """ph1024: upper-right and lower-left 16x16 quadrants exchanged (a copy)."""
+    out = a.copy()
+    out[..., :16, 16:], out[..., 16:, :16] = a[..., 16:, :16], a[..., :16, 16:]
+    return out
+
+
+def their_ph(images: np.ndarray, stride: int, offset: int, k: float):
+    x = images.astype(np.float32)
+    if x.shape[1] == 32:
+        x = swap_quadrants(x)
+    shifted = x[::stride] + np.float32(offset)
+    pedestal = np.median(shifted, axis=0)
+    sigma = np.std(shifted, axis=0)
+    calibrated = (x + np.float32(offset)) - pedestal
+    out = np.where(calibrated > k * sigma, calibrated, np.float32(np.nan))
+    hot = pedestal > 3.0 * float(pedestal.mean())
+    return out, hot, pedestal == 0, calibrated, k * sigma
+
+
+def their_img(images: np.ndarray, stride: int, block: int, adc_to_pe: float):
+    x = images.astype(np.int32)
+    sub = x[::stride]
+    n, h, w = sub.shape
+    block_medians = np.median(sub.reshape(n, h // block, block, w // block, block)
+                              .transpose(0, 1, 3, 2, 4).reshape(n, h // block, w // block, -1),
+                              axis=-1)
+    up = np.repeat(np.repeat(np.median(block_medians, axis=0), block, 0), block, 1)
+    spatial = x - up
+    supermedian = np.median(spatial[::stride], axis=0)
+    out = ((spatial - supermedian) / adc_to_pe).astype(np.float32)
+    return out, up > 3.0 * float(up.mean()), up == 0
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def run(l0: Path, tmp_path: Path, **keys) -> zarr.Group:
+    l1 = tmp_path / "L1.zarr"
+    cfg = write_config(tmp_path / "c.toml", **keys)
+    assert step2_dask_baseline.main([str(l0), str(l1), "--config", str(cfg), "--quiet"]) == 0
+    return zarr.open_group(str(l1), mode="r")
+
+
+def in_l0_order(sorted_values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    out = np.empty_like(sorted_values)
+    out[order] = sorted_values
+    return out
+
+
+@pytest.mark.parametrize("dp", ["ph256", "ph1024"])
+def test_ph_calibration_equals_theirs(stores, tmp_path, dp):
+    x, order = sorted_frames(stores[dp])
+    assert not np.array_equal(order, np.arange(len(order)))  # the sort matters here
+    g = run(stores[dp], tmp_path, frame_stride=20)
+    want, hot, dead, calibrated, cut = (in_l0_order(a, order) if a.ndim == 3 else a
+                                        for a in their_ph(x, 20, 800, 5.0))
+    got = g["images"][:]
+    assert got.dtype == np.float32
+    same_nan = np.isnan(got) == np.isnan(want)
+    # a value exactly at the cut may fall either side of it (their std is float32)
+    cut = np.broadcast_to(cut, calibrated.shape)
+    assert np.allclose(calibrated[~same_nan], cut[~same_nan], rtol=1e-5, atol=0)
+    both = ~np.isnan(got) & ~np.isnan(want)
+    assert both.sum() > 1000  # pulses
+    assert np.array_equal(got[both], want[both])
+    assert np.array_equal(g["hot_pixel_mask"][:], hot.astype(np.uint8))
+    assert np.array_equal(g["dead_pixel_mask"][:], dead.astype(np.uint8))
+    assert {"pipeline_hot_pixel_mask", "pipeline_dead_pixel_mask", "baseline_std"} <= set(
+        g.array_keys())
+    assert g.attrs["calibration"] == {"method": "panoseti_analysis", "parameters": {
+        "kind": "ph", "sigma_threshold": 5.0, "baseline_offset": 800, "frame_stride": 20}}
+    nan = g.attrs["summary"]["nan_values"]
+    assert nan["below_threshold"] == np.isnan(got).sum() > 0  # their cut, counted
+    # L1 + baseline gives back the L0 (in the L1's pixel order) wherever L1 is a value
+    l0 = zarr.open_group(str(stores[dp]), mode="r")["images"][:]
+    base = g["baseline"][:]
+    if dp == "ph256":  # one baseline for all quabos: four equal images
+        assert all(np.array_equal(base[0], base[q]) for q in range(4))
+        base = base[0]
+    raw = swap_quadrants(l0) if dp == "ph1024" else l0
+    finite = np.isfinite(got)
+    assert np.array_equal((got + base)[finite], raw.astype(np.float32)[finite])
+
+
+def test_img_calibration_equals_theirs(stores, tmp_path):
+    x, order = sorted_frames(stores["img16"])
+    g = run(stores["img16"], tmp_path, frame_stride=20)
+    want, hot, dead = their_img(x, 20, 8, 1.5)
+    got = g["images"][:]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, in_l0_order(want, order), rtol=2.0**-23, atol=0)
+    assert np.array_equal(g["hot_pixel_mask"][:], hot.astype(np.uint8))
+    assert np.array_equal(g["dead_pixel_mask"][:], dead.astype(np.uint8))
+    assert {"kind": "img", "frame_stride": 20, "block_size": 8, "adc_to_pe": 1.5}.items() <= (
+        g.attrs["calibration"]["parameters"].items())
+    assert g["images"].attrs["units"] == "photoelectrons"
+
+
+def test_img_defaults_and_other_block(stores, tmp_path):
+    """Their defaults (frame_stride 200) and a block of 4 pixels."""
+    x, order = sorted_frames(stores["img16"])
+    g = run(stores["img16"], tmp_path, block_size=4)
+    want, hot, _ = their_img(x, 200, 4, 1.5)
+    np.testing.assert_allclose(g["images"][:], in_l0_order(want, order), rtol=2.0**-23,
+                               atol=0)
+    assert np.array_equal(g["hot_pixel_mask"][:], hot.astype(np.uint8))
