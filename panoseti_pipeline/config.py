@@ -512,6 +512,9 @@ class BaselineConfig(_Section):
     analysis_sigma_threshold: float = key(
         5.0, "panoseti_analysis (ph): values not above this many pedestal standard "
         "deviations become NaN", above=0)
+    fail_on_suspect: bool = key(
+        True, "refuse an L0 whose unix_t_ns jumps back by more than 1000 cadences (images) "
+        "or 1 s (pulse heights): timestamp corruption")
     keep_mantissa_bits: int = key(
         23, "float32 mantissa bits kept; 23 = exact, fewer = BitRound (lossy)", lo=1, hi=23
     )

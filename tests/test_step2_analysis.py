@@ -27,15 +27,22 @@ def write_config(path: Path, **baseline) -> Path:
     return path
 
 
-def make_l0(root: Path, dp: str, n: int, swap_every: int = 0) -> Path:
+def make_l0(root: Path, dp: str, n: int, swap_every: int = 0, shift: dict | None = None,
+            untimed: tuple[int, ...] = ()) -> Path:
     """A step-1 L0 store of one synthetic PFF file; with ``swap_every``, frames t and t+1
     are written in reverse for every t % swap_every == 0 (acquisition order is then not
-    time order, as when a module's quabos interleave)."""
+    time order, as when a module's quabos interleave); ``shift``: {frame: ns} added to
+    those frames' times; ``untimed``: module frames without any quabo (no time)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(11)
     spec = synthetic_obs.StreamSpec(dp=dp)
     times = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9 + np.arange(n) * 10**6
+    for t, ns in (shift or {}).items():
+        times[t] += ns
     headers = synthetic_obs.synth_headers(rng, spec, times, first_pkt=0)
+    for t in untimed:
+        for field in pff.MODULE_FIELDS:
+            headers[field][t] = 0
     images = synthetic_obs.synth_images(rng, spec, n, 0)
     if dp.startswith("ph"):  # pulses well above the cut
         images[rng.random(images.shape) < 0.01] += 1500
@@ -121,19 +128,13 @@ def run(l0: Path, tmp_path: Path, **keys) -> zarr.Group:
     return zarr.open_group(str(l1), mode="r")
 
 
-def in_l0_order(sorted_values: np.ndarray, order: np.ndarray) -> np.ndarray:
-    out = np.empty_like(sorted_values)
-    out[order] = sorted_values
-    return out
-
-
 @pytest.mark.parametrize("dp", ["ph256", "ph1024"])
 def test_ph_calibration_equals_theirs(stores, tmp_path, dp):
     x, order = sorted_frames(stores[dp])
     assert not np.array_equal(order, np.arange(len(order)))  # the sort matters here
     g = run(stores[dp], tmp_path, frame_stride=20)
-    want, hot, dead, calibrated, cut = (in_l0_order(a, order) if a.ndim == 3 else a
-                                        for a in their_ph(x, 20, 800, 5.0))
+    want, hot, dead, calibrated, cut = their_ph(x, 20, 800, 5.0)
+    assert np.array_equal(g["l0_frame"][:], order)  # L1 is in time order
     got = g["images"][:]
     assert got.dtype == np.float32
     same_nan = np.isnan(got) == np.isnan(want)
@@ -152,7 +153,7 @@ def test_ph_calibration_equals_theirs(stores, tmp_path, dp):
     nan = g.attrs["summary"]["nan_values"]
     assert nan["below_threshold"] == np.isnan(got).sum() > 0  # their cut, counted
     # L1 + baseline gives back the L0 (in the L1's pixel order) wherever L1 is a value
-    l0 = zarr.open_group(str(stores[dp]), mode="r")["images"][:]
+    l0 = zarr.open_group(str(stores[dp]), mode="r")["images"][:][order]
     base = g["baseline"][:]
     if dp == "ph256":  # one baseline for all quabos: four equal images
         assert all(np.array_equal(base[0], base[q]) for q in range(4))
@@ -168,7 +169,7 @@ def test_img_calibration_equals_theirs(stores, tmp_path):
     want, hot, dead = their_img(x, 20, 8, 1.5)
     got = g["images"][:]
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, in_l0_order(want, order), rtol=2.0**-23, atol=0)
+    np.testing.assert_allclose(got, want, rtol=2.0**-23, atol=0)
     assert np.array_equal(g["hot_pixel_mask"][:], hot.astype(np.uint8))
     assert np.array_equal(g["dead_pixel_mask"][:], dead.astype(np.uint8))
     assert {"kind": "img", "frame_stride": 20, "block_size": 8, "adc_to_pe": 1.5}.items() <= (
@@ -181,6 +182,78 @@ def test_img_defaults_and_other_block(stores, tmp_path):
     x, order = sorted_frames(stores["img16"])
     g = run(stores["img16"], tmp_path, block_size=4)
     want, hot, _ = their_img(x, 200, 4, 1.5)
-    np.testing.assert_allclose(g["images"][:], in_l0_order(want, order), rtol=2.0**-23,
-                               atol=0)
+    np.testing.assert_allclose(g["images"][:], want, rtol=2.0**-23, atol=0)
     assert np.array_equal(g["hot_pixel_mask"][:], hot.astype(np.uint8))
+
+
+# ----------------------------------------------------------- time order, timestamp_qc
+
+QC_KEYS = {"status", "monotonic", "n_frames", "n_nonmonotonic", "n_duplicates", "max_gap_ns",
+           "n_gaps_over_threshold", "gap_threshold_ns", "t_start_ns", "t_end_ns"}
+
+
+def assert_time_order(l0: Path, g: zarr.Group) -> np.ndarray:
+    """L1 = the L0 frames stably sorted by unix_t_ns (NaT last); l0_frame gives the L0
+    order back for every per-frame array. Returns l0_frame."""
+    g0 = zarr.open_group(str(l0), mode="r")
+    _, order = sorted_frames(l0)
+    l0_frame = g["l0_frame"][:]
+    assert l0_frame.dtype == np.int64
+    assert np.array_equal(l0_frame, order)
+    t = g["unix_t_ns"][:]
+    timed = t[t != NAT]
+    assert (np.diff(timed) >= 0).all()
+    assert (t[timed.size:] == NAT).all()  # frames without a time last
+    back = np.argsort(l0_frame)
+    for name, array in g0.arrays():
+        if name != "images" and array.shape[:1] == (len(order),):
+            assert np.array_equal(g[name][:][back], array[:]), name
+    assert set(g.attrs["timestamp_qc"]) == QC_KEYS
+    return l0_frame
+
+
+def test_interleaved_ph256_is_repaired_and_reversible(stores, tmp_path):
+    g = run(stores["ph256"], tmp_path, method="median")
+    l0_frame = assert_time_order(stores["ph256"], g)
+    assert not np.array_equal(l0_frame, np.arange(l0_frame.size))
+    qc = g.attrs["timestamp_qc"]
+    assert qc["status"] == "repaired" and qc["monotonic"] is True
+    assert qc["n_nonmonotonic"] == 240  # one per swapped pair
+    assert qc["n_frames"] == 1200
+    assert qc["t_start_ns"] == g["unix_t_ns"][0] and qc["t_end_ns"] == g["unix_t_ns"][-1]
+    l0 = zarr.open_group(str(stores["ph256"]), mode="r")
+    base = g["baseline"][:][g["quabo_num"][:].astype(int)]  # per quabo, as ever
+    assert np.array_equal(g["images"][:] + base, l0["images"][:][l0_frame].astype(np.float32))
+
+
+def test_clean_img16_is_clean_and_untouched(stores, tmp_path):
+    g = run(stores["img16"], tmp_path, method="mean")
+    l0_frame = assert_time_order(stores["img16"], g)
+    assert np.array_equal(l0_frame, np.arange(900))
+    qc = g.attrs["timestamp_qc"]
+    assert qc["status"] == "clean" and qc["n_nonmonotonic"] == qc["n_duplicates"] == 0
+    assert qc["gap_threshold_ns"] == 4 * 10**6  # 4 cadences (the median interval here)
+    assert g.attrs["time_order"]["reordered"] is False
+
+
+def test_frames_without_time_go_last_in_order(tmp_path):
+    l0 = make_l0(tmp_path / "l0", "img16", 300, swap_every=50, untimed=(7, 100, 101))
+    g = run(l0, tmp_path, method="mean")
+    l0_frame = assert_time_order(l0, g)
+    assert list(l0_frame[-3:]) == [7, 100, 101]
+    assert (g["frame_flags"][-3:] & pff.FLAG_MISSING_QUABO).all()  # flagged
+    assert g.attrs["time_order"]["frames_without_time"] == 3
+    assert np.isnan(g["images"][-3:]).all()  # no quabo: nothing measured
+
+
+def test_a_backward_jump_of_2_s_is_suspect_and_refused(tmp_path, capsys):
+    l0 = make_l0(tmp_path / "l0", "ph256", 400, shift={200: -2 * 10**9})
+    l1 = tmp_path / "refused.zarr"
+    cfg = write_config(tmp_path / "c.toml", method="mean")
+    assert step2_dask_baseline.main([str(l0), str(l1), "--config", str(cfg), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(l0) in err[0] and "suspect" in err[0]
+    assert not l1.exists()
+    g = run(l0, tmp_path, method="mean", fail_on_suspect=False)
+    assert g.attrs["timestamp_qc"]["status"] == "suspect"
+    assert_time_order(l0, g)

@@ -11,7 +11,7 @@ its zeros are not a measurement. A ph256 frame is one quabo's image (``quabo_num
 
 The L0 is any store of PANOSETI's layout (:mod:`panoseti_pipeline.store.spec`): ours,
 or one written by ``pypff.zarr.convert_run``, which has no ``time`` and no
-``frame_flags``: step 2 then derives them (:func:`derived_frames`).
+``frame_flags``: step 2 then derives them (:meth:`L0Info.derive`).
 """
 
 from __future__ import annotations
@@ -93,16 +93,19 @@ class L0Info:
         return np.stack([self.array(f"quabo_{q}_tv_sec")[start:stop]
                          for q in range(pff.N_QUABOS)], axis=1)
 
-    def derived_frames(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """``time`` and ``frame_flags`` of an L0 that lacks them: ``time`` is its
-        ``unix_t_ns``; the flags hold ``missing_quabo`` only (the other flags need the
-        PFF files: unknown, said in the L1 attributes)."""
+    def derive(self, frames: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``time`` and ``frame_flags`` of an L0 that lacks them, from its carried
+        ``frames``: ``time`` is ``unix_t_ns``; the flags hold ``missing_quabo`` only (the
+        other flags need the PFF files: unknown, said in the L1 attributes)."""
         out: dict[str, np.ndarray] = {}
         if "time" in self.derived:
-            out["time"] = self.array("unix_t_ns")[start:stop]
+            out["time"] = frames["unix_t_ns"]
         if "frame_flags" in self.derived:
-            missing = ((self.quabo_state(start, stop) == 0).any(axis=1) if not self.ph256
-                       else np.zeros(stop - start, bool))
+            from panoseti_pipeline.step2.quality import missing_quabos  # imports this module
+
+            n = len(frames["unix_t_ns"])
+            missing = (np.zeros(n, bool) if self.ph256
+                       else missing_quabos(frames).any(axis=1))
             out["frame_flags"] = np.where(missing, pff.FLAG_MISSING_QUABO, 0).astype(np.uint8)
         return out
 

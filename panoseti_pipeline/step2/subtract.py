@@ -22,6 +22,7 @@ import numpy as np
 from panoseti_pipeline import chunking, pff, runners
 from panoseti_pipeline.errors import InputError, StoreError
 from panoseti_pipeline.look import Look
+from panoseti_pipeline.pff.timing import NAT
 from panoseti_pipeline.step2 import quality
 from panoseti_pipeline.step2.l0_input import QUADRANT, L0Info, arrays_of, inspect_l0
 from panoseti_pipeline.step2.methods import (
@@ -33,7 +34,13 @@ from panoseti_pipeline.step2.methods import (
     formula,
     subtraction_for,
 )
-from panoseti_pipeline.step2.time_order import time_order
+from panoseti_pipeline.step2.time_order import (
+    QC_RULES,
+    cadence_ns,
+    read_times,
+    time_order,
+    timestamp_qc,
+)
 from panoseti_pipeline.store import layout, publish, spec
 from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
 
@@ -69,12 +76,20 @@ class L1Layout:
         return [BitRound(keepbits=self.keep_mantissa_bits)]
 
 
-def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
+def read_l0(info: L0Info, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """L0 frames at positions ``rows`` (in that order): images, the carried and derived
+    per-frame arrays, and ``l0_frame`` (the positions)."""
+    arrays = {n: info.array(n) for n in ["images", *info.carried]}
+    frames = layout.read_rows(arrays, rows, arrays["images"].chunks[0])
+    return frames | info.derive(frames) | {"l0_frame": rows}
+
+
+def l1_chunk(info: L0Info, sub: Subtraction, a: int, rows: np.ndarray
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """L1 frames a..b-1 (residuals and the per-frame arrays), and their partial summary."""
-    frames = layout.read_frames({n: info.array(n) for n in ["images", *info.carried]}, a, b)
+    """L1 frames a..a+len(rows)-1, made of the L0 frames ``rows`` (residuals and the
+    per-frame arrays), and their partial summary."""
+    frames = read_l0(info, rows)
     x = frames.pop("images")
-    frames |= info.derived_frames(a, b)
     quabo = frames["quabo_num"] if info.ph256 else None
     missing = None if info.ph256 else quality.missing_quabos(frames)
     out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32), missing)
@@ -107,12 +122,16 @@ def nan_counts(info: L0Info, sub: Subtraction, out: np.ndarray, quabo: np.ndarra
 
 
 def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: int,
-               l1: L1Layout, process: runners.ProcessSettings) -> dict[str, Any]:
+               rows: np.ndarray | None, l1: L1Layout, process: runners.ProcessSettings
+               ) -> dict[str, Any]:
     """Write L1 frames start..stop-1: images and every per-frame array, whole shards.
 
-    The per-frame arrays are read from the L0 chunk by chunk and written with the L1's
+    ``rows``: the L0 positions of those frames (time order); None: start..stop-1. The
+    per-frame arrays are read from the L0 chunk by chunk and written with the L1's
     chunks and codecs (an L0 of another writer may chunk and compress them otherwise).
     """
+    if rows is None:
+        rows = np.arange(start, stop, dtype=np.int64)
     runners.prepare_process(process)
     arrays = l1_arrays(info)
     writer = FrameWriter(l1_path, {a.name: a.dtype for a in arrays},
@@ -121,7 +140,8 @@ def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: i
                          l1.prepare())
     try:
         for a in range(start, stop, l1.chunk):
-            writer.add(functools.partial(l1_chunk, info, sub, a, min(stop, a + l1.chunk)))
+            writer.add(functools.partial(l1_chunk, info, sub, a,
+                                         rows[a - start: min(stop, a + l1.chunk) - start]))
         parts = writer.close()
     except BaseException:
         writer.abort()  # nothing of this task is written after the driver's cleanup
@@ -130,11 +150,18 @@ def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: i
     return {"start": start, "frames": stop - start, "parts": parts, "look": look}
 
 
+L0_FRAME_ATTRS = {"long_name": "position of the frame in the L0 store (acquisition order)",
+                  "comment": "the L1 is in time order; argsort(l0_frame) gives back the "
+                             "L0's order"}
+
+
 def l1_arrays(info: L0Info) -> list[spec.FrameArray]:
-    """The L1's per-frame arrays: PANOSETI's layout with float32 images (NaN fill)."""
+    """The L1's per-frame arrays: PANOSETI's layout with float32 images (NaN fill), and
+    ``l0_frame``."""
     images, *per_frame = spec.frame_arrays(info.product, info.module)
     images = dataclasses.replace(images, dtype=np.dtype("<f4"), fill_value=float("nan"))
-    return [images, *per_frame]
+    return [images, *per_frame,
+            spec.FrameArray("l0_frame", np.dtype("<i8"), (), ("time",), L0_FRAME_ATTRS, -1)]
 
 
 NAN_MEANS = ("no measurement: the pixel's quabo is missing in that frame (frame_flags bit "
@@ -208,8 +235,9 @@ def stored_masks(baseline: Baseline, info: L0Info, m: MethodSettings
 
 
 def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
-              keep_bits: int) -> None:
-    """Every frame written, every chunk present, first and last chunk read back right."""
+              keep_bits: int, order: np.ndarray) -> None:
+    """Every frame written, every chunk present, first and last chunk read back right
+    (``order``: the L0 position of every L1 frame)."""
     import zarr
 
     got = sum(s["frames"] for s in summaries)
@@ -221,14 +249,13 @@ def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
         if missing:
             raise StoreError(f"{path}: {name} has {missing} of {expected} chunk files "
                              "missing after writing")
-    l0 = arrays_of(layout.open_product(info.path, layout.LEVEL_L0))
     n = info.n_frames
     for a, b in {(0, min(n, 64)), (max(0, n - 64), n)}:
-        x = layout.read_frames({k: l0[k] for k in ["images", *info.carried]}, a, b)
+        x = read_l0(info, order[a:b])
         quabo = x["quabo_num"] if info.ph256 else None
         missing = None if info.ph256 else quality.missing_quabos(x)
         expect = sub.residuals(x.pop("images"), quabo, missing=missing)
-        carried = x | info.derived_frames(a, b)
+        carried = x
         stored = layout.read_frames({k: l1[k] for k in ["images", *carried]}, a, b)
         same_images = np.allclose(stored["images"], expect, rtol=2.0 ** -keep_bits, atol=0,
                                   equal_nan=True)
@@ -291,11 +318,22 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     info = inspect_l0(l0_path)
     m = MethodSettings.of(section, info)
     l0 = layout.open_product(l0_path, layout.LEVEL_L0)
+    times = read_times(l0["unix_t_ns"], m.chunk)
+    qc = timestamp_qc(times, info.kind, cadence_ns(info.kind, l0.attrs.get("run_configs")),
+                      sorted_copy=True)
+    if qc["status"] == "suspect" and section.fail_on_suspect:
+        raise InputError(f"{l0_path}: unix_t_ns is suspect: a backward jump of more than "
+                         f"{'1000 cadences' if info.kind == 'img' else '1 s'} (timestamp "
+                         "corruption?); [baseline_subtract] fail_on_suspect = false writes "
+                         "the L1 anyway")
+    order = time_order(times)
+    in_order = bool((order == np.arange(order.size)).all())
+    untimed = int(np.count_nonzero(times == NAT))
+    del times
     for message in publish.clear_stale(output):
         notice(message)
     publish.apply_permission_policy(gw)
     runner = runners.runner_for(client, threads, not quiet)
-    order = time_order(l0["unix_t_ns"], m.chunk)
     baseline = compute_baseline(runner, l0, info, m, order, process)
     if baseline.frames.get("window_truncated"):
         notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "
@@ -311,11 +349,11 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
                   section.keep_mantissa_bits, runners.cpus())
     with publish.publishing(output, layout.LEVEL_L1, overwrite) as tmp:
         create_l1(tmp, info, m, baseline, l1)
-        calls = [(info, sub, str(tmp), a, b, l1, process)
+        calls = [(info, sub, str(tmp), a, b, None if in_order else order[a:b], l1, process)
                  for a, b in chunking.task_ranges(info.n_frames, l1.chunk, l1.per_shard or 1)]
         summaries: list[dict] = []
         runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
-        verify_l1(tmp, info, sub, summaries, l1.keep_mantissa_bits)
+        verify_l1(tmp, info, sub, summaries, l1.keep_mantissa_bits, order)
         masks = stored_masks(baseline, info, m)
         summary = quality.combine_summaries(
             [p for s in summaries for p in s["parts"]], units=m.units,
@@ -337,6 +375,11 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
                                    "derived in step 2: missing_quabo only; the other flags "
                                    "are unknown (the L0 had no frame_flags)"),
             "time_source": l0.attrs.get("time_source"),
+            "timestamp_qc": qc,
+            "time_order": {"sorted_by": "unix_t_ns (stable; frames without a time last, "
+                                        "flagged in the L0 as missing_quabo or invalid_time)",
+                           "reordered": not in_order, "l0_frame": "each frame's L0 position",
+                           "frames_without_time": untimed, "timestamp_qc_rules": QC_RULES},
             "flag_counts": l0.attrs.get("flag_counts"),
             "baseline_method": m.method,
             "baseline_window": m.window,
