@@ -34,6 +34,7 @@ from panoseti_pipeline import chunking, pff, run_bundle, runners
 from panoseti_pipeline.errors import InputError, PFFNameError, StoreError
 from panoseti_pipeline.store import layout, publish, spec
 from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
+from panoseti_pipeline.time_order import cadence_ns, read_times, timestamp_qc
 
 CONTEXT_FRAMES = 8
 VERIFY_SAMPLE_CHUNKS = 3
@@ -458,5 +459,9 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
 
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
         group.attrs.update(_attributes(files, summaries, cfg, report, configs))
+        kind = _name(files).product.family
+        group.attrs["timestamp_qc"] = timestamp_qc(  # recorded, never repaired
+            read_times(group["unix_t_ns"], chunk), kind,
+            cadence_ns(kind, configs), sorted_copy=False)
         layout.consolidate(tmp)
     return Result(str(output), "ok", n, seconds, input_bytes, store_bytes, report)

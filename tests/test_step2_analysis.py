@@ -209,6 +209,11 @@ def assert_time_order(l0: Path, g: zarr.Group) -> np.ndarray:
         if name != "images" and array.shape[:1] == (len(order),):
             assert np.array_equal(g[name][:][back], array[:]), name
     assert set(g.attrs["timestamp_qc"]) == QC_KEYS
+    l0_qc = g0.attrs["timestamp_qc"]  # the L0 records its own, in acquisition order
+    assert set(l0_qc) == QC_KEYS and l0_qc["status"] != "repaired"
+    assert l0_qc["monotonic"] == bool((np.diff(g0["unix_t_ns"][:][
+        g0["unix_t_ns"][:] != NAT]) >= 0).all())
+    assert l0_qc["n_nonmonotonic"] == g.attrs["timestamp_qc"]["n_nonmonotonic"]
     return l0_frame
 
 

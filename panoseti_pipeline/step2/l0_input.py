@@ -54,8 +54,8 @@ class L0Info:
 
     @property
     def kind(self) -> str:
-        """"ph" (pulse heights: ph256, ph1024) or "img" (images: img8, img16)."""
-        return "ph" if self.dp.startswith("ph") else "img"
+        """The product's family, "ph" or "img"."""
+        return self.product.family
 
     @property
     def groups(self) -> int:

@@ -17,8 +17,8 @@ Methods (``[baseline_subtract] method``; chosen by the config, never from a path
     the per-pixel standard deviation (ddof = 0) become NaN.
 ``panoseti_analysis``
     the calibrations of PANOSETI's analysis code, on the frames in time order
-    (:mod:`.time_order`), of which every ``frame_stride``-th feeds the baseline. Pulse
-    heights (ph256, ph1024): ``ph_pedestal`` on those frames with
+    (:mod:`panoseti_pipeline.time_order`), of which every ``frame_stride``-th feeds the
+    baseline. Pulse heights (ph256, ph1024): ``ph_pedestal`` on those frames with
     ``analysis_sigma_threshold`` (their pedestal is the median plus ``baseline_offset``,
     which cancels), one baseline for all quabos of a ph256 module as their code has;
     ph1024 L1 images have the upper-right and lower-left 16x16 quadrants exchanged as
@@ -59,7 +59,7 @@ from panoseti_pipeline.step2.l0_input import (
     selected,
     window_selection,
 )
-from panoseti_pipeline.step2.time_order import strided
+from panoseti_pipeline.time_order import strided
 
 ANALYSIS = "panoseti_analysis"
 #: panoseti_analysis: a pixel is hot above this many times the module's mean level
@@ -199,7 +199,7 @@ def exchange_quadrants(a: np.ndarray) -> np.ndarray:
 def selection_for(l0: Any, info: L0Info, m: MethodSettings, order: np.ndarray
                   ) -> tuple[Selection, dict[str, Any]]:
     """The frame selection of a method, and its description for the attributes;
-    ``order``: the L0 positions in time order (:func:`.time_order.time_order`)."""
+    ``order``: the L0 positions in time order (:mod:`panoseti_pipeline.time_order`)."""
     n = info.n_frames
     if m.method == ANALYSIS:
         return Selection.positions(strided(order, m.frame_stride), pooled=info.ph256), {

@@ -34,15 +34,15 @@ from panoseti_pipeline.step2.methods import (
     formula,
     subtraction_for,
 )
-from panoseti_pipeline.step2.time_order import (
+from panoseti_pipeline.store import layout, publish, spec
+from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
+from panoseti_pipeline.time_order import (
     QC_RULES,
     cadence_ns,
     read_times,
     time_order,
     timestamp_qc,
 )
-from panoseti_pipeline.store import layout, publish, spec
-from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
 
 ZARR_CONCURRENCY = 4  # zarr async I/O concurrency per process
 
