@@ -62,6 +62,7 @@ DEFAULTS_SOURCE = "<defaults>"
 CODECS = ("blosc-lz4", "zstd", "gzip", "none")
 SHUFFLES = ("bit", "byte", "none")
 BASELINE_METHODS = ("mean", "median", "image_median", "ph_pedestal", "panoseti_analysis")
+L1_LAYOUTS = ("pipeline", "panoseti_analysis")
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)  # divisors of a module image's side
 CLUSTER_TYPES = ("local", "ssh", "slurm", "scheduler")
 #: A SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.
@@ -512,6 +513,10 @@ class BaselineConfig(_Section):
     analysis_sigma_threshold: float = key(
         5.0, "panoseti_analysis (ph): values not above this many pedestal standard "
         "deviations become NaN", above=0)
+    l1_layout: str = key(
+        "pipeline", "pipeline: <output>/<run>/<name>_L1.zarr with images; panoseti_analysis: "
+        "PANOSETI's analysis storage spec (level-major directories, their array names and "
+        "attributes, manifests)", choices=L1_LAYOUTS)
     fail_on_suspect: bool = key(
         True, "refuse an L0 whose unix_t_ns jumps back by more than 1000 cadences (images) "
         "or 1 s (pulse heights): timestamp corruption")

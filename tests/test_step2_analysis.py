@@ -4,6 +4,7 @@ the PANOSETI analysis code's two calibrations, written here from their descripti
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -262,3 +263,46 @@ def test_a_backward_jump_of_2_s_is_suspect_and_refused(tmp_path, capsys):
     g = run(l0, tmp_path, method="mean", fail_on_suspect=False)
     assert g.attrs["timestamp_qc"]["status"] == "suspect"
     assert_time_order(l0, g)
+
+
+# ----------------------------------------------------------- the team's L1 layout
+
+STEP_KEYS = {"step_name", "step_version", "params", "recipe_name", "recipe_hash",
+             "input_checksums", "output_checksum", "timestamp_utc", "software",
+             "nextflow_lineage_id"}  # their ProcessingStep's fields (no others allowed)
+
+
+@pytest.mark.parametrize("dp", ["img16", "ph256"])
+def test_team_layout_names_and_attributes(stores, tmp_path, dp):
+    from panoseti_pipeline.store.analysis_spec import data_checksum
+
+    g = run(stores[dp], tmp_path, l1_layout="panoseti_analysis", frame_stride=20)
+    g0 = zarr.open_group(str(stores[dp]), mode="r")
+    main = "pedestal_subtracted" if dp == "ph256" else "median_subtracted"
+    names = set(g.array_keys())
+    assert main in names and "images" not in names
+    assert g[main].dtype == np.float32 and g[main].shape == g0["images"].shape
+    assert set(g0.array_keys()) - {"images"} <= names  # every L0 header and time array
+    for mask in ("hot_pixel_mask", "dead_pixel_mask"):
+        assert g[mask].dtype == np.uint8 and g[mask].shape == g0["images"].shape[1:]
+    a = g.attrs
+    assert a["data_level"] == "L1"
+    assert a["panoseti_analysis_storage_version"] == "2.0"
+    assert a["panoseti_pff_zarr_version"] == g0.attrs["panoseti_pff_zarr_version"]
+    for key in ("data_product", "module", "bytes_per_pixel", "total_frames", "frame_config",
+                "source_pff_files"):
+        assert a[key] == g0.attrs[key], key
+    kind = "img" if dp == "img16" else "ph"
+    assert a["calibration"]["kind"] == kind and a["calibration"]["frame_stride"] == 20
+    assert set(a["timestamp_qc"]) == QC_KEYS
+    history = a["processing_history"]
+    assert [h["step_name"] for h in history] == ["convert", f"calibrate_{kind}"]
+    for h in history:
+        assert set(h) <= STEP_KEYS
+        assert all(isinstance(v, str) for v in h["software"].values())
+        assert dt.datetime.fromisoformat(h["timestamp_utc"]).tzinfo is not None  # ISO 8601
+    l0_sum, l1_sum = data_checksum(stores[dp]), data_checksum(tmp_path / "L1.zarr")
+    assert l0_sum.startswith("sha256:") and len(l0_sum) == 7 + 64
+    assert history[0]["output_checksum"] == l0_sum == history[1]["input_checksums"][0]
+    assert history[1]["output_checksum"] == l1_sum  # the attributes do not change it
+    assert history[1]["params"] == a["calibration"]

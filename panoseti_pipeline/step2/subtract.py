@@ -26,6 +26,7 @@ from panoseti_pipeline.pff.timing import NAT
 from panoseti_pipeline.step2 import quality
 from panoseti_pipeline.step2.l0_input import QUADRANT, L0Info, arrays_of, inspect_l0
 from panoseti_pipeline.step2.methods import (
+    ANALYSIS,
     Baseline,
     MethodSettings,
     Subtraction,
@@ -34,7 +35,7 @@ from panoseti_pipeline.step2.methods import (
     formula,
     subtraction_for,
 )
-from panoseti_pipeline.store import layout, publish, spec
+from panoseti_pipeline.store import analysis_spec, layout, publish, spec
 from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
 from panoseti_pipeline.time_order import (
     QC_RULES,
@@ -56,15 +57,16 @@ class L1Layout:
     codec: ChunkCodec
     keep_mantissa_bits: int
     encode_threads: int  # threads reading, subtracting and compressing a task's chunks
+    image_name: str = "images"  # the calibrated frames (their name in the team's layout)
 
     def prepare(self) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-        """``images`` through BitRound when fewer than 23 mantissa bits are kept."""
+        """The images through BitRound when fewer than 23 mantissa bits are kept."""
         if self.keep_mantissa_bits >= 23:
             return {}
         from numcodecs import BitRound
 
         rounding = BitRound(keepbits=self.keep_mantissa_bits)
-        return {"images": lambda x: rounding.encode(np.ascontiguousarray(x))
+        return {self.image_name: lambda x: rounding.encode(np.ascontiguousarray(x))
                 .view(np.float32).reshape(x.shape)}
 
     def image_filters(self) -> list:
@@ -84,7 +86,7 @@ def read_l0(info: L0Info, rows: np.ndarray) -> dict[str, np.ndarray]:
     return frames | info.derive(frames) | {"l0_frame": rows}
 
 
-def l1_chunk(info: L0Info, sub: Subtraction, a: int, rows: np.ndarray
+def l1_chunk(info: L0Info, sub: Subtraction, a: int, rows: np.ndarray, image_name: str
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """L1 frames a..a+len(rows)-1, made of the L0 frames ``rows`` (residuals and the
     per-frame arrays), and their partial summary."""
@@ -98,7 +100,7 @@ def l1_chunk(info: L0Info, sub: Subtraction, a: int, rows: np.ndarray
     look.add(a, out, frames["frame_flags"], frames["time"], quabo,  # while in memory
              nan_free=not any(nan.values()))
     summary = quality.chunk_summary(a, out, frames["frame_flags"], frames["time"], nan)
-    return {"images": out, **frames}, summary | {"look": look}
+    return {image_name: out, **frames}, summary | {"look": look}
 
 
 def nan_counts(info: L0Info, sub: Subtraction, out: np.ndarray, quabo: np.ndarray | None,
@@ -133,7 +135,7 @@ def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: i
     if rows is None:
         rows = np.arange(start, stop, dtype=np.int64)
     runners.prepare_process(process)
-    arrays = l1_arrays(info)
+    arrays = l1_arrays(info, l1.image_name)
     writer = FrameWriter(l1_path, {a.name: a.dtype for a in arrays},
                          {a.name: 1 + len(a.trailing) for a in arrays}, l1.chunk,
                          l1.per_shard, info.n_frames, start, l1.codec, l1.encode_threads,
@@ -141,7 +143,8 @@ def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: i
     try:
         for a in range(start, stop, l1.chunk):
             writer.add(functools.partial(l1_chunk, info, sub, a,
-                                         rows[a - start: min(stop, a + l1.chunk) - start]))
+                                         rows[a - start: min(stop, a + l1.chunk) - start],
+                                         l1.image_name))
         parts = writer.close()
     except BaseException:
         writer.abort()  # nothing of this task is written after the driver's cleanup
@@ -155,11 +158,12 @@ L0_FRAME_ATTRS = {"long_name": "position of the frame in the L0 store (acquisiti
                              "L0's order"}
 
 
-def l1_arrays(info: L0Info) -> list[spec.FrameArray]:
-    """The L1's per-frame arrays: PANOSETI's layout with float32 images (NaN fill), and
-    ``l0_frame``."""
+def l1_arrays(info: L0Info, image_name: str) -> list[spec.FrameArray]:
+    """The L1's per-frame arrays: PANOSETI's layout with float32 images (NaN fill) named
+    ``image_name``, and ``l0_frame``."""
     images, *per_frame = spec.frame_arrays(info.product, info.module)
-    images = dataclasses.replace(images, dtype=np.dtype("<f4"), fill_value=float("nan"))
+    images = dataclasses.replace(images, name=image_name, dtype=np.dtype("<f4"),
+                                 fill_value=float("nan"))
     return [images, *per_frame,
             spec.FrameArray("l0_frame", np.dtype("<i8"), (), ("time",), L0_FRAME_ATTRS, -1)]
 
@@ -175,7 +179,7 @@ def create_l1(path: Path, info: L0Info, m: MethodSettings, baseline: Baseline,
 
     codecs = layout.compressors(l1.codec)
     group = zarr.open_group(store=str(path), mode="w-")
-    images, *per_frame = l1_arrays(info)
+    images, *per_frame = l1_arrays(info, l1.image_name)
     images = dataclasses.replace(images, attrs={
         **images.attrs, "long_name": f"baseline-subtracted {info.dp} pixels",
         "units": m.units, "formula": formula(info, m),
@@ -235,7 +239,7 @@ def stored_masks(baseline: Baseline, info: L0Info, m: MethodSettings
 
 
 def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
-              keep_bits: int, order: np.ndarray) -> None:
+              l1_layout: L1Layout, order: np.ndarray) -> None:
     """Every frame written, every chunk present, first and last chunk read back right
     (``order``: the L0 position of every L1 frame)."""
     import zarr
@@ -255,14 +259,37 @@ def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
         quabo = x["quabo_num"] if info.ph256 else None
         missing = None if info.ph256 else quality.missing_quabos(x)
         expect = sub.residuals(x.pop("images"), quabo, missing=missing)
-        carried = x
-        stored = layout.read_frames({k: l1[k] for k in ["images", *carried]}, a, b)
-        same_images = np.allclose(stored["images"], expect, rtol=2.0 ** -keep_bits, atol=0,
-                                  equal_nan=True)
-        same_frames = all(np.array_equal(stored[k], v) for k, v in carried.items())
+        name = l1_layout.image_name
+        stored = layout.read_frames({k: l1[k] for k in [name, *x]}, a, b)
+        same_images = np.allclose(stored.pop(name), expect, equal_nan=True, atol=0,
+                                  rtol=2.0 ** -l1_layout.keep_mantissa_bits)
+        same_frames = all(np.array_equal(stored[k], v) for k, v in x.items())
         if not (same_images and same_frames):
             raise StoreError(f"{path}: frames {a}..{b - 1} read back differ from the "
                              "L0 input and the baseline")
+
+
+def analysis_attributes(info: L0Info, m: MethodSettings, l0_path: Path,
+                        l0_attrs: dict[str, Any], l1_path: Path, started: str
+                        ) -> dict[str, Any]:
+    """The root attributes of PANOSETI's analysis storage spec (``l1_layout =
+    "panoseti_analysis"``): ``data_level``, its version key, their ``calibration`` record
+    and a ``processing_history`` of step 1 (from the L0's attributes) and step 2, with
+    the data checksums of the L0 and of this L1 (written but for its attributes)."""
+    calibration = (m.parameters() if m.method == ANALYSIS
+                   else {"kind": info.kind, "method": m.method, **m.parameters()})
+    l0_sum = analysis_spec.data_checksum(l0_path)
+    convert = analysis_spec.processing_step(
+        "convert", (l0_attrs.get("config") or {}).get("pff_to_zarr", {}),
+        list(l0_attrs.get("source_checksums", [])), l0_sum, l0_attrs.get("created", ""),
+        l0_attrs.get("software") or {})
+    calibrate = analysis_spec.processing_step(
+        f"calibrate_{info.kind}" if m.method == ANALYSIS else "baseline_subtract",
+        calibration, [l0_sum], analysis_spec.data_checksum(l1_path), started,
+        layout.software_versions())
+    return {"data_level": layout.LEVEL_L1,
+            analysis_spec.STORAGE_VERSION_KEY: analysis_spec.STORAGE_VERSION,
+            "calibration": calibration, "processing_history": [convert, calibrate]}
 
 
 def _check_paths(l0_path: Path, l1_path: Path) -> None:
@@ -314,7 +341,8 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     runners.prepare_process(process)
     if not overwrite and publish.is_published(output, layout.LEVEL_L1):
         return Result(str(output), "exists")
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), publish.utc_now()
+    team = section.l1_layout == "panoseti_analysis"
     info = inspect_l0(l0_path)
     m = MethodSettings.of(section, info)
     l0 = layout.open_product(l0_path, layout.LEVEL_L0)
@@ -346,14 +374,15 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     l1 = L1Layout(chunking.time_chunk(section.compute_chunk_size, info.n_frames),
                   section.shard_factor,
                   ChunkCodec(section.codec, section.level, section.shuffle, section.checksum),
-                  section.keep_mantissa_bits, runners.cpus())
+                  section.keep_mantissa_bits, runners.cpus(),
+                  analysis_spec.main_array(info.kind) if team else "images")
     with publish.publishing(output, layout.LEVEL_L1, overwrite) as tmp:
         create_l1(tmp, info, m, baseline, l1)
         calls = [(info, sub, str(tmp), a, b, None if in_order else order[a:b], l1, process)
                  for a, b in chunking.task_ranges(info.n_frames, l1.chunk, l1.per_shard or 1)]
         summaries: list[dict] = []
         runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
-        verify_l1(tmp, info, sub, summaries, l1.keep_mantissa_bits, order)
+        verify_l1(tmp, info, sub, summaries, l1, order)
         masks = stored_masks(baseline, info, m)
         summary = quality.combine_summaries(
             [p for s in summaries for p in s["parts"]], units=m.units,
@@ -365,7 +394,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
         functools.reduce(Look.merge, [s["look"] for s in sorted(
             summaries, key=lambda s: s["start"])]).save(group)  # what the quicklook shows
-        group.attrs.update({
+        ours = {
             **{k: l0.attrs[k] for k in spec.REQUIRED_ATTRIBUTES if k in l0.attrs},
             **({"shard_factor": l1.per_shard} if l1.per_shard else {}),
             "processing_level": layout.LEVEL_L1,
@@ -401,7 +430,9 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
                        "tasks": len(calls), "time_chunk": l1.chunk,
                        "nan_values": summary["nan_values"]["total"]},
             "summary": summary,
-        })
+        }
+        group.attrs.update(ours | (analysis_attributes(info, m, l0_path, l0.attrs.asdict(),
+                                                       tmp, started) if team else {}))
         layout.consolidate(tmp)
     return Result(str(output), "ok", m.method, info.n_frames, seconds, l0_bytes,
                   l1_bytes, runner.mode)
