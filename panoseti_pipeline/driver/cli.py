@@ -13,6 +13,10 @@
 ``quicklooks``
     A quicklook PNG beside every product of the run and an ``index.html`` in each
     directory of them (:mod:`panoseti_pipeline.driver.index_page`).
+``analysis-levels``
+    With ``l1_layout = "panoseti_analysis"``, after the run bundles: each run's L1 level
+    gets the team's ``manifest.json`` and ``.panoseti-meta/``
+    (:mod:`panoseti_pipeline.store.analysis_spec`).
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
 ``clear-stale``
@@ -173,6 +177,31 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analysis_levels(args: argparse.Namespace) -> int:
+    """With ``l1_layout = "panoseti_analysis"``: each run's L1 level gets its
+    ``manifest.json`` and ``.panoseti-meta/`` (a copy of the run bundle written there)."""
+    from panoseti_pipeline import run_bundle
+    from panoseti_pipeline.config import load_config
+    from panoseti_pipeline.store import analysis_spec, publish
+
+    state = record.load_state(args.state)
+    if load_config(state["config_file"]).baseline_subtract.l1_layout != "panoseti_analysis":
+        return EXIT_OK
+    levels = {Path(j["l1"]).parent for j in state["jobs"]
+              if j["l1"] and Path(j["l1"]).parent.name == plan.ANALYSIS_L1_DIR}
+    for level_dir in sorted(levels):
+        stores = [p for p in level_dir.glob("*.zarr") if publish.is_published(p, "L1")]
+        if not stores:
+            continue
+        run = level_dir.parent.name
+        bundle = level_dir / run_bundle.bundle_name(f"{run}.pffd")
+        path = analysis_spec.write_level(level_dir, run, "L1", stores,
+                                         bundle if bundle.is_dir() else None,
+                                         publish.utc_now())
+        print(f"level manifest: {path}")
+    return EXIT_OK
+
+
 def cmd_clear_stale(args: argparse.Namespace) -> int:
     """What killed steps left beside these products, when their holder is gone (or is
     run.sh ``--pid``, done with its transient L0 stores)."""
@@ -316,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("product_dir", help="the directory of the run's products")
     p.set_defaults(func=cmd_bundle)
 
+    p = sub.add_parser("analysis-levels",
+                       help="the team's layout: each run's L1 manifest.json, .panoseti-meta/")
+    p.add_argument("state")
+    p.set_defaults(func=cmd_analysis_levels)
     p = sub.add_parser("clear-stale", help="clear what killed steps left beside products")
     p.add_argument("products", nargs="+", help="final product paths (<name>_L0.zarr, ...)")
     p.add_argument("--pid", type=int, default=0,

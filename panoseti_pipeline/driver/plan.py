@@ -36,6 +36,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 
 L0_SUFFIX = "_L0.zarr"
 L1_SUFFIX = "_L1.zarr"
+ANALYSIS_L1_DIR = "L1"  # l1_layout = "panoseti_analysis": the run's L1 level
+BPP_FIELD = re.compile(r"\.bpp_\d+(?=\.module_)")  # not in the team's store names
 #: The L0 directory in the output directory when none is configured: the pipeline's own
 #: scratch for the L0 stores it removes after step 2, or, with --keep-l0, "L0".
 SCRATCH_L0_SUBDIR = ".l0_tmp"
@@ -371,6 +374,15 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
+def l1_path(out: Path, job: Job, cfg: PipelineConfig | None) -> Path:
+    """Where a job's L1 goes: ``<output>/<run>/<name>_L1.zarr``, or with ``l1_layout =
+    "panoseti_analysis"`` the team's level-major ``<output>/<run>/L1/<run>.dp_<p>.module_<m>.zarr``
+    (a job of a run; a lone file keeps the first form)."""
+    if cfg and cfg.baseline_subtract.l1_layout == "panoseti_analysis" and job.run:
+        return out / job.run / ANALYSIS_L1_DIR / f"{BPP_FIELD.sub('', job.name)}.zarr"
+    return out / job.run / f"{job.name}{L1_SUFFIX}"
+
+
 def free_space_problems(jobs: Sequence[Job], out_dir: Path, l0_dir: Path, steps: tuple[int, ...],
                         keep_l0: bool,
                         disk_usage: Callable[[str], Any] = shutil.disk_usage) -> list[str]:
@@ -522,7 +534,7 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
             where = l0 / job.run if steps == (1,) else l0  # products in their run's dir
             job.l0 = str(where / f"{job.name}{L0_SUFFIX}")
         if 2 in steps:
-            job.l1 = str(out / job.run / f"{job.name}{L1_SUFFIX}")
+            job.l1 = str(l1_path(out, job, cfg))
         final = Path(job.l1 or job.l0)
         if job.name in names:
             plan.problems.append(f"{job.inputs[0]}: output name {final.name} is also the "

@@ -53,3 +53,63 @@ def processing_step(step_name: str, params: dict[str, Any], input_checksums: lis
             "params": params, "input_checksums": input_checksums,
             "output_checksum": output_checksum, "timestamp_utc": timestamp_utc,
             "software": versions}
+
+
+# --------------------------------------------------------------------------- levels
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA_VERSION = "2.0"
+META_DIR = ".panoseti-meta"  # the run's metadata, in every level
+
+
+def store_record(store: str | os.PathLike, level: str) -> dict[str, Any]:
+    """A store's entry in its level's manifest (their ``StoreLineage``: no other keys),
+    from its attributes; the checksum is the one its processing history ends with."""
+    import zarr
+
+    from panoseti_pipeline.time_order import cadence_ns
+
+    path = Path(store)
+    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    kind = "ph" if str(attrs.get("data_product", "")).startswith("ph") else "img"
+    qc = attrs.get("timestamp_qc")
+    history = attrs.get("processing_history") or []
+    return {"dp": attrs.get("data_product"), "module": str(attrs.get("module")),
+            "level": level, "kind": kind, "store": path.name,
+            "n_frames": int(attrs.get("total_frames", 0)),
+            "time_range": [qc["t_start_ns"], qc["t_end_ns"]] if qc else None,
+            "checksum": history[-1].get("output_checksum") if history else None,
+            "source_store": Path(attrs["l0_path"]).name if "l0_path" in attrs else None,
+            "calibration_params": attrs.get("calibration") if level != "L0" else None,
+            "timestamp_qc": qc, "hashset": None,
+            "cadence_ns": cadence_ns(kind, attrs.get("run_configs")),
+            "processing_history": history}
+
+
+def level_manifest(run_id: str, level: str, stores: list[Path], created_utc: str
+                   ) -> dict[str, Any]:
+    """The ``manifest.json`` of one level of one run (their ``Manifest``)."""
+    return {STORAGE_VERSION_KEY: STORAGE_VERSION,
+            "manifest_schema_version": MANIFEST_SCHEMA_VERSION, "run_id": run_id,
+            "level": level, "created_utc": created_utc, "seed_manifest_version": None,
+            "stores": [store_record(s, level) for s in sorted(stores)]}
+
+
+def write_level(level_dir: str | os.PathLike, run_id: str, level: str, stores: list[Path],
+                bundle: str | os.PathLike | None, created_utc: str) -> Path:
+    """``manifest.json`` and ``.panoseti-meta/`` (the run ``bundle``'s files copied in,
+    when there is one; nothing there is removed) in ``level_dir``; the manifest is written
+    under a temporary name and renamed in. Returns the manifest's path."""
+    import json
+    import shutil
+    import uuid
+
+    level_dir = Path(level_dir)
+    if bundle is not None:
+        shutil.copytree(bundle, level_dir / META_DIR, symlinks=True, dirs_exist_ok=True)
+    manifest = level_dir / MANIFEST_NAME
+    tmp = level_dir / f"{MANIFEST_NAME}.{uuid.uuid4().hex}.partial"
+    tmp.write_text(json.dumps(level_manifest(run_id, level, stores, created_utc),
+                              indent=2) + "\n", encoding="utf-8")
+    tmp.replace(manifest)
+    return manifest
