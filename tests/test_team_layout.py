@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from test_run_sh import run, run_env, write_config  # noqa: E402
 
 from panoseti_pipeline import synthetic as synthetic_obs  # noqa: E402
-from panoseti_pipeline.store.analysis_spec import data_checksum  # noqa: E402
+from panoseti_pipeline.store.analysis_spec import data_checksum, file_checksum  # noqa: E402
 
 #: their Manifest and StoreLineage fields (their models forbid any other key)
 MANIFEST_KEYS = {"panoseti_analysis_storage_version", "manifest_schema_version", "run_id",
@@ -58,7 +58,10 @@ def test_a_night_in_the_team_layout(tmp_path: Path) -> None:
         t = g["unix_t_ns"][:]
         assert (np.diff(t) >= 0).all() and r["time_range"] == [int(t[0]), int(t[-1])]
         assert r["timestamp_qc"] == g.attrs["timestamp_qc"]
-        assert len(r["processing_history"]) == 2
+        convert, calibrate = r["processing_history"]
+        assert convert["input_checksums"] == [file_checksum(p) for p in sorted(
+            obs.glob(f"*dp_{dp}*.pff"))]  # step 1's PFF inputs
+        assert calibrate["input_checksums"] == [convert["output_checksum"]]
         assert r["cadence_ns"] == (10**6 if dp == "img16" else None)  # the run's config
     meta = level / ".panoseti-meta"
     assert (meta / "manifest.json").is_file()  # the run bundle, copied into the level

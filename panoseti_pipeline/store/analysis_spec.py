@@ -37,10 +37,21 @@ def data_checksum(store: str | os.PathLike) -> str:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != METADATA_FILE)
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(READ_BLOCK):
-                digest.update(block)
+        _add_file(digest, path)
     return f"sha256:{digest.hexdigest()}"
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of one file's bytes (a PFF input of step 1)."""
+    digest = hashlib.sha256()
+    _add_file(digest, Path(path))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _add_file(digest: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(READ_BLOCK):
+            digest.update(block)
 
 
 def processing_step(step_name: str, params: dict[str, Any], input_checksums: list[str],
