@@ -32,7 +32,8 @@ def test_a_night_in_the_team_layout(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "team.toml", "local", baseline_subtract={
         "method": "panoseti_analysis", "l1_layout": "panoseti_analysis", "frame_stride": 10})
     out = tmp_path / "out"
-    rc, _, stderr = run(["--no-quicklook", str(obs), str(out)], run_env(tmp_path, cfg))
+    rc, _, stderr = run(["--no-quicklook", "--keep-l0", str(obs), str(out)],
+                        run_env(tmp_path, cfg))
     assert rc == 0, stderr[-3000:]
     run_id = obs.name.removesuffix(".pffd")
     level = out / run_id / "L1"
@@ -63,6 +64,23 @@ def test_a_night_in_the_team_layout(tmp_path: Path) -> None:
             obs.glob(f"*dp_{dp}*.pff"))]  # step 1's PFF inputs
         assert calibrate["input_checksums"] == [convert["output_checksum"]]
         assert r["cadence_ns"] == (10**6 if dp == "img16" else None)  # the run's config
-    meta = level / ".panoseti-meta"
-    assert (meta / "manifest.json").is_file()  # the run bundle, copied into the level
-    assert (meta / "hk.pff").read_bytes() == (obs / "hk.pff").read_bytes()
+    for lvl in (level, out / run_id / "L0"):
+        meta = lvl / ".panoseti-meta"
+        assert (meta / "manifest.json").is_file()  # the run bundle, copied into each level
+        assert (meta / "hk.pff").read_bytes() == (obs / "hk.pff").read_bytes()
+    # the kept L0, level-major too: pypff's reader opens the level; its manifest
+    l0_level = out / run_id / "L0"
+    from pypff.zarr import open_zarr_run
+
+    reader = open_zarr_run(l0_level)
+    assert reader.list_products() == ["dp_img16.bpp_2.module_1", "dp_ph256.bpp_2.module_1"]
+    l0_manifest = json.loads((l0_level / "manifest.json").read_text())
+    assert set(l0_manifest) == MANIFEST_KEYS and l0_manifest["level"] == "L0"
+    for r in l0_manifest["stores"]:
+        assert set(r) <= STORE_KEYS
+        l0_store = l0_level / r["store"]
+        assert r["checksum"] == data_checksum(l0_store)  # as step 2 recorded it
+        assert r["checksum"] == records[r["dp"]]["processing_history"][0]["output_checksum"]
+        assert records[r["dp"]]["source_store"] == r["store"]
+        assert r["timestamp_qc"]["status"] in ("clean", "flagged")  # L0: never repaired
+        assert r["calibration_params"] is None

@@ -178,8 +178,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_analysis_levels(args: argparse.Namespace) -> int:
-    """With ``l1_layout = "panoseti_analysis"``: each run's L1 level gets its
-    ``manifest.json`` and ``.panoseti-meta/`` (a copy of the run bundle written there)."""
+    """With ``l1_layout = "panoseti_analysis"``: each level directory of a run (``L1``,
+    and ``L0`` when its stores are kept there) gets the team's ``manifest.json`` and
+    ``.panoseti-meta/`` (a copy of the run's bundle)."""
     from panoseti_pipeline import run_bundle
     from panoseti_pipeline.config import load_config
     from panoseti_pipeline.store import analysis_spec, publish
@@ -187,17 +188,26 @@ def cmd_analysis_levels(args: argparse.Namespace) -> int:
     state = record.load_state(args.state)
     if load_config(state["config_file"]).baseline_subtract.l1_layout != "panoseti_analysis":
         return EXIT_OK
-    levels = {Path(j["l1"]).parent for j in state["jobs"]
-              if j["l1"] and Path(j["l1"]).parent.name == plan.ANALYSIS_L1_DIR}
-    for level_dir in sorted(levels):
-        stores = [p for p in level_dir.glob("*.zarr") if publish.is_published(p, "L1")]
+    out = Path(state["output_dir"])
+    levels = {Path(j[key]).parent: key.upper() for j in state["jobs"] for key in ("l0", "l1")
+              if j[key] and Path(j[key]).parent.name == key.upper()
+              and Path(j[key]).parent.parent != out}  # a run's level, not a lone file's
+    l0_sums = {}  # the L0 checksums step 2 computed, not read again
+    for level_dir in (d for d, level in levels.items() if level == "L1"):
+        for store in level_dir.glob("*.zarr"):
+            for path, checksum in analysis_spec.source_checksums(store).items():
+                l0_sums[path] = checksum
+    for level_dir, level in sorted(levels.items()):
+        stores = [p for p in level_dir.glob("*.zarr") if publish.is_published(p, level)]
         if not stores:
             continue
         run = level_dir.parent.name
-        bundle = level_dir / run_bundle.bundle_name(f"{run}.pffd")
-        path = analysis_spec.write_level(level_dir, run, "L1", stores,
-                                         bundle if bundle.is_dir() else None,
-                                         publish.utc_now())
+        name = run_bundle.bundle_name(f"{run}.pffd")
+        bundles = [d / name for d in (level_dir, level_dir.parent / plan.ANALYSIS_L1_DIR)
+                   if (d / name).is_dir()]
+        path = analysis_spec.write_level(level_dir, run, level, stores,
+                                         bundles[0] if bundles else None,
+                                         publish.utc_now(), l0_sums)
         print(f"level manifest: {path}")
     return EXIT_OK
 

@@ -73,9 +73,11 @@ MANIFEST_SCHEMA_VERSION = "2.0"
 META_DIR = ".panoseti-meta"  # the run's metadata, in every level
 
 
-def store_record(store: str | os.PathLike, level: str) -> dict[str, Any]:
+def store_record(store: str | os.PathLike, level: str, known: dict[str, str]
+                 ) -> dict[str, Any]:
     """A store's entry in its level's manifest (their ``StoreLineage``: no other keys),
-    from its attributes; the checksum is the one its processing history ends with."""
+    from its attributes; the checksum is the one its processing history ends with, else
+    ``known[resolved path]``, else computed."""
     import zarr
 
     from panoseti_pipeline.time_order import cadence_ns
@@ -89,7 +91,8 @@ def store_record(store: str | os.PathLike, level: str) -> dict[str, Any]:
             "level": level, "kind": kind, "store": path.name,
             "n_frames": int(attrs.get("total_frames", 0)),
             "time_range": [qc["t_start_ns"], qc["t_end_ns"]] if qc else None,
-            "checksum": history[-1].get("output_checksum") if history else None,
+            "checksum": (history[-1].get("output_checksum") if history else
+                         known.get(str(path.resolve())) or data_checksum(path)),
             "source_store": Path(attrs["l0_path"]).name if "l0_path" in attrs else None,
             "calibration_params": attrs.get("calibration") if level != "L0" else None,
             "timestamp_qc": qc, "hashset": None,
@@ -97,17 +100,30 @@ def store_record(store: str | os.PathLike, level: str) -> dict[str, Any]:
             "processing_history": history}
 
 
-def level_manifest(run_id: str, level: str, stores: list[Path], created_utc: str
-                   ) -> dict[str, Any]:
-    """The ``manifest.json`` of one level of one run (their ``Manifest``)."""
+def source_checksums(store: str | os.PathLike) -> dict[str, str]:
+    """{resolved L0 path: its checksum} that an L1 store's processing history records."""
+    import zarr
+
+    attrs = zarr.open_group(str(store), mode="r").attrs
+    history = attrs.get("processing_history") or []
+    if "l0_path" not in attrs or not history:
+        return {}
+    return {str(Path(attrs["l0_path"]).resolve()): history[0].get("output_checksum")}
+
+
+def level_manifest(run_id: str, level: str, stores: list[Path], created_utc: str,
+                   known: dict[str, str]) -> dict[str, Any]:
+    """The ``manifest.json`` of one level of one run (their ``Manifest``); ``known``:
+    checksums of stores already computed, by resolved path."""
     return {STORAGE_VERSION_KEY: STORAGE_VERSION,
             "manifest_schema_version": MANIFEST_SCHEMA_VERSION, "run_id": run_id,
             "level": level, "created_utc": created_utc, "seed_manifest_version": None,
-            "stores": [store_record(s, level) for s in sorted(stores)]}
+            "stores": [store_record(s, level, known) for s in sorted(stores)]}
 
 
 def write_level(level_dir: str | os.PathLike, run_id: str, level: str, stores: list[Path],
-                bundle: str | os.PathLike | None, created_utc: str) -> Path:
+                bundle: str | os.PathLike | None, created_utc: str,
+                known: dict[str, str]) -> Path:
     """``manifest.json`` and ``.panoseti-meta/`` (the run ``bundle``'s files copied in,
     when there is one; nothing there is removed) in ``level_dir``; the manifest is written
     under a temporary name and renamed in. Returns the manifest's path."""
@@ -120,7 +136,7 @@ def write_level(level_dir: str | os.PathLike, run_id: str, level: str, stores: l
         shutil.copytree(bundle, level_dir / META_DIR, symlinks=True, dirs_exist_ok=True)
     manifest = level_dir / MANIFEST_NAME
     tmp = level_dir / f"{MANIFEST_NAME}.{uuid.uuid4().hex}.partial"
-    tmp.write_text(json.dumps(level_manifest(run_id, level, stores, created_utc),
+    tmp.write_text(json.dumps(level_manifest(run_id, level, stores, created_utc, known),
                               indent=2) + "\n", encoding="utf-8")
     tmp.replace(manifest)
     return manifest
