@@ -32,8 +32,7 @@ def test_a_night_in_the_team_layout(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "team.toml", "local", baseline_subtract={
         "method": "panoseti_analysis", "l1_layout": "panoseti_analysis", "frame_stride": 10})
     out = tmp_path / "out"
-    rc, _, stderr = run(["--no-quicklook", "--keep-l0", str(obs), str(out)],
-                        run_env(tmp_path, cfg))
+    rc, _, stderr = run(["--keep-l0", str(obs), str(out)], run_env(tmp_path, cfg))
     assert rc == 0, stderr[-3000:]
     run_id = obs.name.removesuffix(".pffd")
     level = out / run_id / "L1"
@@ -64,6 +63,7 @@ def test_a_night_in_the_team_layout(tmp_path: Path) -> None:
             obs.glob(f"*dp_{dp}*.pff"))]  # step 1's PFF inputs
         assert calibrate["input_checksums"] == [convert["output_checksum"]]
         assert r["cadence_ns"] == (10**6 if dp == "img16" else None)  # the run's config
+    assert (level / "index.html").is_file()  # the quicklooks read the team's L1 too
     for lvl in (level, out / run_id / "L0"):
         meta = lvl / ".panoseti-meta"
         assert (meta / "manifest.json").is_file()  # the run bundle, copied into each level
