@@ -731,6 +731,10 @@ run_pipeline() {
   run_jobs
   stop_cluster
   write_bundles
+  if ! py analysis-levels "$STATE_FILE"; then # l1_layout = "panoseti_analysis" only
+    say "error: the level manifests of the team's layout were not written"
+    FAILED=$((FAILED + 1))
+  fi
   PIPELINE_RC=0
   if ((FAILED > 0)); then PIPELINE_RC=1; fi
   py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --log "$RUN_LOG" \

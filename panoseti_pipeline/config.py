@@ -61,7 +61,9 @@ DEFAULTS_SOURCE = "<defaults>"
 
 CODECS = ("blosc-lz4", "zstd", "gzip", "none")
 SHUFFLES = ("bit", "byte", "none")
-BASELINE_METHODS = ("mean", "median", "image_median", "ph_pedestal")
+BASELINE_METHODS = ("mean", "median", "image_median", "ph_pedestal", "panoseti_analysis")
+L1_LAYOUTS = ("pipeline", "panoseti_analysis")
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32)  # divisors of a module image's side
 CLUSTER_TYPES = ("local", "ssh", "slurm", "scheduler")
 #: A SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.
 SLURM_TIME = r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}"
@@ -487,7 +489,8 @@ class BaselineConfig(_Section):
 
     method: str = key(
         "mean",
-        "mean | median of the first baseline_window frames, image_median, ph_pedestal",
+        "mean | median of the first baseline_window frames, image_median, ph_pedestal, "
+        "panoseti_analysis (the PANOSETI analysis code's ph or img calibration)",
         choices=BASELINE_METHODS,
     )
     baseline_window: int = key(200, "frames that make the baseline", lo=1)
@@ -498,8 +501,25 @@ class BaselineConfig(_Section):
     compute_chunk_size: int = key(8192, "frames per output chunk (and task, unsharded)", lo=1)
     shard_factor: int = _SHARDS.field(64)
     frame_step: int = key(10, "image_median: use every frame_step-th frame", lo=1)
-    adc_to_pe: float = key(1.5, "image_median: ADC counts per photoelectron", above=0)
+    adc_to_pe: float = key(1.5, "image_median, panoseti_analysis (img): ADC counts per "
+                                "photoelectron", above=0)
+    block_size: int = key(8, "image_median, panoseti_analysis (img): side of the spatial "
+                             "median blocks (pixels; divides 32)", lo=1, hi=32)
     sigma_threshold: float = key(3.0, "ph_pedestal: pedestal cut in standard deviations", above=0)
+    frame_stride: int = key(200, "panoseti_analysis: every frame_stride-th frame in time "
+                                 "order feeds the baseline", lo=1)
+    baseline_offset: int = key(800, "panoseti_analysis (ph): added to the pulse heights "
+                                    "before the pedestal is taken")
+    analysis_sigma_threshold: float = key(
+        5.0, "panoseti_analysis (ph): values not above this many pedestal standard "
+        "deviations become NaN", above=0)
+    l1_layout: str = key(
+        "pipeline", "pipeline: <output>/<run>/<name>_L1.zarr with images; panoseti_analysis: "
+        "PANOSETI's analysis storage spec (level-major directories, their array names and "
+        "attributes, manifests)", choices=L1_LAYOUTS)
+    fail_on_suspect: bool = key(
+        True, "refuse an L0 whose unix_t_ns jumps back by more than 1000 cadences (images) "
+        "or 1 s (pulse heights): timestamp corruption")
     keep_mantissa_bits: int = key(
         23, "float32 mantissa bits kept; 23 = exact, fewer = BitRound (lossy)", lo=1, hi=23
     )
@@ -510,11 +530,15 @@ class BaselineConfig(_Section):
 
     @classmethod
     def _cross_problems(cls, values: Mapping[str, Any]) -> list[str]:
+        problems = []
         quantum = values["baseline_quantum"]
         if quantum and math.frexp(quantum)[0] != 0.5:  # not 2**k
-            return [f"baseline_quantum = {_show(quantum)} is not a power of two (1, 0.5, "
-                    "0.25, 0.125, ...) or 0"]
-        return []
+            problems.append(f"baseline_quantum = {_show(quantum)} is not a power of two "
+                            "(1, 0.5, 0.25, 0.125, ...) or 0")
+        if values["block_size"] not in BLOCK_SIZES:
+            problems.append(f"block_size = {_show(values['block_size'])} does not divide "
+                            f"32 (one of {', '.join(map(str, BLOCK_SIZES))})")
+        return problems
 
 
 @_register

@@ -107,8 +107,8 @@ def pixel_maps(look: Look, group: Any, level: str) -> dict[str, np.ndarray]:
     std[look.pixel_count == 0] = np.nan
     names = set(group.array_keys())
     if level == layout.LEVEL_L1 and {"baseline_std", "hot_pixel_mask"} <= names:
-        def plane(name: str) -> np.ndarray:
-            return group[name][:].reshape(look.groups, *look.shape)
+        def plane(name: str) -> np.ndarray:  # (y, x) masks (panoseti_analysis): every group
+            return np.broadcast_to(group[name][:], (look.groups, *look.shape))
 
         return {"mean": mean, "noise": plane("baseline_std"),
                 "hot": plane("hot_pixel_mask"), "dead": plane("dead_pixel_mask"),

@@ -32,8 +32,9 @@ import numpy as np
 
 from panoseti_pipeline import chunking, pff, run_bundle, runners
 from panoseti_pipeline.errors import InputError, PFFNameError, StoreError
-from panoseti_pipeline.store import layout, publish, spec
+from panoseti_pipeline.store import analysis_spec, layout, publish, spec
 from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
+from panoseti_pipeline.time_order import cadence_ns, read_times, timestamp_qc
 
 CONTEXT_FRAMES = 8
 VERIFY_SAMPLE_CHUNKS = 3
@@ -422,6 +423,9 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
                                            section.checksum),
                                 section.blosc_threads)
         store_made = meanwhile.submit(_create_store, tmp, files, settings, cfg)
+        checksums = (meanwhile.submit(lambda: [analysis_spec.file_checksum(f.path)
+                                               for f in files])
+                     if cfg.baseline_subtract.l1_layout == "panoseti_analysis" else None)
         if client is None:
             runners.prepare_process(process)
         summaries: list[dict[str, Any]] = []
@@ -458,5 +462,11 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
 
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
         group.attrs.update(_attributes(files, summaries, cfg, report, configs))
+        if checksums is not None:  # the team's processing history names the inputs
+            group.attrs["source_checksums"] = checksums.result()
+        kind = _name(files).product.family
+        group.attrs["timestamp_qc"] = timestamp_qc(  # recorded, never repaired
+            read_times(group["unix_t_ns"], chunk), kind,
+            cadence_ns(kind, configs), sorted_copy=False)
         layout.consolidate(tmp)
     return Result(str(output), "ok", n, seconds, input_bytes, store_bytes, report)

@@ -6,7 +6,8 @@ White Rabbit or GNSS timing, and the awkward cases real files have, each opt-in:
 * ``long_nsec``     a few frames with ``pkt_nsec >= 10**9`` (longer headers)
 * ``clamped_nsec``  a few frames with ``pkt_nsec = 999999999`` (the DAQ's clamp)
 * ``missing_quabo`` a few module frames without quabo 0 (zero sub-header and quadrant)
-* ``out_of_order``  one frame whose time is earlier than the previous one
+* ``out_of_order``  one frame whose time is 2 s earlier than the previous one (a suspect
+  time axis: step 2 refuses it unless ``fail_on_suspect = false``)
 * ``partial_last``  the last file of each stream ends in a partial frame
 * ``bad_pixels``    hot pixels (about 1500 ADC above the pedestal, Poisson noise) and dead
   pixels (always 0) at the places :func:`bad_pixels` gives, in every frame

@@ -13,6 +13,10 @@
 ``quicklooks``
     A quicklook PNG beside every product of the run and an ``index.html`` in each
     directory of them (:mod:`panoseti_pipeline.driver.index_page`).
+``analysis-levels``
+    With ``l1_layout = "panoseti_analysis"``, after the run bundles: each run's L1 level
+    gets the team's ``manifest.json`` and ``.panoseti-meta/``
+    (:mod:`panoseti_pipeline.store.analysis_spec`).
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
 ``clear-stale``
@@ -173,6 +177,41 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analysis_levels(args: argparse.Namespace) -> int:
+    """With ``l1_layout = "panoseti_analysis"``: each level directory of a run (``L1``,
+    and ``L0`` when its stores are kept there) gets the team's ``manifest.json`` and
+    ``.panoseti-meta/`` (a copy of the run's bundle)."""
+    from panoseti_pipeline import run_bundle
+    from panoseti_pipeline.config import load_config
+    from panoseti_pipeline.store import analysis_spec, publish
+
+    state = record.load_state(args.state)
+    if load_config(state["config_file"]).baseline_subtract.l1_layout != "panoseti_analysis":
+        return EXIT_OK
+    out = Path(state["output_dir"])
+    levels = {Path(j[key]).parent: key.upper() for j in state["jobs"] for key in ("l0", "l1")
+              if j[key] and Path(j[key]).parent.name == key.upper()
+              and Path(j[key]).parent.parent != out}  # a run's level, not a lone file's
+    l0_sums = {}  # the L0 checksums step 2 computed, not read again
+    for level_dir in (d for d, level in levels.items() if level == "L1"):
+        for store in level_dir.glob("*.zarr"):
+            for path, checksum in analysis_spec.source_checksums(store).items():
+                l0_sums[path] = checksum
+    for level_dir, level in sorted(levels.items()):
+        stores = [p for p in level_dir.glob("*.zarr") if publish.is_published(p, level)]
+        if not stores:
+            continue
+        run = level_dir.parent.name
+        name = run_bundle.bundle_name(f"{run}.pffd")
+        bundles = [d / name for d in (level_dir, level_dir.parent / plan.ANALYSIS_L1_DIR)
+                   if (d / name).is_dir()]
+        path = analysis_spec.write_level(level_dir, run, level, stores,
+                                         bundles[0] if bundles else None,
+                                         publish.utc_now(), l0_sums)
+        print(f"level manifest: {path}")
+    return EXIT_OK
+
+
 def cmd_clear_stale(args: argparse.Namespace) -> int:
     """What killed steps left beside these products, when their holder is gone (or is
     run.sh ``--pid``, done with its transient L0 stores)."""
@@ -320,6 +359,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("product_dir", help="the directory of the run's products")
     p.set_defaults(func=cmd_bundle)
 
+    p = sub.add_parser("analysis-levels",
+                       help="the team's layout: each run's L1 manifest.json, .panoseti-meta/")
+    p.add_argument("state")
+    p.set_defaults(func=cmd_analysis_levels)
     p = sub.add_parser("clear-stale", help="clear what killed steps left beside products")
     p.add_argument("products", nargs="+", help="final product paths (<name>_L0.zarr, ...)")
     p.add_argument("--pid", type=int, default=0,

@@ -142,7 +142,7 @@ def make_quicklooks(state_file: str | os.PathLike[str],
     failed = 0
     for store, status in run_products(state):
         row: dict[str, Any] = {"store": store, "status": status, "published": False}
-        level = "L1" if store.name.endswith("_L1.zarr") else "L0"
+        level = "L1" if publish.is_published(store, "L1") else "L0"  # any layout's name
         if publish.is_published(store, level):
             row.update(_row_facts(store), published=True)
             png = quicklook.png_path(store)

@@ -36,6 +36,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 
 L0_SUFFIX = "_L0.zarr"
 L1_SUFFIX = "_L1.zarr"
+ANALYSIS_L0_DIR, ANALYSIS_L1_DIR = "L0", "L1"  # l1_layout = "panoseti_analysis": levels
+BPP_FIELD = re.compile(r"\.bpp_\d+(?=\.module_)")  # not in the team's store names
 #: The L0 directory in the output directory when none is configured: the pipeline's own
 #: scratch for the L0 stores it removes after step 2, or, with --keep-l0, "L0".
 SCRATCH_L0_SUBDIR = ".l0_tmp"
@@ -371,6 +374,21 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
+def l1_path(out: Path, job: Job, cfg: PipelineConfig | None) -> Path:
+    """Where a job's L1 goes: ``<output>/<run>/<name>_L1.zarr``, or with ``l1_layout =
+    "panoseti_analysis"`` the team's level-major one (:func:`analysis_path`)."""
+    if cfg and cfg.baseline_subtract.l1_layout == "panoseti_analysis":
+        return analysis_path(out, job, ANALYSIS_L1_DIR)
+    return out / job.run / f"{job.name}{L1_SUFFIX}"
+
+
+def analysis_path(out: Path, job: Job, level: str) -> Path:
+    """The team's level-major place of a job's store:
+    ``<output>/<run>/<level>/<run>.dp_<p>.module_<m>.zarr`` (a lone file, of no run:
+    ``<output>/<level>/<name>.zarr``)."""
+    return out / job.run / level / f"{BPP_FIELD.sub('', job.name)}.zarr"
+
+
 def free_space_problems(jobs: Sequence[Job], out_dir: Path, l0_dir: Path, steps: tuple[int, ...],
                         keep_l0: bool,
                         disk_usage: Callable[[str], Any] = shutil.disk_usage) -> list[str]:
@@ -493,8 +511,10 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
     if problem := _bad_chars(out_dir):
         plan.problems.append(problem)
     configured = l0_dir or (cfg.run.l0_dir if cfg else "")
-    if steps == (1,):
-        l0 = out  # the L0 stores are the products
+    team = bool(cfg) and cfg.baseline_subtract.l1_layout == "panoseti_analysis"
+    team_l0 = team and (steps == (1,) or (keep_l0 and not configured))  # in <run>/L0/
+    if steps == (1,) or team_l0:
+        l0 = out  # the L0 stores are products
     elif configured:
         l0 = Path(os.path.abspath(configured))
     else:
@@ -518,11 +538,13 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
 
     names: dict[str, str] = {}
     for job in jobs:
-        if steps != (2,):
+        if steps != (2,) and team_l0:
+            job.l0 = str(analysis_path(out, job, ANALYSIS_L0_DIR))
+        elif steps != (2,):
             where = l0 / job.run if steps == (1,) else l0  # products in their run's dir
             job.l0 = str(where / f"{job.name}{L0_SUFFIX}")
         if 2 in steps:
-            job.l1 = str(out / job.run / f"{job.name}{L1_SUFFIX}")
+            job.l1 = str(l1_path(out, job, cfg))
         final = Path(job.l1 or job.l0)
         if job.name in names:
             plan.problems.append(f"{job.inputs[0]}: output name {final.name} is also the "

@@ -136,6 +136,11 @@ class Product:
     header_kind: str  # "module" (4 quabo sub-headers) or "ph256" (one quabo)
 
     @property
+    def family(self) -> str:
+        """"ph" (pulse heights: ph256, ph1024) or "img" (images: img8, img16)."""
+        return "ph" if self.dp.startswith("ph") else "img"
+
+    @property
     def pixel_bytes(self) -> int:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 

@@ -11,13 +11,14 @@ The L0 may be ours or any store of that layout (``pypff.zarr.convert_run``'s).
 Where things are:
 
 * :mod:`.l0_input` -- checking the L0 store, reading frames, which frames feed a baseline;
-* :mod:`.methods` -- the baseline methods (mean, median, image_median, ph_pedestal): their
-  frame selections, the reduction passes, what is subtracted;
+* :mod:`.methods` -- the baseline methods (mean, median, image_median, ph_pedestal,
+  panoseti_analysis): their frame selections, the reduction passes, what is subtracted;
 * :mod:`.histogram` -- the exact statistics the methods use: integer moments and the
   two-pass histogram median;
 * :mod:`.quality` -- NaN where a quabo is missing, the hot/dead pixel masks, the
   ``summary`` attribute;
-* :mod:`.subtract` -- the step itself: create, fill, verify and publish the L1 store.
+* :mod:`.subtract` -- the step itself: create, fill, verify and publish the L1 store,
+  its frames in time order (:mod:`panoseti_pipeline.time_order`).
 
 How it runs (DESIGN.md §7): every statistics task owns one chunk-aligned frame range of
 ``compute_chunk_size`` frames and returns small partial statistics; every writing task

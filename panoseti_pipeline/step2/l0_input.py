@@ -11,7 +11,7 @@ its zeros are not a measurement. A ph256 frame is one quabo's image (``quabo_num
 
 The L0 is any store of PANOSETI's layout (:mod:`panoseti_pipeline.store.spec`): ours,
 or one written by ``pypff.zarr.convert_run``, which has no ``time`` and no
-``frame_flags``: step 2 then derives them (:func:`derived_frames`).
+``frame_flags``: step 2 then derives them (:meth:`L0Info.derive`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ class L0Info:
         return pff.PRODUCTS[self.dp].header_kind == "ph256"
 
     @property
+    def kind(self) -> str:
+        """The product's family, "ph" or "img"."""
+        return self.product.family
+
+    @property
     def groups(self) -> int:
         """Number of baseline images: one per quabo for ph256, else one."""
         return pff.N_QUABOS if self.ph256 else 1
@@ -89,16 +94,19 @@ class L0Info:
         return np.stack([self.array(f"quabo_{q}_tv_sec")[start:stop]
                          for q in range(pff.N_QUABOS)], axis=1)
 
-    def derived_frames(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """``time`` and ``frame_flags`` of an L0 that lacks them: ``time`` is its
-        ``unix_t_ns``; the flags hold ``missing_quabo`` only (the other flags need the
-        PFF files: unknown, said in the L1 attributes)."""
+    def derive(self, frames: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``time`` and ``frame_flags`` of an L0 that lacks them, from its carried
+        ``frames``: ``time`` is ``unix_t_ns``; the flags hold ``missing_quabo`` only (the
+        other flags need the PFF files: unknown, said in the L1 attributes)."""
         out: dict[str, np.ndarray] = {}
         if "time" in self.derived:
-            out["time"] = self.array("unix_t_ns")[start:stop]
+            out["time"] = frames["unix_t_ns"]
         if "frame_flags" in self.derived:
-            missing = ((self.quabo_state(start, stop) == 0).any(axis=1) if not self.ph256
-                       else np.zeros(stop - start, bool))
+            from panoseti_pipeline.step2.quality import missing_quabos  # imports this module
+
+            n = len(frames["unix_t_ns"])
+            missing = (np.zeros(n, bool) if self.ph256
+                       else missing_quabos(frames).any(axis=1))
             out["frame_flags"] = np.where(missing, pff.FLAG_MISSING_QUABO, 0).astype(np.uint8)
         return out
 
@@ -162,12 +170,21 @@ def _time_dim(array: Any) -> bool:
 # --------------------------------------------------------------------------- selection
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Selection:
-    """Frames that feed the baseline: index < cutoff[q] and index % step == 0."""
+    """Frames that feed the baseline: index < cutoff[q] and index % step == 0, or the
+    L0 positions ``picked``; ``pooled``: every ph256 frame feeds group 0 (one baseline
+    for all quabos), else a ph256 frame feeds its quabo's."""
 
     cutoff: tuple[int, ...]  # per quabo
     step: int
+    picked: np.ndarray | None = None  # ascending L0 positions, instead of cutoff and step
+    pooled: bool = False
+
+    @classmethod
+    def positions(cls, picked: np.ndarray, pooled: bool) -> Selection:
+        """The frames at L0 positions ``picked`` (ascending, not empty)."""
+        return cls((int(picked[-1]) + 1,) * pff.N_QUABOS, 1, picked, pooled)
 
     @property
     def stop(self) -> int:
@@ -182,6 +199,10 @@ def _chunk_use(info: L0Info, sel: Selection, start: int, aux: np.ndarray
     """
     t = start + np.arange(len(aux))
     chosen = (t[:, None] < np.asarray(sel.cutoff)) & (t % sel.step == 0)[:, None]
+    if sel.picked is not None:
+        near = sel.picked[np.searchsorted(sel.picked, start):
+                          np.searchsorted(sel.picked, start + len(aux))]
+        chosen &= np.isin(t, near)[:, None]
     if info.ph256:
         return chosen & (aux[:, None] == np.arange(pff.N_QUABOS)), np.zeros_like(chosen)
     missing = aux == 0  # the frame is flagged missing_quabo
@@ -233,6 +254,8 @@ def selected(info: L0Info, sel: Selection, start: int, stop: int
     use, excluded = _chunk_use(info, sel, start, aux)
     record = _frame_record(use, excluded, start)
     feeds = use.any(axis=1)
+    if sel.pooled:  # the statistics put every frame in group 0 (aux is quabo_num)
+        aux = np.zeros_like(aux)
     if feeds.all():  # the usual case: no copy
         return x, use, aux, record
     return x[feeds], use[feeds], aux[feeds], record

@@ -15,6 +15,16 @@ Methods (``[baseline_subtract] method``; chosen by the config, never from a path
 ``ph_pedestal``
     per-pixel median over all frames subtracted; values not above ``sigma_threshold`` x
     the per-pixel standard deviation (ddof = 0) become NaN.
+``panoseti_analysis``
+    the calibrations of PANOSETI's analysis code, on the frames in time order
+    (:mod:`panoseti_pipeline.time_order`), of which every ``frame_stride``-th feeds the
+    baseline. Pulse heights (ph256, ph1024): ``ph_pedestal`` on those frames with
+    ``analysis_sigma_threshold`` (their pedestal is the median plus ``baseline_offset``,
+    which cancels), one baseline for all quabos of a ph256 module as their code has;
+    ph1024 L1 images have the upper-right and lower-left 16x16 quadrants exchanged as
+    their code does (the L0 keeps the DAQ's order, which PFF_FORMAT.md §5 reads as is).
+    Images (img8, img16): ``image_median`` on those frames. Their hot and dead pixel
+    rules come with it (:func:`analysis_masks`).
 
 Every method also gives ``baseline_std``, the per-pixel standard deviation (ddof = 0) of
 the frames that made its baseline: the pedestal noise the pixel masks are judged on
@@ -39,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from panoseti_pipeline import chunking, pff, runners
+from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.step2 import histogram, quality
 from panoseti_pipeline.step2.l0_input import (
     QUADRANT,
@@ -48,42 +59,74 @@ from panoseti_pipeline.step2.l0_input import (
     selected,
     window_selection,
 )
+from panoseti_pipeline.time_order import strided
 
-BLOCK = 8  # image_median: side of the spatial median blocks (pixels)
+ANALYSIS = "panoseti_analysis"
+#: panoseti_analysis: a pixel is hot above this many times the module's mean level
+ANALYSIS_HOT_FACTOR = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodSettings:
-    """What a baseline method is given: the ``[baseline_subtract]`` values it uses, taken
-    from the configuration once, at step 2's edge (:meth:`of`)."""
+    """What a baseline method is given: the ``[baseline_subtract]`` values it uses for one
+    L0 product, taken from the configuration once, at step 2's edge (:meth:`of`)."""
 
     method: str
     window: int  # mean, median: frames that make the baseline
     frame_step: int  # image_median
-    adc_to_pe: float  # image_median
+    adc_to_pe: float  # image_median, panoseti_analysis (img)
+    block_size: int  # image_median, panoseti_analysis (img)
     sigma_threshold: float  # ph_pedestal
+    frame_stride: int  # panoseti_analysis
+    baseline_offset: int  # panoseti_analysis (ph)
+    analysis_sigma: float  # panoseti_analysis (ph)
     quantum: float  # the baseline is rounded to a multiple of it (0: not rounded)
     chunk: int  # frames per statistics task
+    kind: str  # the product's: "ph" or "img"
+    exchange: bool  # ph1024 quadrants exchanged in the L1 (panoseti_analysis)
 
     @classmethod
-    def of(cls, section: Any) -> MethodSettings:
-        """The settings of a ``[baseline_subtract]`` section."""
+    def of(cls, section: Any, info: L0Info) -> MethodSettings:
+        """The settings of a ``[baseline_subtract]`` section for the L0 ``info``."""
         return cls(section.method, section.baseline_window, section.frame_step,
-                   section.adc_to_pe, section.sigma_threshold, section.baseline_quantum,
-                   section.compute_chunk_size)
+                   section.adc_to_pe, section.block_size, section.sigma_threshold,
+                   section.frame_stride, section.baseline_offset,
+                   section.analysis_sigma_threshold, section.baseline_quantum,
+                   section.compute_chunk_size, info.kind,
+                   section.method == ANALYSIS and info.dp == "ph1024")
+
+    @property
+    def like(self) -> str:
+        """The computation: the method, or the one panoseti_analysis shares for this kind
+        (on its own frames and parameters)."""
+        if self.method != ANALYSIS:
+            return self.method
+        return "ph_pedestal" if self.kind == "ph" else "image_median"
+
+    @property
+    def cut(self) -> float:
+        """Residuals not above ``cut`` x baseline_std become NaN (ph_pedestal-like)."""
+        return self.analysis_sigma if self.method == ANALYSIS else self.sigma_threshold
 
     @property
     def units(self) -> str:
         """The unit of the L1 images (image_median divides by ADC counts per photoelectron)."""
-        return "photoelectrons" if self.method == "image_median" else "ADC counts"
+        return "photoelectrons" if self.like == "image_median" else "ADC counts"
 
     def parameters(self) -> dict[str, Any]:
-        """The values the method uses, under their configuration names (for the attributes)."""
+        """The values the method uses, under their configuration names (for the attributes;
+        panoseti_analysis: their parameter names and ``kind``, as their ``calibration``)."""
+        if self.method == ANALYSIS and self.kind == "ph":
+            return {"kind": "ph", "sigma_threshold": self.analysis_sigma,
+                    "baseline_offset": self.baseline_offset, "frame_stride": self.frame_stride}
+        if self.method == ANALYSIS:
+            return {"kind": "img", "frame_stride": self.frame_stride,
+                    "block_size": self.block_size, "adc_to_pe": self.adc_to_pe}
         if self.method in ("mean", "median"):
             return {"baseline_window": self.window}
         if self.method == "image_median":
             return {"frame_step": self.frame_step, "adc_to_pe": self.adc_to_pe,
-                    "block_size": BLOCK}
+                    "block_size": self.block_size}
         return {"sigma_threshold": self.sigma_threshold, "std_ddof": 0}
 
 
@@ -95,6 +138,9 @@ class Baseline:
     std: np.ndarray  # population std (ddof 0) of the frames that made the baseline
     frames: dict[str, Any]
     extra: dict[str, Any]
+    #: the method's own (hot, dead) uint8 masks, (y, x) in the L0's pixel order
+    #: (panoseti_analysis: their rules); None: the pipeline's masks only
+    own_masks: tuple[np.ndarray, np.ndarray] | None = None
 
     def quantized(self, quantum: float) -> Baseline:
         """The baseline rounded to the nearest multiple of ``quantum`` (0: unchanged).
@@ -116,6 +162,7 @@ class Subtraction:
     baseline: np.ndarray  # (groups, y, x) float32
     scale: float = 1.0
     threshold: np.ndarray | None = None  # (groups, y, x) float32, ph_pedestal
+    exchange: bool = False  # ph1024 quadrants exchanged in the result (panoseti_analysis)
 
     def residuals(self, x: np.ndarray, quabo: np.ndarray | None,
                   out: np.ndarray | None = None, missing: np.ndarray | None = None
@@ -135,13 +182,30 @@ class Subtraction:
             out[below] = np.nan
         if missing is not None:
             quality.blank_missing_quadrants(out, missing)
+        if self.exchange:
+            exchange_quadrants(out)
         return out
 
 
-def selection_for(l0: Any, info: L0Info, m: MethodSettings
+def exchange_quadrants(a: np.ndarray) -> np.ndarray:
+    """Exchange the upper-right and lower-left 16x16 quadrants of the last two axes of
+    ``a`` in place (panoseti_analysis' ph1024 quabo order); ``a`` is returned."""
+    upper_right = a[..., :16, 16:].copy()
+    a[..., :16, 16:] = a[..., 16:, :16]
+    a[..., 16:, :16] = upper_right
+    return a
+
+
+def selection_for(l0: Any, info: L0Info, m: MethodSettings, order: np.ndarray
                   ) -> tuple[Selection, dict[str, Any]]:
-    """The frame selection of a method, and its description for the attributes."""
+    """The frame selection of a method, and its description for the attributes;
+    ``order``: the L0 positions in time order (:mod:`panoseti_pipeline.time_order`)."""
     n = info.n_frames
+    if m.method == ANALYSIS:
+        return Selection.positions(strided(order, m.frame_stride), pooled=info.ph256), {
+            "selection": f"every {m.frame_stride}th frame in time order (unix_t_ns, "
+                         "stable sort, frames without a time last)"
+                         + (", all quabos together" if info.ph256 else "")}
     if m.method in ("mean", "median"):
         sel, short = window_selection(l0, info, m.window, m.chunk)
         what = f"first {m.window} frames" + (" of each quabo" if info.ph256 else "")
@@ -153,24 +217,28 @@ def selection_for(l0: Any, info: L0Info, m: MethodSettings
     return Selection((n,) * pff.N_QUABOS, 1), {"selection": "all frames"}
 
 
-def _block_medians(info: L0Info, x: np.ndarray, use: np.ndarray, aux: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Per selected frame, the median of every BLOCK x BLOCK block and its group (-1 = none)."""
+def _block_medians(info: L0Info, x: np.ndarray, use: np.ndarray, aux: np.ndarray,
+                   block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per selected frame, the median of every block x block block and its group
+    (-1 = none; a module block is in one quadrant when block <= 16)."""
     rows = np.flatnonzero(use.any(axis=1))
     h, w = info.shape
-    bh, bw = h // BLOCK, w // BLOCK
-    blocks = x[rows].reshape(rows.size, bh, BLOCK, bw, BLOCK).swapaxes(2, 3)
-    med = np.median(blocks.reshape(rows.size, bh, bw, BLOCK * BLOCK), axis=-1)
+    bh, bw = h // block, w // block
+    blocks = x[rows].reshape(rows.size, bh, block, bw, block).swapaxes(2, 3)
+    med = np.median(blocks.reshape(rows.size, bh, bw, block * block), axis=-1)
     if info.ph256:
         gid = np.broadcast_to(aux[rows].astype(np.int8)[:, None, None], med.shape)
+    elif block > 16:  # the whole image: every quadrant there
+        gid = np.where(use[rows].all(axis=1), 0, -1).astype(np.int8)[:, None, None]
+        gid = np.broadcast_to(gid, med.shape)
     else:
-        quadrant = QUADRANT[: h: BLOCK, : w: BLOCK]
+        quadrant = QUADRANT[: h: block, : w: block]
         gid = np.where(use[rows][:, quadrant], 0, -1).astype(np.int8)
     return med, np.ascontiguousarray(gid)
 
 
 def stats_task(info: L0Info, sel: Selection, start: int, stop: int, method: str,
-               process: runners.ProcessSettings) -> dict[str, Any]:
+               block: int, process: runners.ProcessSettings) -> dict[str, Any]:
     """Pass 1 over frames start..stop-1: exact counts and moments, high-byte histograms
     (median-based methods), block medians (image_median)."""
     runners.prepare_process(process)
@@ -180,17 +248,20 @@ def stats_task(info: L0Info, sel: Selection, start: int, stop: int, method: str,
                            **histogram.first_pass(info, x, use, aux, orders,
                                                   high_bytes=method != "mean")}
     if method == "image_median":
-        out["block_median"], out["block_group"] = _block_medians(info, x, use, aux)
+        out["block_median"], out["block_group"] = _block_medians(info, x, use, aux, block)
     return out
 
 
 def compute_baseline(runner: Any, l0: Any, info: L0Info, m: MethodSettings,
-                     process: runners.ProcessSettings) -> Baseline:
+                     order: np.ndarray, process: runners.ProcessSettings) -> Baseline:
     """Run the reduction passes of ``m.method`` and finish the baseline (rounded to
-    ``m.quantum``)."""
-    method = m.method
-    sel, frames = selection_for(l0, info, m)
-    calls = [(info, sel, a, b, method, process)
+    ``m.quantum``); ``order``: the L0 positions in time order."""
+    method = m.like
+    if method == "image_median" and info.shape[0] % m.block_size:
+        raise InputError(f"{info.path}: block_size = {m.block_size} does not divide the "
+                         f"{info.shape[0]}-pixel side of {info.dp} images")
+    sel, frames = selection_for(l0, info, m, order)
+    calls = [(info, sel, a, b, method, m.block_size, process)
              for a, b in chunking.task_ranges(sel.stop, m.chunk)]
     k_total = info.groups * info.pixels
     acc: dict[str, Any] = {"moments": np.zeros((3, k_total), np.int64),
@@ -212,21 +283,41 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, m: MethodSettings,
     frames["frames_used"] = int(acc.get("frames_any", 0))  # frames in any quadrant's baseline
     shape = (info.groups, *info.shape)
     count, total, squares = acc["moments"]
-    std = histogram.std(count, total, squares).reshape(shape)  # the pedestal noise
+    std = _pooled(sel, histogram.std(count, total, squares).reshape(shape))  # pedestal noise
     if method == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = total / count + info.offset
         return Baseline(mean.reshape(shape), std, frames, {}).quantized(m.quantum)
-    values = histogram.exact_median(runner, info, sel, m.chunk, acc["hist"], count,
-                                    process).reshape(shape)
+    values = _pooled(sel, histogram.exact_median(runner, info, sel, m.chunk, acc["hist"],
+                                                 count, process).reshape(shape))
     if method == "image_median":
-        block_map = _block_map(info, blocks)  # (groups, y/B, x/B)
-        upsampled = block_map.repeat(BLOCK, axis=1).repeat(BLOCK, axis=2)
+        b = m.block_size
+        block_map = _block_map(info, blocks)  # (groups, y/b, x/b)
+        upsampled = block_map.repeat(b, axis=1).repeat(b, axis=2)
         supermedian = values - upsampled  # median over time of (sampled frame - upsampled)
-        extra = {"block_size": BLOCK,
+        extra = {"block_size": b,
                  "block_median_map": _json_floats(block_map if info.ph256 else block_map[0])}
-        return Baseline(upsampled + supermedian, std, frames, extra).quantized(m.quantum)
-    return Baseline(values, std, frames, {}).quantized(m.quantum)
+        own = analysis_masks(upsampled[0]) if m.method == ANALYSIS else None
+        return Baseline(upsampled + supermedian, std, frames, extra,
+                        own).quantized(m.quantum)
+    own = analysis_masks(values[0] + m.baseline_offset) if m.method == ANALYSIS else None
+    return Baseline(values, std, frames, {}, own).quantized(m.quantum)
+
+
+def _pooled(sel: Selection, a: np.ndarray) -> np.ndarray:
+    """A pooled selection's statistic (group 0) for every group: one baseline for all."""
+    return np.broadcast_to(a[:1], a.shape).copy() if sel.pooled else a
+
+
+def analysis_masks(level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """panoseti_analysis' (hot, dead) uint8 masks of a per-pixel ``level`` (their ph
+    pedestal with its offset, or their img block-median map): hot above
+    ANALYSIS_HOT_FACTOR x the mean level over the pixels, dead at 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no level at all: nothing hot
+        mean = float(np.nanmean(level))
+    return ((level > ANALYSIS_HOT_FACTOR * mean).astype(np.uint8),
+            (level == 0).astype(np.uint8))
 
 
 def _block_map(info: L0Info, blocks: list[Any]) -> np.ndarray:
@@ -249,20 +340,23 @@ def _json_floats(a: np.ndarray) -> Any:
 def subtraction_for(m: MethodSettings, baseline: Baseline) -> Subtraction:
     """The per-frame operation of a method, with the baseline broadcast to every task."""
     values = baseline.values.astype(np.float32)
-    if m.method == "image_median":
+    if m.like == "image_median":
         return Subtraction(values, scale=m.adc_to_pe)
-    if m.method == "ph_pedestal":
-        return Subtraction(values, threshold=(m.sigma_threshold
-                                              * baseline.std).astype(np.float32))
+    if m.like == "ph_pedestal":
+        return Subtraction(values, threshold=(m.cut * baseline.std).astype(np.float32),
+                           exchange=m.exchange)
     return Subtraction(values)
 
 
-def formula(info: L0Info, method: str) -> str:
+def formula(info: L0Info, m: MethodSettings) -> str:
     """What the L1 images are, in words (an attribute of the store and of ``images``)."""
     base = "baseline[quabo_num]" if info.ph256 else "baseline"
-    if method == "image_median":
+    exchanged = ("; then the upper-right and lower-left 16x16 quadrants exchanged"
+                 if m.exchange else "")
+    if m.like == "image_median":
         return f"images = (L0 images - {base}) / adc_to_pe"
-    if method == "ph_pedestal":
-        return (f"d = L0 images - {base}; images = d where d > sigma_threshold * "
-                f"{base.replace('baseline', 'baseline_std')}, else NaN")
+    if m.like == "ph_pedestal":
+        cut = "analysis_sigma_threshold" if m.method == ANALYSIS else "sigma_threshold"
+        return (f"d = L0 images - {base}; images = d where d > {cut} * "
+                f"{base.replace('baseline', 'baseline_std')}, else NaN{exchanged}")
     return f"images = L0 images - {base}"

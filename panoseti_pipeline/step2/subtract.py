@@ -22,18 +22,28 @@ import numpy as np
 from panoseti_pipeline import chunking, pff, runners
 from panoseti_pipeline.errors import InputError, StoreError
 from panoseti_pipeline.look import Look
+from panoseti_pipeline.pff.timing import NAT
 from panoseti_pipeline.step2 import quality
 from panoseti_pipeline.step2.l0_input import QUADRANT, L0Info, arrays_of, inspect_l0
 from panoseti_pipeline.step2.methods import (
+    ANALYSIS,
     Baseline,
     MethodSettings,
     Subtraction,
     compute_baseline,
+    exchange_quadrants,
     formula,
     subtraction_for,
 )
-from panoseti_pipeline.store import layout, publish, spec
+from panoseti_pipeline.store import analysis_spec, layout, publish, spec
 from panoseti_pipeline.store.shards import ChunkCodec, FrameWriter
+from panoseti_pipeline.time_order import (
+    QC_RULES,
+    cadence_ns,
+    read_times,
+    time_order,
+    timestamp_qc,
+)
 
 ZARR_CONCURRENCY = 4  # zarr async I/O concurrency per process
 
@@ -47,15 +57,16 @@ class L1Layout:
     codec: ChunkCodec
     keep_mantissa_bits: int
     encode_threads: int  # threads reading, subtracting and compressing a task's chunks
+    image_name: str = "images"  # the calibrated frames (their name in the team's layout)
 
     def prepare(self) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-        """``images`` through BitRound when fewer than 23 mantissa bits are kept."""
+        """The images through BitRound when fewer than 23 mantissa bits are kept."""
         if self.keep_mantissa_bits >= 23:
             return {}
         from numcodecs import BitRound
 
         rounding = BitRound(keepbits=self.keep_mantissa_bits)
-        return {"images": lambda x: rounding.encode(np.ascontiguousarray(x))
+        return {self.image_name: lambda x: rounding.encode(np.ascontiguousarray(x))
                 .view(np.float32).reshape(x.shape)}
 
     def image_filters(self) -> list:
@@ -67,12 +78,20 @@ class L1Layout:
         return [BitRound(keepbits=self.keep_mantissa_bits)]
 
 
-def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
+def read_l0(info: L0Info, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """L0 frames at positions ``rows`` (in that order): images, the carried and derived
+    per-frame arrays, and ``l0_frame`` (the positions)."""
+    arrays = {n: info.array(n) for n in ["images", *info.carried]}
+    frames = layout.read_rows(arrays, rows, arrays["images"].chunks[0])
+    return frames | info.derive(frames) | {"l0_frame": rows}
+
+
+def l1_chunk(info: L0Info, sub: Subtraction, a: int, rows: np.ndarray, image_name: str
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """L1 frames a..b-1 (residuals and the per-frame arrays), and their partial summary."""
-    frames = layout.read_frames({n: info.array(n) for n in ["images", *info.carried]}, a, b)
+    """L1 frames a..a+len(rows)-1, made of the L0 frames ``rows`` (residuals and the
+    per-frame arrays), and their partial summary."""
+    frames = read_l0(info, rows)
     x = frames.pop("images")
-    frames |= info.derived_frames(a, b)
     quabo = frames["quabo_num"] if info.ph256 else None
     missing = None if info.ph256 else quality.missing_quabos(frames)
     out = sub.residuals(x, quabo, runners.thread_array("f32", x.shape, np.float32), missing)
@@ -81,7 +100,7 @@ def l1_chunk(info: L0Info, sub: Subtraction, a: int, b: int
     look.add(a, out, frames["frame_flags"], frames["time"], quabo,  # while in memory
              nan_free=not any(nan.values()))
     summary = quality.chunk_summary(a, out, frames["frame_flags"], frames["time"], nan)
-    return {"images": out, **frames}, summary | {"look": look}
+    return {image_name: out, **frames}, summary | {"look": look}
 
 
 def nan_counts(info: L0Info, sub: Subtraction, out: np.ndarray, quabo: np.ndarray | None,
@@ -105,21 +124,27 @@ def nan_counts(info: L0Info, sub: Subtraction, out: np.ndarray, quabo: np.ndarra
 
 
 def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: int,
-               l1: L1Layout, process: runners.ProcessSettings) -> dict[str, Any]:
+               rows: np.ndarray | None, l1: L1Layout, process: runners.ProcessSettings
+               ) -> dict[str, Any]:
     """Write L1 frames start..stop-1: images and every per-frame array, whole shards.
 
-    The per-frame arrays are read from the L0 chunk by chunk and written with the L1's
+    ``rows``: the L0 positions of those frames (time order); None: start..stop-1. The
+    per-frame arrays are read from the L0 chunk by chunk and written with the L1's
     chunks and codecs (an L0 of another writer may chunk and compress them otherwise).
     """
+    if rows is None:
+        rows = np.arange(start, stop, dtype=np.int64)
     runners.prepare_process(process)
-    arrays = l1_arrays(info)
+    arrays = l1_arrays(info, l1.image_name)
     writer = FrameWriter(l1_path, {a.name: a.dtype for a in arrays},
                          {a.name: 1 + len(a.trailing) for a in arrays}, l1.chunk,
                          l1.per_shard, info.n_frames, start, l1.codec, l1.encode_threads,
                          l1.prepare())
     try:
         for a in range(start, stop, l1.chunk):
-            writer.add(functools.partial(l1_chunk, info, sub, a, min(stop, a + l1.chunk)))
+            writer.add(functools.partial(l1_chunk, info, sub, a,
+                                         rows[a - start: min(stop, a + l1.chunk) - start],
+                                         l1.image_name))
         parts = writer.close()
     except BaseException:
         writer.abort()  # nothing of this task is written after the driver's cleanup
@@ -128,11 +153,19 @@ def apply_task(info: L0Info, sub: Subtraction, l1_path: str, start: int, stop: i
     return {"start": start, "frames": stop - start, "parts": parts, "look": look}
 
 
-def l1_arrays(info: L0Info) -> list[spec.FrameArray]:
-    """The L1's per-frame arrays: PANOSETI's layout with float32 images (NaN fill)."""
+L0_FRAME_ATTRS = {"long_name": "position of the frame in the L0 store (acquisition order)",
+                  "comment": "the L1 is in time order; argsort(l0_frame) gives back the "
+                             "L0's order"}
+
+
+def l1_arrays(info: L0Info, image_name: str) -> list[spec.FrameArray]:
+    """The L1's per-frame arrays: PANOSETI's layout with float32 images (NaN fill) named
+    ``image_name``, and ``l0_frame``."""
     images, *per_frame = spec.frame_arrays(info.product, info.module)
-    images = dataclasses.replace(images, dtype=np.dtype("<f4"), fill_value=float("nan"))
-    return [images, *per_frame]
+    images = dataclasses.replace(images, name=image_name, dtype=np.dtype("<f4"),
+                                 fill_value=float("nan"))
+    return [images, *per_frame,
+            spec.FrameArray("l0_frame", np.dtype("<i8"), (), ("time",), L0_FRAME_ATTRS, -1)]
 
 
 NAN_MEANS = ("no measurement: the pixel's quabo is missing in that frame (frame_flags bit "
@@ -146,41 +179,69 @@ def create_l1(path: Path, info: L0Info, m: MethodSettings, baseline: Baseline,
 
     codecs = layout.compressors(l1.codec)
     group = zarr.open_group(store=str(path), mode="w-")
-    images, *per_frame = l1_arrays(info)
+    images, *per_frame = l1_arrays(info, l1.image_name)
     images = dataclasses.replace(images, attrs={
         **images.attrs, "long_name": f"baseline-subtracted {info.dp} pixels",
-        "units": m.units, "formula": formula(info, m.method),
-        "nan_means": NAN_MEANS + (" or not above the cut (ph_pedestal)"
-                                  if m.method == "ph_pedestal" else "")})
+        "units": m.units, "formula": formula(info, m),
+        "nan_means": NAN_MEANS + (f" or not above the cut ({m.method})"
+                                  if m.like == "ph_pedestal" else "")})
     layout.create_frame_arrays(group, [images, *per_frame], info.n_frames, l1.chunk,
                                l1.per_shard, codecs, l1.image_filters())
     dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
     std_name = "standard deviation (ddof 0) of the frames that made the baseline"
+    in_l1_order = exchange_quadrants if m.exchange else (lambda a: a)  # like the images
     for name, values, long_name in (
             ("baseline", baseline.values, f"baseline ({m.method}"
              + (f", a multiple of {m.quantum:g} ADC counts" if m.quantum else "") + ")"),
             ("baseline_std", baseline.std, f"pedestal noise: {std_name}")):
-        data = (values if info.ph256 else values[0]).astype(np.float32)
+        data = in_l1_order((values if info.ph256 else values[0]).astype(np.float32))
         array = layout.create_array(group, name, data.shape, data.shape, "<f4", dims, codecs,
                                     {"_ARRAY_DIMENSIONS": list(dims), "long_name": long_name,
                                      "units": "ADC counts"}, fill_value=float("nan"))
         array[...] = data
-    for name, mask in zip(quality.MASK_ATTRS, pixel_masks(baseline, info), strict=True):
-        array = layout.create_array(group, name, mask.shape, mask.shape, "u1", dims, codecs,
-                                    {"_ARRAY_DIMENSIONS": list(dims),
-                                     **quality.MASK_ATTRS[name]})
-        array[...] = mask
+    for name, (mask, mask_dims, attrs) in stored_masks(baseline, info, m).items():
+        array = layout.create_array(group, name, mask.shape, mask.shape, "u1", mask_dims,
+                                    codecs, {"_ARRAY_DIMENSIONS": list(mask_dims), **attrs})
+        array[...] = in_l1_order(mask.copy())
 
 
-def pixel_masks(baseline: Baseline, info: L0Info) -> tuple[np.ndarray, np.ndarray]:
-    """(hot, dead) masks shaped like the stored baseline."""
+#: panoseti_analysis stores its own masks under the usual names, the pipeline's under these
+PIPELINE_MASK_NAMES = {"hot_pixel_mask": "pipeline_hot_pixel_mask",
+                       "dead_pixel_mask": "pipeline_dead_pixel_mask"}
+ANALYSIS_MASK_ATTRS = {
+    "hot_pixel_mask": {"long_name": "hot pixels (1 = hot), the PANOSETI analysis code's rule",
+                       "rule": "hot: level > 3 * mean(level) over the pixels; level: pulse "
+                               "heights, the pedestal + baseline_offset; images, the "
+                               "upsampled block-median map"},
+    "dead_pixel_mask": {"long_name": "dead pixels (1 = dead), the PANOSETI analysis code's "
+                                     "rule", "rule": "dead: level == 0 (level as for hot)"},
+}
+
+
+def stored_masks(baseline: Baseline, info: L0Info, m: MethodSettings
+                 ) -> dict[str, tuple[np.ndarray, tuple[str, ...], dict[str, Any]]]:
+    """The L1's uint8 masks by name: (values in the L0's pixel order, dims, attributes).
+
+    The pipeline's (:func:`quality.pixel_masks`, shaped like the stored baseline) are
+    ``hot_pixel_mask`` and ``dead_pixel_mask``, unless the method has its own
+    (panoseti_analysis, (y, x)): those take the names, the pipeline's are kept beside.
+    """
     hot, dead = quality.pixel_masks(baseline.values, baseline.std)
-    return (hot, dead) if info.ph256 else (hot[0], dead[0])
+    ours = (hot, dead) if info.ph256 else (hot[0], dead[0])
+    dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
+    if baseline.own_masks is None:
+        return {name: (mask, dims, quality.MASK_ATTRS[name])
+                for name, mask in zip(quality.MASK_ATTRS, ours, strict=True)}
+    return ({name: (mask, ("y", "x"), ANALYSIS_MASK_ATTRS[name])
+             for name, mask in zip(ANALYSIS_MASK_ATTRS, baseline.own_masks, strict=True)}
+            | {PIPELINE_MASK_NAMES[name]: (mask, dims, quality.MASK_ATTRS[name])
+               for name, mask in zip(quality.MASK_ATTRS, ours, strict=True)})
 
 
 def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
-              keep_bits: int) -> None:
-    """Every frame written, every chunk present, first and last chunk read back right."""
+              l1_layout: L1Layout, order: np.ndarray) -> None:
+    """Every frame written, every chunk present, first and last chunk read back right
+    (``order``: the L0 position of every L1 frame)."""
     import zarr
 
     got = sum(s["frames"] for s in summaries)
@@ -192,21 +253,43 @@ def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
         if missing:
             raise StoreError(f"{path}: {name} has {missing} of {expected} chunk files "
                              "missing after writing")
-    l0 = arrays_of(layout.open_product(info.path, layout.LEVEL_L0))
     n = info.n_frames
     for a, b in {(0, min(n, 64)), (max(0, n - 64), n)}:
-        x = layout.read_frames({k: l0[k] for k in ["images", *info.carried]}, a, b)
+        x = read_l0(info, order[a:b])
         quabo = x["quabo_num"] if info.ph256 else None
         missing = None if info.ph256 else quality.missing_quabos(x)
         expect = sub.residuals(x.pop("images"), quabo, missing=missing)
-        carried = x | info.derived_frames(a, b)
-        stored = layout.read_frames({k: l1[k] for k in ["images", *carried]}, a, b)
-        same_images = np.allclose(stored["images"], expect, rtol=2.0 ** -keep_bits, atol=0,
-                                  equal_nan=True)
-        same_frames = all(np.array_equal(stored[k], v) for k, v in carried.items())
+        name = l1_layout.image_name
+        stored = layout.read_frames({k: l1[k] for k in [name, *x]}, a, b)
+        same_images = np.allclose(stored.pop(name), expect, equal_nan=True, atol=0,
+                                  rtol=2.0 ** -l1_layout.keep_mantissa_bits)
+        same_frames = all(np.array_equal(stored[k], v) for k, v in x.items())
         if not (same_images and same_frames):
             raise StoreError(f"{path}: frames {a}..{b - 1} read back differ from the "
                              "L0 input and the baseline")
+
+
+def analysis_attributes(info: L0Info, m: MethodSettings, l0_path: Path,
+                        l0_attrs: dict[str, Any], l1_path: Path, started: str
+                        ) -> dict[str, Any]:
+    """The root attributes of PANOSETI's analysis storage spec (``l1_layout =
+    "panoseti_analysis"``): ``data_level``, its version key, their ``calibration`` record
+    and a ``processing_history`` of step 1 (from the L0's attributes) and step 2, with
+    the data checksums of the L0 and of this L1 (written but for its attributes)."""
+    calibration = (m.parameters() if m.method == ANALYSIS
+                   else {"kind": info.kind, "method": m.method, **m.parameters()})
+    l0_sum = analysis_spec.data_checksum(l0_path)
+    convert = analysis_spec.processing_step(
+        "convert", (l0_attrs.get("config") or {}).get("pff_to_zarr", {}),
+        list(l0_attrs.get("source_checksums", [])), l0_sum, l0_attrs.get("created", ""),
+        l0_attrs.get("software") or {})
+    calibrate = analysis_spec.processing_step(
+        f"calibrate_{info.kind}" if m.method == ANALYSIS else "baseline_subtract",
+        calibration, [l0_sum], analysis_spec.data_checksum(l1_path), started,
+        layout.software_versions())
+    return {"data_level": layout.LEVEL_L1,
+            analysis_spec.STORAGE_VERSION_KEY: analysis_spec.STORAGE_VERSION,
+            "calibration": calibration, "processing_history": [convert, calibrate]}
 
 
 def _check_paths(l0_path: Path, l1_path: Path) -> None:
@@ -251,7 +334,6 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
 
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
     section = cfg.baseline_subtract  # read here only: what the layers below use is taken out
-    m = MethodSettings.of(section)
     l0_path, output = Path(l0_path), Path(l1_path)
     _check_paths(l0_path, output)
     gw = cfg.run.group_writable
@@ -259,14 +341,28 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     runners.prepare_process(process)
     if not overwrite and publish.is_published(output, layout.LEVEL_L1):
         return Result(str(output), "exists")
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), publish.utc_now()
+    team = section.l1_layout == "panoseti_analysis"
     info = inspect_l0(l0_path)
+    m = MethodSettings.of(section, info)
     l0 = layout.open_product(l0_path, layout.LEVEL_L0)
+    times = read_times(l0["unix_t_ns"], m.chunk)
+    qc = timestamp_qc(times, info.kind, cadence_ns(info.kind, l0.attrs.get("run_configs")),
+                      sorted_copy=True)
+    if qc["status"] == "suspect" and section.fail_on_suspect:
+        raise InputError(f"{l0_path}: unix_t_ns is suspect: a backward jump of more than "
+                         f"{'1000 cadences' if info.kind == 'img' else '1 s'} (timestamp "
+                         "corruption?); [baseline_subtract] fail_on_suspect = false writes "
+                         "the L1 anyway")
+    order = time_order(times)
+    in_order = bool((order == np.arange(order.size)).all())
+    untimed = int(np.count_nonzero(times == NAT))
+    del times
     for message in publish.clear_stale(output):
         notice(message)
     publish.apply_permission_policy(gw)
     runner = runners.runner_for(client, threads, not quiet)
-    baseline = compute_baseline(runner, l0, info, m, process)
+    baseline = compute_baseline(runner, l0, info, m, order, process)
     if baseline.frames.get("window_truncated"):
         notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "
                "frames there are; the baseline uses all of them")
@@ -278,25 +374,27 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     l1 = L1Layout(chunking.time_chunk(section.compute_chunk_size, info.n_frames),
                   section.shard_factor,
                   ChunkCodec(section.codec, section.level, section.shuffle, section.checksum),
-                  section.keep_mantissa_bits, runners.cpus())
+                  section.keep_mantissa_bits, runners.cpus(),
+                  analysis_spec.main_array(info.kind) if team else "images")
     with publish.publishing(output, layout.LEVEL_L1, overwrite) as tmp:
         create_l1(tmp, info, m, baseline, l1)
-        calls = [(info, sub, str(tmp), a, b, l1, process)
+        calls = [(info, sub, str(tmp), a, b, None if in_order else order[a:b], l1, process)
                  for a, b in chunking.task_ranges(info.n_frames, l1.chunk, l1.per_shard or 1)]
         summaries: list[dict] = []
         runner.map(apply_task, calls, f"{output.name}", lambda _i, r: summaries.append(r))
-        verify_l1(tmp, info, sub, summaries, l1.keep_mantissa_bits)
-        hot, dead = pixel_masks(baseline, info)
+        verify_l1(tmp, info, sub, summaries, l1, order)
+        masks = stored_masks(baseline, info, m)
         summary = quality.combine_summaries(
             [p for s in summaries for p in s["parts"]], units=m.units,
-            hot=int(hot.sum()), dead=int(dead.sum()),
+            hot=int(masks["hot_pixel_mask"][0].sum()),
+            dead=int(masks["dead_pixel_mask"][0].sum()),
             uncalibrated_pixels=int(np.isnan(baseline.values).sum()))
         l0_bytes, l1_bytes = publish.store_bytes(l0_path), publish.store_bytes(tmp)
         seconds = time.perf_counter() - t0
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
         functools.reduce(Look.merge, [s["look"] for s in sorted(
             summaries, key=lambda s: s["start"])]).save(group)  # what the quicklook shows
-        group.attrs.update({
+        ours = {
             **{k: l0.attrs[k] for k in spec.REQUIRED_ATTRIBUTES if k in l0.attrs},
             **({"shard_factor": l1.per_shard} if l1.per_shard else {}),
             "processing_level": layout.LEVEL_L1,
@@ -306,12 +404,17 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
                                    "derived in step 2: missing_quabo only; the other flags "
                                    "are unknown (the L0 had no frame_flags)"),
             "time_source": l0.attrs.get("time_source"),
+            "timestamp_qc": qc,
+            "time_order": {"sorted_by": "unix_t_ns (stable; frames without a time last, "
+                                        "flagged in the L0 as missing_quabo or invalid_time)",
+                           "reordered": not in_order, "l0_frame": "each frame's L0 position",
+                           "frames_without_time": untimed, "timestamp_qc_rules": QC_RULES},
             "flag_counts": l0.attrs.get("flag_counts"),
             "baseline_method": m.method,
             "baseline_window": m.window,
             "parameters": m.parameters() | baseline.extra,
             "baseline_frames": baseline.frames,
-            "formula": formula(info, m.method),
+            "formula": formula(info, m),
             "precision": {"keep_mantissa_bits": section.keep_mantissa_bits,
                           "lossy": section.keep_mantissa_bits < 23,
                           "baseline_quantum": m.quantum,
@@ -327,7 +430,9 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
                        "tasks": len(calls), "time_chunk": l1.chunk,
                        "nan_values": summary["nan_values"]["total"]},
             "summary": summary,
-        })
+        }
+        group.attrs.update(ours | (analysis_attributes(info, m, l0_path, l0.attrs.asdict(),
+                                                       tmp, started) if team else {}))
         layout.consolidate(tmp)
     return Result(str(output), "ok", m.method, info.n_frames, seconds, l0_bytes,
                   l1_bytes, runner.mode)

@@ -137,6 +137,31 @@ def _zarr_ranges(arrays: list[zarr.Array], ranges: Sequence[tuple[int, int]]
     return sync(read())
 
 
+ROWS_RANGES_PER_TRIP = 4  # read_rows: chunk ranges read at once (bounds its memory)
+
+
+def read_rows(arrays: Mapping[str, zarr.Array], rows: np.ndarray, chunk: int
+              ) -> dict[str, np.ndarray]:
+    """Frames at positions ``rows`` (any order) of every array, in that order.
+
+    Ascending consecutive ``rows`` are one range (no copy, as :func:`read_frames`);
+    otherwise each ``chunk``-frame block the rows fall in is read once, from its first to
+    its last row, :data:`ROWS_RANGES_PER_TRIP` blocks at a time.
+    """
+    if rows.size and rows[-1] - rows[0] == rows.size - 1 and (np.diff(rows) == 1).all():
+        return read_frames(arrays, int(rows[0]), int(rows[-1]) + 1)
+    out = {name: np.empty((rows.size, *a.shape[1:]), a.dtype) for name, a in arrays.items()}
+    block = rows // chunk
+    blocks = np.unique(block)
+    for i in range(0, blocks.size, ROWS_RANGES_PER_TRIP):
+        wanted = [np.flatnonzero(block == b) for b in blocks[i: i + ROWS_RANGES_PER_TRIP]]
+        ranges = [(int(rows[w].min()), int(rows[w].max()) + 1) for w in wanted]
+        for w, (a, _), part in zip(wanted, ranges, read_ranges(arrays, ranges), strict=True):
+            for name, values in part.items():
+                out[name][w] = values[rows[w] - a]
+    return out
+
+
 def open_product(path: str | os.PathLike, level: str) -> zarr.Group:
     """Open a product read-only; :class:`InputError` if it is not one of ``level``.
 
