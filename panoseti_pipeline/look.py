@@ -27,7 +27,7 @@ PH_EDGES = np.arange(-512, 4096 + 16, 16)  # pulse-height histogram bins (ADC co
 #: quabo -> (rows, columns) of its quadrant in a 32x32 module image (PFF_FORMAT.md §5)
 QUADRANT_SLICES = {0: (slice(0, 16), slice(0, 16)), 1: (slice(0, 16), slice(16, 32)),
                    2: (slice(16, 32), slice(16, 32)), 3: (slice(16, 32), slice(0, 16))}
-GROUP = "quicklook"  # the L1's group holding its stored Look
+GROUP = "quicklook"  # the L1's array holding its stored Look
 VERSION = 1  # of the stored Look's layout; another version is read from the images
 NO_TIME = np.iinfo(np.int64).max  # t_min of a bin with no timed frame
 #: how two parts' arrays combine
@@ -147,8 +147,8 @@ class Look:
         return self
 
     def save(self, group: Any) -> None:
-        """Store it in ``group``'s :data:`GROUP` as one float64 array (three files: a
-        product's file count matters on BeeGFS), its layout in the group's attributes.
+        """Store it as ``group``'s array :data:`GROUP`: one float64 array (two files: a
+        product's file count matters on BeeGFS), its layout in the array's attributes.
 
         Counts are exact in float64 (below 2**53); times are stored as ns after the first
         bin's first time (exact for spans below 104 days), NaN where a bin has none.
@@ -164,25 +164,25 @@ class Look:
             pieces.append(np.asarray(values, np.float64).ravel())
             where[name] = [offset, list(values.shape)]
             offset += pieces[-1].size
-        sub = group.create_group(GROUP, attributes={
+        group.create_array(GROUP, data=np.concatenate(pieces), compressors=None,
+                           dimension_names=(f"{GROUP}_value",), attributes={
             "version": VERSION, **{k: getattr(self, k) for k in _META}, "t0_ns": t0,
             "layout": where,
             "description": "what the quicklook shows, gathered by step 2 while it wrote the "
                            "images: per-pixel sums, light-curve and flag bins, times, "
-                           "pulse-height histograms (panoseti_pipeline.look)"})
-        sub.create_array("values", data=np.concatenate(pieces), compressors=None,
-                         dimension_names=("value",))
+                           "pulse-height histograms, one after another as 'layout' says "
+                           "(panoseti_pipeline.look)"})
 
     @classmethod
     def load(cls, group: Any, name: str) -> Look | None:
         """The Look stored in ``group`` (an L1 of ours), or None if there is none."""
-        if GROUP not in set(group.group_keys()):
+        if GROUP not in set(group.array_keys()):
             return None
-        sub = group[GROUP]
-        meta = dict(sub.attrs)
+        array = group[GROUP]
+        meta = dict(array.attrs)
         if meta.get("version") != VERSION:
             return None
-        flat = sub["values"][...]
+        flat = array[...]
         arrays: dict[str, np.ndarray | None] = {}
         for key in (*_SUMS, *_MINS, *_MAXS):
             if key not in meta["layout"]:
