@@ -160,6 +160,16 @@ class ShardedFrames:
     def ndim(self) -> int:
         return len(self.shape)
 
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """The inner chunk shape, as zarr's ``Array.chunks``."""
+        return (self.chunk, *self.shape[1:])
+
+    @property
+    def shards(self) -> tuple[int, ...]:
+        """The shard shape, as zarr's ``Array.shards``."""
+        return (self.chunk * self.per_shard, *self.shape[1:])
+
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError(f"{self.directory}: only [a:b] reads frames ({key!r})")
