@@ -2,7 +2,7 @@
 
 Step 2 folds every L1 chunk into a :class:`Look` while the chunk is in memory anyway
 (touch the data once), merges the parts in frame order and stores the result small in
-the L1 (the ``quicklook`` group, :meth:`Look.save`), so a quicklook of our L1 renders
+the L1 (the ``quicklook`` array, :meth:`Look.save`), so a quicklook of our L1 renders
 without reading the images again (:meth:`Look.load`). For any other store (an L0, a
 store of another writer) :mod:`panoseti_pipeline.quicklook` reads the images and folds
 them into a :class:`Look` the same way.
@@ -27,7 +27,7 @@ PH_EDGES = np.arange(-512, 4096 + 16, 16)  # pulse-height histogram bins (ADC co
 #: quabo -> (rows, columns) of its quadrant in a 32x32 module image (PFF_FORMAT.md §5)
 QUADRANT_SLICES = {0: (slice(0, 16), slice(0, 16)), 1: (slice(0, 16), slice(16, 32)),
                    2: (slice(16, 32), slice(16, 32)), 3: (slice(16, 32), slice(0, 16))}
-GROUP = "quicklook"  # the L1's array holding its stored Look
+ARRAY = "quicklook"  # the L1's array holding its stored Look
 VERSION = 1  # of the stored Look's layout; another version is read from the images
 NO_TIME = np.iinfo(np.int64).max  # t_min of a bin with no timed frame
 #: how two parts' arrays combine
@@ -147,7 +147,7 @@ class Look:
         return self
 
     def save(self, group: Any) -> None:
-        """Store it as ``group``'s array :data:`GROUP`: one float64 array (two files: a
+        """Store it as ``group``'s array :data:`ARRAY`: one float64 array (two files: a
         product's file count matters on BeeGFS), its layout in the array's attributes.
 
         Counts are exact in float64 (below 2**53); times are stored as ns after the first
@@ -164,8 +164,8 @@ class Look:
             pieces.append(np.asarray(values, np.float64).ravel())
             where[name] = [offset, list(values.shape)]
             offset += pieces[-1].size
-        group.create_array(GROUP, data=np.concatenate(pieces), compressors=None,
-                           dimension_names=(f"{GROUP}_value",), attributes={
+        group.create_array(ARRAY, data=np.concatenate(pieces), compressors=None,
+                           dimension_names=(f"{ARRAY}_value",), attributes={
             "version": VERSION, **{k: getattr(self, k) for k in _META}, "t0_ns": t0,
             "layout": where,
             "description": "what the quicklook shows, gathered by step 2 while it wrote the "
@@ -176,9 +176,9 @@ class Look:
     @classmethod
     def load(cls, group: Any, name: str) -> Look | None:
         """The Look stored in ``group`` (an L1 of ours), or None if there is none."""
-        if GROUP not in set(group.array_keys()):
+        if ARRAY not in set(group.array_keys()):
             return None
-        array = group[GROUP]
+        array = group[ARRAY]
         meta = dict(array.attrs)
         if meta.get("version") != VERSION:
             return None

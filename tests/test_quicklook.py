@@ -80,7 +80,7 @@ def test_step2_stores_the_look_that_reading_the_l1_gives(stores, dp):
     from panoseti_pipeline import look as look_module
 
     l1 = next(s for s in stores if s.name == f"{dp}_L1.zarr")
-    assert look_module.GROUP in set(zarr.open_group(str(l1), mode="r").array_keys())
+    assert look_module.ARRAY in set(zarr.open_group(str(l1), mode="r").array_keys())
     stored, maps = quicklook.accumulate(l1)
     read, read_maps = quicklook.accumulate(l1, stored=False)
     assert (stored.frames, stored.bins, stored.dp, stored.groups) == (
