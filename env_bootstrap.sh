@@ -29,7 +29,8 @@
 # nothing unlocked is downloaded). Without a lock beside FILE, `pip install -r FILE -e
 # <repo>`. Either runs only when the lock (or FILE and what it includes with -r/-c) or
 # pyproject.toml changed since the last successful install: a stamp in .venv holds their
-# hash, so a repeated run costs a few interpreter probes and no pip.
+# hash. A repeated run with no other env active finds .venv ready from that stamp and
+# probes only .venv's python: no search for an interpreter, no pip.
 #
 # Every message is one line on stderr ("env_bootstrap: ..."), so stdout stays the caller's.
 # Safe under `set -o errexit -o nounset -o pipefail`. Names defined: bootstrap_python_env,
@@ -250,25 +251,53 @@ _envb_pip() {
   fi
 }
 
+# _envb_install_source FILE: what gets installed for requirements FILE: its lock when
+# there is one beside it, else FILE itself.
+_envb_install_source() {
+  local lock
+  lock="$(env_bootstrap_lock_file "$1")"
+  if [[ -e "$lock" ]]; then
+    printf '%s\n' "$lock"
+  else
+    printf '%s\n' "$1"
+  fi
+}
+
+# _envb_digest FILE REPO: the install stamp's text for requirements FILE of REPO (the hash
+# of what gets installed, and of pyproject.toml).
+_envb_digest() {
+  local digest
+  digest="$(env_bootstrap_requirements_digest "$(_envb_install_source "$1")")" || return 1
+  digest+=" $(env_bootstrap_requirements_digest "$2/pyproject.toml")" || return 1
+  printf '%s\n' "$digest"
+}
+
+# _envb_stamp VENV FILE: the install stamp of requirements FILE in VENV.
+_envb_stamp() {
+  printf '%s\n' "$1/.panoseti-installed-${2##*/}.sha256"
+}
+
+# _envb_installed VENV FILE REPO: true if VENV's stamp says exactly this set was installed.
+_envb_installed() {
+  local stamp digest
+  stamp="$(_envb_stamp "$1" "$2")"
+  [[ -r "$stamp" ]] || return 1
+  digest="$(_envb_digest "$2" "$3")" || return 1
+  [[ "$(<"$stamp")" == "$digest" ]]
+}
+
 # _envb_install_if_changed VENV FILE REPO: install FILE's lock (else FILE) and REPO,
 # editable, into VENV unless the stamp says this exact set and pyproject.toml were
 # installed.
 _envb_install_if_changed() {
-  local venv="$1" req="$2" repo="$3" lock source digest stamp installed=""
-  lock="$(env_bootstrap_lock_file "$req")"
-  source="$req"
-  if [[ -e "$lock" ]]; then
-    source="$lock"
-  fi
-  digest="$(env_bootstrap_requirements_digest "$source")" || return 1
-  digest+=" $(env_bootstrap_requirements_digest "$repo/pyproject.toml")" || return 1
-  stamp="$venv/.panoseti-installed-${req##*/}.sha256"
-  if [[ -r "$stamp" ]]; then
-    installed="$(<"$stamp")"
-  fi
-  if [[ "$installed" == "$digest" ]]; then
+  local venv="$1" req="$2" repo="$3" lock source digest stamp
+  if _envb_installed "$venv" "$req" "$repo"; then
     return 0
   fi
+  lock="$(env_bootstrap_lock_file "$req")"
+  source="$(_envb_install_source "$req")"
+  digest="$(_envb_digest "$req" "$repo")" || return 1
+  stamp="$(_envb_stamp "$venv" "$req")"
   _envb_say "installing ${source##*/} into $venv (first run, or the requirements changed) ..."
   rm -f -- "$stamp"
   if [[ "$source" == "$lock" ]]; then
@@ -282,6 +311,33 @@ _envb_install_if_changed() {
   printf '%s\n' "$digest" >"$stamp"
 }
 
+# _envb_bytecode_cache VENV: the processes of a run (each step, each driver call) import
+# numpy, zarr, dask, matplotlib ...; the .venv is installed without byte code (--no-compile,
+# 4x faster), so without a cache each process compiles those modules again (~1 s each) --
+# always so where PYTHONDONTWRITEBYTECODE is set. Byte code is written into one cache in
+# VENV (PYTHONPYCACHEPREFIX, unless the caller chose one): the source trees get none.
+_envb_bytecode_cache() {
+  export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-$1/pycache}"
+  unset PYTHONDONTWRITEBYTECODE
+}
+
+# _envb_ready_venv VENV FILE REPO: true if no env other than VENV is active and VENV's
+# python works, is >= 3.12 and has FILE's set installed. Sets ENV_BOOTSTRAP_VENV_VERSION.
+_envb_ready_venv() {
+  local venv="$1" env_var prefix probe
+  for env_var in VIRTUAL_ENV CONDA_PREFIX; do
+    prefix="${!env_var:-}"
+    if [[ -n "$prefix" ]] && ! _envb_same_dir "$prefix" "$venv"; then
+      return 1
+    fi
+  done
+  [[ -x "$venv/bin/python" ]] || return 1
+  _envb_installed "$venv" "$2" "$3" || return 1
+  probe="$(_envb_probe "$venv/bin/python")" || return 1
+  _envb_new_enough "${probe%%$'\t'*}" || return 1
+  ENV_BOOTSTRAP_VENV_VERSION="${probe%%$'\t'*}"
+}
+
 # bootstrap_python_env REPO_ROOT REQUIREMENTS_FILE: choose the interpreter, make the
 # requirements importable, export PYTHON, and say on stderr which interpreter it is.
 bootstrap_python_env() {
@@ -291,6 +347,16 @@ bootstrap_python_env() {
   if [[ ! -r "$req" ]]; then
     _envb_say "error: cannot read requirements file $req"
     return 1
+  fi
+  # The repository's .venv, installed from exactly these requirements, with no other env
+  # active: nothing to choose, so no interpreter on PATH or in pyenv is probed (pyenv's
+  # shims cost ~0.4 s each, and run.sh bootstraps on every run).
+  if _envb_ready_venv "$venv" "$req" "$repo_root"; then
+    PYTHON="$venv/bin/python"
+    export PYTHON
+    _envb_bytecode_cache "$venv"
+    _envb_say "using $PYTHON (Python $ENV_BOOTSTRAP_VENV_VERSION, the repository's .venv, installed from $(_envb_install_source "$req"))"
+    return 0
   fi
   env_bootstrap_find_python || return 1
 
@@ -309,6 +375,7 @@ bootstrap_python_env() {
   _envb_install_if_changed "$venv" "$req" "$repo_root" || return 1
   PYTHON="$venv/bin/python"
   export PYTHON
+  _envb_bytecode_cache "$venv"
   _envb_say "using $PYTHON (Python $ENV_BOOTSTRAP_VENV_VERSION; base interpreter $ENV_BOOTSTRAP_BASE_PYTHON, $ENV_BOOTSTRAP_HOW)"
 }
 

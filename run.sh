@@ -570,9 +570,8 @@ run_job() {
     CURRENT_STEP=2
     run_step "$PYTHON" "$REPO_ROOT/step2_dask_baseline.py" "$l0" "$l1" --config "$CONFIG" \
       "${address[@]}" "${STEP_FLAGS[@]}" || rc=$?
-    if ((rc == 0)) && [[ "$OPT_STEPS" == 1,2 ]]; then
-      release "$l0" # a transient L0 goes, a kept one stays
-      if [[ ! -e "$l0" ]]; then extra=(--l0-removed); fi
+    if ((rc == 0)) && [[ "$OPT_STEPS" == 1,2 ]]; then # a transient L0 goes, a kept one stays
+      extra=(--release "$l0" --pid "$$")
     fi
     record "$i" 2 "$rc" "${extra[@]}"
     CURRENT_STEP=""
@@ -609,22 +608,6 @@ run_jobs() {
         say "stopping after the first failed input (--keep-going continues with the others)"
         break
       fi
-    fi
-  done
-}
-
-# write_bundles: each run's bundle (configs, logs, sentinels, hk.pff, manifest) beside its
-# products, from its .pffd (or, --steps 2, from the bundle beside its L0 stores); a bundle
-# that cannot be written fails the run.
-write_bundles() {
-  local k path
-  for ((k = 0; k < ${#BUNDLE_RUN[@]}; k++)); do
-    [[ -d "${BUNDLE_DIR[k]}" ]] || continue # no product of that run was made
-    if path="$(py bundle "${BUNDLE_RUN[k]}" "${BUNDLE_DIR[k]}")"; then
-      say "run bundle: $path"
-    else
-      say "error: the run bundle of ${BUNDLE_RUN[k]} was not written"
-      FAILED=$((FAILED + 1))
     fi
   done
 }
@@ -730,20 +713,19 @@ run_pipeline() {
 
   run_jobs
   stop_cluster
-  write_bundles
-  if ! py analysis-levels "$STATE_FILE"; then # l1_layout = "panoseti_analysis" only
-    say "error: the level manifests of the team's layout were not written"
-    FAILED=$((FAILED + 1))
-  fi
+  # One process for all that follows the jobs: each run's bundle beside its products (one
+  # not written fails the run), the team layout's level manifests, the summary and run
+  # record, the catalog, and (unless --no-quicklook) the quicklook PNGs and index.html.
+  local -a finish_args=()
+  local k
+  for ((k = 0; k < ${#BUNDLE_RUN[@]}; k++)); do
+    finish_args+=(--bundle "${BUNDLE_RUN[k]}" "${BUNDLE_DIR[k]}")
+  done
+  if ((OPT_NO_QUICKLOOK)); then finish_args+=(--no-quicklook); fi
   PIPELINE_RC=0
-  if ((FAILED > 0)); then PIPELINE_RC=1; fi
-  py summary "$STATE_FILE" --exit-code "$PIPELINE_RC" --log "$RUN_LOG" \
-    --cluster-address "$CLUSTER_ADDRESS" \
-    --cluster-log "$CLUSTER_LOG" || say "warning: could not write the summary or run record"
-  py catalog-update "$STATE_FILE" || say "warning: could not update the catalog in $OUT_DIR"
-  if ((!OPT_NO_QUICKLOOK)); then # PNGs and index.html: a look at the night, not a product
-    py quicklooks "$STATE_FILE" >&2 || say "warning: some quicklooks were not made (above)"
-  fi
+  py finish "$STATE_FILE" --failed "$FAILED" --log "$RUN_LOG" \
+    --cluster-address "$CLUSTER_ADDRESS" --cluster-log "$CLUSTER_LOG" \
+    "${finish_args[@]}" || PIPELINE_RC=1
   if ((FAILED > 0)); then
     say "error: $FAILED input(s) failed (listed above)"
   fi

@@ -112,13 +112,15 @@ def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable(previous_hook)
     try:
-        return _reported(body, prog, debug)
+        return reported(body, prog, debug)
     finally:
         signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
 
 
-def _reported(body: Callable[[], int], prog: str, debug: bool) -> int:
+def reported(body: Callable[[], int], prog: str, debug: bool) -> int:
+    """``body()``, or the one stderr line and exit code of what it raised (``run_main``'s
+    mapping, also for the parts of a command that go on after one fails)."""
     from panoseti_pipeline.parent_death import stop_with_parent
 
     try:

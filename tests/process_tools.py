@@ -201,3 +201,25 @@ class ManagerProcess:
         for f in self.files:
             f.close()
         stop_by_pid(tagged_processes(self.tag))
+
+
+_FOREIGN_CLIENT = """
+import sys
+import distributed
+try:
+    distributed.Client(sys.argv[1], timeout=10, security=distributed.Security.temporary())
+except OSError as err:
+    print(f"{type(err).__name__}: {err}")
+    sys.exit(3)
+print("connected")
+"""
+
+
+def foreign_client_error(address: str) -> str:
+    """The error of a client holding another cluster's credentials, in a process of its
+    own: a refused handshake in this process can leave distributed's shared IO loop unable
+    to start the next client's within its 10 s (seen on a loaded machine)."""
+    done = subprocess.run([sys.executable, "-c", _FOREIGN_CLIENT, address], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 3, (done.returncode, done.stdout, done.stderr[-2000:])
+    return done.stdout

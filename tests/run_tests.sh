@@ -22,14 +22,8 @@ main() {
   bootstrap_python_env "$REPO_ROOT" "$REPO_ROOT/requirements-test.txt"
   cd -- "$REPO_ROOT"
 
-  # Byte-code cache: the suite starts a few hundred Python processes (run.sh's steps and
-  # driver calls, cluster managers, workers), each importing numpy, dask, zarr and xarray.
-  # Without written .pyc files (PYTHONDONTWRITEBYTECODE, and the venv is installed with
-  # --no-compile) every one of them compiles those modules again: ~4 s of CPU each. So the
-  # tests write byte code, into one cache inside .venv (PYTHONPYCACHEPREFIX; the source
-  # tree gets no __pycache__), unless the caller chose a cache directory of their own.
-  export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-$REPO_ROOT/.venv/pycache}"
-  unset PYTHONDONTWRITEBYTECODE
+  # (bootstrap_python_env caches byte code in .venv/pycache: the suite starts a few hundred
+  # Python processes, each importing numpy, dask, zarr and xarray.)
 
   echo "run_tests.sh: ruff check $REPO_ROOT" >&2
   "$PYTHON" -m ruff check "$REPO_ROOT" || lint_rc=$?

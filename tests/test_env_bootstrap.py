@@ -279,11 +279,17 @@ def test_venv_is_made_and_installed_into_only_when_requirements_change(tree: Pat
         f"-m pip install --disable-pip-version-check --quiet -r {requirements} -e {repo}"
     )
 
+    calls_before = len((tree / "calls.log").read_text().splitlines())
     second = bootstrap(tree, requirements)
     assert second.returncode == 0, second.stderr
     assert "installing" not in second.stderr and "creating" not in second.stderr
-    assert len(second.stderr.splitlines()) == 1
+    assert second.stderr.splitlines() == [
+        f"env_bootstrap: using {venv_python} (Python 3.13.0, the repository's .venv, "
+        f"installed from {requirements})"]
     assert len(pip_calls(tree)) == 1
+    # The ready .venv is all that is run: no interpreter on PATH is probed again.
+    second_calls = (tree / "calls.log").read_text().splitlines()[calls_before:]
+    assert second_calls and all(c.startswith(f"{venv_python} -c ") for c in second_calls)
 
     # A change in the included file counts as a change.
     (repo / "requirements.txt").write_text("numpy>=2.1\n")
@@ -363,3 +369,21 @@ def test_repo_venv_as_active_env_uses_the_stamp(tree: Path):
     assert result.returncode == 0, result.stderr
     assert [c for c in pip_calls(tree) if "--dry-run" in c] == []
     assert len(pip_calls(tree)) == 1
+
+
+def test_the_venvs_byte_code_is_cached_inside_it(tree: Path):
+    """Each process of a run imports numpy, zarr, dask ...: with PYTHONDONTWRITEBYTECODE
+    set (and .venv installed without byte code) each would compile them again. Using .venv,
+    byte code goes to .venv/pycache, fresh or ready, unless the caller chose a cache."""
+    fake_python(tree / "bin" / "python3.13", "3.13.0")
+    repo = tree / "repo"
+    requirements = repo / "requirements.txt"
+    requirements.write_text("numpy>=2\n")
+    show = (f'bootstrap_python_env "{repo}" "{requirements}"\n'
+            'printf "%s|%s\\n" "${PYTHONPYCACHEPREFIX-unset}" "${PYTHONDONTWRITEBYTECODE-unset}"')
+    for _fresh_then_ready in range(2):
+        result = run_library(show, fake_env(tree, PYTHONDONTWRITEBYTECODE="1"))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [f"{repo / '.venv' / 'pycache'}|unset"]
+    chosen = run_library(show, fake_env(tree, PYTHONPYCACHEPREFIX=str(tree / "mine")))
+    assert chosen.stdout.splitlines() == [f"{tree / 'mine'}|unset"]

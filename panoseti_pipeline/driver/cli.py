@@ -8,15 +8,14 @@
     One step's outcome, or an interrupted job, into the state file.
 ``summary``
     The table on stdout and the run record (TOML) in the output directory.
-``catalog-update``
-    The run's products into ``<output>/catalog.sqlite`` (after the summary).
-``quicklooks``
-    A quicklook PNG beside every product of the run and an ``index.html`` in each
-    directory of them (:mod:`panoseti_pipeline.driver.index_page`).
-``analysis-levels``
-    With ``l1_layout = "panoseti_analysis"``, after the run bundles: each run's L1 level
-    gets the team's ``manifest.json`` and ``.panoseti-meta/``
-    (:mod:`panoseti_pipeline.store.analysis_spec`).
+``finish``
+    Everything after the jobs, in one process (each import paid once): the run bundles
+    (``--bundle``), with ``l1_layout = "panoseti_analysis"`` each run's level
+    ``manifest.json`` and ``.panoseti-meta/`` (:mod:`panoseti_pipeline.store.analysis_spec`),
+    the summary and run record, the catalog (``<output>/catalog.sqlite``), then a quicklook
+    PNG beside every product and an ``index.html`` in each directory of them
+    (:mod:`panoseti_pipeline.driver.index_page`). A part that fails is one line and the
+    others still run; a bundle or manifest not written fails the run.
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
 ``clear-stale``
@@ -46,11 +45,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from panoseti_pipeline.driver import demo, plan, record
-from panoseti_pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_main
+from panoseti_pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, reported, run_main
 
 PROG = "python3 -m panoseti_pipeline driver"
 
@@ -85,13 +84,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    if args.release:  # the transient L0 first: the record says whether it is gone
+        if reported(lambda: _clear_stale(args.release, pid=args.pid), "run.sh",
+                    args.debug) != EXIT_OK:
+            print(f"run.sh: warning: could not clear the partial stores of {args.release}",
+                  file=sys.stderr)
     state = record.load_state(args.state)
     reason = ""
     if args.reason_file:
         lines = Path(args.reason_file).read_text(errors="replace").strip().splitlines()
         reason = lines[-1] if lines else ""
     record.record_step(state, args.job, args.step, args.status, exit_code=args.exit_code,
-                       start=args.start, end=args.end, l0_removed=args.l0_removed,
+                       start=args.start, end=args.end,
+                       l0_removed=bool(args.release) and not Path(args.release).exists(),
                        reason=reason)
     record.write_state(args.state, state)
     return EXIT_OK
@@ -105,10 +110,18 @@ def cmd_mark(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    state = record.load_state(args.state)
+    write_summary(args.state, args.exit_code, args.log, args.cluster_address, args.cluster_log)
+    return EXIT_OK
+
+
+def write_summary(state_file: str, exit_code: int, log: str, cluster_address: str,
+                  cluster_log: str) -> None:
+    """The table on stdout and the run record in the output directory (named in the state
+    file, for the index pages)."""
+    state = record.load_state(state_file)
     record.measure_skipped(state)
-    log = Path(args.cluster_log).read_text(errors="replace") if (
-        args.cluster_log and Path(args.cluster_log).is_file()) else ""
+    manager_output = Path(cluster_log).read_text(errors="replace") if (
+        cluster_log and Path(cluster_log).is_file()) else ""
     print()
     print("\n".join(record.summary_table(state)))
     for line in record.failure_lines(state):
@@ -116,68 +129,62 @@ def cmd_summary(args: argparse.Namespace) -> int:
     out = Path(state["output_dir"])
     if not out.is_dir():
         print(f"run.sh: note: {out} does not exist: no run record written", file=sys.stderr)
-        return EXIT_OK
-    the_record = record.run_record(state, args.exit_code, args.cluster_address, log)
-    if args.log:
-        the_record["run"]["log"] = args.log
+        return
+    the_record = record.run_record(state, exit_code, cluster_address, manager_output)
+    if log:
+        the_record["run"]["log"] = log
     path = record.write_run_record(out, the_record)
     print(f"run record: {path}")
-    state["run_record"] = str(path)  # for the index pages (quicklooks)
-    record.write_state(args.state, state)
-    return EXIT_OK
+    state["run_record"] = str(path)
+    record.write_state(state_file, state)
 
 
-def cmd_catalog_update(args: argparse.Namespace) -> int:
-    """The run's products into the output root's catalog (rows of the same path replaced)."""
-    from panoseti_pipeline.catalog import update_from_state
+def cmd_finish(args: argparse.Namespace) -> int:
+    """After the jobs: bundles, level manifests, summary, catalog, quicklooks (in this
+    order: the summary's exit status counts a bundle not written, the index pages link the
+    run record). EXIT_FAILED if the run failed (``--failed`` jobs, or a bundle or manifest
+    not written)."""
+    def part(body: Callable[[], int | None]) -> bool:
+        return reported(lambda: body() or EXIT_OK, "run.sh", args.debug) == EXIT_OK
 
-    state = record.load_state(args.state)
-    if not Path(state["output_dir"]).is_dir():
-        return EXIT_OK
-    path, n = update_from_state(state)
-    print(f"catalog: {path} ({n} product{'s' if n != 1 else ''} of this run)")
-    return EXIT_OK
-
-
-def cmd_quicklooks(args: argparse.Namespace) -> int:
-    """A quicklook PNG beside every product of the run, an index.html per directory."""
-    from panoseti_pipeline.driver import index_page
-
-    pages, failed = index_page.make_quicklooks(args.state)
-    for page in pages:
-        print(f"quicklooks: {page}")
-    return EXIT_FAILED if failed else EXIT_OK
-
-
-def cmd_demo_observation(args: argparse.Namespace) -> int:
-    print(demo.write_demo_observation(Path(args.directory), args.frames, args.seed))
-    return EXIT_OK
-
-
-def cmd_demo_config(args: argparse.Namespace) -> int:
-    demo.write_demo_config(args.config, None if args.output == "-" else Path(args.output))
-    print(args.output)
-    return EXIT_OK
+    failed = args.failed
+    for run_dir, product_dir in args.bundle:
+        if Path(product_dir).is_dir() and not part(  # else no product of that run was made
+                lambda r=run_dir, d=product_dir: _write_bundle(r, d)):
+            print(f"run.sh: error: the run bundle of {run_dir} was not written", file=sys.stderr)
+            failed += 1
+    if not part(lambda: _write_analysis_levels(args.state)):
+        print("run.sh: error: the level manifests of the team's layout were not written",
+              file=sys.stderr)
+        failed += 1
+    exit_code = EXIT_FAILED if failed else EXIT_OK
+    if not part(lambda: write_summary(args.state, exit_code, args.log, args.cluster_address,
+                                      args.cluster_log)):
+        print("run.sh: warning: could not write the summary or run record", file=sys.stderr)
+    if not part(lambda: _update_catalog(args.state)):
+        print("run.sh: warning: could not update the catalog", file=sys.stderr)
+    if not args.no_quicklook and not part(lambda: _make_quicklooks(args.state)):
+        print("run.sh: warning: some quicklooks were not made (above)", file=sys.stderr)
+    return exit_code
 
 
-def cmd_bundle(args: argparse.Namespace) -> int:
+def _write_bundle(run_dir: str, product_dir: str) -> None:
     """The run bundle of a run beside its products (those published there), from its
     .pffd directory or from a bundle of it (``--steps 2``)."""
     from panoseti_pipeline import run_bundle
     from panoseti_pipeline.store import publish
 
-    out = Path(args.product_dir)
+    out = Path(product_dir)
     stores = sorted(p for p in out.glob("*.zarr")
                     if publish.is_published(p, "L1") or publish.is_published(p, "L0"))
     products = [run_bundle.summarize_store(p) for p in stores]
-    path = run_bundle.write_bundle(args.run_dir, out, products,
+    path = run_bundle.write_bundle(run_dir, out, products,
                                    notice=lambda msg: print(f"run.sh: note: {msg}",
                                                             file=sys.stderr))
-    print(path)
-    return EXIT_OK
+    print(f"run.sh: run bundle: {path}", file=sys.stderr)
 
 
-def cmd_analysis_levels(args: argparse.Namespace) -> int:
+def _write_analysis_levels(state_file: str) -> None:
     """With ``l1_layout = "panoseti_analysis"``: each level directory of a run (``L1``,
     and ``L0`` when its stores are kept there) gets the team's ``manifest.json`` and
     ``.panoseti-meta/`` (a copy of the run's bundle)."""
@@ -185,9 +192,9 @@ def cmd_analysis_levels(args: argparse.Namespace) -> int:
     from panoseti_pipeline.config import load_config
     from panoseti_pipeline.store import analysis_spec, publish
 
-    state = record.load_state(args.state)
+    state = record.load_state(state_file)
     if load_config(state["config_file"]).baseline_subtract.l1_layout != "panoseti_analysis":
-        return EXIT_OK
+        return
     out = Path(state["output_dir"])
     levels = {Path(j[key]).parent: key.upper() for j in state["jobs"] for key in ("l0", "l1")
               if j[key] and Path(j[key]).parent.name == key.upper()
@@ -209,16 +216,55 @@ def cmd_analysis_levels(args: argparse.Namespace) -> int:
                                          bundles[0] if bundles else None,
                                          publish.utc_now(), l0_sums)
         print(f"level manifest: {path}")
+
+
+
+
+def _update_catalog(state_file: str) -> None:
+    """The run's products into the output root's catalog (rows of the same path replaced)."""
+    from panoseti_pipeline.catalog import update_from_state
+
+    state = record.load_state(state_file)
+    if not Path(state["output_dir"]).is_dir():
+        return
+    path, n = update_from_state(state)
+    print(f"catalog: {path} ({n} product{'s' if n != 1 else ''} of this run)")
+
+
+def _make_quicklooks(state_file: str) -> int:
+    """A quicklook PNG beside every product of the run, an index.html per directory (their
+    lines on stderr, with the run's log)."""
+    from panoseti_pipeline.driver import index_page
+
+    pages, failed = index_page.make_quicklooks(state_file)
+    for page in pages:
+        print(f"quicklooks: {page}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_demo_observation(args: argparse.Namespace) -> int:
+    print(demo.write_demo_observation(Path(args.directory), args.frames, args.seed))
+    return EXIT_OK
+
+
+def cmd_demo_config(args: argparse.Namespace) -> int:
+    demo.write_demo_config(args.config, None if args.output == "-" else Path(args.output))
+    print(args.output)
     return EXIT_OK
 
 
 def cmd_clear_stale(args: argparse.Namespace) -> int:
+    _clear_stale(*args.products, pid=args.pid)
+    return EXIT_OK
+
+
+def _clear_stale(*products: str, pid: int = 0) -> int:
     """What killed steps left beside these products, when their holder is gone (or is
-    run.sh ``--pid``, done with its transient L0 stores)."""
+    run.sh ``pid``, done with its transient L0 stores)."""
     from panoseti_pipeline.store import ownership, publish
 
-    released = ownership.Holder.of(args.pid) if args.pid else None
-    for final in args.products:
+    released = ownership.Holder.of(pid) if pid else None
+    for final in products:
         for message in publish.clear_stale(final, released):
             print(f"run.sh: note: {message}", file=sys.stderr)
     return EXIT_OK
@@ -315,7 +361,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--exit-code", type=int, default=0)
     p.add_argument("--start", default="")
     p.add_argument("--end", default="")
-    p.add_argument("--l0-removed", action="store_true")
+    p.add_argument("--release", default="", metavar="L0",
+                   help="first clear this transient L0 store of run.sh --pid (after step 2)")
+    p.add_argument("--pid", type=int, default=0, help="run.sh, with --release")
     p.add_argument("--reason-file", default="", help="holds the failed step's error line")
     p.set_defaults(func=cmd_record)
 
@@ -333,14 +381,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--log", default="", help="the run's log file (named in the run record)")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("catalog-update", help="catalog the run's products (catalog.sqlite)")
+    p = sub.add_parser("finish", help="after the jobs: bundles, manifests, summary, catalog, "
+                       "quicklooks")
     p.add_argument("state")
-    p.set_defaults(func=cmd_catalog_update)
-
-    p = sub.add_parser("quicklooks",
-                       help="quicklook PNGs and index.html of the run's products")
-    p.add_argument("state")
-    p.set_defaults(func=cmd_quicklooks)
+    p.add_argument("--failed", type=int, default=0, help="jobs that failed")
+    p.add_argument("--bundle", nargs=2, action="append", default=[], metavar=("RUN", "DIR"),
+                   help="write the bundle of run RUN (its .pffd, or a bundle of it) into DIR")
+    p.add_argument("--no-quicklook", action="store_true")
+    p.add_argument("--cluster-address", default="")
+    p.add_argument("--cluster-log", default="")
+    p.add_argument("--log", default="", help="the run's log file (named in the run record)")
+    p.set_defaults(func=cmd_finish)
 
     p = sub.add_parser("demo-observation", help="write the demo's small observation")
     p.add_argument("directory")
@@ -354,15 +405,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("output", help="the file to write; - prints it (a check, nothing written)")
     p.set_defaults(func=cmd_demo_config)
 
-    p = sub.add_parser("bundle", help="write a run's bundle beside its products")
-    p.add_argument("run_dir", help="the .pffd run directory (or a bundle of that run)")
-    p.add_argument("product_dir", help="the directory of the run's products")
-    p.set_defaults(func=cmd_bundle)
-
-    p = sub.add_parser("analysis-levels",
-                       help="the team's layout: each run's L1 manifest.json, .panoseti-meta/")
-    p.add_argument("state")
-    p.set_defaults(func=cmd_analysis_levels)
     p = sub.add_parser("clear-stale", help="clear what killed steps left beside products")
     p.add_argument("products", nargs="+", help="final product paths (<name>_L0.zarr, ...)")
     p.add_argument("--pid", type=int, default=0,
