@@ -660,20 +660,16 @@ def read_scheduler_file(path: str | os.PathLike[str]) -> tuple[str, str | None]:
 
 
 def _open_client(address: str, timeout: float, security: Security | None = None) -> Client:
-    import dask.config
     from distributed import Client
 
-    # A Client that fails to connect has already made itself the default scheduler in the
-    # Dask configuration and never undoes it: dask collections computed later in this
-    # process would then ask for a client that is not there.
-    saved = {k: dask.config.config[k] for k in ("scheduler", "shuffle")
-             if k in dask.config.config}
+    # Not the default scheduler (set_as_default=False): the steps submit their tasks to this
+    # client by name, and a default client changes the Dask configuration of the whole
+    # process, which a client that fails to connect, or whose close times out, never
+    # undoes -- dask collections computed later in the process would ask for a client that
+    # is not there.
     try:
-        return Client(address, timeout=timeout, security=security)
+        return Client(address, timeout=timeout, security=security, set_as_default=False)
     except BaseException as err:
-        for key in ("scheduler", "shuffle"):
-            dask.config.config.pop(key, None)
-        dask.config.config.update(saved)
         if isinstance(err, TypeError) and address.startswith("tls://"):
             # distributed's "TLS expects a `ssl_context` argument"
             raise ClusterError(

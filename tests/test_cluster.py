@@ -34,6 +34,7 @@ from panoseti_pipeline.errors import ClusterError, ConfigError  # noqa: E402
 
 psutil = pytest.importorskip("psutil")
 distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
 
 PROG = "cluster_lifecycle_manager.py"
 
@@ -154,6 +155,7 @@ def test_cluster_refuses_clients_without_its_credentials(
     assert credentials.stat().st_mode & 0o777 == 0o700
     assert sorted(p.name for p in credentials.iterdir()) == ["cert.pem", "key.pem"]
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in credentials.iterdir())
+    scheduler_before = dask.config.get("scheduler", None)
     with pytest.raises(ClusterError, match="accepts TLS connections only"):
         dask_cluster.connect_client(address, timeout=5)  # no credentials
     with pytest.raises(ClusterError, match="cannot reach"):
@@ -162,6 +164,9 @@ def test_cluster_refuses_clients_without_its_credentials(
     client = dask_cluster.connect_client(address, timeout=10, credentials=str(credentials))
     try:
         assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+        # Not made the process's default scheduler: dask collections computed here (e.g.
+        # by xarray or pypff) never ask for a client, whether its connection failed or not.
+        assert dask.config.get("scheduler", None) == scheduler_before
     finally:
         client.close()
 
