@@ -248,7 +248,7 @@ class DaskRunner:
         index = {f.key: i for i, f in enumerate(futures)}
         with _bar(total or len(calls), desc, unit, self.progress) as bar:
             try:
-                for fut in as_completed(futures):
+                for fut in as_completed(futures, loop=self.client.loop):  # not a default
                     bar.update(fold(index[fut.key], fut.result()) or 1)
                     fut.release()
             except concurrent.futures.CancelledError as err:  # e.g. the scheduler went away

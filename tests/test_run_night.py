@@ -111,7 +111,9 @@ def test_pypff_lists_exactly_this_runs_products_and_reads_its_configs(night) -> 
     assert opened.configs == {p.stem: json.loads(p.read_text()) for p in run.glob("*.json")}
 
 
-@pytest.mark.slow
+@pytest.mark.gigabyte
+@pytest.mark.skipif(os.environ.get("PANOSETI_GIGABYTE_TESTS") != "1",
+                    reason="1 GB input: CI runs it (.ci/run); PANOSETI_GIGABYTE_TESTS=1 here")
 def test_a_gb_of_input_is_at_most_60_files_in_l0_and_in_l1(tmp_path: Path) -> None:
     """The shipped configuration (sharded stores), a real 1 GB img16 stream."""
     run = tmp_path / "obs_Lick.start_2024-07-25T04:34:46Z.runtype_sci-obs.pffd"
