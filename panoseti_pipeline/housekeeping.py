@@ -213,35 +213,65 @@ def hk_names(run_dir: str | os.PathLike) -> tuple[str, str]:
 
 
 def write_hk_store(hk: Housekeeping, path: str | os.PathLike, source_file: Path) -> None:
-    """Write ``hk`` as a Zarr v3 store at ``path`` (one group per source, consolidated)."""
+    """Write ``hk`` as a Zarr v3 store at ``path`` (one group per source, consolidated).
+
+    A night's hk.pff has hundreds of small fields. Through zarr's file store each array
+    costs a few blocking file operations; so the store is built in memory, its arrays
+    concurrently, and its files then written in one pass (353 fields: 2.2 s -> 1.1 s).
+    """
+    import asyncio
+
     import zarr
+    import zarr.api.asynchronous as azarr
+    from zarr.core.buffer import default_buffer_prototype
 
     from panoseti_pipeline.store.layout import consolidate, software_versions
     from panoseti_pipeline.store.publish import utc_now
+    from panoseti_pipeline.store.safe_write import write_file
 
-    root = zarr.open_group(str(path), mode="w-")
-    root.attrs.update({
-        "content": "housekeeping", "source_file": source_file.name,
-        "source_bytes": source_file.stat().st_size, "records": hk.records,
-        "records_by_source": {s: int(t["time"].size) for s, t in hk.series.items()},
-        "cut_last_record": hk.cut_last_record, "cut_bytes": hk.cut_bytes,
-        "unreadable_records": hk.unreadable_count,
-        "unreadable_records_listed": hk.unreadable, "renamed": hk.renamed,
-        "created": utc_now(),
-        "software": software_versions()})
-    for source, table in hk.series.items():
-        group = root.create_group(source, attributes=_source_attrs(
-            hk.renamed.get(source, source)))
-        n = table["time"].size
-        for name, values in table.items():
-            attrs = TIME_ATTRS if name == "time" else {"hk_field": hk.fields[source][name]}
-            dtype = str if values.dtype == object else values.dtype
-            fill = "" if dtype is str else (np.nan if values.dtype.kind == "f" else 0)
-            arr = group.create_array(name, shape=(n,), chunks=(max(1, min(n, 65536)),),
+    memory = zarr.storage.MemoryStore()
+
+    async def build() -> dict[str, bytes]:
+        root = await azarr.open_group(store=memory, mode="w-")
+        await root.update_attributes({
+            "content": "housekeeping", "source_file": source_file.name,
+            "source_bytes": source_file.stat().st_size, "records": hk.records,
+            "records_by_source": {s: int(t["time"].size) for s, t in hk.series.items()},
+            "cut_last_record": hk.cut_last_record, "cut_bytes": hk.cut_bytes,
+            "unreadable_records": hk.unreadable_count,
+            "unreadable_records_listed": hk.unreadable, "renamed": hk.renamed,
+            "created": utc_now(),
+            "software": software_versions()})
+        groups = await asyncio.gather(*(
+            root.create_group(source, attributes=_source_attrs(hk.renamed.get(source, source)))
+            for source in hk.series))
+        await asyncio.gather(*(
+            _write_field(group, name, values, None if name == "time" else hk.fields[source][name])
+            for group, (source, table) in zip(groups, hk.series.items(), strict=True)
+            for name, values in table.items()))
+        consolidate(memory)
+        keys = [key async for key in memory.list()]
+        values = await asyncio.gather(*(memory.get(k, default_buffer_prototype()) for k in keys))
+        return {k: v.to_bytes() for k, v in zip(keys, values, strict=True)}
+
+    files = asyncio.run(build())
+    Path(path).mkdir()  # as zarr's mode "w-": not over anything there
+    for directory in sorted({Path(path, key).parent for key in files}):
+        directory.mkdir(exist_ok=True)  # parents first (sorted)
+    for key, data in files.items():
+        write_file(Path(path, key), data)
+
+
+async def _write_field(group: Any, name: str, values: np.ndarray, field: str | None) -> None:
+    """One field of a source (or its ``time``) as a 1-D array on ``time``."""
+    attrs = TIME_ATTRS if name == "time" else {"hk_field": field}
+    dtype = str if values.dtype == object else values.dtype
+    fill = "" if dtype is str else (np.nan if values.dtype.kind == "f" else 0)
+    n = values.size
+    array = await group.create_array(name, shape=(n,), chunks=(max(1, min(n, 65536)),),
                                      dtype=dtype, fill_value=fill, dimension_names=("time",),
                                      attributes={"_ARRAY_DIMENSIONS": ["time"], **attrs})
-            arr[:] = values
-    consolidate(path)
+    await array.setitem(slice(None), values)
 
 
 def _source_attrs(source: str) -> dict[str, Any]:

@@ -232,11 +232,13 @@ def _quiet_consolidated() -> Iterator[None]:
         yield
 
 
-def consolidate(path: str | os.PathLike) -> None:
+def consolidate(store: str | os.PathLike | zarr.abc.store.Store) -> None:
+    """Consolidate a store's metadata (a path, or a zarr store such as a MemoryStore)."""
     import zarr
 
     with _quiet_consolidated():
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(store if isinstance(store, zarr.abc.store.Store)
+                                  else str(store))
 
 
 def software_versions() -> dict[str, str]:
