@@ -345,7 +345,7 @@ class ClusterConfig(_Section):
 
     section: ClassVar[str] = "cluster"
 
-    use_dask: bool = key(True, "false: steps run in this process, no cluster")
+    use_dask: bool = key(False, "false: steps run in this process, no cluster")
     cluster_type: str = key(
         "",
         'local | ssh | slurm | scheduler; absent or "": ssh if ssh_hosts else local',

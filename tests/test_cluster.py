@@ -39,6 +39,7 @@ dask = pytest.importorskip("dask")
 PROG = "cluster_lifecycle_manager.py"
 
 LOCAL = {
+    "use_dask": True,
     "cluster_type": "local",
     "interface": "lo",
     "local_workers": 2,
@@ -240,7 +241,8 @@ def test_scheduler_type_checks_publishes_and_leaves_it_running(
 ) -> None:
     owner, address = running
     manager = make_manager(
-        cluster_type="scheduler", scheduler_address=address, startup_timeout_s=10.0
+        use_dask=True, cluster_type="scheduler", scheduler_address=address,
+        startup_timeout_s=10.0
     )
     # a scheduler of the user's own with TLS: its credentials come from Dask's configuration
     cert, key = (f"{owner.credentials}/{name}" for name in ("cert.pem", "key.pem"))
@@ -306,7 +308,8 @@ def test_startup_timeout_fails_cleanly(make_manager) -> None:
 def test_unreachable_scheduler_is_a_clear_error(make_manager) -> None:
     address = f"tcp://127.0.0.1:{free_loopback_port()}"
     manager = make_manager(
-        cluster_type="scheduler", scheduler_address=address, startup_timeout_s=0.5
+        use_dask=True, cluster_type="scheduler", scheduler_address=address,
+        startup_timeout_s=0.5
     )
     started = time.monotonic()
     assert manager.start().wait_exit(timeout=20) == 1

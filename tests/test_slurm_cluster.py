@@ -64,6 +64,7 @@ distributed = pytest.importorskip("distributed")
 
 #: Two worker jobs of one core each: the test node has CPUs=2.
 SLURM = {
+    "use_dask": True,
     "cluster_type": "slurm",
     "interface": "lo",
     "slurm_jobs": 2,
@@ -362,7 +363,7 @@ def test_ctrl_c_of_run_sh_leaves_no_job_and_no_process(bed, night, tmp_path, tag
 @pytest.mark.slurm
 def test_sbatch_runs_the_whole_night_as_one_job(bed, night, local_l1, tmp_path, tag) -> None:
     """run.sh --sbatch: one job, whose run.sh uses a local cluster on the node."""
-    local = {"cluster_type": "local", "interface": "lo", "local_workers": 2,
+    local = {"use_dask": True, "cluster_type": "local", "interface": "lo", "local_workers": 2,
              "local_memory_per_worker": "1GB", "startup_timeout_s": 60.0,
              "local_directory": str(tmp_path / "scratch_$SLURM_JOB_ID")}
     config = write_config(tmp_path / "node.toml", local)
