@@ -172,9 +172,10 @@ def big_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic_obs.write_big_file(tmp_path_factory.mktemp("big"), 32)
 
 
-#: Small chunks and tasks (one 512-frame chunk of 1.3 MB each) so that step 1 on
-#: big_stream runs in many tasks, for long enough to kill a busy worker.
-MANY_TASKS = {"time_chunk": 512, "chunk_size_mb": 1}
+#: Small chunks and tasks (one 512-frame chunk of 1.3 MB each, one chunk per shard: a
+#: task owns whole shards) so that step 1 on big_stream runs in ~30 tasks, and a worker
+#: can be killed while others wait.
+MANY_TASKS = {"time_chunk": 512, "chunk_size_mb": 1, "shard_factor": 1}
 
 
 # -- the cluster itself ------------------------------------------------------------------
@@ -294,12 +295,11 @@ class TestOneCluster:
             victim = None
             deadline = time.monotonic() + STEP_TIMEOUT_S
             while victim is None and step1.poll() is None and time.monotonic() < deadline:
-                if list(tmp_path.glob("ssh_L0.zarr*partial*/images/c/*")):  # writing has begun
-                    busy = [w for w, keys in client.processing().items() if keys and w in pids]
-                    if busy:
-                        victim = pids[busy[0]]
-                        os.kill(victim["pid"], signal.SIGKILL)
-                        break
+                busy = [w for w, keys in client.processing().items() if keys and w in pids]
+                if busy:  # the first worker seen running a task of step 1
+                    victim = pids[busy[0]]
+                    os.kill(victim["pid"], signal.SIGKILL)
+                    break
                 time.sleep(0.01)
             assert victim is not None, "step 1 ended before a worker could be killed"
             assert step1.poll() is None, "step 1 ended right when the worker was killed"
