@@ -12,7 +12,7 @@ and cataloged (when the row was written). Every fact, the status included, descr
 store on disk (``ok``, or ``degraded``: step 1 skipped corrupt bytes of its input), never
 what a run did: a run that skipped a product, or failed to replace it, leaves the row of
 the product that is there. ``run.sh`` updates it after its summary (``driver
-catalog-update``): its products (L1; the L0 with ``--steps 1``; kept L0 stores too) replace
+finish``): its products (L1; the L0 with ``--steps 1``; kept L0 stores too) replace
 rows of the same path, so a rerun leaves one row per product. ``--rebuild`` scans the root
 for published stores (their attributes carry every fact) and rewrites the table: the same
 rows.

@@ -1,6 +1,6 @@
 """The quicklooks of a run and one static ``index.html`` per directory of its products.
 
-After the run record is written, ``run.sh`` calls ``driver quicklooks STATE``: every
+After the run record is written (``driver finish``, unless ``--no-quicklook``): every
 product of the run gets its quicklook PNG beside it (:mod:`panoseti_pipeline.quicklook`;
 a PNG newer than its store is kept), and every directory that holds published products
 of the run (``<output>/<obs>/``, or the output directory for a lone ``.pff``) gets
