@@ -286,9 +286,20 @@ def _source_attrs(source: str) -> dict[str, Any]:
 
 def plot_hk(hk: Housekeeping, png: str | os.PathLike, title: str = "") -> None:
     """Quicklook PNG: detector and FPGA temperature and HV of every quabo board over time."""
+    import matplotlib.pyplot as plt
+
+    fig = hk_figure(hk, title)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def hk_figure(hk: Housekeeping, title: str = "") -> Any:
+    """The housekeeping quicklook as a matplotlib figure (closed by the caller); time
+    ticks in UTC with date and hour (a night crosses midnight)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     panels = (("TEMP1", "detector °C"), ("TEMP2", "FPGA °C"), ("HVMON", "HV (V)"))
@@ -316,12 +327,14 @@ def plot_hk(hk: Housekeeping, png: str | os.PathLike, title: str = "") -> None:
                      transform=axes[0].transAxes)
     elif len(quabos) <= 16:
         axes[0].legend(fontsize="x-small", ncol=4, loc="best")
+    if quabos:  # times: matplotlib's dates are UTC unless told otherwise
+        axes[-1].xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=8))
+        axes[-1].xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d %H:%M:%S"))
     axes[-1].set_xlabel("UTC (Computer_UTC of the record)")
     fig.suptitle(title or "housekeeping", fontsize="medium")
     fig.autofmt_xdate()
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def convert_hk(hk_file: str | os.PathLike, store: str | os.PathLike,

@@ -82,6 +82,34 @@ def test_store_values_equal_the_records_written(tmp_path: Path) -> None:
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_the_plot_s_time_ticks_are_utc_dates_and_hours(tmp_path: Path) -> None:
+    """Not ``34:46.000000``: every time tick has the date and the hour, in UTC, and the
+    ticks lie within the records' times."""
+    import datetime as dt
+    import re
+
+    import matplotlib.pyplot as plt
+
+    hk_file = synthetic.write_housekeeping(tmp_path, 60, modules=(1,))
+    records, _ = records_of(hk_file)
+    times = [dt.datetime.fromtimestamp(float(Decimal(f["Computer_UTC"])), dt.timezone.utc)
+             for _s, f in records]
+    fig = housekeeping.hk_figure(housekeeping.parse_hk(hk_file.read_bytes()))
+    try:
+        fig.canvas.draw()
+        axis = fig.axes[-1]
+        labels = [t.get_text() for t in axis.get_xticklabels() if t.get_text()]
+        assert axis.get_xlabel().startswith("UTC")
+    finally:
+        plt.close(fig)
+    assert len(labels) >= 2, labels
+    for label in labels:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", label), label
+        tick = dt.datetime.strptime(label, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc)
+        assert min(times) - dt.timedelta(minutes=1) <= tick <= max(times) + dt.timedelta(
+            minutes=1), (label, min(times), max(times))
+
+
 def test_a_whole_last_record_is_kept_and_a_bad_one_is_counted(tmp_path: Path) -> None:
     hk_file = synthetic.write_housekeeping(tmp_path, 14, modules=(1,))
     records, _ = records_of(hk_file)
