@@ -161,3 +161,28 @@ def test_no_quicklook_makes_neither(tmp_path):
     assert len(list(products.glob("*_L1.zarr"))) == 1
     assert not list(products.glob("*.png")) and not (products / "index.html").exists()
     assert "quicklooks:" not in result.stderr
+
+
+def test_after_an_all_skipped_rerun_the_page_shows_the_run_that_made_the_products(night):
+    """A rerun skips every product; index.html still names the run that made them (its
+    record, status and counts), and that rerun only as the latest run, which made none.
+    Last in this file: it rewrites the night's page."""
+    products, stores, _ = night
+    root = products.parent.parent
+    (first,) = root.glob("out/run_record_*.toml")
+    (run,) = (root / "in").glob("*.pffd")
+    result = run_sh(run, root / "out", config=root / "c.toml")
+    assert result.returncode == 0, result.stderr
+    (rerun,) = set(root.glob("out/run_record_*.toml")) - {first}
+    assert tomllib.loads(rerun.read_text())["run"]["counts"] == {"skipped": 4}
+    made = tomllib.loads(first.read_text())["run"]
+    page = (products / "index.html").read_text()
+    runs = re.findall(r'<p class="run">(.*?)</p>', page, re.S)
+    assert len(runs) == 2, runs
+    assert runs[0].startswith("Made by run: <b class=\"status-ok\">ok</b>")
+    assert "inputs: ok 4)" in runs[0] and f'href="../{first.name}"' in runs[0]
+    assert f"started {made['started']}, finished {made['finished']}" in runs[0]
+    assert runs[1].startswith("Latest run (made none of these products)")
+    assert "inputs: skipped 4)" in runs[1] and f'href="../{rerun.name}"' in runs[1]
+    cells = re.findall(r'<td class="made-by">(.*?)</td>', page)
+    assert cells == [f'<a href="../{first.name}">{first.name}</a>'] * len(stores)
