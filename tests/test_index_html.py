@@ -136,7 +136,7 @@ def test_chromium_shows_every_row_and_every_image(night, tmp_path):
     rows = re.findall(r'<tr class="product ok" data-store="([^"]+)"', dom)
     assert sorted(rows) == stores
     widths = re.findall(r'<img [^>]*data-natural-width="(\d+)"', dom)
-    housekeeping = list(products.glob("*.panoseti-meta/*.hk.png"))  # the bundle's, if any
+    housekeeping = list(products.glob("*.housekeeping/*.hk.png"))  # the run's, if any
     assert len(widths) == 4 + len(housekeeping) and all(int(w) > 300 for w in widths)
     assert 'id="run-status"' in dom and "<b class=\"status-ok\">ok</b>" in dom
     shot = tmp_path / "page.png"

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from panoseti_pipeline.driver.record import RECORD_PREFIX, job_status, load_state
+from panoseti_pipeline.housekeeping import HK_QUICKLOOK_SUFFIX, find_hk
 from panoseti_pipeline.run_bundle import iso_ns
 from panoseti_pipeline.store import publish
 from panoseti_pipeline.store.facts import read_root, store_facts
@@ -116,7 +117,7 @@ def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, An
                            f'{_link(r["png"], page_dir)}" alt="quicklook of '
                            f'{e(r["store"].name)}"><figcaption>{e(r["store"].name)}'
                            "</figcaption></figure>")
-    for png in sorted(page_dir.glob("*.panoseti-meta/*.hk.png")):  # the run's housekeeping
+    for png in find_hk(page_dir, HK_QUICKLOOK_SUFFIX):  # the run's housekeeping
         figures.append(f'<figure id="housekeeping"><img src="{_link(png, page_dir)}" '
                        f'alt="housekeeping of the run"><figcaption>housekeeping: '
                        f"{e(png.name)}</figcaption></figure>")
