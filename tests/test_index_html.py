@@ -150,6 +150,29 @@ def test_chromium_shows_every_row_and_every_image(night, tmp_path):
     assert (pixels[..., :3].std(axis=2) > 0.1).sum() > 10_000  # colour: the quicklooks
 
 
+def test_pypff_lists_the_bundle_s_files_as_sidecars_and_the_products_only(night):
+    """The bundle holds what pypff expects a sidecar folder to hold (configs, logs,
+    sentinels, hk.pff, manifests, our manifest.json); the housekeeping store and PNG sit
+    beside it, where neither list_sidecars nor list_products sees them."""
+    import json
+
+    pypff_zarr = pytest.importorskip("pypff.zarr", reason="pypff>=1.0.4 is not installed")
+    products, stores, _ = night
+    (bundle,) = products.glob("*.panoseti-meta")
+    zrun = pypff_zarr.open_zarr_run(products)
+    sidecars = [p.relative_to(bundle).as_posix() for p in zrun.list_sidecars()]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert sorted(sidecars) == sorted([*manifest["files"], "manifest.json"])
+    assert "hk.pff" in sidecars and len(sidecars) < 30, sidecars
+    assert {s.split("/")[0] for s in sidecars} <= {
+        "configs", "logs", "manifests", "sentinels", "hk.pff", "manifest.json"}
+    assert not any(".zarr" in s for s in sidecars)
+    assert len(zrun.list_products()) == len(stores)
+    (hk,) = products.glob("*.housekeeping/*.hk.zarr")
+    assert manifest["housekeeping"]["directory"] == hk.parent.name
+    assert (hk.parent / manifest["housekeeping"]["quicklook"]).is_file()
+
+
 def test_no_quicklook_makes_neither(tmp_path):
     run = synthetic.make_observation(tmp_path / "in", products=("img16",),
                                      frames_per_file=200, files_per_stream=1)
