@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from panoseti_pipeline.errors import EXIT_OK, ConfigError, InputError, StoreError, run_main
+from panoseti_pipeline.housekeeping import HK_DIR_SUFFIX
 from panoseti_pipeline.run_bundle import BUNDLE_SUFFIX, iso_ns
 from panoseti_pipeline.store.facts import StoreFacts, store_facts
 from panoseti_pipeline.store.publish import PARTIAL_SUFFIX, is_published, is_transient, utc_now
@@ -135,8 +136,9 @@ def _insert(con: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
 
 
 def published_stores(root: str | os.PathLike) -> list[Path]:
-    """Every published L0/L1 store below ``root`` (not inside stores, bundles, partials),
-    but a transient L0 a stopped run left (not a product: the next run removes it)."""
+    """Every published L0/L1 store below ``root`` (not inside stores, bundles, partials,
+    housekeeping directories), but a transient L0 a stopped run left (not a product: the
+    next run removes it)."""
     found = []
     for top, dirs, _files in os.walk(root):
         keep = []
@@ -145,7 +147,7 @@ def published_stores(root: str | os.PathLike) -> list[Path]:
             if d.endswith(".zarr") and any(is_published(path, lv) for lv in LEVELS):
                 if not is_transient(path):
                     found.append(path)
-            elif not d.endswith((".zarr", PARTIAL_SUFFIX, BUNDLE_SUFFIX)):
+            elif not d.endswith((".zarr", PARTIAL_SUFFIX, BUNDLE_SUFFIX, HK_DIR_SUFFIX)):
                 keep.append(d)
         dirs[:] = keep
     return found

@@ -28,9 +28,11 @@ one JSON object of UTF-8 strings with a usable ``Computer_UTC``: one bad record 
 dropped and counted, never the store), ``renamed`` (stored name -> name as written),
 ``created``, ``software``.
 
-The store lives inside the run bundle (:mod:`panoseti_pipeline.run_bundle`), never beside
-the products: PANOSETI's ``open_zarr_run`` keys every ``*.zarr`` of a run directory as a
-data product. A night of housekeeping is a few MB, so the file is read whole.
+The store and its quicklook live in ``<run>.housekeeping/`` beside the run bundle
+(:mod:`panoseti_pipeline.run_bundle`): not in the bundle, which pypff lists file by file
+as the run's sidecars (``list_sidecars``), and not as a top-level ``*.zarr`` beside the
+products, which PANOSETI's ``open_zarr_run`` keys as a data product. A night of
+housekeeping is a few MB, so the file is read whole.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import numpy as np
 
 HK_STORE_SUFFIX = ".hk.zarr"
 HK_QUICKLOOK_SUFFIX = ".hk.png"
+HK_DIR_SUFFIX = ".housekeeping"  # <run>.housekeeping/: the store and its PNG, beside the bundle
 RECORD_SEPARATOR = b"\n\n"
 TIME_FIELD = "Computer_UTC"
 TIME_ATTRS = {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian",
@@ -206,10 +209,17 @@ def column(values: list[str | None]) -> np.ndarray:
     return out
 
 
-def hk_names(run_dir: str | os.PathLike) -> tuple[str, str]:
-    """``(<run>.hk.zarr, <run>.hk.png)``, ``<run>`` the run directory's name minus ``.pffd``."""
+def hk_names(run_dir: str | os.PathLike) -> tuple[str, str, str]:
+    """``(<run>.housekeeping, <run>.hk.zarr, <run>.hk.png)``, ``<run>`` the run directory's
+    name minus ``.pffd``: the directory beside the bundle, the store and PNG in it."""
     run = Path(os.path.abspath(run_dir)).name.removesuffix(".pffd")
-    return run + HK_STORE_SUFFIX, run + HK_QUICKLOOK_SUFFIX
+    return run + HK_DIR_SUFFIX, run + HK_STORE_SUFFIX, run + HK_QUICKLOOK_SUFFIX
+
+
+def find_hk(directory: str | os.PathLike, suffix: str = HK_STORE_SUFFIX) -> list[Path]:
+    """The housekeeping stores (or, ``suffix`` ``.hk.png``, PNGs) of the runs whose
+    products are in ``directory``."""
+    return sorted(Path(directory).glob(f"*{HK_DIR_SUFFIX}/*{suffix}"))
 
 
 def write_hk_store(hk: Housekeeping, path: str | os.PathLike, source_file: Path) -> None:
@@ -286,9 +296,20 @@ def _source_attrs(source: str) -> dict[str, Any]:
 
 def plot_hk(hk: Housekeeping, png: str | os.PathLike, title: str = "") -> None:
     """Quicklook PNG: detector and FPGA temperature and HV of every quabo board over time."""
+    import matplotlib.pyplot as plt
+
+    fig = hk_figure(hk, title)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def hk_figure(hk: Housekeeping, title: str = "") -> Any:
+    """The housekeeping quicklook as a matplotlib figure (closed by the caller); time
+    ticks in UTC with date and hour (a night crosses midnight)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     panels = (("TEMP1", "detector °C"), ("TEMP2", "FPGA °C"), ("HVMON", "HV (V)"))
@@ -316,12 +337,14 @@ def plot_hk(hk: Housekeeping, png: str | os.PathLike, title: str = "") -> None:
                      transform=axes[0].transAxes)
     elif len(quabos) <= 16:
         axes[0].legend(fontsize="x-small", ncol=4, loc="best")
+    if quabos:  # times: matplotlib's dates are UTC unless told otherwise
+        axes[-1].xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=8))
+        axes[-1].xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d %H:%M:%S"))
     axes[-1].set_xlabel("UTC (Computer_UTC of the record)")
     fig.suptitle(title or "housekeeping", fontsize="medium")
     fig.autofmt_xdate()
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def convert_hk(hk_file: str | os.PathLike, store: str | os.PathLike,

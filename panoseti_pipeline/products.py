@@ -11,8 +11,8 @@ Each product is ``xr.open_zarr`` of its store (lazy, dask-backed, ``time`` a
 ``flag_<name>`` (``flag_missing_quabo``, ...), True where the frame carries it, beside the
 ``frame_flags`` bit mask itself. Node names: ``module_<n>/<dp>`` (``<dp>_<level>`` when
 a directory holds both an L0 and an L1 of one product); a run's housekeeping store, when
-its bundle has one, is ``housekeeping`` (one child per source). ``open_products`` puts
-each run under its own node.
+the run has one (``<run>.housekeeping/``, beside its bundle), is ``housekeeping`` (one
+child per source). ``open_products`` puts each run under its own node.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 from panoseti_pipeline.errors import ConfigError, InputError
 from panoseti_pipeline.flags import FLAG_NAMES
-from panoseti_pipeline.run_bundle import BUNDLE_SUFFIX
+from panoseti_pipeline.housekeeping import find_hk
 from panoseti_pipeline.store.facts import read_root
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def _node_names(stores: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
 
 def open_run(path: str | os.PathLike) -> xr.DataTree:
     """A run's output directory (``<output>/<run>/``) as a DataTree: one node per product
-    (``module_<n>/<dp>``), and ``housekeeping`` from its bundle when there is one."""
+    (``module_<n>/<dp>``), and ``housekeeping`` when the run has one."""
     import xarray as xr
 
     directory = Path(path)
@@ -94,7 +94,7 @@ def open_run(path: str | os.PathLike) -> xr.DataTree:
     for name, (store, _attrs) in zip(_node_names(stores), stores, strict=True):
         nodes[name] = open_dataset(store)
     tree = xr.DataTree.from_dict(nodes)
-    hk = sorted(directory.glob(f"*{BUNDLE_SUFFIX}/*.hk.zarr"))
+    hk = find_hk(directory)
     if hk:
         tree[HK_NODE] = xr.open_datatree(str(hk[0]), engine="zarr")
     return tree

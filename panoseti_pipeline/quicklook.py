@@ -8,10 +8,12 @@
   masks; L0: the same rule, :func:`panoseti_pipeline.step2.quality.pixel_masks`, applied
   to its mean and noise), on the 32x32 module grid with the quadrant borders drawn
   (ph256: each quabo's 16x16 image placed in its quadrant);
-* the light curve of the module sum (measured pixels: NaN and a missing quabo's quadrant
-  left out), downsampled to at most 2000 bins (mean, min-max band), with the bins that
-  hold flagged frames marked;
-* the frame rate and the flagged frames per flag over time;
+* img8, img16: the light curve of the module sum (measured pixels: NaN and a missing
+  quabo's quadrant left out), downsampled to at most 2000 bins (mean, min-max band);
+  ph256, ph1024 (a frame is one event, ph256's of one quabo): the summed pulse height
+  per bin (every pixel of every event in it); with the bins that hold flagged frames
+  marked;
+* the frame rate (ph: the event rate) and the flagged frames per flag over time;
 * for pulse-height products (ph256, ph1024) the histogram of each event's pulse height
   (the maximum over the quabo's 16x16 pixels), per quabo.
 
@@ -20,6 +22,10 @@ What is drawn is a :class:`panoseti_pipeline.look.Look`. Our L1 stores hold thei
 the images. Any other store (an L0, a store of another writer, an L1 of an older
 version) is read once, in blocks of whole time chunks (about :data:`BLOCK_FRAMES`
 frames), each folded into the Look: memory is bounded by the block.
+
+Every axis and colour bar says its unit: the pixels' as the store's images array states
+it (``units``: ADC counts, or photoelectrons for an img L1 calibrated per photoelectron);
+an L0's pixels are ADC counts.
 
 Examples::
 
@@ -42,11 +48,12 @@ from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.flags import FLAG_NAMES
 from panoseti_pipeline.look import NO_TIME, PH_EDGES, QUADRANT_SLICES, Look
 from panoseti_pipeline.step2 import quality
-from panoseti_pipeline.store import layout
+from panoseti_pipeline.store import analysis_spec, layout
 from panoseti_pipeline.store.safe_write import write_file
 
 BLOCK_FRAMES = 8192  # frames read at a time (rounded to whole time chunks)
 DPI = 80
+RAW_UNITS = "ADC counts"  # of PFF pixels, and of any array that does not say otherwise
 
 
 def open_store(path: str | Path) -> tuple[Any, str]:
@@ -112,10 +119,27 @@ def pixel_maps(look: Look, group: Any, level: str) -> dict[str, np.ndarray]:
 
         return {"mean": mean, "noise": plane("baseline_std"),
                 "hot": plane("hot_pixel_mask"), "dead": plane("dead_pixel_mask"),
-                "noise_label": "baseline_std (pedestal noise)"}
+                "noise_label": "baseline_std (pedestal noise)",
+                "units": image_units(group, look.dp),
+                "noise_units": _units(group["baseline_std"])}
     hot, dead = quality.pixel_masks(mean, std)
+    units = image_units(group, look.dp)
     return {"mean": mean, "noise": std, "hot": hot, "dead": dead,
-            "noise_label": "std over all frames"}
+            "noise_label": "std over all frames", "units": units, "noise_units": units}
+
+
+def image_units(group: Any, dp: str) -> str:
+    """The unit of a store's pixels, as its images array (our name, or the team's layout's)
+    states it; raw pixels (an L0's) are ADC counts."""
+    names = set(group.array_keys())
+    for name in ("images", analysis_spec.main_array(pff.PRODUCTS[dp].family)):
+        if name in names:
+            return _units(group[name])
+    return RAW_UNITS
+
+
+def _units(array: Any) -> str:
+    return str(array.attrs.get("units", RAW_UNITS))
 
 
 def module_grid(planes: np.ndarray) -> np.ndarray:
@@ -130,27 +154,42 @@ def module_grid(planes: np.ndarray) -> np.ndarray:
 
 def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
     """Draw the quicklook of ``look`` into the PNG ``out``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(look, maps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_file(out, lambda f: fig.savefig(f, dpi=DPI, format="png"))
+    plt.close(fig)
+    return out
+
+
+def figure(look: Look, maps: dict[str, Any]) -> Any:
+    """The quicklook of ``look`` as a matplotlib figure (closed by the caller)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: batch jobs, SSH sessions
     import matplotlib.pyplot as plt
 
-    rows = 4 if look.ph_hist is not None else 3
+    units = maps["units"]
+    events = look.ph_hist is not None  # ph256, ph1024: a frame is one event
+    rows = 4 if events else 3
     fig = plt.figure(figsize=(11, 3.2 * rows + 0.6), dpi=DPI)
-    grid = fig.add_gridspec(rows, 2, height_ratios=[1.4] + [1] * (rows - 1), hspace=0.45)
+    grid = fig.add_gridspec(rows, 2, height_ratios=[1.4] + [1] * (rows - 1), hspace=0.5)
     first = look.t_min[look.t_min != NO_TIME]
     t0 = int(first.min()) if first.size else 0
     span = (int(look.t_max.max()) - t0) / 1e9 if first.size else float("nan")
+    start = f"{np.datetime64(t0, 'ns')} UTC" if first.size else "?"
     fig.suptitle(f"{look.name}\n{look.level} {look.dp} module {look.module}: "
-                 f"{look.frames} frames, {span:.3f} s from "
-                 f"{np.datetime64(t0, 'ns') if first.size else '?'} UTC", fontsize=10)
+                 f"{look.frames} frames, {span:.3f} s from {start}", fontsize=10)
+    seconds = f"seconds from {start}"
     hot, dead = module_grid(maps["hot"]), module_grid(maps["dead"])
-    for col, (key, title) in enumerate((("mean", "mean image"),
-                                        ("noise", maps["noise_label"]))):
+    for col, (key, title, unit) in enumerate((("mean", "mean image", units),
+                                              ("noise", maps["noise_label"],
+                                               maps["noise_units"]))):
         ax = fig.add_subplot(grid[0, col])
         image = ax.imshow(module_grid(maps[key]), origin="upper", cmap="viridis",
                           interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(unit, fontsize=8)
         for line in (15.5,):
             ax.axhline(line, color="white", lw=1)
             ax.axvline(line, color="white", lw=1)
@@ -161,22 +200,33 @@ def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
                    label=f"dead ({len(xs)})")
         ax.set_title(title + (" (quabo images in their quadrants)" if look.groups > 1 else ""),
                      fontsize=9)
+        ax.set_xlabel("x (pixel)", fontsize=8)
+        ax.set_ylabel("y (pixel)", fontsize=8)
         ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
     x = _bin_seconds(look, t0)
     ax = fig.add_subplot(grid[1, :])
     have = look.lc_count > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_sum = look.lc_sum / look.lc_count
-    ax.fill_between(x[have], look.lc_min[have], look.lc_max[have], color="C0", alpha=0.25,
-                    lw=0, label="min-max in bin")
-    ax.plot(x[have], mean_sum[have], color="C0", lw=0.8, label="mean in bin")
+    if events:  # a sum over a bin's events, not a mean over frames of a steady module
+        floor = look.lc_sum
+        ax.plot(x[have], floor[have], color="C0", lw=0.8, label="sum in bin")
+        ax.set_title(f"summed pulse height per bin: every pixel of every event in it "
+                     f"({look.bins} bins)", fontsize=9)
+        ax.set_ylabel(f"summed pulse height ({units})", fontsize=8)
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = look.lc_sum / look.lc_count
+        floor = look.lc_min
+        ax.fill_between(x[have], look.lc_min[have], look.lc_max[have], color="C0",
+                        alpha=0.25, lw=0, label="min-max in bin")
+        ax.plot(x[have], mean[have], color="C0", lw=0.8, label="mean in bin")
+        ax.set_title(f"light curve: module sum of the measured pixels ({look.bins} bins)",
+                     fontsize=9)
+        ax.set_ylabel(f"module sum ({units})", fontsize=8)
     flagged = look.bin_flags.sum(axis=0) > 0
-    if flagged.any():
-        ax.plot(x[flagged], np.full(flagged.sum(), np.nanmin(look.lc_min[have])), "|",
+    if flagged.any() and have.any():
+        ax.plot(x[flagged], np.full(flagged.sum(), np.nanmin(floor[have])), "|",
                 color="red", ms=12, label=f"bins with flagged frames ({flagged.sum()})")
-    ax.set_title(f"light curve: module sum of the measured pixels ({look.bins} bins)",
-                 fontsize=9)
-    ax.set_xlabel("seconds")
+    ax.set_xlabel(seconds)
     ax.legend(loc="upper right", fontsize=7)
     ax = fig.add_subplot(grid[2, 0])
     rate = _frame_rate(look)
@@ -184,8 +234,10 @@ def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
     top = np.nanmax(rate) if np.isfinite(rate).any() else 1.0
     ax.set_ylim(0, 1.15 * top)  # a steady rate is a line below the top, not on it
     ax.ticklabel_format(axis="y", useOffset=False)  # 1000 +- jitter, not "+1e3"
-    ax.set_title("frame rate (frames/s)", fontsize=9)
-    ax.set_xlabel("seconds")
+    per_second = "events/s" if events else "frames/s"
+    ax.set_title(f"{'event' if events else 'frame'} rate ({per_second})", fontsize=9)
+    ax.set_ylabel(per_second, fontsize=8)
+    ax.set_xlabel(seconds)
     ax = fig.add_subplot(grid[2, 1])
     drawn = False
     for i, name in enumerate(FLAG_NAMES.values()):
@@ -194,13 +246,14 @@ def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
                     label=f"{name} ({look.bin_flags[i].sum()})")
             drawn = True
     ax.set_title("flagged frames per bin", fontsize=9)
-    ax.set_xlabel("seconds")
+    ax.set_ylabel("frames", fontsize=8)
+    ax.set_xlabel(seconds)
     if drawn:
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no flagged frames", ha="center", va="center",
                 transform=ax.transAxes)
-    if look.ph_hist is not None:
+    if events:
         ax = fig.add_subplot(grid[3, :])
         centres = (PH_EDGES[:-1] + PH_EDGES[1:]) / 2
         for q in range(pff.N_QUABOS):
@@ -210,12 +263,11 @@ def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
         ax.set_yscale("log")
         ax.set_title("pulse height per event and quabo (max of its 16x16 pixels; values "
                      "outside the axis in the end bins)", fontsize=9)
-        ax.set_xlabel("ADC counts" + (" above the baseline" if look.level == "L1" else ""))
+        ax.set_xlabel(f"pulse height ({units}"
+                      + (" above the baseline)" if look.level == "L1" else ")"))
+        ax.set_ylabel("events", fontsize=8)
         ax.legend(fontsize=7)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_file(out, lambda f: fig.savefig(f, dpi=DPI, format="png"))
-    plt.close(fig)
-    return out
+    return fig
 
 
 def _bin_seconds(look: Look, t0: int) -> np.ndarray:

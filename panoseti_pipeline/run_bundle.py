@@ -14,14 +14,15 @@ bundle path            copied from the run directory (top level, files only)
 ``manifests/``         ``dp_manifest*``
 ``sentinels/``         ``collect_complete``, ``run_complete``, ``recording_ended``
 ``hk.pff``             ``hk.pff``
-``<run>.hk.zarr``      written here from ``hk.pff`` (:mod:`panoseti_pipeline.housekeeping`)
-``<run>.hk.png``       its quicklook: temperatures and HV of every quabo board
 ``manifest.json``      written here (below)
 =====================  ======================================================
 
 These are pypff's rules, so a bundle of ours and one of ``pypff.zarr.convert_run`` hold the
-same files (plus the housekeeping store and its quicklook, which pypff's reader never opens:
-it looks for products only at the run directory's top level). Files are copied byte for
+same files, and pypff's ``list_sidecars()`` lists just those. What is derived from them
+goes beside the bundle: ``<run>.housekeeping/`` holds ``<run>.hk.zarr``, written from
+``hk.pff`` (:mod:`panoseti_pipeline.housekeeping`), and ``<run>.hk.png``, its quicklook
+(temperatures and HV of every quabo board); pypff's reader sees neither (it keys only the
+top-level ``*.zarr`` as products). Files are copied byte for
 byte, keeping their modification time; the copies get the caller's umask like every other
 output (DESIGN.md §8), narrowed by the input's mode bits: a copy is never more readable
 than its file. A link that leaves the run directory is never followed. Inputs are only
@@ -31,9 +32,9 @@ read: a read-only run directory works.
 ``source_run_dir``, ``zarr_stores``) and ours: ``written_by`` (so that a re-run replaces
 only a bundle this pipeline wrote), ``products`` (per store: level, frames, first and last
 frame time) and ``files`` (sha256 and size of every copied file, checked by
-:func:`verify_bundle`) and ``housekeeping`` (the store, its quicklook, records read, a cut
-last record). pypff's reader does not read the manifest, so the extra keys cost
-it nothing.
+:func:`verify_bundle`) and ``housekeeping`` (the directory beside the bundle, the store
+and quicklook in it, records read, a cut last record). pypff's reader does not read the
+manifest, so the extra keys cost it nothing.
 
 The bundle is built under ``<bundle>.<id>.partial`` in the output directory and renamed into
 place when complete, as the products are: a bundle under its final name is whole.
@@ -250,8 +251,9 @@ def write_bundle(source: str | os.PathLike, out_dir: str | os.PathLike,
                 "files": {rel: _copy(src, tmp / rel) for rel, src in files.items()},
             }
             if HOUSEKEEPING_NAME in files:
-                manifest["housekeeping"] = _housekeeping(tmp, run_dir,
-                                                         files[HOUSEKEEPING_NAME], notice)
+                manifest["housekeeping"] = _housekeeping(tmp / HOUSEKEEPING_NAME, out_dir,
+                                                         run_dir, files[HOUSEKEEPING_NAME],
+                                                         notice)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
                                              encoding="utf-8")
     except OSError as err:
@@ -291,18 +293,23 @@ def verify_bundle(path: str | os.PathLike) -> list[str]:
     return problems
 
 
-def _housekeeping(bundle: Path, run_dir: Path, hk_file: Path, notice: Notice
-                  ) -> dict[str, Any]:
-    """The bundle's copy of ``hk_file`` (the run's hk.pff) as ``<run>.hk.zarr`` and
-    ``<run>.hk.png``."""
+def _housekeeping(hk_copy: Path, out_dir: Path, run_dir: Path, hk_file: Path,
+                  notice: Notice) -> dict[str, Any]:
+    """``<run>.housekeeping/`` beside the bundle, with ``<run>.hk.zarr`` and
+    ``<run>.hk.png`` written from ``hk_copy`` (the bundle's copy of ``hk_file``, the run's
+    hk.pff); built under a ``.partial`` name and renamed into place, as the bundle."""
     from panoseti_pipeline.housekeeping import convert_hk, hk_names
 
-    store, png = hk_names(run_dir)
+    directory, store, png = hk_names(run_dir)
+    final = out_dir / directory
+    for message in publish.clear_stale(final):
+        notice(message)
     try:
-        facts = convert_hk(bundle / HOUSEKEEPING_NAME, bundle / store, bundle / png)
+        with publish.staged(final, functools.partial(_hk_replace_problem, final, store, png),
+                            "the housekeeping") as tmp:
+            tmp.mkdir()
+            facts = convert_hk(hk_copy, tmp / store, tmp / png)
     except ValueError as err:  # hk.pff is input: a surprise in it must not cost the bundle
-        shutil.rmtree(bundle / store, ignore_errors=True)
-        (bundle / png).unlink(missing_ok=True)
         notice(f"{hk_file}: no housekeeping store written ({err}); "
                "hk.pff is in the bundle as it is")
         return {"error": str(err)}
@@ -315,14 +322,33 @@ def _housekeeping(bundle: Path, run_dir: Path, hk_file: Path, notice: Notice
     if facts["unreadable_records"]:
         notice(f"{hk_file}: {facts['unreadable_records']} records are not "
                f"housekeeping records, left out of {store} (listed in its attributes)")
-    return facts
+    return {"directory": directory, **facts}
+
+
+def _hk_replace_problem(final: Path, store: str, png: str) -> str | None:
+    """Why ``final`` may not be replaced by a new housekeeping directory, or None: only
+    one this pipeline wrote (its store and PNG, nothing else) is replaced."""
+    if not (final.exists() or final.is_symlink()):
+        return None
+    try:
+        ours = (final.is_dir() and not final.is_symlink()
+                and {p.name for p in final.iterdir()} <= {store, png}
+                and json.loads((final / store / "zarr.json").read_bytes())
+                .get("attributes", {}).get("content") == "housekeeping")
+    except (OSError, ValueError):
+        ours = False
+    return None if ours else (
+        f"{final}: exists and is not the housekeeping this pipeline writes; refusing to "
+        "replace it (move it away or choose another output)")
 
 
 def _generated(manifest: dict[str, Any]) -> set[str]:
-    """Top-level bundle entries written here rather than copied (the housekeeping)."""
+    """Top-level bundle entries written here rather than copied: the housekeeping of a
+    bundle written before it moved beside the bundle (its manifest names no directory)."""
     hk = manifest.get("housekeeping")
-    return {name for name in (hk.get("store"), hk.get("quicklook")) if name} if isinstance(
-        hk, dict) else set()
+    if not isinstance(hk, dict) or "directory" in hk:
+        return set()
+    return {name for name in (hk.get("store"), hk.get("quicklook")) if name}
 
 
 def _notice_left_out(run_dir: Path, bundled: set[Path], notice: Notice) -> None:

@@ -17,6 +17,7 @@ import xarray as xr
 import zarr
 
 from panoseti_pipeline import housekeeping, run_bundle, synthetic
+from panoseti_pipeline.errors import StoreError
 
 PYPFF_MISSING = "pypff>=1.0.4 is not installed (requirements-test.txt); it is the judge here"
 
@@ -82,6 +83,34 @@ def test_store_values_equal_the_records_written(tmp_path: Path) -> None:
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_the_plot_s_time_ticks_are_utc_dates_and_hours(tmp_path: Path) -> None:
+    """Not ``34:46.000000``: every time tick has the date and the hour, in UTC, and the
+    ticks lie within the records' times."""
+    import datetime as dt
+    import re
+
+    import matplotlib.pyplot as plt
+
+    hk_file = synthetic.write_housekeeping(tmp_path, 60, modules=(1,))
+    records, _ = records_of(hk_file)
+    times = [dt.datetime.fromtimestamp(float(Decimal(f["Computer_UTC"])), dt.timezone.utc)
+             for _s, f in records]
+    fig = housekeeping.hk_figure(housekeeping.parse_hk(hk_file.read_bytes()))
+    try:
+        fig.canvas.draw()
+        axis = fig.axes[-1]
+        labels = [t.get_text() for t in axis.get_xticklabels() if t.get_text()]
+        assert axis.get_xlabel().startswith("UTC")
+    finally:
+        plt.close(fig)
+    assert len(labels) >= 2, labels
+    for label in labels:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", label), label
+        tick = dt.datetime.strptime(label, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc)
+        assert min(times) - dt.timedelta(minutes=1) <= tick <= max(times) + dt.timedelta(
+            minutes=1), (label, min(times), max(times))
+
+
 def test_a_whole_last_record_is_kept_and_a_bad_one_is_counted(tmp_path: Path) -> None:
     hk_file = synthetic.write_housekeeping(tmp_path, 14, modules=(1,))
     records, _ = records_of(hk_file)
@@ -113,9 +142,11 @@ def test_a_whole_last_record_is_kept_and_a_bad_one_is_counted(tmp_path: Path) ->
         assert np.isnan(board[field][0]) and board[field][1] == float(records[8][1][field])
 
 
-def test_store_sits_in_the_bundle_where_open_zarr_run_does_not_see_it(tmp_path: Path) -> None:
+def test_store_sits_beside_the_bundle_where_open_zarr_run_does_not_see_it(
+        tmp_path: Path) -> None:
     """A run directory with products and our bundle: PANOSETI's reader lists the products
-    only (it keys every top-level *.zarr by data product and module)."""
+    only (it keys every top-level *.zarr by data product and module), and the bundle's
+    sidecars only (the housekeeping store and PNG are beside it, not in it)."""
     pypff_zarr = pytest.importorskip("pypff.zarr", reason=PYPFF_MISSING)
     from pypff.io2 import PanosetiRun
 
@@ -126,15 +157,26 @@ def test_store_sits_in_the_bundle_where_open_zarr_run_does_not_see_it(tmp_path: 
     assert len(stores) == 2
 
     stem = run.name.removesuffix(".pffd")
-    assert (bundle / f"{stem}.hk.zarr" / "zarr.json").is_file()
-    assert (bundle / f"{stem}.hk.png").is_file()
+    beside = out / f"{stem}.housekeeping"
+    assert (beside / f"{stem}.hk.zarr" / "zarr.json").is_file()
+    assert (beside / f"{stem}.hk.png").is_file()
+    assert not list(bundle.glob("*.hk.*"))
     assert run_bundle.verify_bundle(bundle) == []
     manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["housekeeping"]["directory"] == beside.name
     assert manifest["housekeeping"]["store"] == f"{stem}.hk.zarr"
     assert manifest["housekeeping"]["cut_last_record"] == 1
     zrun = pypff_zarr.open_zarr_run(out)
     assert zrun.list_products() == ["dp_img16.bpp_2.module_1", "dp_ph256.bpp_2.module_1"]
     assert zrun.configs  # the bundle is found, its configs read
+    assert {p.relative_to(bundle).as_posix() for p in zrun.list_sidecars()} == {
+        *manifest["files"], "manifest.json"}
+    # a rerun replaces the housekeeping it wrote; anything else there is refused
+    run_bundle.write_bundle(run, out, [], notice=lambda _: None)
+    (beside / "mine.txt").write_text("x")
+    with pytest.raises(StoreError, match="not the housekeeping this pipeline writes"):
+        run_bundle.write_bundle(run, out, [], notice=lambda _: None)
+    assert (beside / "mine.txt").read_text() == "x"
 
 
 def test_computer_utc_to_ns_is_exact() -> None:
@@ -158,7 +200,7 @@ def test_a_housekeeping_failure_costs_the_store_not_the_bundle(
     notices: list[str] = []
     bundle = run_bundle.write_bundle(run, tmp_path / "out", [], notice=notices.append)
     assert run_bundle.verify_bundle(bundle) == []
-    assert not list(bundle.glob("*.hk.*"))
+    assert not list(bundle.glob("*.hk.*")) and not list(bundle.parent.glob("*.housekeeping*"))
     assert (bundle / "hk.pff").read_bytes() == (run / "hk.pff").read_bytes()
     assert any("no housekeeping store written (surprise in the records)" in n
                for n in notices)
@@ -210,7 +252,7 @@ def test_one_hostile_record_never_sinks_the_bundle_or_loses_a_field(tmp_path: Pa
     notices: list[str] = []
     bundle = run_bundle.write_bundle(run, tmp_path / "out", [], notice=notices.append)
     assert run_bundle.verify_bundle(bundle) == []
-    store = next(bundle.glob("*.hk.zarr"))
+    store = next(bundle.parent.glob("*.housekeeping/*.hk.zarr"))
     root = zarr.open_group(str(store), mode="r")
     assert root.attrs["records"] == len(records) + 2
     assert root.attrs["unreadable_records"] == 2

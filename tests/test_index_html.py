@@ -136,7 +136,7 @@ def test_chromium_shows_every_row_and_every_image(night, tmp_path):
     rows = re.findall(r'<tr class="product ok" data-store="([^"]+)"', dom)
     assert sorted(rows) == stores
     widths = re.findall(r'<img [^>]*data-natural-width="(\d+)"', dom)
-    housekeeping = list(products.glob("*.panoseti-meta/*.hk.png"))  # the bundle's, if any
+    housekeeping = list(products.glob("*.housekeeping/*.hk.png"))  # the run's, if any
     assert len(widths) == 4 + len(housekeeping) and all(int(w) > 300 for w in widths)
     assert 'id="run-status"' in dom and "<b class=\"status-ok\">ok</b>" in dom
     shot = tmp_path / "page.png"
@@ -150,6 +150,29 @@ def test_chromium_shows_every_row_and_every_image(night, tmp_path):
     assert (pixels[..., :3].std(axis=2) > 0.1).sum() > 10_000  # colour: the quicklooks
 
 
+def test_pypff_lists_the_bundle_s_files_as_sidecars_and_the_products_only(night):
+    """The bundle holds what pypff expects a sidecar folder to hold (configs, logs,
+    sentinels, hk.pff, manifests, our manifest.json); the housekeeping store and PNG sit
+    beside it, where neither list_sidecars nor list_products sees them."""
+    import json
+
+    pypff_zarr = pytest.importorskip("pypff.zarr", reason="pypff>=1.0.4 is not installed")
+    products, stores, _ = night
+    (bundle,) = products.glob("*.panoseti-meta")
+    zrun = pypff_zarr.open_zarr_run(products)
+    sidecars = [p.relative_to(bundle).as_posix() for p in zrun.list_sidecars()]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert sorted(sidecars) == sorted([*manifest["files"], "manifest.json"])
+    assert "hk.pff" in sidecars and len(sidecars) < 30, sidecars
+    assert {s.split("/")[0] for s in sidecars} <= {
+        "configs", "logs", "manifests", "sentinels", "hk.pff", "manifest.json"}
+    assert not any(".zarr" in s for s in sidecars)
+    assert len(zrun.list_products()) == len(stores)
+    (hk,) = products.glob("*.housekeeping/*.hk.zarr")
+    assert manifest["housekeeping"]["directory"] == hk.parent.name
+    assert (hk.parent / manifest["housekeeping"]["quicklook"]).is_file()
+
+
 def test_no_quicklook_makes_neither(tmp_path):
     run = synthetic.make_observation(tmp_path / "in", products=("img16",),
                                      frames_per_file=200, files_per_stream=1)
@@ -161,3 +184,28 @@ def test_no_quicklook_makes_neither(tmp_path):
     assert len(list(products.glob("*_L1.zarr"))) == 1
     assert not list(products.glob("*.png")) and not (products / "index.html").exists()
     assert "quicklooks:" not in result.stderr
+
+
+def test_after_an_all_skipped_rerun_the_page_shows_the_run_that_made_the_products(night):
+    """A rerun skips every product; index.html still names the run that made them (its
+    record, status and counts), and that rerun only as the latest run, which made none.
+    Last in this file: it rewrites the night's page."""
+    products, stores, _ = night
+    root = products.parent.parent
+    (first,) = root.glob("out/run_record_*.toml")
+    (run,) = (root / "in").glob("*.pffd")
+    result = run_sh(run, root / "out", config=root / "c.toml")
+    assert result.returncode == 0, result.stderr
+    (rerun,) = set(root.glob("out/run_record_*.toml")) - {first}
+    assert tomllib.loads(rerun.read_text())["run"]["counts"] == {"skipped": 4}
+    made = tomllib.loads(first.read_text())["run"]
+    page = (products / "index.html").read_text()
+    runs = re.findall(r'<p class="run">(.*?)</p>', page, re.S)
+    assert len(runs) == 2, runs
+    assert runs[0].startswith("Made by run: <b class=\"status-ok\">ok</b>")
+    assert "inputs: ok 4)" in runs[0] and f'href="../{first.name}"' in runs[0]
+    assert f"started {made['started']}, finished {made['finished']}" in runs[0]
+    assert runs[1].startswith("Latest run (made none of these products)")
+    assert "inputs: skipped 4)" in runs[1] and f'href="../{rerun.name}"' in runs[1]
+    cells = re.findall(r'<td class="made-by">(.*?)</td>', page)
+    assert cells == [f'<a href="../{first.name}">{first.name}</a>'] * len(stores)

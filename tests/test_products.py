@@ -55,7 +55,7 @@ def test_open_run_gives_the_values_of_each_store(night) -> None:
             np.testing.assert_array_equal(ds[f"flag_{name}"].values, (flags & bit) != 0)
             flagged += int(ds[f"flag_{name}"].values.sum())
     assert flagged > 0  # the planted faults are there to decode
-    (hk,) = run_dir.glob("*.panoseti-meta/*.hk.zarr")
+    (hk,) = run_dir.glob("*.housekeeping/*.hk.zarr")
     hk_group = zarr.open_group(str(hk), mode="r")
     np.testing.assert_array_equal(tree["housekeeping/QUABO_4"].dataset["TEMP1"].values,
                                   hk_group["QUABO_4/TEMP1"][:])
@@ -86,7 +86,7 @@ def test_pff_info_describes_the_stores(night, capsys: pytest.CaptureFixture[str]
 
     _, run_dir = night
     (store,) = run_dir.glob("*dp_img16*_L1.zarr")
-    (hk,) = run_dir.glob("*.panoseti-meta/*.hk.zarr")
+    (hk,) = run_dir.glob("*.housekeeping/*.hk.zarr")
     assert main(["info", str(store), str(hk)]) == 0
     out = capsys.readouterr().out.splitlines()
     group = zarr.open_group(str(store), mode="r")

@@ -119,6 +119,98 @@ def test_pulse_heights_per_quabo(stores):
         assert np.array_equal(look.ph_hist[q], want)
 
 
+def figure_of(store: Path):
+    """The quicklook figure of a store, with each axes' title, labels and texts."""
+    look, maps = quicklook.accumulate(store)
+    fig = quicklook.figure(look, maps)
+    axes = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax) for ax in fig.axes]
+    return look, fig, axes
+
+
+def colorbars(fig) -> list:
+    return [image.colorbar for ax in fig.axes for image in ax.images if image.colorbar]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_every_axis_and_colour_bar_says_its_unit(stores, index):
+    """Pixels of L0 and of our L1 methods are ADC counts: every colour bar and y axis of
+    a pixel value says so, every other axis says what it counts."""
+    import matplotlib.pyplot as plt
+
+    store = stores[index]
+    assert zarr.open_group(str(store), mode="r")["images"].attrs.get(
+        "units", "ADC counts") == "ADC counts"
+    look, fig, axes = figure_of(store)
+    try:
+        bars = colorbars(fig)
+        assert [bar.ax.get_ylabel() for bar in bars] == ["ADC counts", "ADC counts"]
+        plots = [a for a in axes if a[0]]  # the titled panels (a colour bar has no title)
+        assert len(plots) == (6 if look.ph_hist is not None else 5)
+        for title, xlabel, ylabel, _ax in plots:
+            assert xlabel and ylabel, title
+        units = {ylabel for _t, _x, ylabel, _ax in plots[:2]} | {plots[2][2]}
+        assert all("ADC counts" in u or "(pixel)" in u for u in units), units
+        texts = " ".join(t.get_text() for t in fig.findobj(plt.Text))
+        assert "seconds from 20" in texts and " UTC" in texts
+    finally:
+        plt.close(fig)
+
+
+def test_an_img_l1_calibrated_per_photoelectron_says_photoelectrons(stores, tmp_path):
+    """The team's img calibration (method panoseti_analysis) divides by ADC counts per
+    photoelectron: the store says photoelectrons, and so do the PNG's pixel axes; the
+    pedestal noise stays ADC counts."""
+    import matplotlib.pyplot as plt
+
+    l0 = next(s for s in stores if s.name == "img16_L0.zarr")
+    cfg = tmp_path / "pe.toml"
+    cfg.write_text("[cluster]\nuse_dask = false\n[baseline_subtract]\n"
+                   "method = \"panoseti_analysis\"\ncompute_chunk_size = 128\n"
+                   "frame_stride = 10\n")
+    l1 = tmp_path / "img16_pe_L1.zarr"
+    assert step2.main([str(l0), str(l1), "--config", str(cfg), "--quiet"]) == 0
+    g = zarr.open_group(str(l1), mode="r")
+    assert g["images"].attrs["units"] == "photoelectrons"
+    assert g.attrs["calibration"]["method"] == "panoseti_analysis"
+    _look, fig, axes = figure_of(l1)
+    try:
+        assert [bar.ax.get_ylabel() for bar in colorbars(fig)] == ["photoelectrons",
+                                                                   "ADC counts"]
+        (curve,) = [a for a in axes if a[0].startswith("light curve")]
+        assert curve[2] == "module sum (photoelectrons)"
+    finally:
+        plt.close(fig)
+    png = quicklook.quicklook(l1, tmp_path)
+    assert decode(png).std() > 0.05
+
+
+@pytest.mark.parametrize("level", ["L0", "L1"])
+def test_a_ph_light_curve_is_summed_pulse_height_and_event_rate(stores, level):
+    """A ph frame is one event (ph256: of one quabo), not a module's exposure: the curve is
+    the pulse height summed over each bin's events, the rate is events per second."""
+    import matplotlib.pyplot as plt
+
+    look, fig, axes = figure_of(next(s for s in stores if s.name == f"ph256_{level}.zarr"))
+    try:
+        titles = [a[0] for a in axes]
+        assert not any("module sum" in t or "light curve" in t for t in titles)
+        (curve,) = [a for a in axes if a[0].startswith("summed pulse height per bin")]
+        assert curve[2] == "summed pulse height (ADC counts)"
+        (line,) = curve[3].get_lines()[:1]
+        have = look.lc_count > 0
+        np.testing.assert_allclose(line.get_ydata(), look.lc_sum[have])
+        (rate,) = [a for a in axes if a[0] == "event rate (events/s)"]
+        assert rate[2] == "events/s"
+    finally:
+        plt.close(fig)
+    img_look, img_fig, img_axes = figure_of(next(s for s in stores
+                                                 if s.name == f"img16_{level}.zarr"))
+    plt.close(img_fig)
+    titles = [a[0] for a in img_axes]
+    assert any(t.startswith("light curve: module sum") for t in titles)
+    assert "frame rate (frames/s)" in titles and img_look.ph_hist is None
+
+
 def test_a_bad_store_is_one_line_and_the_others_still_get_their_png(stores, tmp_path,
                                                                     capsys):
     assert quicklook.main([str(tmp_path / "nope_L1.zarr"), str(stores[0]), "--out",

@@ -60,10 +60,8 @@ def tree(path: Path) -> dict[str, bytes]:
 
 
 def copied(bundle: Path) -> dict[str, bytes]:
-    """The bundle's files but the housekeeping store and quicklook written from hk.pff."""
-    stem = bundle.name.removesuffix(".pffd.panoseti-meta")
-    return {rel: data for rel, data in tree(bundle).items()
-            if rel.split("/")[0] not in (f"{stem}.hk.zarr", f"{stem}.hk.png")}
+    """The bundle's files: all copied from the run, but its manifest."""
+    return tree(bundle)
 
 
 def state(path: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -100,8 +98,11 @@ def test_bundle_copies_the_run_metadata_byte_identical(run: Path, tmp_path: Path
         assert (bundle / rel).stat().st_mtime_ns == source.stat().st_mtime_ns, rel
     stem = run.name.removesuffix(".pffd")
     assert sorted(p.name for p in bundle.iterdir() if p.is_dir()) == [
-        "configs", "logs", "manifests", f"{stem}.hk.zarr", "sentinels"]
-    assert (bundle / f"{stem}.hk.png").read_bytes().startswith(b"\x89PNG")
+        "configs", "logs", "manifests", "sentinels"]
+    housekeeping = bundle.parent / f"{stem}.housekeeping"  # derived: beside the bundle
+    assert sorted(p.name for p in housekeeping.iterdir()) == [f"{stem}.hk.png",
+                                                             f"{stem}.hk.zarr"]
+    assert (housekeeping / f"{stem}.hk.png").read_bytes().startswith(b"\x89PNG")
     assert not list(bundle.parent.glob("*.partial"))
     (left,) = notices  # what the bundle does not keep is said, once
     assert str(run) in left and "2 entries" in left
@@ -175,7 +176,9 @@ def test_rewrite_replaces_our_bundle_and_nothing_else(run: Path, tmp_path: Path)
     assert write(run, out) == bundle
     assert json.loads((bundle / "configs/daq_config.json").read_text()) == {"changed": True}
     assert run_bundle.verify_bundle(bundle) == []
-    assert sorted(p.name for p in out.iterdir()) == [bundle.name]  # no .partial, no .old
+    housekeeping = bundle.name.replace(".pffd.panoseti-meta", ".housekeeping")
+    assert sorted(p.name for p in out.iterdir()) == sorted([bundle.name, housekeeping])
+    # no .partial, no .old
 
     # a file someone put into our bundle: refused, and everything stays
     (bundle / "logs/my_notes.txt").write_text("keep me")
@@ -183,7 +186,7 @@ def test_rewrite_replaces_our_bundle_and_nothing_else(run: Path, tmp_path: Path)
     with pytest.raises(StoreError, match=r"logs/my_notes.txt.*did not write"):
         write(run, out)
     assert tree(bundle) == kept
-    assert sorted(p.name for p in out.iterdir()) == [bundle.name]
+    assert sorted(p.name for p in out.iterdir()) == sorted([bundle.name, housekeeping])
 
 
 @pytest.mark.parametrize("foreign", ["directory", "pypff_bundle", "file", "symlink"])
@@ -278,7 +281,7 @@ def test_our_bundle_holds_what_pypff_bundles(run: Path, tmp_path: Path) -> None:
         (run / name).write_text(text)
     pypff_zarr.convert_run(PanosetiRun(run), tmp_path / "pypff")
     theirs = tree(tmp_path / "pypff" / f"{run.name}.panoseti-meta")
-    ours = copied(write(run, tmp_path / "ours"))  # + the housekeeping store and quicklook
+    ours = copied(write(run, tmp_path / "ours"))
     del theirs["manifest.json"], ours["manifest.json"]
     assert ours == theirs
 

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from panoseti_pipeline.driver.record import job_status, load_state
+from panoseti_pipeline.driver.record import RECORD_PREFIX, job_status, load_state
+from panoseti_pipeline.housekeeping import HK_QUICKLOOK_SUFFIX, find_hk
 from panoseti_pipeline.run_bundle import iso_ns
 from panoseti_pipeline.store import publish
 from panoseti_pipeline.store.facts import read_root, store_facts
 from panoseti_pipeline.store.safe_write import write_file
 
 PAGE = "index.html"
+MADE = ("ok", "degraded")  # a job's statuses that mean this run wrote its product
 STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;font-size:90%}th,td{border:1px solid #bbb;padding:3px 6px}
 th{background:#eee}td.num{text-align:right}tr.failed td{background:#fdd}
@@ -49,7 +51,8 @@ def _row_facts(store: Path) -> dict[str, Any]:
             "flags": {k: v for k, v in facts.flag_counts.items() if v},
             "hot_dead": (f"{summary['hot_pixels']} / {summary['dead_pixels']}"
                          if "hot_pixels" in summary else "-"),
-            "compression": facts.pff_to_l0, "l1_l0": facts.l1_to_l0}
+            "compression": facts.pff_to_l0, "l1_l0": facts.l1_to_l0,
+            "created": facts.created}
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -60,18 +63,37 @@ def _link(target: Path, page_dir: Path) -> str:
     return quote(os.path.relpath(target, page_dir).replace(os.sep, "/"))
 
 
-def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, Any],
-                record_path: Path | None) -> str:
-    """The HTML of one directory's page (``rows``: the run's products there)."""
+def _run_line(record: dict[str, Any], path: Path | None, page_dir: Path, what: str) -> str:
+    """One run, as the page's head describes it: status, inputs, times, host, record."""
     e = html.escape
     run = record.get("run", {})
     status = run.get("exit_status")
     verdict = "ok" if status == 0 else "failed"
     counts = ", ".join(f"{k} {v}" for k, v in run.get("counts", {}).items())
-    record_link = (f'<a href="{_link(record_path, page_dir)}">{e(record_path.name)}</a>'
-                   if record_path else "no run record")
+    link = (f'<a href="{_link(path, page_dir)}">{e(path.name)}</a>' if path
+            else "no run record")
+    return (f'<p class="run">{e(what)}: <b class="status-{verdict}">{verdict}</b> (exit '
+            f"status {e(str(status))}; inputs: {e(counts)}), started "
+            f"{e(str(run.get('started', '?')))}, finished {e(str(run.get('finished', '?')))}"
+            f" on {e(str(run.get('host', '?')))}. Run record: {link}.</p>")
+
+
+def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, Any],
+                record_path: Path | None,
+                records: dict[Path, dict[str, Any]] | None = None) -> str:
+    """The HTML of one directory's page (``rows``: the run's products there, each with the
+    run record that made it under ``made_by``, if known; ``record``: this run's;
+    ``records``: the run records by path)."""
+    e = html.escape
+    records = records or {}
+    makers = list(dict.fromkeys(r["made_by"] for r in rows if r.get("made_by")))
+    runs = [_run_line(records[m], m, page_dir, "Made by run") for m in makers]
+    if record_path not in makers:
+        runs.append(_run_line(record, record_path, page_dir,
+                              "Latest run (made none of these products)" if makers
+                              else "Run"))
     head = ["module", "product", "level", "status", "frames", "time span (UTC)",
-            "flagged frames", "hot / dead pixels", "PFF/L0", "L1/L0", "store"]
+            "flagged frames", "hot / dead pixels", "PFF/L0", "L1/L0", "store", "made by"]
     lines = [f"<th>{e(h)}</th>" for h in head]
     body, figures = [], []
     for r in rows:
@@ -79,19 +101,23 @@ def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, An
         flags = ", ".join(f"{k} {v}" for k, v in r.get("flags", {}).items()) or "none"
         store = (f'<a href="{_link(r["store"], page_dir)}/">{e(r["store"].name)}</a>'
                  if r["published"] else e(r["store"].name) + " (not written)")
+        maker = r.get("made_by")
+        made = (f'<a href="{_link(maker, page_dir)}">{e(maker.name)}</a>' if maker
+                else e(f"created {r['created']}" if r.get("created") else "-"))
         cells = [e(str(r.get("module", "-"))), e(str(r.get("product", "-"))),
                  e(str(r.get("level", "-"))), e(r["status"]), e(str(r.get("frames", "-"))),
                  e(span), e(flags), e(r.get("hot_dead", "-"))]
         body.append(f'<tr class="product {e(r["status"])}" data-store="{e(r["store"].name)}">'
                     + "".join(f"<td>{c}</td>" for c in cells)
                     + f'<td class="num">{_fmt(r.get("compression"))}</td>'
-                    + f'<td class="num">{_fmt(r.get("l1_l0"))}</td><td>{store}</td></tr>')
+                    + f'<td class="num">{_fmt(r.get("l1_l0"))}</td><td>{store}</td>'
+                    + f'<td class="made-by">{made}</td></tr>')
         if r.get("png"):
             figures.append(f'<figure id="look-{e(r["store"].name)}"><img src="'
                            f'{_link(r["png"], page_dir)}" alt="quicklook of '
                            f'{e(r["store"].name)}"><figcaption>{e(r["store"].name)}'
                            "</figcaption></figure>")
-    for png in sorted(page_dir.glob("*.panoseti-meta/*.hk.png")):  # the run's housekeeping
+    for png in find_hk(page_dir, HK_QUICKLOOK_SUFFIX):  # the run's housekeeping
         figures.append(f'<figure id="housekeeping"><img src="{_link(png, page_dir)}" '
                        f'alt="housekeeping of the run"><figcaption>housekeeping: '
                        f"{e(png.name)}</figcaption></figure>")
@@ -99,13 +125,38 @@ def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, An
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>PANOSETI products: {e(page_dir.name)}</title>",
         f"<style>{STYLE}</style></head><body>",
-        f"<h1>{e(page_dir.name)}</h1>",
-        f'<p id="run-status">Run: <b class="status-{verdict}">{verdict}</b> (exit status '
-        f"{e(str(status))}; inputs: {e(counts)}), started {e(str(run.get('started', '?')))}"
-        f", finished {e(str(run.get('finished', '?')))} on {e(str(run.get('host', '?')))}. "
-        f"Run record: {record_link}.</p>",
+        f"<h1>{e(page_dir.name)}</h1>", '<div id="run-status">', *runs, "</div>",
         '<table id="products"><thead><tr>' + "".join(lines) + "</tr></thead><tbody>",
         *body, "</tbody></table>", "<h2>Quicklooks</h2>", *figures, "</body></html>", ""])
+
+
+def run_records(out_dir: Path) -> dict[Path, dict[str, Any]]:
+    """The run records in the output directory, by path (one that does not parse: left
+    out, it names no product)."""
+    import tomllib
+
+    records = {}
+    for path in sorted(out_dir.glob(f"{RECORD_PREFIX}*.toml")):
+        try:
+            records[path] = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return records
+
+
+def made_by(store: Path, created: str, records: dict[Path, dict[str, Any]]) -> Path | None:
+    """The run record that made ``store``: of those listing it as made (its final store,
+    not skipped or failed), the latest started no later than the store's ``created``."""
+    target = os.path.abspath(store)
+    found = None
+    for path, record in records.items():
+        started = str(record.get("run", {}).get("started", ""))
+        made = any(os.path.abspath(entry.get("l1") or entry.get("l0") or "") == target
+                   and entry.get("status") in MADE for entry in record.get("inputs", []))
+        if made and started <= created and (
+                found is None or started >= records[found]["run"]["started"]):
+            found = path
+    return found
 
 
 def run_products(state: dict[str, Any]) -> list[tuple[Path, str]]:
@@ -138,6 +189,7 @@ def make_quicklooks(state_file: str | os.PathLike[str],
     state = load_state(state_file)
     record_path = Path(state["run_record"]) if state.get("run_record") else None
     record = tomllib.loads(record_path.read_text()) if record_path else {}
+    records = run_records(Path(state["output_dir"])) if state.get("output_dir") else {}
     by_dir: dict[Path, list[dict[str, Any]]] = {}
     failed = 0
     for store, status in run_products(state):
@@ -145,6 +197,7 @@ def make_quicklooks(state_file: str | os.PathLike[str],
         level = "L1" if publish.is_published(store, "L1") else "L0"  # any layout's name
         if publish.is_published(store, level):
             row.update(_row_facts(store), published=True)
+            row["made_by"] = made_by(store, row["created"], records)
             png = quicklook.png_path(store)
             try:
                 if not _up_to_date(png, store):
@@ -159,6 +212,6 @@ def make_quicklooks(state_file: str | os.PathLike[str],
         if not any(r["published"] for r in rows):  # nothing there to look at
             continue
         page = page_dir / PAGE
-        write_file(page, render_page(page_dir, rows, record, record_path).encode())
+        write_file(page, render_page(page_dir, rows, record, record_path, records).encode())
         pages.append(page)
     return pages, failed
