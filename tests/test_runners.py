@@ -104,7 +104,7 @@ def test_a_failed_dask_map_returns_only_when_no_task_still_writes(tmp_path: Path
     partial = tmp_path / "out.zarr.0123.partial"
     partial.mkdir()
     with LocalCluster(n_workers=2, threads_per_worker=2, processes=False,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         runner = runners.DaskRunner(client, progress=False)
         with pytest.raises(RuntimeError, match="task 0 failed"):
             runner.map(_write_later, [(str(partial), i) for i in range(4)], "test",

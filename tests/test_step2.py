@@ -459,7 +459,7 @@ def test_dask_cluster_output_is_byte_identical_to_local(stores, tmp_path):
     assert run_step2(stores["img16"], local_img, cfg_img) == 0
     remote_ph, remote_img = tmp_path / "dask_ph.zarr", tmp_path / "dask_img.zarr"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, interface="lo",
-                      dashboard_address=None) as cluster:
+                      dashboard_address="127.0.0.1:0") as cluster:
         address = cluster.scheduler_address
         assert address.startswith("tcp://127.")
         assert run_step2(stores["ph256"], remote_ph, cfg, "--dask-scheduler", address) == 0
