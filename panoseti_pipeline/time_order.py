@@ -67,6 +67,19 @@ def cadence_ns(kind: str, run_configs: Any) -> int | None:
     return int(usec) * 1000 if isinstance(usec, (int, float)) and usec > 0 else None
 
 
+def _gap_rule(intervals: np.ndarray, kind: str, cadence: int | None) -> tuple[int, int]:
+    """(gap threshold, suspect backward jump), ns, from a run's sorted intervals: images,
+    GAP_CADENCES cadences (the median interval without a known cadence); pulse heights,
+    the median positive interval + GAP_MADS MADs."""
+    positive = intervals[intervals > 0]
+    if kind == "img":
+        base = cadence or (int(np.median(positive)) if positive.size else 0)
+        return GAP_CADENCES * base, SUSPECT_CADENCES * base
+    median = float(np.median(positive)) if positive.size else 0.0
+    mad = float(np.median(np.abs(positive - median))) if positive.size else 0.0
+    return int(median + GAP_MADS * mad), SUSPECT_PH_NS
+
+
 def timestamp_qc(unix_t_ns: np.ndarray, kind: str, cadence: int | None, *,
                  sorted_copy: bool) -> dict[str, Any]:
     """PANOSETI's ``timestamp_qc`` record of ``unix_t_ns`` in acquisition (L0) order.
@@ -75,20 +88,17 @@ def timestamp_qc(unix_t_ns: np.ndarray, kind: str, cadence: int | None, *,
     the order changed, and ``monotonic``; else (L0) ``clean``, ``flagged`` or ``suspect``.
     Images without a known ``cadence`` use their median interval.
     """
+    # A run's times are whole-file arrays (8 bytes a frame): each temporary is freed as
+    # soon as it has served, and an already ordered run is not sorted again.
     t = unix_t_ns[unix_t_ns != NAT]
     n = int(unix_t_ns.size)
     steps = np.diff(t)
     backward = steps[steps < 0]
-    ordered = np.sort(t)
+    del steps
+    ordered = np.sort(t) if backward.size else t
+    del t
     intervals = np.diff(ordered)
-    positive = intervals[intervals > 0]
-    if kind == "img":
-        base = cadence or (int(np.median(positive)) if positive.size else 0)
-        threshold, suspect_ns = GAP_CADENCES * base, SUSPECT_CADENCES * base
-    else:
-        median = float(np.median(positive)) if positive.size else 0.0
-        mad = float(np.median(np.abs(positive - median))) if positive.size else 0.0
-        threshold, suspect_ns = int(median + GAP_MADS * mad), SUSPECT_PH_NS
+    threshold, suspect_ns = _gap_rule(intervals, kind, cadence)
     gaps = int(np.count_nonzero(intervals > threshold)) if threshold > 0 else 0
     duplicates = int(np.count_nonzero(intervals == 0))
     suspect = backward.size > 0 and -int(backward.min()) > suspect_ns
