@@ -58,6 +58,7 @@ from typing import Any
 from panoseti_pipeline.errors import InputError, PipelineError, StoreError
 from panoseti_pipeline.pff import HOUSEKEEPING_NAME, NAT
 from panoseti_pipeline.store import publish
+from panoseti_pipeline.store.facts import read_root
 from panoseti_pipeline.store.safe_write import new_file_mode
 
 Notice = Callable[[str], None]
@@ -333,9 +334,9 @@ def _hk_replace_problem(final: Path, store: str, png: str) -> str | None:
     try:
         ours = (final.is_dir() and not final.is_symlink()
                 and {p.name for p in final.iterdir()} <= {store, png}
-                and json.loads((final / store / "zarr.json").read_bytes())
-                .get("attributes", {}).get("content") == "housekeeping")
-    except (OSError, ValueError):
+                and read_root(final / store)[1].get("attributes", {}).get("content")
+                == "housekeeping")
+    except (OSError, InputError):
         ours = False
     return None if ours else (
         f"{final}: exists and is not the housekeeping this pipeline writes; refusing to "

@@ -177,6 +177,13 @@ def test_store_sits_beside_the_bundle_where_open_zarr_run_does_not_see_it(
     with pytest.raises(StoreError, match="not the housekeeping this pipeline writes"):
         run_bundle.write_bundle(run, out, [], notice=lambda _: None)
     assert (beside / "mine.txt").read_text() == "x"
+    # ... and so is a store there whose zarr.json is not a group document of ours
+    (beside / "mine.txt").unlink()
+    document = beside / f"{stem}.hk.zarr" / "zarr.json"
+    document.write_text("[]")
+    with pytest.raises(StoreError, match="not the housekeeping this pipeline writes"):
+        run_bundle.write_bundle(run, out, [], notice=lambda _: None)
+    assert document.read_text() == "[]"
 
 
 def test_computer_utc_to_ns_is_exact() -> None:
