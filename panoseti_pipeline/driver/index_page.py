@@ -148,14 +148,13 @@ def made_by(store: Path, created: str, records: dict[Path, dict[str, Any]]) -> P
     """The run record that made ``store``: of those listing it as made (its final store,
     not skipped or failed), the latest started no later than the store's ``created``."""
     target = os.path.abspath(store)
-    found = None
+    found, found_started = None, ""
     for path, record in records.items():
         started = str(record.get("run", {}).get("started", ""))
         made = any(os.path.abspath(entry.get("l1") or entry.get("l0") or "") == target
                    and entry.get("status") in MADE for entry in record.get("inputs", []))
-        if made and started <= created and (
-                found is None or started >= records[found]["run"]["started"]):
-            found = path
+        if made and started <= created and (found is None or started >= found_started):
+            found, found_started = path, started
     return found
 
 
@@ -180,16 +179,14 @@ def _up_to_date(png: Path, store: Path) -> bool:
 def make_quicklooks(state_file: str | os.PathLike[str],
                     notice: Callable[[str], None] | None = None) -> tuple[list[Path], int]:
     """The PNGs and pages of a run; (pages written, quicklooks that failed)."""
-    import tomllib
-
     from panoseti_pipeline import quicklook
     from panoseti_pipeline.errors import PipelineError
 
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
     state = load_state(state_file)
     record_path = Path(state["run_record"]) if state.get("run_record") else None
-    record = tomllib.loads(record_path.read_text()) if record_path else {}
     records = run_records(Path(state["output_dir"])) if state.get("output_dir") else {}
+    record = records.get(record_path, {})  # this run's, written into the output directory
     by_dir: dict[Path, list[dict[str, Any]]] = {}
     failed = 0
     for store, status in run_products(state):
