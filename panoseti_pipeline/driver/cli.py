@@ -218,8 +218,6 @@ def _write_analysis_levels(state_file: str) -> None:
         print(f"level manifest: {path}")
 
 
-
-
 def _update_catalog(state_file: str) -> None:
     """The run's products into the output root's catalog (rows of the same path replaced)."""
     from panoseti_pipeline.catalog import update_from_state
@@ -376,9 +374,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="print the table, write the run record")
     p.add_argument("state")
     p.add_argument("--exit-code", type=int, required=True)
-    p.add_argument("--cluster-address", default="")
-    p.add_argument("--cluster-log", default="")
-    p.add_argument("--log", default="", help="the run's log file (named in the run record)")
+    _add_run_record_options(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("finish", help="after the jobs: bundles, manifests, summary, catalog, "
@@ -388,9 +384,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--bundle", nargs=2, action="append", default=[], metavar=("RUN", "DIR"),
                    help="write the bundle of run RUN (its .pffd, or a bundle of it) into DIR")
     p.add_argument("--no-quicklook", action="store_true")
-    p.add_argument("--cluster-address", default="")
-    p.add_argument("--cluster-log", default="")
-    p.add_argument("--log", default="", help="the run's log file (named in the run record)")
+    _add_run_record_options(p)
     p.set_defaults(func=cmd_finish)
 
     p = sub.add_parser("demo-observation", help="write the demo's small observation")
@@ -426,6 +420,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("pid", type=int)
     p.set_defaults(func=cmd_descendants)
     return parser
+
+
+def _add_run_record_options(p: argparse.ArgumentParser) -> None:
+    """What the run record takes from run.sh (``summary``, ``finish``)."""
+    p.add_argument("--cluster-address", default="")
+    p.add_argument("--cluster-log", default="")
+    p.add_argument("--log", default="", help="the run's log file (named in the run record)")
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
