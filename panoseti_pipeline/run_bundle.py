@@ -217,7 +217,8 @@ def run_configs(run_dir: str | os.PathLike, *, notice: Notice) -> dict[str, Any]
 
 
 def write_bundle(source: str | os.PathLike, out_dir: str | os.PathLike,
-                 products: Sequence[ProductSummary], *, notice: Notice) -> Path:
+                 products: Sequence[ProductSummary], *, notice: Notice,
+                 quicklook: bool = True) -> Path:
     """Write ``<out_dir>/<run dir name>.panoseti-meta/`` for ``products``; return its path.
 
     ``source`` is the run directory, or a bundle of that run (:func:`bundle_sources`).
@@ -225,7 +226,8 @@ def write_bundle(source: str | os.PathLike, out_dir: str | os.PathLike,
     existing bundle there is replaced only if this pipeline wrote it and it holds nothing
     else; anything else under that name is refused, never removed. Entries of the run
     directory that are neither PFF data nor bundled (sub-directories, ``*.jsonl``, ...) are
-    named in one notice, so that a user knows what the bundle does not keep.
+    named in one notice, so that a user knows what the bundle does not keep. The
+    housekeeping gets its PNG only with ``quicklook`` (``run.sh --no-quicklook``: no PNG).
     """
     out_dir = Path(out_dir)
     files, run_dir = bundle_sources(source, notice)
@@ -254,7 +256,7 @@ def write_bundle(source: str | os.PathLike, out_dir: str | os.PathLike,
             if HOUSEKEEPING_NAME in files:
                 manifest["housekeeping"] = _housekeeping(tmp / HOUSEKEEPING_NAME, out_dir,
                                                          run_dir, files[HOUSEKEEPING_NAME],
-                                                         notice)
+                                                         notice, quicklook)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
                                              encoding="utf-8")
     except OSError as err:
@@ -295,10 +297,11 @@ def verify_bundle(path: str | os.PathLike) -> list[str]:
 
 
 def _housekeeping(hk_copy: Path, out_dir: Path, run_dir: Path, hk_file: Path,
-                  notice: Notice) -> dict[str, Any]:
-    """``<run>.housekeeping/`` beside the bundle, with ``<run>.hk.zarr`` and
-    ``<run>.hk.png`` written from ``hk_copy`` (the bundle's copy of ``hk_file``, the run's
-    hk.pff); built under a ``.partial`` name and renamed into place, as the bundle."""
+                  notice: Notice, quicklook: bool) -> dict[str, Any]:
+    """``<run>.housekeeping/`` beside the bundle, with ``<run>.hk.zarr`` and (with
+    ``quicklook``) ``<run>.hk.png`` written from ``hk_copy`` (the bundle's copy of
+    ``hk_file``, the run's hk.pff); built under a ``.partial`` name and renamed into
+    place, as the bundle."""
     from panoseti_pipeline.housekeeping import convert_hk, hk_names
 
     directory, store, png = hk_names(run_dir)
@@ -309,7 +312,7 @@ def _housekeeping(hk_copy: Path, out_dir: Path, run_dir: Path, hk_file: Path,
         with publish.staged(final, functools.partial(_hk_replace_problem, final, store, png),
                             "the housekeeping") as tmp:
             tmp.mkdir()
-            facts = convert_hk(hk_copy, tmp / store, tmp / png)
+            facts = convert_hk(hk_copy, tmp / store, tmp / png if quicklook else None)
     except ValueError as err:  # hk.pff is input: a surprise in it must not cost the bundle
         notice(f"{hk_file}: no housekeeping store written ({err}); "
                "hk.pff is in the bundle as it is")

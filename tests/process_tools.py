@@ -109,6 +109,17 @@ def stop_by_pid(procs: list) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+def run_sh(*args: str | os.PathLike, config: Path,
+           quicklook: bool = False) -> subprocess.CompletedProcess[str]:
+    """run.sh ARGS with ``CONFIG_FILE=config``, to the end (10 min at most). Without
+    ``quicklook``, with ``--no-quicklook``: the PNGs cost a matplotlib import and about a
+    second per run, and only the tests of the quicklooks and index.html look at them."""
+    flags = () if quicklook else ("--no-quicklook",)
+    return subprocess.run(["bash", str(REPO / "run.sh"), *flags, *map(str, args)],
+                          env={**os.environ, "CONFIG_FILE": str(config)},
+                          capture_output=True, text=True, timeout=600)
+
+
 def tagged_env(tag: str) -> dict[str, str]:
     """This environment, marked with ``tag`` and without the repository on PYTHONPATH."""
     env = {**os.environ, "PANOSETI_TEST_TAG": tag}

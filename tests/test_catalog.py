@@ -10,30 +10,22 @@ import datetime as dt
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from process_tools import run_sh
 
 from panoseti_pipeline import catalog, synthetic
 from panoseti_pipeline.errors import StoreError
 
-REPO = Path(__file__).resolve().parents[1]
 FRAMES = 300  # per file, one file per stream: 0.3 s of img16, 1.5 s of ph256
 CONFIG = ("[cluster]\nuse_dask = false\n[pff_to_zarr]\ntime_chunk = 256\n"
           "[baseline_subtract]\ncompute_chunk_size = 256\n")
 START_A = synthetic.DEFAULT_START  # 2024-07-25T04:34:46Z, Lick, modules 1 and 2, img16
 START_B = dt.datetime(2024, 7, 25, 6, 0, 0, tzinfo=dt.timezone.utc)  # Palomar, module 1
-
-
-def run_sh(*args: str | os.PathLike, config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(REPO / "run.sh"), *map(str, args)],
-                          env={**os.environ, "CONFIG_FILE": str(config)},
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

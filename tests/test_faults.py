@@ -383,7 +383,8 @@ def test_output_directory_not_writable(data: Data, tmp_path: Path) -> None:
              str(data.config), "--quiet"]), env)
         assert rc == 1, err
         assert_one_error(err, "step2_dask_baseline.py", str(out_dir), "not writable")
-        rc, stdout, err = run_cmd(as_unprivileged([RUN_SH, str(data.obs), str(out_dir)]), env)
+        rc, stdout, err = run_cmd(as_unprivileged([RUN_SH, "--no-quicklook", str(data.obs),
+                                                   str(out_dir)]), env)
         assert rc == 2, err
         assert stdout == ""
         assert any(str(out_dir) in line and "not writable" in line
@@ -399,7 +400,7 @@ def test_run_sh_unreadable_input_is_found_before_any_work(data: Data, tmp_path: 
     shutil.copyfile(data.stream[0], p)
     p.chmod(0)
     out = tmp_path / "out"
-    rc, _, err = run_cmd(as_unprivileged([RUN_SH, str(p), str(out)]),
+    rc, _, err = run_cmd(as_unprivileged([RUN_SH, "--no-quicklook", str(p), str(out)]),
                          base_env(tmp_path, CONFIG_FILE=str(data.config)))
     assert rc == 2, err
     assert f"run.sh: error: {p}: not readable (permission denied)" in error_lines(err)
@@ -416,7 +417,7 @@ def test_an_unreadable_run_config_is_found_before_any_work(data: Data, tmp_path:
     config.chmod(0)
     out = tmp_path / "out"
     env = base_env(tmp_path, CONFIG_FILE=str(data.config))
-    rc, _, err = run_cmd(as_unprivileged([RUN_SH, str(obs), str(out)]), env)
+    rc, _, err = run_cmd(as_unprivileged([RUN_SH, "--no-quicklook", str(obs), str(out)]), env)
     assert rc == 2, err
     assert f"run.sh: error: {config}: not readable (permission denied)" in err
     assert not out.exists()
@@ -561,7 +562,7 @@ def _scheduler_files(tmp_path: Path) -> list[Path]:
 def _rerun_completes(data: Data, tmp_path: Path, out: Path) -> None:
     """The same command again (without a cluster, to keep the suite short): done, and
     byte-identical to the uninterrupted run."""
-    rc, _, err = run_cmd([RUN_SH, str(data.obs), str(out)],
+    rc, _, err = run_cmd([RUN_SH, "--no-quicklook", str(data.obs), str(out)],
                          base_env(tmp_path, CONFIG_FILE=str(data.config)))
     assert rc == 0, err[-3000:]
     assert run_records(out)[-1]["inputs"][0]["status"] == "ok"
@@ -582,7 +583,7 @@ def test_run_sh_signal_stops_everything_and_rerun_resumes(data: Data, tmp_path: 
     hold = {"step1": "60:_L0.zarr", "step2": "60:_L1.zarr"}.get(phase)
     env = base_env(tmp_path, CONFIG_FILE=str(config), **({SLOW_PUBLISH: hold} if hold else {}))
     before = tree_snapshot(data.obs)
-    with Spawned([RUN_SH, str(data.obs), str(out)], env) as s:
+    with Spawned([RUN_SH, "--no-quicklook", str(data.obs), str(out)], env) as s:
         if phase == "cluster_start":
             s.wait_until(lambda: s.find("cluster_lifecycle_manager.py") is not None,
                          "the cluster manager started")
@@ -623,7 +624,7 @@ def test_lifecycle_manager_killed_mid_run(data: Data, tmp_path: Path) -> None:
     config = write_config(tmp_path / "dask.toml", "dask")
     env = base_env(tmp_path, CONFIG_FILE=str(config), **{SLOW_TASK: "1.0"})
     before = tree_snapshot(data.obs)
-    with Spawned([RUN_SH, str(data.obs), str(out)], env) as s:
+    with Spawned([RUN_SH, "--no-quicklook", str(data.obs), str(out)], env) as s:
         s.wait_until(lambda: _partial(out / ".l0_tmp" / f"{STREAM}_L0.zarr") is not None,
                      "step 1 under way")
         manager = s.find("cluster_lifecycle_manager.py")
@@ -659,8 +660,8 @@ def test_read_only_input_tree_and_no_world_or_group_writable_output(data: Data,
     out = tmp_path / "out"
     before = tree_snapshot(tree)
     try:
-        rc, _, err = run_cmd(as_unprivileged([RUN_SH, "--keep-l0", str(tree / data.obs.name),
-                                              str(out)]),
+        rc, _, err = run_cmd(as_unprivileged([RUN_SH, "--no-quicklook", "--keep-l0",
+                                              str(tree / data.obs.name), str(out)]),
                              base_env(tmp_path, CONFIG_FILE=str(config)), umask=0)
     finally:
         after = tree_snapshot(tree)
@@ -677,7 +678,7 @@ def test_group_writable_policy_is_followed(data: Data, tmp_path: Path) -> None:
     nothing is world-writable."""
     config = write_config(tmp_path / "local.toml", group_writable=True)
     out = tmp_path / "out"
-    rc, _, err = run_cmd([RUN_SH, "--keep-l0", str(data.obs), str(out)],
+    rc, _, err = run_cmd([RUN_SH, "--no-quicklook", "--keep-l0", str(data.obs), str(out)],
                          base_env(tmp_path, CONFIG_FILE=str(config)), umask=0o022)
     assert rc == 0, err[-3000:]
     assert permission_problems(out, group_writable=True) == []

@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from process_tools import start_or_skip
+from process_tools import run_sh, start_or_skip
 
 from panoseti_pipeline import synthetic
 
@@ -57,12 +57,6 @@ def browse(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, check=True)
 
 
-def run_sh(*args: str | os.PathLike, config: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CONFIG_FILE": str(config)}
-    return subprocess.run(["bash", str(REPO / "run.sh"), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def night(tmp_path_factory) -> tuple[Path, list[str], str]:
     root = tmp_path_factory.mktemp("index")
@@ -71,7 +65,8 @@ def night(tmp_path_factory) -> tuple[Path, list[str], str]:
                                      files_per_stream=1, faults=("bad_pixels",))
     config = root / "c.toml"
     config.write_text(CONFIG)
-    result = run_sh(run, root / "in" / ".." / "out", config=config)  # printed normalised
+    result = run_sh(run, root / "in" / ".." / "out", config=config,  # printed normalised
+                    quicklook=True)
     assert result.returncode == 0, result.stderr
     assert "/../" not in result.stderr and "/../" not in result.stdout
     (record,) = (root / "out").glob("run_record_*.toml")
@@ -178,12 +173,14 @@ def test_no_quicklook_makes_neither(tmp_path):
                                      frames_per_file=200, files_per_stream=1)
     config = tmp_path / "c.toml"
     config.write_text(CONFIG)
-    result = run_sh("--no-quicklook", run, tmp_path / "out", config=config)
+    result = run_sh(run, tmp_path / "out", config=config)  # --no-quicklook
     assert result.returncode == 0, result.stderr
     products = tmp_path / "out" / run.name.removesuffix(".pffd")
     assert len(list(products.glob("*_L1.zarr"))) == 1
     assert not list(products.glob("*.png")) and not (products / "index.html").exists()
     assert "quicklooks:" not in result.stderr
+    (hk_dir,) = products.glob("*.housekeeping")  # the housekeeping store, without its PNG
+    assert [p.suffix for p in hk_dir.iterdir()] == [".zarr"]
 
 
 def test_after_an_all_skipped_rerun_the_page_shows_the_run_that_made_the_products(night):
@@ -194,7 +191,7 @@ def test_after_an_all_skipped_rerun_the_page_shows_the_run_that_made_the_product
     root = products.parent.parent
     (first,) = root.glob("out/run_record_*.toml")
     (run,) = (root / "in").glob("*.pffd")
-    result = run_sh(run, root / "out", config=root / "c.toml")
+    result = run_sh(run, root / "out", config=root / "c.toml", quicklook=True)
     assert result.returncode == 0, result.stderr
     (rerun,) = set(root.glob("out/run_record_*.toml")) - {first}
     assert tomllib.loads(rerun.read_text())["run"]["counts"] == {"skipped": 4}

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from process_tools import run_sh
 
 from panoseti_pipeline import open_products, open_run, synthetic
 from panoseti_pipeline.flags import FLAG_NAMES
 
-REPO = Path(__file__).resolve().parents[1]
 # the planted out_of_order frame is 2 s early: a suspect time axis, written all the same
 CONFIG = ("[cluster]\nuse_dask = false\n[pff_to_zarr]\ntime_chunk = 256\n"
           "[baseline_subtract]\ncompute_chunk_size = 256\nfail_on_suspect = false\n")
@@ -26,9 +24,7 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run = synthetic.make_observation(root / "in", frames_per_file=400, files_per_stream=1,
                                      faults=("missing_quabo", "out_of_order"))
     out = root / "out"
-    done = subprocess.run(["bash", str(REPO / "run.sh"), str(run), str(out)],
-                          env={**os.environ, "CONFIG_FILE": str(root / "c.toml")},
-                          capture_output=True, text=True, timeout=600)
+    done = run_sh(run, out, config=root / "c.toml")
     assert done.returncode == 0, done.stderr
     return out, out / run.name.removesuffix(".pffd")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from process_tools import run_sh
 
 from panoseti_pipeline import pff, run_bundle, synthetic
 
@@ -31,12 +32,6 @@ shard_factor = 4
 compute_chunk_size = 256
 shard_factor = 4
 """
-
-
-def run_sh(*args: str | os.PathLike, config: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CONFIG_FILE": str(config)}
-    return subprocess.run(["bash", str(REPO / "run.sh"), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -101,8 +101,12 @@ def run_env(tmp_path: Path, config: Path, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def started(args: Sequence[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen([RUN_SH, *args], env=env, stdout=subprocess.PIPE,
+def started(args: Sequence[str], env: dict[str, str],
+            quicklook: bool = False) -> Iterator[subprocess.Popen]:
+    """run.sh ARGS started in a session of its own; without ``quicklook`` with
+    ``--no-quicklook`` (these tests look at stores; test_index_html at the PNGs)."""
+    flags = () if quicklook else ("--no-quicklook",)
+    proc = subprocess.Popen([RUN_SH, *flags, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         yield proc
@@ -127,9 +131,10 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def run(args: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
+def run(args: Sequence[str], env: dict[str, str],
+        quicklook: bool = False) -> tuple[int, str, str]:
     """run.sh to the end; asserts that it left no process behind."""
-    with started(args, env) as proc:
+    with started(args, env, quicklook) as proc:
         return finish(proc)
 
 
@@ -705,7 +710,7 @@ def test_an_empty_job_name_keeps_the_plan_in_its_columns(data: Data, tmp_path: P
     assert step1.main([str(data.file_a), str(l0), str(config), "--quiet"]) == 0
     before = tree_state(l0)
     out = tmp_path / "out"
-    rc, _, stderr = run(["--no-quicklook", "--steps", "2", str(l0), str(out)],
+    rc, _, stderr = run(["--steps", "2", str(l0), str(out)],
                         run_env(tmp_path, config))
     assert rc == 0, stderr[-3000:]
     check_l1(out / "_L1.zarr", [data.file_a])
@@ -747,7 +752,7 @@ def test_sbatch_passes_every_argument_as_written(data: Data, tmp_path: Path) -> 
     env = run_env(tmp_path, config, FAKE_SLURM_DIR=str(fake), LC_ALL="C",
                   PATH=f"{fake}:{os.environ['PATH']}")
     rc, _, stderr = run(["--sbatch", "-c 2", "--keep-l0", str(inputs / data.file_a.name),
-                         str(out)], env)
+                         str(out)], env, quicklook=True)  # the job's arguments, as given
     assert rc == 0 and "submitted SLURM job 4242" in stderr, stderr[-3000:]
     job = subprocess.run([str(fake / "job.sh")], env=env, capture_output=True, text=True,
                          timeout=60)
@@ -767,13 +772,13 @@ def test_steps_2_lays_out_a_runs_l1_like_steps_1_2(tmp_path: Path) -> None:
                                          files_per_stream=1, products=("img16", "ph256"))
     env = run_env(tmp_path, write_config(tmp_path / "local.toml", "local"))
     l0_out, l1_out = tmp_path / "L0", tmp_path / "L1"
-    rc, _, stderr = run(["--no-quicklook", "--steps", "1", str(obs), str(l0_out)], env)
+    rc, _, stderr = run(["--steps", "1", str(obs), str(l0_out)], env)
     assert rc == 0, stderr[-3000:]
     run_name = obs.name.removesuffix(".pffd")
     l0s = sorted((l0_out / run_name).glob("*_L0.zarr"))
     assert len(l0s) == 2
     before = tree_state(l0_out)
-    rc, _, stderr = run(["--no-quicklook", "--steps", "2", *map(str, l0s), str(l1_out)], env)
+    rc, _, stderr = run(["--steps", "2", *map(str, l0s), str(l1_out)], env)
     assert rc == 0, stderr[-3000:]
     assert tree_state(l0_out) == before  # inputs untouched
     for dp in ("img16", "ph256"):
@@ -843,7 +848,7 @@ def test_kept_l0_stores_stay_and_only_a_stopped_runs_transient_l0_goes(
     config = write_config(tmp_path / "local.toml", "local")
     out = tmp_path / "L1"
     kept = out / driver_plan.KEPT_L0_SUBDIR / f"{data.file_a.stem}_L0.zarr"
-    rc, _, stderr = run(["--no-quicklook", "--keep-l0", str(data.file_a), str(out)],
+    rc, _, stderr = run(["--keep-l0", str(data.file_a), str(out)],
                         run_env(tmp_path, config))
     assert rc == 0 and kept.is_dir(), stderr[-3000:]
     (entry,) = run_records(out)[-1]["inputs"]
@@ -858,7 +863,7 @@ def test_kept_l0_stores_stay_and_only_a_stopped_runs_transient_l0_goes(
     gone = subprocess.Popen([sys.executable, "-c", "pass"])  # that run.sh, long gone
     ownership.claim(scratch / f"{kept.name}.abcd.transient", ownership.Holder.of(gone.pid))
     gone.wait()
-    rc, _, stderr = run(["--no-quicklook", str(data.file_a), str(out)],
+    rc, _, stderr = run([str(data.file_a), str(out)],
                         run_env(tmp_path, config))
     assert rc == 0, stderr[-3000:]
     assert "skipped" in stderr and "left by a run stopped" not in stderr
@@ -879,7 +884,7 @@ def test_two_runs_sharing_an_l0_directory_never_touch_each_others_l0(
     config = write_config(tmp_path / "local.toml", "local", run={"l0_dir": str(l0_dir)})
     first_out, second_out = tmp_path / "A", tmp_path / "B"
     env = run_env(tmp_path, config, **{SLOW_TASK: "1.0"})
-    with started(["--no-quicklook", str(data.file_a), str(first_out)], env) as first:
+    with started([str(data.file_a), str(first_out)], env) as first:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not list(l0_dir.glob("*.partial")):  # A's step 1 under way
             assert first.poll() is None, first.communicate()[1][-3000:]

@@ -130,7 +130,8 @@ def local_l1(night: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo night's L1 stores by run.sh without a cluster: the reference."""
     work = tmp_path_factory.mktemp("local")
     config = write_config(work / "local.toml", {"use_dask": False})
-    rc, _, err = run_cmd([RUN_SH, str(night), str(work / "L1")], run_env(work, config, "ref"))
+    rc, _, err = run_cmd([RUN_SH, "--no-quicklook", str(night), str(work / "L1")],
+                         run_env(work, config, "ref"))
     assert rc == 0, err[-3000:]
     return work / "L1"
 
@@ -331,7 +332,7 @@ def test_scancel_of_a_worker_job_mid_step_gives_the_same_store(
 def test_run_sh_on_slurm_matches_local(bed, night, local_l1, tmp_path, tag) -> None:
     config = write_config(tmp_path / "slurm.toml", slurm_keys(tmp_path))
     started = time.monotonic()
-    rc, _, err = run_cmd([RUN_SH, str(night), str(tmp_path / "L1")],
+    rc, _, err = run_cmd([RUN_SH, "--no-quicklook", str(night), str(tmp_path / "L1")],
                          run_env(tmp_path, config, tag), timeout=RUN_TIMEOUT_S)
     assert rc == 0, err[-4000:]
     print(f"\ndemo night on 2 SLURM worker jobs: {time.monotonic() - started:.1f} s wall")
@@ -349,7 +350,8 @@ def test_ctrl_c_of_run_sh_leaves_no_job_and_no_process(bed, night, tmp_path, tag
     config = write_config(tmp_path / "slurm.toml", slurm_keys(tmp_path, slow_task_s=1.0))
     out = tmp_path / "L1"
     l0_dir = out / driver_plan.SCRATCH_L0_SUBDIR
-    with Spawned([RUN_SH, str(night), str(out)], run_env(tmp_path, config, tag)) as s:
+    with Spawned([RUN_SH, "--no-quicklook", str(night), str(out)],
+                 run_env(tmp_path, config, tag)) as s:
         s.wait_until(lambda: bool(list(l0_dir.rglob("*.partial"))) and len(bed.jobs()) == 2,
                      "step 1 under way on the SLURM workers", timeout=RUN_TIMEOUT_S)
         os.killpg(s.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole group
@@ -368,8 +370,8 @@ def test_sbatch_runs_the_whole_night_as_one_job(bed, night, local_l1, tmp_path, 
              "local_directory": str(tmp_path / "scratch_$SLURM_JOB_ID")}
     config = write_config(tmp_path / "node.toml", local)
     log = tmp_path / "job_%j.out"
-    rc, _, err = run_cmd([RUN_SH, "--sbatch", f"-c 2 --mem=3G -t 10 -o {log}", str(night),
-                          str(tmp_path / "L1")], run_env(tmp_path, config, tag))
+    rc, _, err = run_cmd([RUN_SH, "--no-quicklook", "--sbatch", f"-c 2 --mem=3G -t 10 -o {log}",
+                          str(night), str(tmp_path / "L1")], run_env(tmp_path, config, tag))
     assert rc == 0, err[-3000:]
     job = err.split("submitted SLURM job ", 1)[1].split()[0]
     assert bed.wait_no_jobs(timeout=RUN_TIMEOUT_S) == []

@@ -426,8 +426,8 @@ def start_run_sh(args: list[str], config: Path, tag: str, cwd: Path) -> subproce
         env["VIRTUAL_ENV"] = sys.prefix
     (cwd / "tmpdir").mkdir(exist_ok=True)
     env["TMPDIR"] = str(cwd / "tmpdir")
-    return subprocess.Popen([str(RUN_SH), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([str(RUN_SH), "--no-quicklook", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240.0) -> subprocess.CompletedProcess:

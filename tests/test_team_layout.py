@@ -32,7 +32,8 @@ def test_a_night_in_the_team_layout(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "team.toml", "local", baseline_subtract={
         "method": "panoseti_analysis", "l1_layout": "panoseti_analysis", "frame_stride": 10})
     out = tmp_path / "out"
-    rc, _, stderr = run(["--keep-l0", str(obs), str(out)], run_env(tmp_path, cfg))
+    rc, _, stderr = run(["--keep-l0", str(obs), str(out)], run_env(tmp_path, cfg),
+                        quicklook=True)
     assert rc == 0, stderr[-3000:]
     run_id = obs.name.removesuffix(".pffd")
     level = out / run_id / "L1"

@@ -150,7 +150,7 @@ def cmd_finish(args: argparse.Namespace) -> int:
     failed = args.failed
     for run_dir, product_dir in args.bundle:
         if Path(product_dir).is_dir() and not part(  # else no product of that run was made
-                lambda r=run_dir, d=product_dir: _write_bundle(r, d)):
+                lambda r=run_dir, d=product_dir: _write_bundle(r, d, not args.no_quicklook)):
             print(f"run.sh: error: the run bundle of {run_dir} was not written", file=sys.stderr)
             failed += 1
     if not part(lambda: _write_analysis_levels(args.state)):
@@ -168,9 +168,10 @@ def cmd_finish(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def _write_bundle(run_dir: str, product_dir: str) -> None:
+def _write_bundle(run_dir: str, product_dir: str, quicklook: bool) -> None:
     """The run bundle of a run beside its products (those published there), from its
-    .pffd directory or from a bundle of it (``--steps 2``)."""
+    .pffd directory or from a bundle of it (``--steps 2``); the housekeeping PNG only with
+    ``quicklook``."""
     from panoseti_pipeline import run_bundle
     from panoseti_pipeline.store import publish
 
@@ -180,7 +181,8 @@ def _write_bundle(run_dir: str, product_dir: str) -> None:
     products = [run_bundle.summarize_store(p) for p in stores]
     path = run_bundle.write_bundle(run_dir, out, products,
                                    notice=lambda msg: print(f"run.sh: note: {msg}",
-                                                            file=sys.stderr))
+                                                            file=sys.stderr),
+                                   quicklook=quicklook)
     print(f"run.sh: run bundle: {path}", file=sys.stderr)
 
 

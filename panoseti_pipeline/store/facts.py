@@ -18,10 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from panoseti_pipeline.errors import InputError
-from panoseti_pipeline.pff.timing import NAT
 from panoseti_pipeline.store.publish import store_bytes
 
 ROOT_DOCUMENT = "zarr.json"
@@ -132,6 +129,8 @@ def store_facts(path: str | os.PathLike) -> StoreFacts:
 
 
 def _raw_bytes(meta: dict[str, Any]) -> int:
+    import numpy as np  # here, not at the top: run.sh's record calls need no numpy (0.1 s)
+
     if meta.get("node_type") != "array":  # a group (np.dtype(None) would be float64)
         return 0
     try:
@@ -144,6 +143,8 @@ def _raw_bytes(meta: dict[str, Any]) -> int:
 def _time_span(path: str | os.PathLike) -> tuple[int | None, int | None]:
     """First and last non-NaT ``unix_t_ns`` within the first and last time chunks."""
     import zarr
+
+    from panoseti_pipeline.pff.timing import NAT
 
     times = zarr.open_array(store=str(path), path=TIME_ARRAY, mode="r")
     n = times.shape[0]

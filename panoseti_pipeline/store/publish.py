@@ -16,7 +16,6 @@ imports no zarr (0.7 s): it reads the root ``zarr.json`` directly.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import errno
@@ -259,6 +258,7 @@ def wait_for_pending_writes(timeout_s: float = 20.0) -> None:
         return
     if loop is None or not loop.is_running() or loop.is_closed():
         return
+    import asyncio  # zarr's already; not at the top: run.sh's driver calls need none (40 ms)
 
     async def drain() -> None:
         me = asyncio.current_task()
