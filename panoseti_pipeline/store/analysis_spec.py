@@ -83,6 +83,7 @@ def processing_step(step_name: str, params: dict[str, Any], input_checksums: lis
 
 # --------------------------------------------------------------------------- levels
 
+LEVEL_DIRS = ("L0", "L1")  # <run>/L0/, <run>/L1/: the levels, in a run's directory
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = "2.0"
 META_DIR = ".panoseti-meta"  # the run's metadata, in every level
