@@ -448,11 +448,12 @@ def write_hashset_store(hs: Hashset, path: str | os.PathLike, source_file: Path,
     _write_store(path, fill, root_attrs)
 
 
-def publish_hashset_stores(hk: Housekeeping, level_dir: Path, source_file: Path
-                           ) -> list[Path]:
+def publish_hashset_stores(hk: Housekeeping, level_dir: Path, source_file: Path,
+                           notice: Callable[[str], None]) -> list[Path]:
     """``hk.<hashset>.zarr`` of every hashset of ``hk`` in ``level_dir``, each built under
-    a ``.partial`` name and renamed into place; a store there is replaced only if it is a
-    hashset store this pipeline wrote. ``source_file``: the hk.pff they come from."""
+    a ``.partial`` name and renamed into place (what a killed run left there cleared
+    first, with a ``notice``); a store there is replaced only if it is a hashset store
+    this pipeline wrote. ``source_file``: the hk.pff they come from."""
     import functools
 
     from panoseti_pipeline.store import publish
@@ -462,6 +463,8 @@ def publish_hashset_stores(hk: Housekeeping, level_dir: Path, source_file: Path
     written = []
     for name, hs in hashsets(hk).items():
         final = level_dir / hashset_store_name(name)
+        for message in publish.clear_stale(final):
+            notice(message)
         with publish.staged(final, functools.partial(_hashset_replace_problem, final),
                             "a housekeeping store") as tmp:
             write_hashset_store(hs, tmp, source_file, checksum, created)
@@ -542,7 +545,8 @@ def hk_figure(hk: Housekeeping, title: str = "") -> Any:
 
 def convert_hk(hk_file: str | os.PathLike, store: str | os.PathLike | None,
                png: str | os.PathLike | None = None, *,
-               hk_level: str | os.PathLike | None = None) -> dict[str, Any]:
+               hk_level: str | os.PathLike | None = None,
+               notice: Callable[[str], None] = print) -> dict[str, Any]:
     """``hk.pff`` (read and parsed once) -> our store (``store``), its quicklook (``png``)
     and, ``hk_level``, the team's ``hk.<hashset>.zarr`` stores in that level directory;
     return what the run bundle's manifest keeps (``hk_stores``: their paths)."""
@@ -550,7 +554,8 @@ def convert_hk(hk_file: str | os.PathLike, store: str | os.PathLike | None,
     hk = parse_hk(hk_file.read_bytes())
     if store is not None:
         write_hk_store(hk, store, hk_file)
-    hk_stores = publish_hashset_stores(hk, Path(hk_level), hk_file) if hk_level else []
+    hk_stores = (publish_hashset_stores(hk, Path(hk_level), hk_file, notice) if hk_level
+                 else [])
     if png is not None:
         name = Path(store).name if store is not None else Path(png).stem.removesuffix(".hk")
         plot_hk(hk, png, title=f"{name}: temperatures and HV")

@@ -315,18 +315,19 @@ def _housekeeping(hk_copy: Path, out_dir: Path, run_dir: Path, hk_file: Path,
                             "the housekeeping") as tmp:
             tmp.mkdir()
             facts = convert_hk(hk_copy, None if hk_level else tmp / store, tmp / png,
-                               hk_level=hk_level)
+                               hk_level=hk_level, notice=notice)
             facts["hk_stores"] = [os.path.relpath(p, out_dir) for p in facts["hk_stores"]]
     except ValueError as err:  # hk.pff is input: a surprise in it must not cost the bundle
         notice(f"{hk_file}: no housekeeping store written ({err}); "
                "hk.pff is in the bundle as it is")
         return {"error": str(err)}
     renamed = list(facts["renamed"].items())
+    store = "the hk.<hashset>.zarr stores" if hk_level else store
     if renamed:
         shown = ", ".join(f"{name!r} as {node}" for node, name in renamed[:3])
         notice(f"{hk_file}: {len(renamed)} source or field names stored "
                f"under another name (Zarr reserves them, or two would be one): {shown}"
-               f"{', ...' if len(renamed) > 3 else ''} (listed in {store}'s attributes)")
+               f"{', ...' if len(renamed) > 3 else ''} (listed in the attributes of {store})")
     if facts["unreadable_records"]:
         notice(f"{hk_file}: {facts['unreadable_records']} records are not "
                f"housekeeping records, left out of {store} (listed in its attributes)")
