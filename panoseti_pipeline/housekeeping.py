@@ -33,6 +33,19 @@ The store and its quicklook live in ``<run>.housekeeping/`` beside the run bundl
 as the run's sidecars (``list_sidecars``), and not as a top-level ``*.zarr`` beside the
 products, which PANOSETI's ``open_zarr_run`` keys as a data product. A night of
 housekeeping is a few MB, so the file is read whole.
+
+With ``l1_layout = "panoseti_analysis"`` the store follows the team's analysis storage
+spec instead (§5 of their ``docs/storage_spec.md``): in the run's ``L0/`` level, one flat
+store per hashset (source kind), ``hk.<hashset>.zarr``: ``quabo`` (every
+``QUABO_<BOARDLOC>``, with ``module`` and ``quabo`` coordinates), else the source's name
+in lower case (``gpsprim``, ``gpssupp``, ``wrswitch``, ``wps``). Each is a table over its
+own ``hk_time`` dimension, records stably sorted by ``hk_t_ns`` (int64 ns of
+``Computer_UTC``, no CF units: the team reads it as integers), the fields typed as above
+over the kind's records together. Root attributes: theirs (``hashset``, their storage
+version, ``processing_history`` with one ``build_hk`` step, as their ``pa-hk`` writes)
+and ours (``content``, ``sources``, ``records``, ``cadence_ns``: the median interval
+between consecutive records of one source, ``renamed``, ``created``, ``software``). The
+quicklook stays in ``<run>.housekeeping/``.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +68,13 @@ TIME_FIELD = "Computer_UTC"
 TIME_ATTRS = {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian",
               "long_name": "host clock (Computer_UTC) of the record"}
 QUABO_PREFIX = "QUABO_"
+QUABO_HASHSET = "quabo"
+HASHSET_PREFIX = "hk."  # the team's layout: L0/hk.<hashset>.zarr
+HK_TIME, HK_DIM = "hk_t_ns", "hk_time"  # the team's time coordinate and its dimension
+_COORD_ATTRS = {
+    HK_TIME: {"long_name": "host clock (Computer_UTC) of the record, ns since 1970-01-01"},
+    "module": {"long_name": "module of the quabo board (BOARDLOC // 4)"},
+    "quabo": {"long_name": "quabo of the board in its module (BOARDLOC % 4)"}}
 _INT = r"[+-]?(?:0|[1-9]\d*)"
 _FLOAT = r"[+-]?(?:(?:0|[1-9]\d*)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 # every value of a column a number: one regex pass over the values joined by newlines
@@ -64,6 +84,8 @@ _UTC = re.compile(r"(\d+)(?:\.(\d*))?\Z")
 _MAX_NS = np.iinfo(np.int64).max
 #: names a Zarr node may not have: its own metadata file, Zarr v2's, the time array's
 _RESERVED = {"", "time", "zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
+#: in a hashset store, the coordinates' names too (and "time" is free)
+_HASHSET_RESERVED = (_RESERVED - {"time"}) | set(_COORD_ATTRS)
 _MAX_NAME_BYTES = 200  # a file name holds 255 bytes; room for the _<n> of a collision
 _MAX_REPORTED = 20  # unreadable records listed by offset in the attributes
 
@@ -80,6 +102,7 @@ class Housekeeping:
     unreadable: list[dict[str, Any]]
     unreadable_count: int
     renamed: dict[str, str]  # "<group>[/<array>]" -> the source or field as written
+    rows: dict[str, list[tuple[int, dict[str, str]]]]  # source as written -> (t ns, fields)
 
 
 def utc_to_ns(text: str) -> int:
@@ -123,19 +146,25 @@ def parse_hk(data: bytes) -> Housekeeping:
     names: dict[str, dict[str, str]] = {}
     renamed: dict[str, str] = {}
     for group, source in node_names(rows).items():
-        recs = rows[source]
         if group != source:
             renamed[group] = source
-        order = list(dict.fromkeys(f for _, fields in recs for f in fields if f != TIME_FIELD))
-        table = {"time": np.array([t for t, _ in recs], dtype=np.int64)}
-        names[group] = {}
-        for name, field in node_names(order).items():
-            table[name] = column([fields.get(field) for _, fields in recs])
-            names[group][name] = field
-            if name != field:
-                renamed[f"{group}/{name}"] = field
-        series[group] = table
-    return Housekeeping(series, names, records, cut, cut_bytes, unreadable, n_bad, renamed)
+        times, columns, names[group] = _table(rows[source], _RESERVED)
+        renamed.update({f"{group}/{name}": field for name, field in names[group].items()
+                        if name != field})
+        series[group] = {"time": times, **columns}
+    return Housekeeping(series, names, records, cut, cut_bytes, unreadable, n_bad, renamed,
+                        rows)
+
+
+def _table(recs: list[tuple[int, dict[str, str]]], reserved: set[str]
+           ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
+    """Records -> (their times, one :func:`column` per field in order of appearance,
+    array name -> field as written); ``reserved``: names no field array may take."""
+    order = list(dict.fromkeys(f for _, fields in recs for f in fields if f != TIME_FIELD))
+    names = node_names(order, reserved)
+    columns = {name: column([fields.get(field) for _, fields in recs])
+               for name, field in names.items()}
+    return np.array([t for t, _ in recs], dtype=np.int64), columns, names
 
 
 def _record(piece: bytes) -> tuple[str, dict[str, str], int]:
@@ -158,28 +187,28 @@ def _record(piece: bytes) -> tuple[str, dict[str, str], int]:
     return source, fields, utc_to_ns(fields[TIME_FIELD])
 
 
-def node_name(name: str) -> str:
+def node_name(name: str, reserved: set[str] = _RESERVED) -> str:
     """A Zarr node name for a source or field: no ``/`` or NUL, at most
-    :data:`_MAX_NAME_BYTES` bytes; ``field_`` before a name Zarr or the time array
-    reserves (``""``, dots only, ``time``, ``zarr.json``, ``.z*`` metadata, ``__*``)."""
+    :data:`_MAX_NAME_BYTES` bytes; ``field_`` before a name Zarr or the store's own arrays
+    reserve (``""``, dots only, ``zarr.json``, ``.z*`` metadata, ``__*``, ``reserved``)."""
     name = name.replace("/", "_").replace("\0", "_")
     name = name.encode()[:_MAX_NAME_BYTES].decode(errors="ignore")
-    reserved = name in _RESERVED or not name.strip(".") or name.startswith("__")
-    return f"field_{name}" if reserved else name
+    taken = name in reserved or not name.strip(".") or name.startswith("__")
+    return f"field_{name}" if taken else name
 
 
-def node_names(names: Iterable[str]) -> dict[str, str]:
+def node_names(names: Iterable[str], reserved: set[str] = _RESERVED) -> dict[str, str]:
     """Node name -> name as written, for distinct ``names``, in their order: a name that is
     a node name already keeps it; the others get :func:`node_name`, and ``_2``, ``_3``,
     ... after a name already taken, so that no two become one."""
     names = list(names)
-    taken = {name for name in names if node_name(name) == name}
+    taken = {name for name in names if node_name(name, reserved) == name}
     nodes = {}
     for name in names:
         if name in taken:
             nodes[name] = name
             continue
-        base = candidate = node_name(name)
+        base = candidate = node_name(name, reserved)
         n = 1
         while candidate in taken:
             n += 1
@@ -223,7 +252,36 @@ def find_hk(directory: str | os.PathLike, suffix: str = HK_STORE_SUFFIX) -> list
 
 
 def write_hk_store(hk: Housekeeping, path: str | os.PathLike, source_file: Path) -> None:
-    """Write ``hk`` as a Zarr v3 store at ``path`` (one group per source, consolidated).
+    """Write ``hk`` as a Zarr v3 store at ``path`` (one group per source, consolidated)."""
+    from panoseti_pipeline.store.layout import software_versions
+    from panoseti_pipeline.store.publish import utc_now
+
+    async def fill(root: Any) -> None:
+        import asyncio
+
+        groups = await asyncio.gather(*(
+            root.create_group(source, attributes=_source_attrs(hk.renamed.get(source, source)))
+            for source in hk.series))
+        await asyncio.gather(*(
+            _write_field(group, name, values, "time",
+                         TIME_ATTRS if name == "time" else {"hk_field": hk.fields[source][name]})
+            for group, (source, table) in zip(groups, hk.series.items(), strict=True)
+            for name, values in table.items()))
+
+    _write_store(path, fill, lambda _checksum: {
+        "content": "housekeeping", "source_file": source_file.name,
+        "source_bytes": source_file.stat().st_size, "records": hk.records,
+        "records_by_source": {s: int(t["time"].size) for s, t in hk.series.items()},
+        "cut_last_record": hk.cut_last_record, "cut_bytes": hk.cut_bytes,
+        "unreadable_records": hk.unreadable_count,
+        "unreadable_records_listed": hk.unreadable, "renamed": hk.renamed,
+        "created": utc_now(), "software": software_versions()})
+
+
+def _write_store(path: str | os.PathLike, fill: Callable[[Any], Awaitable[None]],
+                 root_attrs: Callable[[str], dict[str, Any]]) -> None:
+    """A Zarr v3 store at ``path`` (not over anything there), consolidated: ``fill`` makes
+    its nodes, ``root_attrs(checksum of its data files)`` its root attributes.
 
     A night's hk.pff has hundreds of small fields. Through zarr's file store each array
     costs a few blocking file operations; so the store is built in memory, its arrays
@@ -235,53 +293,191 @@ def write_hk_store(hk: Housekeeping, path: str | os.PathLike, source_file: Path)
     import zarr.api.asynchronous as azarr
     from zarr.core.buffer import default_buffer_prototype
 
-    from panoseti_pipeline.store.layout import consolidate, software_versions
-    from panoseti_pipeline.store.publish import utc_now
+    from panoseti_pipeline.store.analysis_spec import bytes_checksum
+    from panoseti_pipeline.store.layout import consolidate
     from panoseti_pipeline.store.safe_write import write_file
 
     memory = zarr.storage.MemoryStore()
 
-    async def build() -> dict[str, bytes]:
-        root = await azarr.open_group(store=memory, mode="w-")
-        await root.update_attributes({
-            "content": "housekeeping", "source_file": source_file.name,
-            "source_bytes": source_file.stat().st_size, "records": hk.records,
-            "records_by_source": {s: int(t["time"].size) for s, t in hk.series.items()},
-            "cut_last_record": hk.cut_last_record, "cut_bytes": hk.cut_bytes,
-            "unreadable_records": hk.unreadable_count,
-            "unreadable_records_listed": hk.unreadable, "renamed": hk.renamed,
-            "created": utc_now(),
-            "software": software_versions()})
-        groups = await asyncio.gather(*(
-            root.create_group(source, attributes=_source_attrs(hk.renamed.get(source, source)))
-            for source in hk.series))
-        await asyncio.gather(*(
-            _write_field(group, name, values, None if name == "time" else hk.fields[source][name])
-            for group, (source, table) in zip(groups, hk.series.items(), strict=True)
-            for name, values in table.items()))
-        consolidate(memory)
+    async def files() -> dict[str, bytes]:
         keys = [key async for key in memory.list()]
         values = await asyncio.gather(*(memory.get(k, default_buffer_prototype()) for k in keys))
         return {k: v.to_bytes() for k, v in zip(keys, values, strict=True)}
 
-    files = asyncio.run(build())
+    async def build() -> dict[str, bytes]:
+        root = await azarr.open_group(store=memory, mode="w-")
+        await fill(root)
+        await root.update_attributes(root_attrs(bytes_checksum(await files())))
+        consolidate(memory)
+        return await files()
+
+    written = asyncio.run(build())
     Path(path).mkdir()  # as zarr's mode "w-": not over anything there
-    for directory in sorted({Path(path, key).parent for key in files}):
+    for directory in sorted({Path(path, key).parent for key in written}):
         directory.mkdir(exist_ok=True)  # parents first (sorted)
-    for key, data in files.items():
+    for key, data in written.items():
         write_file(Path(path, key), data)
 
 
-async def _write_field(group: Any, name: str, values: np.ndarray, field: str | None) -> None:
-    """One field of a source (or its ``time``) as a 1-D array on ``time``."""
-    attrs = TIME_ATTRS if name == "time" else {"hk_field": field}
+async def _write_field(group: Any, name: str, values: np.ndarray, dim: str,
+                       attrs: dict[str, Any]) -> None:
+    """One field of a source (or its time, or a coordinate) as a 1-D array on ``dim``."""
     dtype = str if values.dtype == object else values.dtype
     fill = "" if dtype is str else (np.nan if values.dtype.kind == "f" else 0)
     n = values.size
     array = await group.create_array(name, shape=(n,), chunks=(max(1, min(n, 65536)),),
-                                     dtype=dtype, fill_value=fill, dimension_names=("time",),
-                                     attributes={"_ARRAY_DIMENSIONS": ["time"], **attrs})
+                                     dtype=dtype, fill_value=fill, dimension_names=(dim,),
+                                     attributes={"_ARRAY_DIMENSIONS": [dim], **attrs})
     await array.setitem(slice(None), values)
+
+
+# ------------------------------------------------------------ the team's layout: hashsets
+
+
+@dataclasses.dataclass
+class Hashset:
+    """The records of one source kind (all ``QUABO_<BOARDLOC>`` are ``quabo``), as one
+    table over ``hk_t_ns``: ``coords`` the time (and module, quabo), ``columns`` the
+    fields (:func:`column`, over the kind's records together)."""
+
+    name: str
+    sources: list[str]  # as written, in order of appearance
+    coords: dict[str, np.ndarray]
+    columns: dict[str, np.ndarray]
+    fields: dict[str, str]  # array name -> field as written
+    cadence_ns: int | None
+
+
+def hashset_of(source: str) -> str:
+    """A source's hashset: ``quabo`` for every quabo board, else its name in lower case
+    (``GPSPRIM`` -> ``gpsprim``), made a node name."""
+    if source.startswith(QUABO_PREFIX) and source.removeprefix(QUABO_PREFIX).isdigit():
+        return QUABO_HASHSET
+    return node_name(source.lower())
+
+
+def hashsets(hk: Housekeeping) -> dict[str, Hashset]:
+    """``hk``'s records by hashset, each stably sorted by time (records of one instant
+    keep their order in the file); a quabo record gets its ``module`` and ``quabo``."""
+    kinds: dict[str, list[str]] = {}
+    for source in hk.rows:
+        kinds.setdefault(hashset_of(source), []).append(source)
+    out = {}
+    for name, sources in kinds.items():
+        recs = sorted(((t, fields, source) for source in sources
+                       for t, fields in hk.rows[source]), key=lambda r: r[0])
+        times, columns, fields = _table([(t, f) for t, f, _ in recs], _HASHSET_RESERVED)
+        coords = {HK_TIME: times}
+        if name == QUABO_HASHSET:
+            boardloc = np.array([int(s.removeprefix(QUABO_PREFIX)) for _, _, s in recs],
+                                dtype=np.int64)
+            coords.update(module=boardloc // 4, quabo=boardloc % 4)
+        out[name] = Hashset(name, sources, coords, columns, fields,
+                            _cadence_ns([hk.rows[s] for s in sources]))
+    return out
+
+
+def _cadence_ns(per_source: list[list[tuple[int, dict[str, str]]]]) -> int | None:
+    """The median interval between consecutive records of one source (None: no source
+    has two records at distinct times)."""
+    gaps = np.concatenate([np.diff(np.sort(np.array([t for t, _ in recs], dtype=np.int64)))
+                           for recs in per_source])
+    gaps = gaps[gaps > 0]
+    return int(np.median(gaps)) if gaps.size else None
+
+
+def hashset_store_name(hashset: str) -> str:
+    """``hk.<hashset>.zarr``: the store of one hashset in the team's ``L0/`` level."""
+    return f"{HASHSET_PREFIX}{hashset}.zarr"
+
+
+def is_hashset_store(path: str | os.PathLike) -> bool:
+    """True for a ``hk.<hashset>.zarr`` this pipeline wrote (its root attributes say so)."""
+    from panoseti_pipeline.errors import InputError
+    from panoseti_pipeline.store.facts import read_root
+
+    try:
+        attrs = read_root(path)[1].get("attributes") or {}
+    except InputError:
+        return False
+    return attrs.get("content") == "housekeeping" and "hashset" in attrs
+
+
+def find_hashset_stores(level_dir: str | os.PathLike) -> list[Path]:
+    """The ``hk.<hashset>.zarr`` stores of the team's layout in a level directory."""
+    return [p for p in sorted(Path(level_dir).glob(f"{HASHSET_PREFIX}*.zarr"))
+            if is_hashset_store(p)]
+
+
+def write_hashset_store(hs: Hashset, path: str | os.PathLike, source_file: Path,
+                        source_checksum: str, created: str) -> None:
+    """One hashset as a flat Zarr v3 store at ``path``: every array on ``hk_time``, the
+    coordinates (``hk_t_ns`` int64 ns, ``module``, ``quabo``) named in each field's
+    ``coordinates`` attribute (so xarray opens them as coordinates); root attributes the
+    team's (``hashset``, their storage version, ``processing_history``) and ours."""
+    from panoseti_pipeline.store.analysis_spec import (
+        STORAGE_VERSION,
+        STORAGE_VERSION_KEY,
+        processing_step,
+    )
+    from panoseti_pipeline.store.layout import software_versions
+
+    software = software_versions()
+    coordinates = " ".join(hs.coords)
+
+    async def fill(root: Any) -> None:
+        import asyncio
+
+        await asyncio.gather(
+            *(_write_field(root, name, values, HK_DIM, _COORD_ATTRS[name])
+              for name, values in hs.coords.items()),
+            *(_write_field(root, name, values, HK_DIM,
+                           {"hk_field": hs.fields[name], "coordinates": coordinates})
+              for name, values in hs.columns.items()))
+
+    def root_attrs(checksum: str) -> dict[str, Any]:
+        step = processing_step("build_hk", {"hashset": hs.name}, [source_checksum], checksum,
+                               created, software)
+        return {"hashset": hs.name, STORAGE_VERSION_KEY: STORAGE_VERSION,
+                "processing_history": [step], "content": "housekeeping",
+                "source_file": source_file.name, "sources": hs.sources,
+                "records": int(hs.coords[HK_TIME].size), "cadence_ns": hs.cadence_ns,
+                "renamed": {n: f for n, f in hs.fields.items() if n != f},
+                "created": created, "software": software}
+
+    _write_store(path, fill, root_attrs)
+
+
+def publish_hashset_stores(hk: Housekeeping, level_dir: Path, source_file: Path,
+                           notice: Callable[[str], None]) -> list[Path]:
+    """``hk.<hashset>.zarr`` of every hashset of ``hk`` in ``level_dir``, each built under
+    a ``.partial`` name and renamed into place (what a killed run left there cleared
+    first, with a ``notice``); a store there is replaced only if it is a hashset store
+    this pipeline wrote. ``source_file``: the hk.pff they come from."""
+    import functools
+
+    from panoseti_pipeline.store import publish
+    from panoseti_pipeline.store.analysis_spec import file_checksum
+
+    created, checksum = publish.utc_now(), file_checksum(source_file)
+    written = []
+    for name, hs in hashsets(hk).items():
+        final = level_dir / hashset_store_name(name)
+        for message in publish.clear_stale(final):
+            notice(message)
+        with publish.staged(final, functools.partial(_hashset_replace_problem, final),
+                            "a housekeeping store") as tmp:
+            write_hashset_store(hs, tmp, source_file, checksum, created)
+        written.append(final)
+    return written
+
+
+def _hashset_replace_problem(final: Path) -> str | None:
+    if not (final.exists() or final.is_symlink()) or (
+            not final.is_symlink() and is_hashset_store(final)):
+        return None
+    return (f"{final}: exists and is not a housekeeping store this pipeline wrote; "
+            "refusing to replace it (move it away or choose another output)")
 
 
 def _source_attrs(source: str) -> dict[str, Any]:
@@ -347,15 +543,25 @@ def hk_figure(hk: Housekeeping, title: str = "") -> Any:
     return fig
 
 
-def convert_hk(hk_file: str | os.PathLike, store: str | os.PathLike,
-               png: str | os.PathLike | None = None) -> dict[str, Any]:
-    """``hk.pff`` -> store (and quicklook); return what the run bundle's manifest keeps."""
-    hk_file, store = Path(hk_file), Path(store)
+def convert_hk(hk_file: str | os.PathLike, store: str | os.PathLike | None,
+               png: str | os.PathLike | None = None, *,
+               hk_level: str | os.PathLike | None = None,
+               notice: Callable[[str], None] = print) -> dict[str, Any]:
+    """``hk.pff`` (read and parsed once) -> our store (``store``), its quicklook (``png``)
+    and, ``hk_level``, the team's ``hk.<hashset>.zarr`` stores in that level directory;
+    return what the run bundle's manifest keeps (``hk_stores``: their paths)."""
+    hk_file = Path(hk_file)
     hk = parse_hk(hk_file.read_bytes())
-    write_hk_store(hk, store, hk_file)
+    if store is not None:
+        write_hk_store(hk, store, hk_file)
+    hk_stores = (publish_hashset_stores(hk, Path(hk_level), hk_file, notice) if hk_level
+                 else [])
     if png is not None:
-        plot_hk(hk, png, title=f"{store.name}: temperatures and HV")
-    return {"store": store.name, "quicklook": Path(png).name if png is not None else None,
+        name = Path(store).name if store is not None else Path(png).stem.removesuffix(".hk")
+        plot_hk(hk, png, title=f"{name}: temperatures and HV")
+    return {"store": Path(store).name if store is not None else None,
+            "quicklook": Path(png).name if png is not None else None,
+            "hk_stores": [str(p) for p in hk_stores],
             "records": hk.records, "cut_last_record": hk.cut_last_record,
             "unreadable_records": hk.unreadable_count, "renamed": hk.renamed,
             "sources": sorted(hk.series)}

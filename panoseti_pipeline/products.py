@@ -13,6 +13,11 @@ Each product is ``xr.open_zarr`` of its store (lazy, dask-backed, ``time`` a
 a directory holds both an L0 and an L1 of one product); a run's housekeeping store, when
 the run has one (``<run>.housekeeping/``, beside its bundle), is ``housekeeping`` (one
 child per source). ``open_products`` puts each run under its own node.
+
+A run written with ``l1_layout = "panoseti_analysis"`` has its stores in level
+directories (``<run>/L1/``, ``<run>/L0/``): ``open_run`` takes the run's directory or one
+of its levels, and its ``housekeeping`` node holds the ``L0/hk.<hashset>.zarr`` stores,
+one child per hashset (``housekeeping/quabo``, ... on ``hk_t_ns``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import numpy as np
 
 from panoseti_pipeline.errors import ConfigError, InputError
 from panoseti_pipeline.flags import FLAG_NAMES
-from panoseti_pipeline.housekeeping import find_hk
+from panoseti_pipeline.housekeeping import find_hashset_stores, find_hk
+from panoseti_pipeline.store.analysis_spec import LEVEL_DIRS
 from panoseti_pipeline.store.facts import read_root
 
 if TYPE_CHECKING:
@@ -79,14 +85,16 @@ def _node_names(stores: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
 
 
 def open_run(path: str | os.PathLike) -> xr.DataTree:
-    """A run's output directory (``<output>/<run>/``) as a DataTree: one node per product
-    (``module_<n>/<dp>``), and ``housekeeping`` when the run has one."""
+    """A run's output directory (``<output>/<run>/``, or one of its level directories in
+    the team's layout) as a DataTree: one node per product (``module_<n>/<dp>``), and
+    ``housekeeping`` when the run has one."""
     import xarray as xr
 
     directory = Path(path)
     if not directory.is_dir():
         raise InputError(f"{directory}: no such run directory")
-    stores = _product_stores(directory)
+    levels = [directory / level for level in LEVEL_DIRS]
+    stores = [s for d in (directory, *levels) if d.is_dir() for s in _product_stores(d)]
     if not stores:
         raise InputError(f"{directory}: no product stores (*.zarr with a data_product) here; "
                          "give a run's directory, e.g. <output>/obs_<site>.start_<t>Z...")
@@ -95,8 +103,13 @@ def open_run(path: str | os.PathLike) -> xr.DataTree:
         nodes[name] = open_dataset(store)
     tree = xr.DataTree.from_dict(nodes)
     hk = find_hk(directory)
+    run = directory.parent if directory.name in LEVEL_DIRS else directory
+    hashsets = find_hashset_stores(run / LEVEL_DIRS[0])  # the team's layout: in L0/
     if hk:
         tree[HK_NODE] = xr.open_datatree(str(hk[0]), engine="zarr")
+    elif hashsets:
+        children = [xr.open_zarr(p) for p in hashsets]
+        tree[HK_NODE] = xr.DataTree.from_dict({str(ds.attrs["hashset"]): ds for ds in children})
     return tree
 
 

@@ -218,7 +218,7 @@ def run_configs(run_dir: str | os.PathLike, *, notice: Notice) -> dict[str, Any]
 
 def write_bundle(source: str | os.PathLike, out_dir: str | os.PathLike,
                  products: Sequence[ProductSummary], *, notice: Notice,
-                 quicklook: bool = True) -> Path:
+                 hk_level: str | os.PathLike | None = None, quicklook: bool = True) -> Path:
     """Write ``<out_dir>/<run dir name>.panoseti-meta/`` for ``products``; return its path.
 
     ``source`` is the run directory, or a bundle of that run (:func:`bundle_sources`).
@@ -226,7 +226,9 @@ def write_bundle(source: str | os.PathLike, out_dir: str | os.PathLike,
     existing bundle there is replaced only if this pipeline wrote it and it holds nothing
     else; anything else under that name is refused, never removed. Entries of the run
     directory that are neither PFF data nor bundled (sub-directories, ``*.jsonl``, ...) are
-    named in one notice, so that a user knows what the bundle does not keep. The
+    named in one notice, so that a user knows what the bundle does not keep. With
+    ``hk_level`` (the team's layout: the run's ``L0/``), the housekeeping stores go there
+    as ``hk.<hashset>.zarr`` and ``<run>.housekeeping/`` holds the quicklook only. The
     housekeeping gets its PNG only with ``quicklook`` (``run.sh --no-quicklook``: no PNG).
     """
     out_dir = Path(out_dir)
@@ -256,7 +258,7 @@ def write_bundle(source: str | os.PathLike, out_dir: str | os.PathLike,
             if HOUSEKEEPING_NAME in files:
                 manifest["housekeeping"] = _housekeeping(tmp / HOUSEKEEPING_NAME, out_dir,
                                                          run_dir, files[HOUSEKEEPING_NAME],
-                                                         notice, quicklook)
+                                                         notice, hk_level, quicklook)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
                                              encoding="utf-8")
     except OSError as err:
@@ -297,11 +299,14 @@ def verify_bundle(path: str | os.PathLike) -> list[str]:
 
 
 def _housekeeping(hk_copy: Path, out_dir: Path, run_dir: Path, hk_file: Path,
-                  notice: Notice, quicklook: bool) -> dict[str, Any]:
+                  notice: Notice, hk_level: str | os.PathLike | None,
+                  quicklook: bool) -> dict[str, Any]:
     """``<run>.housekeeping/`` beside the bundle, with ``<run>.hk.zarr`` and (with
     ``quicklook``) ``<run>.hk.png`` written from ``hk_copy`` (the bundle's copy of
     ``hk_file``, the run's hk.pff); built under a ``.partial`` name and renamed into
-    place, as the bundle."""
+    place, as the bundle. With ``hk_level``, the stores are the team's
+    ``hk.<hashset>.zarr`` there instead (their paths relative to ``out_dir`` in
+    ``hk_stores``)."""
     from panoseti_pipeline.housekeeping import convert_hk, hk_names
 
     directory, store, png = hk_names(run_dir)
@@ -312,17 +317,21 @@ def _housekeeping(hk_copy: Path, out_dir: Path, run_dir: Path, hk_file: Path,
         with publish.staged(final, functools.partial(_hk_replace_problem, final, store, png),
                             "the housekeeping") as tmp:
             tmp.mkdir()
-            facts = convert_hk(hk_copy, tmp / store, tmp / png if quicklook else None)
+            facts = convert_hk(hk_copy, None if hk_level else tmp / store,
+                               tmp / png if quicklook else None, hk_level=hk_level,
+                               notice=notice)
+            facts["hk_stores"] = [os.path.relpath(p, out_dir) for p in facts["hk_stores"]]
     except ValueError as err:  # hk.pff is input: a surprise in it must not cost the bundle
         notice(f"{hk_file}: no housekeeping store written ({err}); "
                "hk.pff is in the bundle as it is")
         return {"error": str(err)}
     renamed = list(facts["renamed"].items())
+    store = "the hk.<hashset>.zarr stores" if hk_level else store
     if renamed:
         shown = ", ".join(f"{name!r} as {node}" for node, name in renamed[:3])
         notice(f"{hk_file}: {len(renamed)} source or field names stored "
                f"under another name (Zarr reserves them, or two would be one): {shown}"
-               f"{', ...' if len(renamed) > 3 else ''} (listed in {store}'s attributes)")
+               f"{', ...' if len(renamed) > 3 else ''} (listed in the attributes of {store})")
     if facts["unreadable_records"]:
         notice(f"{hk_file}: {facts['unreadable_records']} records are not "
                f"housekeeping records, left out of {store} (listed in its attributes)")

@@ -199,7 +199,7 @@ def test_a_housekeeping_failure_costs_the_store_not_the_bundle(
     (configs, logs, hk.pff itself) is still written and verifies."""
     run = synthetic.make_observation(tmp_path / "in", frames_per_file=5, files_per_stream=1)
 
-    def refuse(hk_file: Path, store: Path, png: Path) -> dict:
+    def refuse(hk_file: Path, store: Path, png: Path, **_layout: object) -> dict:
         store.mkdir()  # a half-written store, to be removed
         raise ValueError("surprise in the records")
 
@@ -278,3 +278,51 @@ def test_one_hostile_record_never_sinks_the_bundle_or_loses_a_field(tmp_path: Pa
                                      "GPSPRIM/field_zarr.json": "zarr.json",
                                      "GPSPRIM/a_b_2": "a/b"}
     assert any("3 source or field names stored under another name" in n for n in notices)
+
+
+def test_hashset_stores_sort_by_time_and_keep_every_field(tmp_path: Path) -> None:
+    """The team's layout: records out of time order are stably sorted (ties keep the
+    file's order); a field named like a coordinate is stored under another name; a field
+    named ``time`` keeps it; a kind with one record has no cadence; an existing store this
+    pipeline did not write is refused, not replaced."""
+    lines = [
+        {"QUABO_9": {"Computer_UTC": "100.5", "TEMP1": "30.5", "module": "x"}},
+        {"QUABO_4": {"Computer_UTC": "100.25", "TEMP1": "31", "time": "t1"}},
+        {"QUABO_5": {"Computer_UTC": "100.5", "TEMP1": "", "UID": "0x1"}},
+        {"QUABO_9": {"Computer_UTC": "102.5", "TEMP1": "32.5", "module": "y"}},
+        {"WPS": {"Computer_UTC": "101", "POWER": "ON"}},
+    ]
+    hk_file = tmp_path / "hk.pff"
+    hk_file.write_text("".join(json.dumps(r) + "\n\n" for r in lines))
+    level = tmp_path / "L0"
+    facts = housekeeping.convert_hk(hk_file, None, hk_level=level, notice=print)
+    assert sorted(Path(p).name for p in facts["hk_stores"]) == ["hk.quabo.zarr", "hk.wps.zarr"]
+    quabo = zarr.open_group(str(level / "hk.quabo.zarr"), mode="r")
+    # sorted: 100.25 (QUABO_4), then the two at 100.5 in file order (9, 5), then 102.5
+    np.testing.assert_array_equal(quabo["hk_t_ns"][:], [ns("100.25"), ns("100.5"),
+                                                        ns("100.5"), ns("102.5")])
+    np.testing.assert_array_equal(quabo["module"][:], [1, 2, 1, 2])
+    np.testing.assert_array_equal(quabo["quabo"][:], [0, 1, 1, 1])
+    np.testing.assert_array_equal(quabo["TEMP1"][:], [31.0, 30.5, np.nan, 32.5])
+    assert list(quabo["field_module"][:]) == ["", "x", "", "y"]
+    assert quabo["field_module"].attrs["hk_field"] == "module"
+    assert list(quabo["time"][:]) == ["t1", "", "", ""]
+    assert list(quabo["UID"][:]) == ["", "", "0x1", ""]
+    assert quabo.attrs["renamed"] == {"field_module": "module"}
+    assert quabo.attrs["cadence_ns"] == 2 * 10**9  # QUABO_9: 100.5 -> 102.5
+    assert quabo.attrs["sources"] == ["QUABO_9", "QUABO_4", "QUABO_5"]
+    wps = zarr.open_group(str(level / "hk.wps.zarr"), mode="r")
+    assert wps.attrs["cadence_ns"] is None and list(wps["POWER"][:]) == ["ON"]
+    assert "module" not in wps.array_keys()
+
+    foreign = level / "hk.wps.zarr"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    import shutil
+
+    shutil.rmtree(foreign)
+    other.rename(foreign)
+    with pytest.raises(StoreError, match="not a housekeeping store this pipeline wrote"):
+        housekeeping.convert_hk(hk_file, None, hk_level=level, notice=print)
+    assert (foreign / "zarr.json").read_text().startswith('{"zarr_format": 3')

@@ -150,7 +150,8 @@ def cmd_finish(args: argparse.Namespace) -> int:
     failed = args.failed
     for run_dir, product_dir in args.bundle:
         if Path(product_dir).is_dir() and not part(  # else no product of that run was made
-                lambda r=run_dir, d=product_dir: _write_bundle(r, d, not args.no_quicklook)):
+                lambda r=run_dir, d=product_dir: _write_bundle(r, d, args.state,
+                                                               not args.no_quicklook)):
             print(f"run.sh: error: the run bundle of {run_dir} was not written", file=sys.stderr)
             failed += 1
     if not part(lambda: _write_analysis_levels(args.state)):
@@ -168,9 +169,17 @@ def cmd_finish(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def _write_bundle(run_dir: str, product_dir: str, quicklook: bool) -> None:
+def _team_layout(state: dict) -> bool:
+    """Whether the run's config says ``l1_layout = "panoseti_analysis"``."""
+    from panoseti_pipeline.config import load_config
+
+    return load_config(state["config_file"]).baseline_subtract.l1_layout == "panoseti_analysis"
+
+
+def _write_bundle(run_dir: str, product_dir: str, state_file: str, quicklook: bool) -> None:
     """The run bundle of a run beside its products (those published there), from its
-    .pffd directory or from a bundle of it (``--steps 2``); the housekeeping PNG only with
+    .pffd directory or from a bundle of it (``--steps 2``); in the team's layout the run's
+    housekeeping stores go into its ``L0/`` level; the housekeeping PNG only with
     ``quicklook``."""
     from panoseti_pipeline import run_bundle
     from panoseti_pipeline.store import publish
@@ -179,28 +188,35 @@ def _write_bundle(run_dir: str, product_dir: str, quicklook: bool) -> None:
     stores = sorted(p for p in out.glob("*.zarr")
                     if publish.is_published(p, "L1") or publish.is_published(p, "L0"))
     products = [run_bundle.summarize_store(p) for p in stores]
+    level = (out.name in (plan.ANALYSIS_L0_DIR, plan.ANALYSIS_L1_DIR)
+             and _team_layout(record.load_state(state_file)))
     path = run_bundle.write_bundle(run_dir, out, products,
                                    notice=lambda msg: print(f"run.sh: note: {msg}",
                                                             file=sys.stderr),
+                                   hk_level=out.parent / plan.ANALYSIS_L0_DIR if level else None,
                                    quicklook=quicklook)
     print(f"run.sh: run bundle: {path}", file=sys.stderr)
 
 
 def _write_analysis_levels(state_file: str) -> None:
     """With ``l1_layout = "panoseti_analysis"``: each level directory of a run (``L1``,
-    and ``L0`` when its stores are kept there) gets the team's ``manifest.json`` and
-    ``.panoseti-meta/`` (a copy of the run's bundle)."""
+    and ``L0`` when its stores are kept there or it holds the run's housekeeping stores)
+    gets the team's ``manifest.json`` and ``.panoseti-meta/`` (a copy of the run's
+    bundle)."""
     from panoseti_pipeline import run_bundle
-    from panoseti_pipeline.config import load_config
+    from panoseti_pipeline.housekeeping import find_hashset_stores
     from panoseti_pipeline.store import analysis_spec, publish
 
     state = record.load_state(state_file)
-    if load_config(state["config_file"]).baseline_subtract.l1_layout != "panoseti_analysis":
+    if not _team_layout(state):
         return
     out = Path(state["output_dir"])
     levels = {Path(j[key]).parent: key.upper() for j in state["jobs"] for key in ("l0", "l1")
               if j[key] and Path(j[key]).parent.name == key.upper()
               and Path(j[key]).parent.parent != out}  # a run's level, not a lone file's
+    for run in {d.parent for d in levels}:  # housekeeping: in L0/, kept or not
+        if find_hashset_stores(run / plan.ANALYSIS_L0_DIR):
+            levels[run / plan.ANALYSIS_L0_DIR] = "L0"
     l0_sums = {}  # the L0 checksums step 2 computed, not read again
     for level_dir in (d for d, level in levels.items() if level == "L1"):
         for store in level_dir.glob("*.zarr"):
@@ -208,6 +224,7 @@ def _write_analysis_levels(state_file: str) -> None:
                 l0_sums[path] = checksum
     for level_dir, level in sorted(levels.items()):
         stores = [p for p in level_dir.glob("*.zarr") if publish.is_published(p, level)]
+        stores += find_hashset_stores(level_dir) if level == "L0" else []
         if not stores:
             continue
         run = level_dir.parent.name

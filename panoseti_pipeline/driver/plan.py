@@ -47,13 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 from panoseti_pipeline.errors import ConfigError
 from panoseti_pipeline.store import publish as store_files
+from panoseti_pipeline.store.analysis_spec import LEVEL_DIRS
 
 if TYPE_CHECKING:
     from panoseti_pipeline.config import PipelineConfig
 
 L0_SUFFIX = "_L0.zarr"
 L1_SUFFIX = "_L1.zarr"
-ANALYSIS_L0_DIR, ANALYSIS_L1_DIR = "L0", "L1"  # l1_layout = "panoseti_analysis": levels
+ANALYSIS_L0_DIR, ANALYSIS_L1_DIR = LEVEL_DIRS  # l1_layout = "panoseti_analysis": levels
 BPP_FIELD = re.compile(r"\.bpp_\d+(?=\.module_)")  # not in the team's store names
 #: The L0 directory in the output directory when none is configured: the pipeline's own
 #: scratch for the L0 stores it removes after step 2, or, with --keep-l0, "L0".

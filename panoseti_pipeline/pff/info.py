@@ -135,6 +135,12 @@ def _store_lines(path: Path) -> list[str]:
     from panoseti_pipeline.store.facts import read_root, store_facts
 
     attrs = read_root(path)[1].get("attributes") or {}
+    if attrs.get("content") == "housekeeping" and "hashset" in attrs:  # the team's layout
+        cadence = attrs.get("cadence_ns")
+        return [str(path), f"  housekeeping, hashset {attrs['hashset']}: {attrs.get('records')}"
+                f" records of {len(attrs.get('sources', []))} source(s) "
+                f"({', '.join(attrs.get('sources', []))}), one every "
+                + (f"{cadence / 1e9:.3g} s" if cadence else "- s")]
     if attrs.get("content") == "housekeeping":
         sources = attrs.get("records_by_source", {})
         return [str(path), f"  housekeeping: {attrs.get('records')} records, "

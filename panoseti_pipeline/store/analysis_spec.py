@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,32 @@ def main_array(family: str) -> str:
 def data_checksum(store: str | os.PathLike) -> str:
     """``sha256:<hex>`` of a store's data files (see the module docstring)."""
     root = Path(store)
-    digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != METADATA_FILE)
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        _add_file(digest, path)
-    return f"sha256:{digest.hexdigest()}"
+    return _checksum((p.relative_to(root).as_posix(), p) for p in root.rglob("*")
+                     if p.is_file() and p.name != METADATA_FILE)
+
+
+def bytes_checksum(files: dict[str, bytes]) -> str:
+    """:func:`data_checksum` of a store still in memory (relative path -> bytes)."""
+    return _checksum((rel, data) for rel, data in files.items()
+                     if rel.rsplit("/", 1)[-1] != METADATA_FILE)
 
 
 def file_checksum(path: str | os.PathLike) -> str:
     """``sha256:<hex>`` of one file's bytes (a PFF input of step 1)."""
     digest = hashlib.sha256()
     _add_file(digest, Path(path))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _checksum(files: Iterable[tuple[str, Path | bytes]]) -> str:
+    """Each file (in path order, by parts) as its relative path, NUL and its bytes."""
+    digest = hashlib.sha256()
+    for rel, content in sorted(files, key=lambda f: f[0].split("/")):
+        digest.update(rel.encode() + b"\0")
+        if isinstance(content, bytes):
+            digest.update(content)
+        else:
+            _add_file(digest, content)
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -68,6 +83,7 @@ def processing_step(step_name: str, params: dict[str, Any], input_checksums: lis
 
 # --------------------------------------------------------------------------- levels
 
+LEVEL_DIRS = ("L0", "L1")  # <run>/L0/, <run>/L1/: the levels, in a run's directory
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = "2.0"
 META_DIR = ".panoseti-meta"  # the run's metadata, in every level
@@ -83,7 +99,10 @@ def store_record(store: str | os.PathLike, level: str, known: dict[str, str]
     from panoseti_pipeline.time_order import cadence_ns
 
     path = Path(store)
-    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    group = zarr.open_group(str(path), mode="r")
+    attrs = group.attrs.asdict()
+    if "hashset" in attrs:
+        return _hk_record(group, attrs, path, level)
     kind = "ph" if str(attrs.get("data_product", "")).startswith("ph") else "img"
     qc = attrs.get("timestamp_qc")
     history = attrs.get("processing_history") or []
@@ -97,6 +116,24 @@ def store_record(store: str | os.PathLike, level: str, known: dict[str, str]
             "calibration_params": attrs.get("calibration") if level != "L0" else None,
             "timestamp_qc": qc, "hashset": None,
             "cadence_ns": cadence_ns(kind, attrs.get("run_configs")),
+            "processing_history": history}
+
+
+def _hk_record(group: Any, attrs: dict[str, Any], path: Path, level: str) -> dict[str, Any]:
+    """A housekeeping store's entry, as the team's ``pa-hk`` writes it (``dp`` "hk",
+    ``module`` "?": housekeeping is per run, not per module), with its time range and
+    cadence."""
+    from panoseti_pipeline.housekeeping import HK_TIME
+
+    t = group[HK_TIME][:]
+    history = attrs.get("processing_history") or []
+    return {"dp": "hk", "module": "?", "level": level, "kind": "hk", "store": path.name,
+            "n_frames": int(t.size),
+            "time_range": [int(t.min()), int(t.max())] if t.size else None,
+            "checksum": (history[-1].get("output_checksum") if history
+                         else data_checksum(path)),
+            "source_store": None, "calibration_params": None, "timestamp_qc": None,
+            "hashset": attrs["hashset"], "cadence_ns": attrs.get("cadence_ns"),
             "processing_history": history}
 
 
