@@ -221,7 +221,14 @@ def open_array(path: str, name: str, level: str | None = None, run: str = "") ->
         import zarr
 
         return zarr.open_array(store=f"{path}/{name}", mode="r+")
-    return frames_of(open_product(path, level)[name])
+    return frames_of(_open_product_once(path, level, run)[name])
+
+
+@functools.lru_cache(maxsize=16)
+def _open_product_once(path: str, level: str, run: str) -> zarr.Group:
+    """:func:`open_product` once per process and run: its consolidated metadata (every
+    array's) is parsed once, not once for each array opened (24 times in a step 2)."""
+    return open_product(path, level)
 
 
 @contextlib.contextmanager
