@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 from pydantic import BaseModel, ConfigDict
 
@@ -141,6 +142,11 @@ def test_a_night_in_the_team_layout(night) -> None:
             obs.glob(f"*dp_{dp}*.pff"))]  # step 1's PFF inputs
         assert calibrate["input_checksums"] == [convert["output_checksum"]]
         assert r["cadence_ns"] == (10**6 if dp == "img16" else None)  # the run's config
+        # as the team's tools open a store (their io.stores.open_store: xarray, without
+        # consolidated metadata): the main array on (time, y, x), int64 ns times
+        ds = xr.open_zarr(store, consolidated=False)
+        assert ds[main].dims[0] == "time" and ds[main].shape[0] == r["n_frames"]
+        assert ds["unix_t_ns"].dtype == np.int64
     for lvl in (level, night.l0):
         meta = lvl / ".panoseti-meta"
         assert (meta / "manifest.json").is_file()  # the run bundle, copied into each level
@@ -169,7 +175,6 @@ def test_a_night_in_the_team_layout(night) -> None:
 def test_housekeeping_is_one_store_per_hashset_in_L0(night) -> None:
     """Each hk.<hashset>.zarr holds that kind's records of hk.pff, value for value, on
     its own hk_t_ns; the L0 manifest has one record per store with their fields."""
-    import xarray as xr
 
     hk_pff = night.obs / "hk.pff"
     expected = hk_expected(hk_pff)
