@@ -31,10 +31,11 @@ main() {
   # One pytest worker per CPU this process may use, first: a later -n in the arguments
   # (e.g. -n 0 to debug) wins. --dist loadscope: each module (test class) runs whole on
   # one worker, so a module's fixture (a night through run.sh, a running cluster) is made
-  # once, not once per worker; the modules with the most tests are handed out first.
+  # once, not once per worker; --no-loadscope-reorder: the modules are handed out in
+  # collection order, which tests/conftest.py makes longest first.
   # (--dist loadgroup would allow finer groups, but pytest-xdist 3.8 ignores xdist_group
   # marks under pytest 9.2: pytest-dev/pytest-xdist#1386.)
-  "$PYTHON" -m pytest -n "$(nproc)" --dist loadscope "$@" || test_rc=$?
+  "$PYTHON" -m pytest -n "$(nproc)" --dist loadscope --no-loadscope-reorder "$@" || test_rc=$?
 
   if ((test_rc == 5)); then
     echo "run_tests.sh: error: pytest collected no tests (exit 5); counted as a failure" >&2
