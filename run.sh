@@ -444,10 +444,12 @@ cleanup() {
     CURRENT_JOB=""
   fi
   if ((${#LOCKED[@]})); then
+    local -a stale=()
     if [[ "$OPT_STEPS" == 1,2 ]] && ((${#JOB_L0[@]})); then # the marks of jobs not run
-      release "${JOB_L0[@]}"
+      stale=(--clear-stale "${JOB_L0[@]}")
     fi
-    py lock release "${LOCKED[@]}" --pid "$$" || say "warning: could not release the lock of ${LOCKED[*]}"
+    py lock release "${LOCKED[@]}" --pid "$$" "${stale[@]}" ||
+      say "warning: could not release the lock of ${LOCKED[*]}"
   fi
   if ((L0_DIR_CREATED || L0_DIR_SCRATCH)); then # only when empty
     rmdir -- "$L0_DIR" 2>/dev/null || true

@@ -85,10 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     if args.release:  # the transient L0 first: the record says whether it is gone
-        if reported(lambda: _clear_stale(args.release, pid=args.pid), "run.sh",
-                    args.debug) != EXIT_OK:
-            print(f"run.sh: warning: could not clear the partial stores of {args.release}",
-                  file=sys.stderr)
+        _clear_stale_or_warn([args.release], args.pid, args.debug)
     state = record.load_state(args.state)
     reason = ""
     if args.reason_file:
@@ -287,6 +284,13 @@ def _clear_stale(*products: str, pid: int = 0) -> int:
     return EXIT_OK
 
 
+def _clear_stale_or_warn(products: list[str], pid: int, debug: bool) -> None:
+    """:func:`_clear_stale`; a failure is its error line and a warning, not an exit."""
+    if reported(lambda: _clear_stale(*products, pid=pid), "run.sh", debug) != EXIT_OK:
+        print(f"run.sh: warning: could not clear the partial stores of {' '.join(products)}",
+              file=sys.stderr)
+
+
 def cmd_prepare_l0(args: argparse.Namespace) -> int:
     """Before the jobs: the L0 store of each job to run is transient (removed after step 2
     by run.sh ``--pid``) or kept (``--keep-l0``); a skipped job's transient L0 that a
@@ -307,9 +311,12 @@ def cmd_prepare_l0(args: argparse.Namespace) -> int:
 
 def cmd_lock(args: argparse.Namespace) -> int:
     """Take or give back the run locks of these directories for run.sh (its pid); a
-    directory inside one already locked needs none. All or none are taken (exit 2)."""
+    directory inside one already locked needs none. All or none are taken (exit 2).
+    Before a release, ``--clear-stale`` products are cleared as by ``clear-stale``."""
     from panoseti_pipeline.store import ownership
 
+    if args.action == "release" and args.clear_stale:
+        _clear_stale_or_warn(args.clear_stale, args.pid, args.debug)
     holder = ownership.Holder.of(args.pid)
     directories: list[Path] = []
     for d in map(Path, args.directories):
@@ -433,6 +440,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("action", choices=("acquire", "release"))
     p.add_argument("directories", nargs="+", help="the output and L0 directories")
     p.add_argument("--pid", type=int, required=True, help="the process holding it (run.sh)")
+    p.add_argument("--clear-stale", nargs="+", default=[], metavar="PRODUCT",
+                   help="release: first clear-stale these products (one process at exit)")
     p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("descendants", help="print the process ids below PID")
