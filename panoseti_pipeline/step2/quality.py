@@ -92,6 +92,65 @@ MASK_ATTRS = {
 }
 
 
+# --------------------------------------------------------------------------- window check
+
+OUTLIER_K = 10.0  # a window frame is outlying beyond this many robust sigmas of frame means
+OUTLIER_MIN_SIGMA = 0.1  # ADC counts: the robust sigma of frame means is at least this
+#: flags that say nothing about a frame's pixels (every frame of a GNSS-timed board)
+PIXEL_NEUTRAL_FLAGS = ("host_clock_time",)
+MAX_LISTED_OUTLIERS = 20
+WINDOW_RULE = (f"outlying: frame mean (over the pixels it gives the baseline) departs from "
+               f"the median of the window's frame means (per quabo for ph256) by more than "
+               f"{OUTLIER_K:g} * max({MAD_SIGMA} * MAD, {OUTLIER_MIN_SIGMA:g} ADC); flagged: "
+               "any frame_flags bit but " + ", ".join(PIXEL_NEUTRAL_FLAGS))
+
+
+def frame_levels(x: np.ndarray, use: np.ndarray, aux: np.ndarray, ph256: bool
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(mean level, group) of every frame of ``x``: the mean of the pixels it gives a
+    baseline (a missing quabo's quadrant left out), and its quabo (ph256) or 0."""
+    if ph256:
+        return x.reshape(len(x), -1).mean(axis=1), aux.astype(np.int8)
+    quadrant = QUADRANT[: x.shape[1], : x.shape[2]]
+    sums = np.stack([x[:, quadrant == q].sum(axis=1, dtype=np.float64)
+                     for q in range(pff.N_QUABOS)], axis=1)
+    pixels = np.stack([(quadrant == q).sum() for q in range(pff.N_QUABOS)])
+    with np.errstate(invalid="ignore", divide="ignore"):  # no quabo at all: NaN
+        level = (sums * use).sum(axis=1) / (use * pixels).sum(axis=1)
+    return level, np.zeros(len(x), np.int8)
+
+
+def window_check(positions: np.ndarray, levels: np.ndarray, groups: np.ndarray,
+                 flags: np.ndarray) -> dict[str, Any]:
+    """What the baseline window holds that could bias it: flagged frames (by flag) and
+    outlying frames (:data:`WINDOW_RULE`), with ``warning``: one line, or None."""
+    outlying = np.zeros(len(levels), bool)
+    for g in np.unique(groups):
+        mine = (groups == g) & np.isfinite(levels)
+        if mine.any():
+            centre = float(np.median(levels[mine]))
+            sigma = max(MAD_SIGMA * float(np.median(np.abs(levels[mine] - centre))),
+                        OUTLIER_MIN_SIGMA)
+            outlying[mine] = np.abs(levels[mine] - centre) > OUTLIER_K * sigma
+    flagged = {name: int(np.count_nonzero(flags & bit)) for bit, name in FLAG_NAMES.items()
+               if name not in PIXEL_NEUTRAL_FLAGS}
+    neutral = sum(bit for bit, name in FLAG_NAMES.items() if name in PIXEL_NEUTRAL_FLAGS)
+    n_flagged = int(np.count_nonzero(flags & ~np.uint8(neutral)))
+    where = np.sort(positions[outlying])
+    problems = [f"{n_flagged} flagged frame(s) ("
+                + ", ".join(f"{k} {v}" for k, v in flagged.items() if v) + ")"] if n_flagged \
+        else []
+    if where.size:
+        problems.append(f"{where.size} outlying frame(s) (L0 frames "
+                        + ", ".join(map(str, where[:5].tolist()))
+                        + (", ..." if where.size > 5 else "") + ")")
+    return {"frames": len(levels), "flagged_frames": n_flagged, "frames_per_flag": flagged,
+            "outlying_frames": int(where.size),
+            "outlying_l0_frames": where[:MAX_LISTED_OUTLIERS].tolist(), "rule": WINDOW_RULE,
+            "warning": ("the baseline window holds " + " and ".join(problems)
+                        + ": a transient there may bias the baseline") if problems else None}
+
+
 # --------------------------------------------------------------------------- summary
 
 
