@@ -491,7 +491,7 @@ class BaselineConfig(_Section):
     method: str = key(
         "clipped_mean",
         "clipped_mean | mean | median of the first baseline_window frames (clipped_mean: "
-        "the mean of the values within 3 robust sigmas of the median, so a flash there "
+        "the mean of the values within 3.5 robust sigmas of the median, so a flash there "
         "does not bias it), image_median, ph_pedestal, panoseti_analysis (the PANOSETI "
         "analysis code's ph or img calibration)",
         choices=BASELINE_METHODS,

@@ -9,9 +9,10 @@ Methods (``[baseline_subtract] method``; chosen by the config, never from a path
     half-integer, off the pixel's mean by up to 0.5 ADC however long the window).
 ``clipped_mean`` (the default)
     per-pixel mean of the same frames' values within ``CLIP_K`` robust sigmas of the
-    pixel's median (sigma from the interquartile range, at least ``CLIP_MIN_SIGMA``): a
-    flash of more than a few sigmas in the window is left out, and a clean pixel's
-    baseline is its mean, as precise as ``mean``'s.
+    pixel's median (:data:`CLIPPED_SIGMA`: the narrower half of the interquartile range,
+    so a flash in up to ~45% of the window does not widen it): a flash of more than ~4
+    sigmas in the window is left out, and a clean pixel's baseline is its mean, as
+    precise as ``mean``'s (bench/bench_baseline_robustness.py).
 ``image_median``
     on every ``frame_step``-th frame: 8x8 block medians, median over time, upsampled back
     and subtracted; then the temporal median of every ``frame_step``-th frame of that
@@ -71,9 +72,11 @@ from panoseti_pipeline.time_order import strided
 ANALYSIS = "panoseti_analysis"
 #: the methods whose baseline is made of the first ``baseline_window`` frames
 WINDOW_METHODS = ("mean", "median", "clipped_mean")
-CLIP_K = 3.0  # clipped_mean keeps values within CLIP_K robust sigmas of the median
-IQR_SIGMA = 1.349  # interquartile range -> standard deviation of a normal distribution
+CLIP_K = 3.5  # clipped_mean keeps values within CLIP_K robust sigmas of the median
+QUARTILE_Z = 0.6745  # the upper quartile of a standard normal distribution
 CLIP_MIN_SIGMA = 1.0  # ADC counts: the robust sigma is at least this (integer pixels)
+CLIPPED_SIGMA = (f"max(min(median - Q1, Q3 - median) / {QUARTILE_Z}, {CLIP_MIN_SIGMA:g} ADC); "
+                 "Q1, Q3: the values of rank (n-1)//4 and n-1-(n-1)//4 (0 = smallest)")
 #: panoseti_analysis: a pixel is hot above this many times the module's mean level
 ANALYSIS_HOT_FACTOR = 3.0
 
@@ -136,7 +139,7 @@ class MethodSettings:
                     "block_size": self.block_size, "adc_to_pe": self.adc_to_pe}
         if self.method == "clipped_mean":
             return {"baseline_window": self.window, "clip_sigmas": CLIP_K,
-                    "sigma": f"max(interquartile range / {IQR_SIGMA}, {CLIP_MIN_SIGMA:g} ADC)"}
+                    "sigma": CLIPPED_SIGMA}
         if self.method in WINDOW_METHODS:
             return {"baseline_window": self.window}
         if self.method == "image_median":
@@ -350,14 +353,15 @@ def _clipped_mean(runner: Any, info: L0Info, sel: Selection, m: MethodSettings,
                   hist: np.ndarray, count: np.ndarray, process: runners.ProcessSettings
                   ) -> tuple[np.ndarray, np.ndarray]:
     """clipped_mean's (mean, std) per element: pass 2 finds the median and quartiles
-    (exact ranks: middle two, (n-1)//4 and n-1-(n-1)//4), pass 3 sums the values within
-    ``CLIP_K`` robust sigmas of the median (NaN where no frame was used)."""
+    (exact ranks), pass 3 sums the values within ``CLIP_K`` x :data:`CLIPPED_SIGMA` of
+    the median (NaN where no frame was used)."""
     quarter = (count - 1) // 4
     ranks = np.concatenate([histogram.middle_ranks(count),
                             np.stack([quarter, count - 1 - quarter])])
     values = histogram.exact_ranks(runner, info, sel, m.chunk, hist, ranks, process)
     centre = (values[0] + values[1]) / 2.0  # on the offset scale, as the values
-    sigma = np.maximum((values[3] - values[2]) / IQR_SIGMA, CLIP_MIN_SIGMA)
+    half = np.minimum(centre - values[2], values[3] - centre)  # the side a flash is not on
+    sigma = np.maximum(half / QUARTILE_Z, CLIP_MIN_SIGMA)
     bounds = np.stack([np.ceil(centre - CLIP_K * sigma),
                        np.floor(centre + CLIP_K * sigma)]).astype(np.int64)
     calls = [(info, sel, a, b, bounds, process)

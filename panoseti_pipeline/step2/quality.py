@@ -193,8 +193,10 @@ def _percentile(low: int, hist: np.ndarray, q: float) -> float | None:
 
 
 def combine_summaries(parts: Sequence[dict[str, Any]], *, units: str, hot: int, dead: int,
-                      uncalibrated_pixels: int) -> dict[str, Any]:
-    """The ``summary`` attribute of an L1 store from its chunks' partials (any order)."""
+                      uncalibrated_pixels: int, warnings: Sequence[str] = ()
+                      ) -> dict[str, Any]:
+    """The ``summary`` attribute of an L1 store from its chunks' partials (any order);
+    ``warnings``: one line each, about what may have biased the L1 (run.sh shows them)."""
     parts = sorted(parts, key=lambda p: p["start"])
     n = sum(p["n"] for p in parts)
     total = sum(p["sum"] for p in parts)
@@ -228,4 +230,5 @@ def combine_summaries(parts: Sequence[dict[str, Any]], *, units: str, hot: int, 
             "percentile_resolution": "bins 1 unit wide, value = bin centre"},
         "hot_pixels": hot, "dead_pixels": dead, "uncalibrated_pixels": uncalibrated_pixels,
         "nan_values": {**nan, "total": sum(nan.values())},
+        "warnings": list(warnings),
     }

@@ -366,6 +366,10 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     if baseline.frames.get("window_truncated"):
         notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "
                "frames there are; the baseline uses all of them")
+    check = baseline.frames.get("window_check") or {}
+    warnings = [check["warning"]] if check.get("warning") else []
+    for line in warnings:
+        notice(f"{l0_path}: warning: {line}")
     for q in baseline.frames["per_quabo"]:
         if q["count"] == 0 and not info.ph256:  # a ph256 quabo with no frame has no pixels
             notice(f"{l0_path}: no frame of quabo {q['quabo']} feeds its baseline; its "
@@ -388,7 +392,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
             [p for s in summaries for p in s["parts"]], units=m.units,
             hot=int(masks["hot_pixel_mask"][0].sum()),
             dead=int(masks["dead_pixel_mask"][0].sum()),
-            uncalibrated_pixels=int(np.isnan(baseline.values).sum()))
+            uncalibrated_pixels=int(np.isnan(baseline.values).sum()), warnings=warnings)
         l0_bytes, l1_bytes = publish.store_bytes(l0_path), publish.store_bytes(tmp)
         seconds = time.perf_counter() - t0
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
