@@ -505,7 +505,8 @@ class BaselineConfig(_Section):
     shard_factor: int = _SHARDS.field(64)
     frame_step: int = key(10, "image_median: use every frame_step-th frame", lo=1)
     adc_to_pe: float = key(1.5, "image_median, panoseti_analysis (img): ADC counts per "
-                                "photoelectron", above=0)
+                                "photoelectron; every method: the gain whose shot noise "
+                                "tells a star from a hot pixel", above=0)
     block_size: int = key(8, "image_median, panoseti_analysis (img): side of the spatial "
                              "median blocks (pixels; divides 32)", lo=1, hi=32)
     sigma_threshold: float = key(3.0, "ph_pedestal: pedestal cut in standard deviations", above=0)

@@ -124,7 +124,10 @@ def pixel_maps(look: Look, group: Any, level: str) -> dict[str, np.ndarray]:
                 "noise_label": "baseline_std (pedestal noise)",
                 "units": image_units(group, look.dp),
                 "noise_units": _units(group["baseline_std"])}
-    hot, dead = quality.pixel_masks(mean, std)
+    from panoseti_pipeline.config import load_config
+
+    gain = load_config(None).baseline_subtract.adc_to_pe  # what step 2 judges an L1 with
+    hot, dead = quality.pixel_masks(mean, std, gain)
     units = image_units(group, look.dp)
     return {"mean": mean, "noise": std, "hot": hot, "dead": dead,
             "noise_label": "std over all frames", "units": units, "noise_units": units}

@@ -6,9 +6,11 @@
   a dip in every light curve).
 * :func:`pixel_masks`: hot and dead pixels from the per-pixel ``baseline`` and
   ``baseline_std`` (the pedestal and its noise over the frames that made the baseline),
-  with robust module-wide rules (:data:`HOT_RULE`, :data:`DEAD_RULE`), written as the uint8
-  arrays ``hot_pixel_mask`` and ``dead_pixel_mask``. The masks only describe: images
-  are not changed there.
+  with robust module-wide rules (:data:`HOT_RULE`, :data:`DEAD_RULE`; a steady star is a
+  light source, not hot), written as the uint8 arrays ``hot_pixel_mask`` and
+  ``dead_pixel_mask``. The masks only describe: images are not changed there.
+* :func:`window_check`: flagged and outlying frames in a baseline window (the
+  ``summary``'s ``warnings``).
 * :func:`chunk_summary` / :func:`combine_summaries`: the ``summary`` attribute, from one
   small partial per chunk, combined in frame order (so threads and a Dask cluster give
   the same bytes). Frame and flag counts and the time span are exact; the residual
@@ -42,9 +44,17 @@ SAMPLE_STEP = 16  # residual statistics from frames whose index % SAMPLE_STEP ==
 #: residuals are summed as integers of 1/FIXED_POINT units: float sums depend on the
 #: order and the memory alignment, and the summary must not differ between runs
 FIXED_POINT = 16
-HOT_RULE = (f"hot: baseline > median + {HOT_K:g} * max({MAD_SIGMA} * MAD, {MIN_SIGMA:g} ADC) "
-            f"or baseline_std > {NOISE_RATIO:g} * median(baseline_std); medians and MAD "
-            "over the module's pixels with a baseline and nonzero baseline_std (all quabos)")
+HOT_RULE = (f"hot: (baseline > median + {HOT_K:g} * max({MAD_SIGMA} * MAD, {MIN_SIGMA:g} ADC) "
+            f"or baseline_std > {NOISE_RATIO:g} * median(baseline_std)) and not a light "
+            "source; medians and MAD over the module's pixels with a baseline and nonzero "
+            "baseline_std (all quabos). Light source (a star): the baseline stands out as "
+            "above and the excess variance baseline_std**2 - median(baseline_std)**2 is at "
+            "least adc_per_pe * (baseline - median), the shot noise of light at that gain "
+            "(its variance grows with its level; a hot pixel's level is an offset of less "
+            "noise). Cannot tell: a hot pixel whose noise is shot noise at that gain or more "
+            "(e.g. a high dark-count rate) from a star of the same level (both a source); a "
+            "star of exactly shot noise is a source about half the time (the window's "
+            "variance estimate scatters by ~sqrt(2 / frames) around it)")
 DEAD_RULE = ("dead: baseline_std == 0 (no variance in the frames that made the baseline: "
              "always zero, or stuck) and not hot (a pixel stuck at saturation is hot)")
 
@@ -65,12 +75,18 @@ def blank_missing_quadrants(images: np.ndarray, missing: np.ndarray) -> int:
     return 0
 
 
-def pixel_masks(baseline: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(hot, dead) uint8 masks of the shape of ``baseline`` (any shape; NaN: no data).
+def pixel_masks(baseline: np.ndarray, std: np.ndarray, adc_per_pe: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(hot, dead) uint8 masks of the shape of ``baseline`` (any shape; NaN: no data);
+    ``adc_per_pe``: ADC counts per photoelectron, the gain a light source's shot noise
+    follows (:data:`HOT_RULE`).
 
     One module's pixels are judged together (all quabos of a ph256 module too). Noise is
     judged by ratio, not by MAD: the spread of per-pixel noise estimates is narrow, and
-    one outlying frame in the baseline window must not make a pixel hot.
+    one outlying frame in the baseline window must not make a pixel hot. A steady star
+    raises both the level and the noise of its pixel, as a hot pixel does; what tells it
+    apart is that its variance grows with its level as shot noise does, where a hot
+    pixel's level is an offset of little noise.
     """
     finite = np.isfinite(baseline) & np.isfinite(std)
     live = finite & (std > 0)
@@ -79,7 +95,10 @@ def pixel_masks(baseline: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.n
         level = float(np.median(baseline[live]))
         sigma = max(MAD_SIGMA * float(np.median(np.abs(baseline[live] - level))), MIN_SIGMA)
         noise = float(np.median(std[live]))
-        hot = finite & ((baseline > level + HOT_K * sigma) | (std > NOISE_RATIO * noise))
+        high = baseline > level + HOT_K * sigma
+        with np.errstate(invalid="ignore"):
+            source = high & (std * std - noise * noise >= adc_per_pe * (baseline - level))
+        hot = finite & (high | (std > NOISE_RATIO * noise)) & ~source
     dead = finite & (std == 0) & ~hot
     return hot.astype(np.uint8), dead.astype(np.uint8)
 

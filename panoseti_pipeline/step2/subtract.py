@@ -226,16 +226,17 @@ def stored_masks(baseline: Baseline, info: L0Info, m: MethodSettings
     ``hot_pixel_mask`` and ``dead_pixel_mask``, unless the method has its own
     (panoseti_analysis, (y, x)): those take the names, the pipeline's are kept beside.
     """
-    hot, dead = quality.pixel_masks(baseline.values, baseline.std)
+    hot, dead = quality.pixel_masks(baseline.values, baseline.std, m.adc_to_pe)
     ours = (hot, dead) if info.ph256 else (hot[0], dead[0])
     dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
+    attrs = {name: quality.MASK_ATTRS[name] for name in quality.MASK_ATTRS}
+    attrs["hot_pixel_mask"] = {**attrs["hot_pixel_mask"], "adc_per_pe": m.adc_to_pe}
     if baseline.own_masks is None:
-        return {name: (mask, dims, quality.MASK_ATTRS[name])
-                for name, mask in zip(quality.MASK_ATTRS, ours, strict=True)}
+        return {name: (mask, dims, attrs[name]) for name, mask in zip(attrs, ours, strict=True)}
     return ({name: (mask, ("y", "x"), ANALYSIS_MASK_ATTRS[name])
              for name, mask in zip(ANALYSIS_MASK_ATTRS, baseline.own_masks, strict=True)}
-            | {PIPELINE_MASK_NAMES[name]: (mask, dims, quality.MASK_ATTRS[name])
-               for name, mask in zip(quality.MASK_ATTRS, ours, strict=True)})
+            | {PIPELINE_MASK_NAMES[name]: (mask, dims, attrs[name])
+               for name, mask in zip(attrs, ours, strict=True)})
 
 
 def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
