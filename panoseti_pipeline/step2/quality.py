@@ -115,13 +115,14 @@ MASK_ATTRS = {
 
 OUTLIER_K = 10.0  # a window frame is outlying beyond this many robust sigmas of frame means
 OUTLIER_MIN_SIGMA = 0.1  # ADC counts: the robust sigma of frame means is at least this
-#: flags that say nothing about a frame's pixels (every frame of a GNSS-timed board)
-PIXEL_NEUTRAL_FLAGS = ("host_clock_time",)
+#: flags of frames that cannot bias a baseline: a missing quabo's quadrant is left out of
+#: it, and every frame of a GNSS-timed board has its time from the host clock
+UNBIASED_FLAGS = ("missing_quabo", "host_clock_time")
 MAX_LISTED_OUTLIERS = 20
 WINDOW_RULE = (f"outlying: frame mean (over the pixels it gives the baseline) departs from "
                f"the median of the window's frame means (per quabo for ph256) by more than "
-               f"{OUTLIER_K:g} * max({MAD_SIGMA} * MAD, {OUTLIER_MIN_SIGMA:g} ADC); flagged: "
-               "any frame_flags bit but " + ", ".join(PIXEL_NEUTRAL_FLAGS))
+               f"{OUTLIER_K:g} * max({MAD_SIGMA} * MAD, {OUTLIER_MIN_SIGMA:g} ADC); warned "
+               "of: outlying frames, and flagged frames but for " + ", ".join(UNBIASED_FLAGS))
 
 
 def frame_levels(x: np.ndarray, use: np.ndarray, aux: np.ndarray, ph256: bool
@@ -151,19 +152,18 @@ def window_check(positions: np.ndarray, levels: np.ndarray, groups: np.ndarray,
             sigma = max(MAD_SIGMA * float(np.median(np.abs(levels[mine] - centre))),
                         OUTLIER_MIN_SIGMA)
             outlying[mine] = np.abs(levels[mine] - centre) > OUTLIER_K * sigma
-    flagged = {name: int(np.count_nonzero(flags & bit)) for bit, name in FLAG_NAMES.items()
-               if name not in PIXEL_NEUTRAL_FLAGS}
-    neutral = sum(bit for bit, name in FLAG_NAMES.items() if name in PIXEL_NEUTRAL_FLAGS)
-    n_flagged = int(np.count_nonzero(flags & ~np.uint8(neutral)))
+    per_flag = {name: int(np.count_nonzero(flags & bit)) for bit, name in FLAG_NAMES.items()}
+    biasing = sum(bit for bit, name in FLAG_NAMES.items() if name not in UNBIASED_FLAGS)
+    n_flagged = int(np.count_nonzero(flags & biasing))
     where = np.sort(positions[outlying])
-    problems = [f"{n_flagged} flagged frame(s) ("
-                + ", ".join(f"{k} {v}" for k, v in flagged.items() if v) + ")"] if n_flagged \
-        else []
+    problems = [f"{n_flagged} flagged frame(s) (" + ", ".join(
+        f"{k} {v}" for k, v in per_flag.items() if v and k not in UNBIASED_FLAGS) + ")"
+                ] if n_flagged else []
     if where.size:
         problems.append(f"{where.size} outlying frame(s) (L0 frames "
                         + ", ".join(map(str, where[:5].tolist()))
                         + (", ..." if where.size > 5 else "") + ")")
-    return {"frames": len(levels), "flagged_frames": n_flagged, "frames_per_flag": flagged,
+    return {"frames": len(levels), "frames_per_flag": per_flag, "warned_flagged": n_flagged,
             "outlying_frames": int(where.size),
             "outlying_l0_frames": where[:MAX_LISTED_OUTLIERS].tolist(), "rule": WINDOW_RULE,
             "warning": ("the baseline window holds " + " and ".join(problems)
