@@ -96,6 +96,34 @@ def test_masks_find_exactly_the_planted_pixels(night, dp):
         assert all(std[p] == 0 and base[p] == 250 for p in hot)
 
 
+def test_the_hot_rule_tells_a_star_from_an_offset_but_not_from_a_dark_count_pixel():
+    """2000 frames at a gain of 1.5 ADC per photoelectron. Light on a SiPM is counted with
+    optical crosstalk (here 15 %: each photoelectron fires a second cell with that
+    chance), so its variance is above plain shot noise: a star of 450 ADC is a light
+    source, not hot. A steady offset (pedestal noise only) and the generator's hot pixels
+    (Poisson counts of 1 ADC each: less variance than light of that level) are hot. A
+    pixel with a high dark-count rate is counted as light is, and cannot be told from a
+    star: not hot either (the rule's stated limit)."""
+    from panoseti_pipeline.step2.quality import pixel_masks
+
+    rng = np.random.default_rng(11)
+    gain, n = 1.5, 2000
+
+    def counted(rate: float) -> np.ndarray:
+        first = rng.poisson(rate, n)
+        return gain * (first + rng.binomial(first, 0.15))
+
+    frames = rng.normal(100, 5, (n, 16, 16))  # pedestal and its noise
+    frames[:, 2, 3] += counted(260)  # a star, ~450 ADC
+    frames[:, 4, 5] += 450  # an offset
+    frames[:, 6, 7] += rng.poisson(1500, n)  # as synthetic.py plants hot pixels
+    frames[:, 8, 9] += counted(870)  # dark counts, ~1500 ADC
+    hot, _ = pixel_masks(frames.mean(axis=0), frames.std(axis=0), gain)
+    assert sorted(map(tuple, np.argwhere(hot).tolist())) == [(4, 5), (6, 7)]
+    strict, _ = pixel_masks(frames.mean(axis=0), frames.std(axis=0), 1000.0)
+    assert strict[2, 3] and strict[8, 9]  # at an absurd gain no light is bright enough
+
+
 def test_ph256_masks_are_per_quabo(night):
     """The generator's ph256 'star' pixel (y, x) = (5, 5) fires in every event of every
     quabo (200-3000 ADC above the pedestal, a spread far above the shot noise of its
