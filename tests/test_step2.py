@@ -374,6 +374,30 @@ def test_flagged_frames_in_the_window_are_warned(tmp_path):
     assert f"holds {late} flagged frame(s) (out_of_order {late})" in warning
 
 
+def test_a_quabo_that_rarely_fires_leaves_chunks_without_window_frames(tmp_path):
+    """ph256 whose quabo 3 fires only in the last 30 of 1000 frames: the chunks between
+    the other quabos' windows and those frames feed no baseline, and the window check
+    still counts every window frame."""
+    n = 1000
+    rng = np.random.default_rng(5)
+    spec = synthetic_obs.StreamSpec(dp="ph256")
+    times = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9 + np.arange(n) * 10**6
+    headers = synthetic_obs.synth_headers(rng, spec, times, first_pkt=0)
+    headers["quabo_num"] = np.where(np.arange(n) < n - 30, rng.integers(0, 3, n), 3)
+    path = tmp_path / synthetic_obs.file_name(spec, synthetic_obs.DEFAULT_START, 0)
+    with open(path, "wb") as f:
+        pff.write_frames(f, "ph256", synthetic_obs.synth_images(rng, spec, n, 0), headers)
+    l0, l1 = tmp_path / "L0.zarr", tmp_path / "L1.zarr"
+    cfg = write_config(tmp_path / "c.toml")
+    assert step1_pff_to_zarr.main([str(path), str(l0), str(cfg), "--quiet"]) == 0
+    assert run_step2(l0, l1, cfg) == 0
+    frames = zarr.open_group(str(l1), mode="r").attrs["baseline_frames"]
+    assert [q["count"] for q in frames["per_quabo"]] == [100, 100, 100, 30]
+    last = max(q["last"] for q in frames["per_quabo"][:3])
+    assert (last // 160 + 2) * 160 < n - 30  # a whole chunk of 160 frames between
+    assert frames["window_check"]["frames"] == 330
+
+
 def test_run_summary_names_the_product_with_the_warning(stores, tmp_path):
     """run.sh's summary and run record take the warnings of the L1 stores they list."""
     from panoseti_pipeline.driver import record

@@ -130,7 +130,7 @@ def frame_levels(x: np.ndarray, use: np.ndarray, aux: np.ndarray, ph256: bool
     """(mean level, group) of every frame of ``x``: the mean of the pixels it gives a
     baseline (a missing quabo's quadrant left out), and its quabo (ph256) or 0."""
     if ph256:
-        return x.reshape(len(x), -1).mean(axis=1), aux.astype(np.int8)
+        return x.mean(axis=(1, 2)), aux.astype(np.int8)
     quadrant = QUADRANT[: x.shape[1], : x.shape[2]]
     sums = np.stack([x[:, quadrant == q].sum(axis=1, dtype=np.float64)
                      for q in range(pff.N_QUABOS)], axis=1)
