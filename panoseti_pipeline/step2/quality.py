@@ -44,17 +44,22 @@ SAMPLE_STEP = 16  # residual statistics from frames whose index % SAMPLE_STEP ==
 #: residuals are summed as integers of 1/FIXED_POINT units: float sums depend on the
 #: order and the memory alignment, and the summary must not differ between runs
 FIXED_POINT = 16
+#: a light source's excess variance is at least SHOT_FACTOR x its shot noise at the gain:
+#: light counted by a SiPM has more than shot noise (optical crosstalk, scintillation),
+#: and a hot pixel whose window holds a few outlying values (which a plain mean's
+#: baseline_std takes in) must not pass for one
+SHOT_FACTOR = 2.0
 HOT_RULE = (f"hot: (baseline > median + {HOT_K:g} * max({MAD_SIGMA} * MAD, {MIN_SIGMA:g} ADC) "
             f"or baseline_std > {NOISE_RATIO:g} * median(baseline_std)) and not a light "
             "source; medians and MAD over the module's pixels with a baseline and nonzero "
             "baseline_std (all quabos). Light source (a star): the baseline stands out as "
             "above and the excess variance baseline_std**2 - median(baseline_std)**2 is at "
-            "least adc_per_pe * (baseline - median), the shot noise of light at that gain "
-            "(its variance grows with its level; a hot pixel's level is an offset of less "
-            "noise). Cannot tell: a hot pixel whose noise is shot noise at that gain or more "
-            "(e.g. a high dark-count rate) from a star of the same level (both a source); a "
-            "star of exactly shot noise is a source about half the time (the window's "
-            "variance estimate scatters by ~sqrt(2 / frames) around it)")
+            f"least {SHOT_FACTOR:g} * adc_per_pe * (baseline - median), {SHOT_FACTOR:g} x the "
+            "shot noise of light at that gain (light's variance grows with its level; a hot "
+            "pixel's level is an offset of less noise). Cannot tell: a hot pixel whose "
+            "noise is that large (e.g. a high dark-count rate with crosstalk) from a star of "
+            "the same level (both a source); a star of less variance (faint and steady: "
+            "plain shot noise) is marked hot")
 DEAD_RULE = ("dead: baseline_std == 0 (no variance in the frames that made the baseline: "
              "always zero, or stuck) and not hot (a pixel stuck at saturation is hot)")
 
@@ -79,7 +84,7 @@ def pixel_masks(baseline: np.ndarray, std: np.ndarray, adc_per_pe: float
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(hot, dead) uint8 masks of the shape of ``baseline`` (any shape; NaN: no data);
     ``adc_per_pe``: ADC counts per photoelectron, the gain a light source's shot noise
-    follows (:data:`HOT_RULE`).
+    follows (:data:`HOT_RULE`, :data:`SHOT_FACTOR`).
 
     One module's pixels are judged together (all quabos of a ph256 module too). Noise is
     judged by ratio, not by MAD: the spread of per-pixel noise estimates is narrow, and
@@ -97,7 +102,8 @@ def pixel_masks(baseline: np.ndarray, std: np.ndarray, adc_per_pe: float
         noise = float(np.median(std[live]))
         high = baseline > level + HOT_K * sigma
         with np.errstate(invalid="ignore"):
-            source = high & (std * std - noise * noise >= adc_per_pe * (baseline - level))
+            source = high & (std * std - noise * noise
+                             >= SHOT_FACTOR * adc_per_pe * (baseline - level))
         hot = finite & (high | (std > NOISE_RATIO * noise)) & ~source
     dead = finite & (std == 0) & ~hot
     return hot.astype(np.uint8), dead.astype(np.uint8)
@@ -106,7 +112,7 @@ def pixel_masks(baseline: np.ndarray, std: np.ndarray, adc_per_pe: float
 MASK_ATTRS = {
     "hot_pixel_mask": {"long_name": "hot pixels (1 = hot)", "rule": HOT_RULE,
                        "hot_k": HOT_K, "noise_ratio": NOISE_RATIO, "mad_sigma": MAD_SIGMA,
-                       "min_sigma_adc": MIN_SIGMA},
+                       "min_sigma_adc": MIN_SIGMA, "shot_factor": SHOT_FACTOR},
     "dead_pixel_mask": {"long_name": "dead pixels (1 = dead)", "rule": DEAD_RULE},
 }
 
