@@ -61,7 +61,8 @@ DEFAULTS_SOURCE = "<defaults>"
 
 CODECS = ("blosc-lz4", "zstd", "gzip", "none")
 SHUFFLES = ("bit", "byte", "none")
-BASELINE_METHODS = ("mean", "median", "image_median", "ph_pedestal", "panoseti_analysis")
+BASELINE_METHODS = ("clipped_mean", "mean", "median", "image_median", "ph_pedestal",
+                    "panoseti_analysis")
 L1_LAYOUTS = ("pipeline", "panoseti_analysis")
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)  # divisors of a module image's side
 CLUSTER_TYPES = ("local", "ssh", "slurm", "scheduler")
@@ -488,9 +489,11 @@ class BaselineConfig(_Section):
     section: ClassVar[str] = "baseline_subtract"
 
     method: str = key(
-        "mean",
-        "mean | median of the first baseline_window frames, image_median, ph_pedestal, "
-        "panoseti_analysis (the PANOSETI analysis code's ph or img calibration)",
+        "clipped_mean",
+        "clipped_mean | mean | median of the first baseline_window frames (clipped_mean: "
+        "the mean of the values within 3.5 robust sigmas of the median, so a flash there "
+        "does not bias it), image_median, ph_pedestal, panoseti_analysis (the PANOSETI "
+        "analysis code's ph or img calibration)",
         choices=BASELINE_METHODS,
     )
     baseline_window: int = key(200, "frames that make the baseline", lo=1)
@@ -502,7 +505,8 @@ class BaselineConfig(_Section):
     shard_factor: int = _SHARDS.field(64)
     frame_step: int = key(10, "image_median: use every frame_step-th frame", lo=1)
     adc_to_pe: float = key(1.5, "image_median, panoseti_analysis (img): ADC counts per "
-                                "photoelectron", above=0)
+                                "photoelectron; every method: the gain whose shot noise "
+                                "tells a star from a hot pixel", above=0)
     block_size: int = key(8, "image_median, panoseti_analysis (img): side of the spatial "
                              "median blocks (pixels; divides 32)", lo=1, hi=32)
     sigma_threshold: float = key(3.0, "ph_pedestal: pedestal cut in standard deviations", above=0)

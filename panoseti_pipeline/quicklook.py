@@ -7,7 +7,9 @@
   standard deviation over all frames) with hot (x) and dead (o) pixels marked (L1: its
   masks; L0: the same rule, :func:`panoseti_pipeline.step2.quality.pixel_masks`, applied
   to its mean and noise), on the 32x32 module grid with the quadrant borders drawn
-  (ph256: each quabo's 16x16 image placed in its quadrant);
+  (ph256: each quabo's 16x16 image placed in its quadrant); dead pixels grey, the
+  colours spanning the 1st-99th percentile of the other pixels that are not hot
+  (:func:`shown`);
 * img8, img16: the light curve of the module sum (measured pixels: NaN and a missing
   quabo's quadrant left out), downsampled to at most 2000 bins (mean, min-max band);
   ph256, ph1024 (a frame is one event, ph256's of one quabo): the summed pulse height
@@ -122,7 +124,10 @@ def pixel_maps(look: Look, group: Any, level: str) -> dict[str, np.ndarray]:
                 "noise_label": "baseline_std (pedestal noise)",
                 "units": image_units(group, look.dp),
                 "noise_units": _units(group["baseline_std"])}
-    hot, dead = quality.pixel_masks(mean, std)
+    from panoseti_pipeline.config import load_config
+
+    gain = load_config(None).baseline_subtract.adc_to_pe  # what step 2 judges an L1 with
+    hot, dead = quality.pixel_masks(mean, std, gain)
     units = image_units(group, look.dp)
     return {"mean": mean, "noise": std, "hot": hot, "dead": dead,
             "noise_label": "std over all frames", "units": units, "noise_units": units}
@@ -150,6 +155,25 @@ def module_grid(planes: np.ndarray) -> np.ndarray:
     for q, (ys, xs) in QUADRANT_SLICES.items():
         out[ys, xs] = planes[q]
     return out
+
+
+#: the colour range of the pixel maps: these percentiles of the pixels neither hot nor dead
+COLOUR_PERCENTILES = (1.0, 99.0)
+
+
+def shown(values: np.ndarray, hot: np.ndarray, dead: np.ndarray
+          ) -> tuple[np.ma.MaskedArray, float | None, float | None]:
+    """A pixel map as drawn: dead pixels masked (grey: their 0 is no measurement, and
+    must not look like the brightest or darkest pixel), and the colour range
+    :data:`COLOUR_PERCENTILES` of the other pixels that are not hot (hot pixels and
+    outliers take the end colours); None: matplotlib's range (no such pixel)."""
+    values = np.ma.masked_where(dead.astype(bool) | ~np.isfinite(values), values)
+    typical = values.filled(np.nan)[~hot.astype(bool)]
+    typical = typical[np.isfinite(typical)]
+    if not typical.size:
+        return values, None, None
+    low, high = (float(v) for v in np.percentile(typical, COLOUR_PERCENTILES))
+    return values, low, max(high, low + 1e-6)  # a flat map still gets a range
 
 
 def render(look: Look, maps: dict[str, Any], out: Path) -> Path:
@@ -187,9 +211,12 @@ def figure(look: Look, maps: dict[str, Any]) -> Any:
                                               ("noise", maps["noise_label"],
                                                maps["noise_units"]))):
         ax = fig.add_subplot(grid[0, col])
-        image = ax.imshow(module_grid(maps[key]), origin="upper", cmap="viridis",
+        values, low, high = shown(module_grid(maps[key]), hot, dead)
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+        image = ax.imshow(values, origin="upper", cmap=cmap, vmin=low, vmax=high,
                           interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(unit, fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+                     extend="both").set_label(unit, fontsize=8)
         for line in (15.5,):
             ax.axhline(line, color="white", lw=1)
             ax.axvline(line, color="white", lw=1)

@@ -96,15 +96,48 @@ def test_masks_find_exactly_the_planted_pixels(night, dp):
         assert all(std[p] == 0 and base[p] == 250 for p in hot)
 
 
+def test_the_hot_rule_tells_a_twinkling_star_from_an_offset_not_a_steady_one():
+    """2000 frames at a gain of 1.5 ADC per photoelectron, light counted with 15 % optical
+    crosstalk (each photoelectron fires a second SiPM cell with that chance). A star of
+    ~450 ADC that twinkles (15 % scintillation: variance ~8x its shot noise) is a light
+    source, not hot. A steady offset (pedestal noise only), the generator's hot pixels
+    (Poisson counts of 1 ADC each) and dark counts (~1.3x shot noise) are hot; so is a
+    steady star of the same statistics: the rule's stated limit."""
+    from panoseti_pipeline.step2.quality import SHOT_FACTOR, pixel_masks
+
+    rng = np.random.default_rng(11)
+    gain, n = 1.5, 2000
+
+    def counted(rate: float | np.ndarray) -> np.ndarray:
+        first = rng.poisson(rate, n)
+        return gain * (first + rng.binomial(first, 0.15))
+
+    frames = rng.normal(100, 5, (n, 16, 16))  # pedestal and its noise
+    frames[:, 2, 3] += counted(260 * np.clip(1 + 0.15 * rng.normal(size=n), 0, None))
+    frames[:, 4, 5] += 450  # an offset
+    frames[:, 6, 7] += rng.poisson(1500, n)  # as synthetic.py plants hot pixels
+    frames[:, 8, 9] += counted(870)  # dark counts, ~1500 ADC
+    frames[:, 10, 11] += counted(260)  # a steady star, ~450 ADC
+    base, std = frames.mean(axis=0), frames.std(axis=0)
+    hot, _ = pixel_masks(base, std, gain)
+    assert sorted(map(tuple, np.argwhere(hot).tolist())) == [(4, 5), (6, 7), (8, 9), (10, 11)]
+    excess = (std**2 - np.median(std) ** 2) / (gain * (base - np.median(base)))
+    assert excess[2, 3] > 2 * SHOT_FACTOR and excess[10, 11] < SHOT_FACTOR / 1.3  # margins
+
+
 def test_ph256_masks_are_per_quabo(night):
     """The generator's ph256 'star' pixel (y, x) = (5, 5) fires in every event of every
-    quabo (200-3000 ADC above the pedestal): a hot pixel by any rule, besides the
-    planted ones."""
+    quabo (200-3000 ADC above the pedestal, a spread far above the shot noise of its
+    level at adc_to_pe): a light source, not hot; the planted hot pixels (Poisson counts
+    1500 above the pedestal, less excess variance than twice that shot noise) are hot."""
     l1 = zarr.open_group(str(night["ph256"][1]), mode="r")
     hot, dead = synthetic.bad_pixels(synthetic.StreamSpec(dp="ph256"), seed=3)
     got_hot = sorted(map(tuple, np.argwhere(l1["hot_pixel_mask"][:] == 1).tolist()))
     assert l1["hot_pixel_mask"].metadata.dimension_names == ("quabo", "y", "x")
-    assert got_hot == sorted([*hot, *((q, 5, 5) for q in range(4))])
+    assert got_hot == sorted(hot)
+    base, std = l1["baseline"][:], l1["baseline_std"][:]
+    star = (slice(None), 5, 5)
+    assert (base[star] > 1000).all() and (std[star] > 10 * np.median(std)).all()  # it is bright
     assert sorted(map(tuple, np.argwhere(l1["dead_pixel_mask"][:] == 1).tolist())) == \
         sorted(dead)
     assert not np.isnan(l1["images"][:]).any()  # a ph256 frame is one quabo: none missing

@@ -40,7 +40,7 @@ WINDOW = 50
 CONFIG = from_dict({"cluster": {"use_dask": False},
                     "pff_to_zarr": {"time_chunk": 128, "shard_factor": 2},
                     "baseline_subtract": {"compute_chunk_size": 128, "shard_factor": 2,
-                                          "baseline_window": WINDOW}})
+                                          "baseline_window": WINDOW, "method": "mean"}})
 
 
 @dataclasses.dataclass(frozen=True)

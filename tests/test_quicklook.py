@@ -131,6 +131,31 @@ def colorbars(fig) -> list:
     return [image.colorbar for ax in fig.axes for image in ax.images if image.colorbar]
 
 
+@pytest.mark.parametrize("name", ["img16_L0.zarr", "img16_L1.zarr"])
+def test_dead_pixels_are_grey_and_the_colours_span_the_typical_pixels(stores, name):
+    """A dead pixel (always 0) is no measurement: masked (drawn grey), not the darkest or
+    brightest colour, and neither it nor a hot pixel sets the colour range."""
+    import matplotlib.pyplot as plt
+
+    look, fig, axes = figure_of(next(s for s in stores if s.name == name))
+    _, maps = quicklook.accumulate(next(s for s in stores if s.name == name))
+    try:
+        hot, dead = synthetic.bad_pixels(synthetic.StreamSpec(dp="img16"), seed=5)
+        mean_image = next(ax for title, _x, _y, ax in axes if title == "mean image").images[0]
+        shown = mean_image.get_array()
+        assert all(shown.mask[y, x] for y, x in dead)
+        assert not any(shown.mask[y, x] for y, x in hot)
+        typical = np.ones((32, 32), bool)
+        for y, x in [*hot, *dead]:
+            typical[y, x] = False
+        low, high = np.percentile(maps["mean"][0][typical], [1, 99])
+        assert mean_image.norm.vmin == pytest.approx(low)
+        assert mean_image.norm.vmax == pytest.approx(high)
+        assert high - low < 200  # the hot pixels (~1500 ADC above) are out of the range
+    finally:
+        plt.close(fig)
+
+
 @pytest.mark.parametrize("index", range(4))
 def test_every_axis_and_colour_bar_says_its_unit(stores, index):
     """Pixels of L0 and of our L1 methods are ADC counts: every colour bar and y axis of

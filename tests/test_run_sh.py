@@ -581,12 +581,13 @@ def test_a_product_made_with_other_settings_is_skipped_saying_so(data: Data,
     l0, l1 = tmp_path / f"{data.file_a.stem}_L0.zarr", out / f"{data.file_a.stem}_L1.zarr"
     assert step1.main([str(data.file_a), str(l0), str(made), "--quiet"]) == 0
     assert step2.main([str(l0), str(l1), "--config", str(made), "--quiet"]) == 0
-    now = write_config(tmp_path / "mean.toml", "local",
+    now = write_config(tmp_path / "now.toml", "local",  # the shipped method: clipped_mean
                        pff_to_zarr={"num_workers": 1, "time_chunk": 256})  # speed only
     plan, *_ = driver_plan.make_plan([str(data.file_a)], str(now), str(out))
     (job,) = plan.jobs
     assert job.action == "skip"
-    assert job.made_otherwise == 'made with method = "median"; this config: method = "mean"'
+    assert job.made_otherwise == ('made with method = "median"; this config: '
+                                  'method = "clipped_mean"')
     assert f"{l1}: complete product already there, skipped; {job.made_otherwise}; " \
         "--overwrite redoes it" in plan.notices
     status = driver_record.job_status({"action": "skip",

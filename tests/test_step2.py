@@ -24,7 +24,9 @@ from panoseti_pipeline.cli import step2 as step2_dask_baseline
 from panoseti_pipeline.config import load_config
 
 N_FRAMES = 600
-METHODS = ("mean", "median", "image_median", "ph_pedestal")
+METHODS = ("clipped_mean", "mean", "median", "image_median", "ph_pedestal")
+#: the method of a config that names none
+SHIPPED = load_config(None).baseline_subtract.method
 #: quadrant of quabo q in a module image (PFF_FORMAT.md §5), written out independently
 QUADRANTS = {0: (slice(0, 16), slice(0, 16)), 1: (slice(0, 16), slice(16, 32)),
              2: (slice(16, 32), slice(16, 32)), 3: (slice(16, 32), slice(0, 16))}
@@ -86,6 +88,25 @@ def run_step2(l0: Path, l1: Path, cfg: Path, *extra: str) -> int:
 # --------------------------------------------------------------------------- reference
 
 
+def clipped_mean(masked: np.ndarray) -> np.ndarray:
+    """Per element (axis 0, NaN: no value), the mean of the values within 3.5 sigma of the
+    median, sigma = max(min(median - Q1, Q3 - median) / 0.6745, 1), Q1 and Q3 the values
+    of rank (n-1)//4 and n-1-(n-1)//4 of the n values (0 = smallest)."""
+    n = np.isfinite(masked).sum(axis=0)
+    ordered = np.sort(masked, axis=0)  # NaN last
+
+    def rank(r: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(ordered, np.clip(r, 0, None)[None], axis=0)[0]
+
+    median = (rank((n - 1) // 2) + rank(n // 2)) / 2
+    quarter = (n - 1) // 4
+    half = np.minimum(median - rank(quarter), rank(n - 1 - quarter) - median)
+    sigma = np.maximum(half / 0.6745, 1.0)
+    with np.errstate(invalid="ignore"):
+        kept = np.where(np.abs(masked - median) <= 3.5 * sigma, masked, np.nan)
+    return np.nanmean(kept, axis=0)
+
+
 def quantize(base: np.ndarray, quantum: float) -> np.ndarray:
     """The baseline rounded to the nearest multiple of quantum (ties to even; 0: as is)."""
     return np.round(base / quantum) * quantum if quantum else base
@@ -116,7 +137,8 @@ def reference(l0: Path, method: str, window: int = 100, frame_step: int = 10,
         frame_group = np.zeros(n, int)
         x = np.where(valid[:, 0], x, np.nan)  # a missing quabo's quadrant: NaN in L1
     chosen = np.ones(valid.shape[:2], bool)
-    if method in ("mean", "median"):
+    window_method = method in ("mean", "median", "clipped_mean")
+    if window_method:
         if ph256:  # the first `window` frames of each quabo
             chosen[:] = False
             for q in range(4):
@@ -126,9 +148,10 @@ def reference(l0: Path, method: str, window: int = 100, frame_step: int = 10,
     elif method == "image_median":
         chosen[t % frame_step != 0] = False
     masked = np.where(valid & chosen[:, :, None, None], x[:, None], np.nan)
-    if method in ("mean", "median"):
-        base = quantize((np.nanmean if method == "mean" else np.nanmedian)(masked, axis=0),
-                        quantum)
+    if window_method:
+        statistic = {"mean": lambda a: np.nanmean(a, axis=0), "clipped_mean": clipped_mean,
+                     "median": lambda a: np.nanmedian(a, axis=0)}[method]
+        base = quantize(statistic(masked), quantum)
         return x - base[frame_group], base
     if method == "image_median":
         s = masked[chosen.any(axis=1)]
@@ -194,8 +217,8 @@ def test_method_matches_float64_reference(stores, tmp_path, dp, method):
 
 
 @pytest.mark.parametrize("dp", ["img8", "ph1024"])
-def test_other_products_mean_and_median(stores, tmp_path, dp):
-    for method in ("mean", "median"):
+def test_other_products_window_methods(stores, tmp_path, dp):
+    for method in ("mean", "median", "clipped_mean"):
         l1 = tmp_path / f"{method}.zarr"
         assert run_step2(stores[dp], l1, write_config(tmp_path / "c.toml", method=method)) == 0
         want, want_base = reference(stores[dp], method)
@@ -207,7 +230,7 @@ def test_other_products_mean_and_median(stores, tmp_path, dp):
 def test_exact_float_baseline_with_quantum_zero(stores, tmp_path):
     """baseline_quantum = 0: the float mean itself is subtracted (not a multiple of a step)."""
     l1 = tmp_path / "L1.zarr"
-    cfg = write_config(tmp_path / "c.toml", baseline_quantum=0)
+    cfg = write_config(tmp_path / "c.toml", baseline_quantum=0, method="mean")
     assert run_step2(stores["img16"], l1, cfg) == 0
     want, want_base = reference(stores["img16"], "mean", quantum=0)
     g = zarr.open_group(str(l1), mode="r")
@@ -241,13 +264,13 @@ def test_l1_images_are_float32_never_wrapped(stores, tmp_path):
     assert images.dtype == np.float32
     assert (images < 0).sum() > images.size // 4  # noise around the baseline
     assert np.nanmax(images) < l0.max()  # NaN: the missing quabo's quadrant
-    want, _ = reference(stores["img16"], "mean")
+    want, _ = reference(stores["img16"], SHIPPED)
     assert_float32_close(images, want, 5000)
 
 
 def test_missing_quabo_frames_do_not_enter_the_baseline(stores, tmp_path):
     l1 = tmp_path / "L1.zarr"
-    cfg = write_config(tmp_path / "c.toml", baseline_window=500)
+    cfg = write_config(tmp_path / "c.toml", baseline_window=500, method="mean")
     assert run_step2(stores["img16"], l1, cfg) == 0
     g = zarr.open_group(str(l1), mode="r")
     frames = g.attrs["baseline_frames"]["per_quabo"]
@@ -277,8 +300,119 @@ def test_window_larger_than_the_data_uses_all_frames(stores, tmp_path, capsys):
     frames = g.attrs["baseline_frames"]
     assert frames["window_truncated"] is True and frames["window_requested"] == 100000
     assert g.attrs["baseline_window"] == 100000
-    want, want_base = reference(stores["ph1024"], "mean", window=300)
+    want, want_base = reference(stores["ph1024"], SHIPPED, window=300)
     assert_float32_close(g["baseline"][:], want_base[0], 1000)
+
+
+# --------------------------------------------------------------------------- transients
+
+#: the generator's flash: +150 ADC in every pixel of frames 150-154 (synth_images)
+FLASH = range(150, 155)
+#: |L1 residual| of quiet frames that the shipped method stays within, flash or not
+#: (measured: +0.04 ADC with the flash in a 200-frame window, +0.07 for a clean 100-frame
+#: window; "mean": -3.75 and +0.01)
+QUIET_TOLERANCE = 0.15
+
+
+def quiet_residual(l1: Path) -> float:
+    """Mean L1 residual of the frames after the baseline window (no flash, all pixels)."""
+    return float(np.nanmean(zarr.open_group(str(l1), mode="r")["images"][300:]))
+
+
+def test_shipped_method_is_not_biased_by_a_flash_in_its_window(stores, tmp_path, capsys):
+    """The flash falls in a 200-frame window: "mean" offsets every quiet frame by about
+    -150 * 5 / 200 ADC, the shipped method stays near zero and keeps L0 = L1 + baseline;
+    the summary warns of the flash's frames, once, naming them."""
+    got = {}
+    for method in ("mean", SHIPPED):
+        l1 = tmp_path / f"{method}.zarr"
+        cfg = write_config(tmp_path / f"{method}.toml", baseline_window=200,
+                           **({"method": method} if method == "mean" else {}))
+        assert step2_dask_baseline.main([str(stores["img16"]), str(l1), "--config",
+                                         str(cfg)]) == 0
+        got[method] = quiet_residual(l1)
+        g = zarr.open_group(str(l1), mode="r")
+        assert g.attrs["baseline_method"] == method
+        check = g.attrs["baseline_frames"]["window_check"]
+        assert check["outlying_l0_frames"] == list(FLASH) and check["frames"] == 200
+        (warning,) = g.attrs["summary"]["warnings"]
+        assert "5 outlying frame(s) (L0 frames 150, 151, 152, 153, 154)" in warning
+        assert "flagged" not in warning  # its missing-quabo frames are left out anyway
+        assert f"warning: {warning}" in capsys.readouterr().err
+        assert_inverts_to_l0(stores["img16"], l1)
+    assert SHIPPED == "clipped_mean"
+    assert got["mean"] < -3.5  # 750 / 200 (quadrant 0: 750 / 197, frames 3 and 57 out)
+    assert abs(got[SHIPPED]) < QUIET_TOLERANCE
+
+
+def test_clean_window_gives_no_warning(stores, tmp_path):
+    """The first 100 frames hold no flash (and two missing-quabo frames, which cannot
+    bias the baseline): no warning, and the shipped baseline is close to the mean."""
+    l1 = tmp_path / "L1.zarr"
+    assert run_step2(stores["img16"], l1, write_config(tmp_path / "c.toml")) == 0
+    g = zarr.open_group(str(l1), mode="r")
+    check = g.attrs["baseline_frames"]["window_check"]
+    assert check["outlying_frames"] == 0 and check["warning"] is None
+    assert check["frames_per_flag"]["missing_quabo"] == 2  # frames 3 and 57
+    assert g.attrs["summary"]["warnings"] == []
+    assert abs(quiet_residual(l1)) < QUIET_TOLERANCE
+
+
+def test_flagged_frames_in_the_window_are_warned(tmp_path):
+    """A frame whose time jumps back 2 s (flagged out_of_order by step 1) in the window."""
+    spec = synthetic_obs.StreamSpec(dp="img16", frames_per_file=300, files=1,
+                                    faults=frozenset({"out_of_order"}))
+    (pff_file,) = synthetic_obs.write_stream(tmp_path, spec)
+    l0, l1 = tmp_path / "L0.zarr", tmp_path / "L1.zarr"
+    cfg = write_config(tmp_path / "c.toml", fail_on_suspect=False)
+    assert step1_pff_to_zarr.main([str(pff_file), str(l0), str(cfg), "--quiet"]) == 0
+    assert run_step2(l0, l1, cfg) == 0
+    flags = zarr.open_group(str(l0), mode="r")["frame_flags"][:100]
+    late = int(np.count_nonzero(flags & pff.FLAG_OUT_OF_ORDER))
+    assert late >= 1
+    (warning,) = zarr.open_group(str(l1), mode="r").attrs["summary"]["warnings"]
+    assert f"holds {late} flagged frame(s) (out_of_order {late})" in warning
+
+
+def test_a_quabo_that_rarely_fires_leaves_chunks_without_window_frames(tmp_path):
+    """ph256 whose quabo 3 fires only in the last 30 of 1000 frames: the chunks between
+    the other quabos' windows and those frames feed no baseline, and the window check
+    still counts every window frame."""
+    n = 1000
+    rng = np.random.default_rng(5)
+    spec = synthetic_obs.StreamSpec(dp="ph256")
+    times = int(synthetic_obs.DEFAULT_START.timestamp()) * 10**9 + np.arange(n) * 10**6
+    headers = synthetic_obs.synth_headers(rng, spec, times, first_pkt=0)
+    headers["quabo_num"] = np.where(np.arange(n) < n - 30, rng.integers(0, 3, n), 3)
+    path = tmp_path / synthetic_obs.file_name(spec, synthetic_obs.DEFAULT_START, 0)
+    with open(path, "wb") as f:
+        pff.write_frames(f, "ph256", synthetic_obs.synth_images(rng, spec, n, 0), headers)
+    l0, l1 = tmp_path / "L0.zarr", tmp_path / "L1.zarr"
+    cfg = write_config(tmp_path / "c.toml")
+    assert step1_pff_to_zarr.main([str(path), str(l0), str(cfg), "--quiet"]) == 0
+    assert run_step2(l0, l1, cfg) == 0
+    frames = zarr.open_group(str(l1), mode="r").attrs["baseline_frames"]
+    assert [q["count"] for q in frames["per_quabo"]] == [100, 100, 100, 30]
+    last = max(q["last"] for q in frames["per_quabo"][:3])
+    assert (last // 160 + 2) * 160 < n - 30  # a whole chunk of 160 frames between
+    assert frames["window_check"]["frames"] == 330
+
+
+def test_run_summary_names_the_product_with_the_warning(stores, tmp_path):
+    """run.sh's summary and run record take the warnings of the L1 stores they list."""
+    from panoseti_pipeline.driver import record
+
+    flash, clean = tmp_path / "flash.zarr", tmp_path / "clean.zarr"
+    assert run_step2(stores["img16"], flash,
+                     write_config(tmp_path / "f.toml", baseline_window=200)) == 0
+    assert run_step2(stores["img16"], clean, write_config(tmp_path / "c.toml")) == 0
+    state = {"steps": [2], "jobs": [
+        {"name": name, "l0": "", "l1": str(path), "action": "run", "steps": {}}
+        for name, path in (("night_a", flash), ("night_b", clean))]}
+    for i in range(2):
+        record.record_step(state, i, 2, "ok")
+    (warning,) = zarr.open_group(str(flash), mode="r").attrs["summary"]["warnings"]
+    assert record.warning_lines(state) == [f"warning: 1. night_a: {warning}"]
 
 
 # --------------------------------------------------------------------------- layout
@@ -350,7 +484,7 @@ def test_xarray_opens_l1_with_time_index_and_baseline(stores, tmp_path):
     tree = xr.open_datatree(l1, engine="zarr")
     assert tree.ds["quabo_num"].dims == ("time",)
     assert tree.ds["baseline"].shape == (4, 16, 16)
-    want, _ = reference(stores["ph256"], "mean")
+    want, _ = reference(stores["ph256"], SHIPPED)
     np.testing.assert_allclose(ds["images"].values, want, atol=1e-3)
 
 

@@ -121,7 +121,7 @@ def write_summary(state_file: str, exit_code: int, log: str, cluster_address: st
         cluster_log and Path(cluster_log).is_file()) else ""
     print()
     print("\n".join(record.summary_table(state)))
-    for line in record.failure_lines(state):
+    for line in record.failure_lines(state) + record.warning_lines(state):
         print(line)
     out = Path(state["output_dir"])
     if not out.is_dir():

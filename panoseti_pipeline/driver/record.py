@@ -74,8 +74,9 @@ def _epoch(text: str) -> float:
 
 
 def _store_facts(store: str) -> dict[str, Any]:
-    """Bytes and frames of a product, and what step 1 skipped of its input (a degraded
-    conversion: corrupt byte ranges re-synchronised over, PFF_FORMAT.md)."""
+    """Bytes and frames of a product, what step 1 skipped of its input (a degraded
+    conversion: corrupt byte ranges re-synchronised over, PFF_FORMAT.md), and the
+    warnings of step 2's summary (e.g. a flash in the baseline window)."""
     facts: dict[str, Any] = {"bytes": store_files.store_bytes(store)}
     shape = images_shape(Path(store))
     if shape:
@@ -99,6 +100,10 @@ def _store_facts(store: str) -> dict[str, Any]:
     skipped = skipped_ranges(attrs)
     if skipped:
         facts["skipped"] = skipped
+    summary = attrs.get("summary")
+    warnings = summary.get("warnings") if isinstance(summary, dict) else None
+    if warnings and isinstance(warnings, list):
+        facts["warnings"] = [str(w) for w in warnings]
     return facts
 
 
@@ -127,6 +132,8 @@ def record_step(state: dict[str, Any], job_index: int, step: int, status: str, *
                 job["frames"] = facts["frames"]
             if "skipped" in facts:
                 job["skipped"] = facts["skipped"]
+            if "warnings" in facts:
+                job["warnings"] = facts["warnings"]
     job["steps"][str(step)] = entry
     if l0_removed:
         job["l0_removed"] = True
@@ -219,6 +226,12 @@ def failure_lines(state: dict[str, Any]) -> list[str]:
     return lines
 
 
+def warning_lines(state: dict[str, Any]) -> list[str]:
+    """One line per warning of a product (its L1 summary's), naming it."""
+    return [f"warning: {k}. {job['name']}: {w}"
+            for k, job in enumerate(state["jobs"], 1) for w in job.get("warnings", [])]
+
+
 def measure_skipped(state: dict[str, Any]) -> None:
     """Sizes and frames of the products an earlier run made (the skipped jobs)."""
     for job in state["jobs"]:
@@ -228,6 +241,8 @@ def measure_skipped(state: dict[str, Any]) -> None:
             job["l1_bytes" if job["l1"] else "l0_bytes"] = facts["bytes"]
             job.update({k: facts[k] for k in ("pff_to_l0", "l1_to_l0") if k in facts})
             job.setdefault("frames", facts.get("frames"))
+            if "warnings" in facts:
+                job["warnings"] = facts["warnings"]
 
 
 # --------------------------------------------------------------------------- run record
@@ -278,7 +293,7 @@ def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
                  "l0_bytes": job.get("l0_bytes"), "l1_bytes": job.get("l1_bytes"),
                  "l0_removed": job.get("l0_removed", False),
                  "l0_kept": steps == [1, 2] and store_files.is_published(job["l0"], "L0"),
-                 "skipped_ranges": job.get("skipped")}
+                 "skipped_ranges": job.get("skipped"), "warnings": job.get("warnings")}
         for step, info in sorted(job.get("steps", {}).items()):
             entry[f"step{step}"] = info
         inputs.append(entry)

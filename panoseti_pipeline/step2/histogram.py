@@ -1,11 +1,13 @@
-"""Exact per-pixel statistics of integer frames: moments, histograms, the exact median.
+"""Exact per-pixel statistics of integer frames: moments, histograms, ranks, the median.
 
-L0 pixels are integers of at most 16 bits, so a per-pixel median needs neither all times
-of a pixel in one task nor any rechunking. Pass 1 counts each pixel's values by their
-high byte (256 bins per pixel), which locates the bin holding the two middle ranks
-(``_middle_bins``); pass 2 (:func:`rank_task`) counts the low byte of the values
-inside that bin, which gives the exact values at those ranks (:func:`exact_median`).
-Means and standard deviations come from exact integer moments (:func:`std`).
+L0 pixels are integers of at most 16 bits, so a per-pixel median (or any rank) needs
+neither all times of a pixel in one task nor any rechunking. Pass 1 counts each pixel's
+values by their high byte (256 bins per pixel), which locates the bin holding each
+wanted rank (``_rank_bins``); pass 2 (:func:`rank_task`) counts the low byte of the
+values inside that bin, which gives the exact values at those ranks
+(:func:`exact_ranks`, :func:`exact_median`). Means and standard deviations come from
+exact integer moments (:func:`std`); ``clipped_mean`` adds a third pass of moments of
+the values inside per-pixel bounds (:func:`clipped_task`).
 
 Every partial is an integer array, so their sum does not depend on the order tasks
 finish in: local threads and a Dask cluster give byte-identical results.
@@ -58,10 +60,13 @@ def _histogram(info: L0Info, index: np.ndarray) -> np.ndarray:
 
 def _moments(info: L0Info, v: np.ndarray, valid: np.ndarray | None, aux: np.ndarray,
              orders: tuple[int, ...]) -> list[np.ndarray]:
-    """Exact int64 sums of v**k per (group, pixel) for k in ``orders`` (0 = count)."""
+    """Exact int64 sums of v**k per (group, pixel) for k in ``orders`` (0 = count), of
+    the values where ``valid`` (None: all; ph256 rows are grouped by quabo ``aux``)."""
     out = []
     for k in orders:
         term = np.ones_like(v) if k == 0 else v if k == 1 else v * v
+        if info.ph256 and valid is not None:  # ph256: only values chosen by ``valid``
+            term = np.where(valid, term, 0)
         if info.ph256:
             out.append(np.stack([term[aux == g].sum(axis=0) for g in range(info.groups)])
                        .ravel())
@@ -90,27 +95,26 @@ def first_pass(info: L0Info, x: np.ndarray, use: np.ndarray, aux: np.ndarray,
 
 def rank_task(info: L0Info, sel: Selection, start: int, stop: int, targets: np.ndarray,
               process: runners.ProcessSettings) -> dict[str, Any]:
-    """Pass 2: low-byte histograms inside the high-byte bin of each middle rank.
+    """Pass 2: low-byte histograms inside the high-byte bin of each wanted rank.
 
-    ``targets`` is (2, K): the high-byte bins of the lower and upper middle ranks.
+    ``targets`` is (R, K): the high-byte bins of the R ranks wanted of each element.
     """
     runners.prepare_process(process)
-    x, use, aux, _ = selected(info, sel, start, stop)
-    lo = np.zeros((2, *targets.shape[1:], 256), np.int64)
-    table = targets.reshape(2, info.groups, info.pixels)
+    x, use, aux, *_ = selected(info, sel, start, stop)
+    lo = np.zeros((*targets.shape, 256), np.int64)
+    table = targets.reshape(len(targets), info.groups, info.pixels)
     for a in range(0, len(x), SUB_BLOCK):
         part = slice(a, a + SUB_BLOCK)
         v, rows, _ = _elements(info, x[part], use[part], aux[part])
-        for i in range(2):
+        for i in range(len(targets)):
             want = table[i][aux[part].astype(np.intp)] if info.ph256 else table[i, 0]
             lo[i] += _histogram(info, np.where((v >> 8) == want, (v & 255) + rows,
                                                _dump(info)))
     return {"start": start, "lo": lo}
 
 
-def _middle_bins(hist: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For the two middle ranks (n-1)//2 and n//2: their bin and their rank inside it."""
-    ranks = np.stack([(count - 1) // 2, count // 2])  # (2, K)
+def _rank_bins(hist: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the (R, K) ``ranks``: their high-byte bin and their rank inside it."""
     cum = np.cumsum(hist, axis=1)  # (K, 256)
     bins = np.stack([(cum <= r[:, None]).sum(axis=1) for r in ranks]).clip(0, 255)
     k = np.arange(hist.shape[0])
@@ -119,9 +123,38 @@ def _middle_bins(hist: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _rank_in(hist: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """(2, K): the bin of hist[i, k] where the cumulative count first exceeds ranks[i, k]."""
+    """(R, K): the bin of hist[i, k] where the cumulative count first exceeds ranks[i, k]."""
     cum = np.cumsum(hist, axis=2)
     return (cum <= ranks[..., None]).sum(axis=2).clip(0, 255)
+
+
+def exact_ranks(runner: Any, info: L0Info, sel: Selection, chunk: int, hist: np.ndarray,
+                ranks: np.ndarray, process: runners.ProcessSettings) -> np.ndarray:
+    """Pass 2 over the selected frames (tasks of ``chunk`` frames): the exact value of
+    rank ``ranks[i, k]`` (0 = smallest) of every element k, from pass 1's ``hist``; (R, K)
+    int64 on the offset scale 0..65535 (add :attr:`L0Info.offset` for pixel values)."""
+    bins, inner = _rank_bins(hist, ranks)
+    calls = [(info, sel, a, b, bins, process) for a, b in chunking.task_ranges(sel.stop, chunk)]
+    lo = np.zeros((len(ranks), *hist.shape), np.int64)
+
+    def fold_rank(_i: int, r: dict[str, Any]) -> None:
+        lo[:] += r["lo"]
+
+    runner.map(rank_task, calls, "baseline ranks", fold_rank)
+    return bins * 256 + _rank_in(lo, inner)
+
+
+def middle_ranks(count: np.ndarray) -> np.ndarray:
+    """(2, K): the two middle ranks (n-1)//2 and n//2 of elements of ``count`` values."""
+    return np.stack([(count - 1) // 2, count // 2])
+
+
+def median_of(values: np.ndarray, count: np.ndarray, offset: int) -> np.ndarray:
+    """The median (float64, NaN where ``count`` is 0) from the values at the two
+    :func:`middle_ranks` (offset scale, as :func:`exact_ranks` gives them)."""
+    median = (values[0] + values[1]) / 2.0 + offset
+    median[count == 0] = np.nan
+    return median
 
 
 def exact_median(runner: Any, info: L0Info, sel: Selection, chunk: int, hist: np.ndarray,
@@ -129,18 +162,29 @@ def exact_median(runner: Any, info: L0Info, sel: Selection, chunk: int, hist: np
     """Pass 2 over the selected frames (tasks of ``chunk`` frames) and the exact
     per-element median from pass 1's ``hist`` and ``count`` (float64, NaN where no frame
     was used)."""
-    bins, inner = _middle_bins(hist, count)
-    calls = [(info, sel, a, b, bins, process) for a, b in chunking.task_ranges(sel.stop, chunk)]
-    lo = np.zeros((2, *hist.shape), np.int64)
+    values = exact_ranks(runner, info, sel, chunk, hist, middle_ranks(count), process)
+    return median_of(values, count, info.offset)
 
-    def fold_rank(_i: int, r: dict[str, Any]) -> None:
-        lo[:] += r["lo"]
 
-    runner.map(rank_task, calls, "baseline medians", fold_rank)
-    values = bins * 256 + _rank_in(lo, inner)  # (2, K)
-    median = (values[0] + values[1]) / 2.0 + info.offset
-    median[count == 0] = np.nan
-    return median
+def clipped_task(info: L0Info, sel: Selection, start: int, stop: int, bounds: np.ndarray,
+                 process: runners.ProcessSettings) -> dict[str, Any]:
+    """Pass 3 (``clipped_mean``): exact count, sum and sum of squares per element of the
+    selected values inside ``bounds`` (2, K) (inclusive, offset scale)."""
+    runners.prepare_process(process)
+    x, use, aux, *_ = selected(info, sel, start, stop)
+    k_total = info.groups * info.pixels
+    lo = np.append(bounds[0], 1)  # the dump row: an empty range
+    hi = np.append(bounds[1], 0)
+    moments = np.zeros((3, k_total), np.int64)
+    for a in range(0, len(x), SUB_BLOCK):
+        part = slice(a, a + SUB_BLOCK)
+        v, rows, _ = _elements(info, x[part], use[part], aux[part])
+        key = rows >> 8  # element k, or K for a value that feeds no baseline
+        inside = (v >= lo[key]) & (v <= hi[key])
+        for k, m in zip((0, 1, 2), _moments(info, v, inside, aux[part], (0, 1, 2)),
+                        strict=True):
+            moments[k] += m
+    return {"start": start, "moments": moments}
 
 
 def std(count: np.ndarray, total: np.ndarray, squares: np.ndarray) -> np.ndarray:

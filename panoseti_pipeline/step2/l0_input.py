@@ -247,8 +247,9 @@ def _frame_record(use: np.ndarray, excluded: np.ndarray, start: int) -> list[dic
 
 
 def selected(info: L0Info, sel: Selection, start: int, stop: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Frames start..stop-1 that feed some baseline: images, use[t, q], aux; the record."""
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], np.ndarray]:
+    """Frames start..stop-1 that feed some baseline: images, use[t, q], aux; the record;
+    their L0 positions."""
     stop = min(stop, sel.stop)
     x, aux = info.array("images")[start:stop], info.quabo_state(start, stop)
     use, excluded = _chunk_use(info, sel, start, aux)
@@ -257,8 +258,8 @@ def selected(info: L0Info, sel: Selection, start: int, stop: int
     if sel.pooled:  # the statistics put every frame in group 0 (aux is quabo_num)
         aux = np.zeros_like(aux)
     if feeds.all():  # the usual case: no copy
-        return x, use, aux, record
-    return x[feeds], use[feeds], aux[feeds], record
+        return x, use, aux, record, np.arange(start, stop)
+    return x[feeds], use[feeds], aux[feeds], record, start + np.flatnonzero(feeds)
 
 
 def combine_frames(records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -5,7 +5,14 @@ Methods (``[baseline_subtract] method``; chosen by the config, never from a path
 ``mean``
     per-pixel mean of the first ``baseline_window`` frames (the original pipeline's).
 ``median``
-    per-pixel median of the same frames (robust to flashes).
+    per-pixel median of the same frames (robust to flashes; on integer pixels a
+    half-integer, off the pixel's mean by up to 0.5 ADC however long the window).
+``clipped_mean`` (the default)
+    per-pixel mean of the same frames' values within ``CLIP_K`` robust sigmas of the
+    pixel's median (:data:`CLIPPED_SIGMA`: the narrower half of the interquartile range,
+    so a flash in up to ~45% of the window does not widen it): a flash of more than ~4
+    sigmas in the window is left out, and a clean pixel's baseline is its mean, as
+    precise as ``mean``'s (bench/bench_baseline_robustness.py).
 ``image_median``
     on every ``frame_step``-th frame: 8x8 block medians, median over time, upsampled back
     and subtracted; then the temporal median of every ``frame_step``-th frame of that
@@ -32,7 +39,8 @@ the frames that made its baseline: the pedestal noise the pixel masks are judged
 
 Groups: a module product (img16, img8, ph1024) has one baseline image (y, x); ph256 has
 one per quabo (quabo, y, x) because each ph256 frame is one quabo's 16x16 image, and for
-``mean``/``median`` the window is the first ``baseline_window`` frames *of that quabo*.
+the window methods (``WINDOW_METHODS``) the window is the first ``baseline_window``
+frames *of that quabo*.
 
 :func:`compute_baseline` runs the reduction passes (the statistics are exact:
 :mod:`panoseti_pipeline.step2.histogram`); :func:`subtraction_for` turns the result into
@@ -62,6 +70,13 @@ from panoseti_pipeline.step2.l0_input import (
 from panoseti_pipeline.time_order import strided
 
 ANALYSIS = "panoseti_analysis"
+#: the methods whose baseline is made of the first ``baseline_window`` frames
+WINDOW_METHODS = ("mean", "median", "clipped_mean")
+CLIP_K = 3.5  # clipped_mean keeps values within CLIP_K robust sigmas of the median
+QUARTILE_Z = 0.6745  # the upper quartile of a standard normal distribution
+CLIP_MIN_SIGMA = 1.0  # ADC counts: the robust sigma is at least this (integer pixels)
+CLIPPED_SIGMA = (f"max(min(median - Q1, Q3 - median) / {QUARTILE_Z}, {CLIP_MIN_SIGMA:g} ADC); "
+                 "Q1, Q3: the values of rank (n-1)//4 and n-1-(n-1)//4 (0 = smallest)")
 #: panoseti_analysis: a pixel is hot above this many times the module's mean level
 ANALYSIS_HOT_FACTOR = 3.0
 
@@ -72,7 +87,7 @@ class MethodSettings:
     L0 product, taken from the configuration once, at step 2's edge (:meth:`of`)."""
 
     method: str
-    window: int  # mean, median: frames that make the baseline
+    window: int  # WINDOW_METHODS: frames that make the baseline
     frame_step: int  # image_median
     adc_to_pe: float  # image_median, panoseti_analysis (img)
     block_size: int  # image_median, panoseti_analysis (img)
@@ -122,7 +137,10 @@ class MethodSettings:
         if self.method == ANALYSIS:
             return {"kind": "img", "frame_stride": self.frame_stride,
                     "block_size": self.block_size, "adc_to_pe": self.adc_to_pe}
-        if self.method in ("mean", "median"):
+        if self.method == "clipped_mean":
+            return {"baseline_window": self.window, "clip_sigmas": CLIP_K,
+                    "sigma": CLIPPED_SIGMA}
+        if self.method in WINDOW_METHODS:
             return {"baseline_window": self.window}
         if self.method == "image_median":
             return {"frame_step": self.frame_step, "adc_to_pe": self.adc_to_pe,
@@ -206,7 +224,7 @@ def selection_for(l0: Any, info: L0Info, m: MethodSettings, order: np.ndarray
             "selection": f"every {m.frame_stride}th frame in time order (unix_t_ns, "
                          "stable sort, frames without a time last)"
                          + (", all quabos together" if info.ph256 else "")}
-    if m.method in ("mean", "median"):
+    if m.method in WINDOW_METHODS:
         sel, short = window_selection(l0, info, m.window, m.chunk)
         what = f"first {m.window} frames" + (" of each quabo" if info.ph256 else "")
         return sel, {"selection": what, "window_requested": m.window,
@@ -237,18 +255,35 @@ def _block_medians(info: L0Info, x: np.ndarray, use: np.ndarray, aux: np.ndarray
     return med, np.ascontiguousarray(gid)
 
 
+def _window_frames(info: L0Info, x: np.ndarray, use: np.ndarray, aux: np.ndarray,
+                   positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Per window frame: its L0 position, mean level, group and flags (for
+    :func:`quality.window_check`; 17 bytes a frame)."""
+    level, group = quality.frame_levels(x, use, aux, info.ph256)
+    if "frame_flags" not in info.derived:
+        flags = info.array("frame_flags")[positions[0]: positions[-1] + 1][
+            positions - positions[0]] if positions.size else np.zeros(0, np.uint8)
+    else:  # derived as step 2 derives it: missing_quabo only
+        missing = np.zeros(len(x), bool) if info.ph256 else (aux == 0).any(axis=1)
+        flags = np.where(missing, pff.FLAG_MISSING_QUABO, 0).astype(np.uint8)
+    return {"positions": positions, "levels": level, "groups": group, "flags": flags}
+
+
 def stats_task(info: L0Info, sel: Selection, start: int, stop: int, method: str,
                block: int, process: runners.ProcessSettings) -> dict[str, Any]:
     """Pass 1 over frames start..stop-1: exact counts and moments, high-byte histograms
-    (median-based methods), block medians (image_median)."""
+    (median-based methods), block medians (image_median), the window's frame levels and
+    flags (WINDOW_METHODS)."""
     runners.prepare_process(process)
-    x, use, aux, record = selected(info, sel, start, stop)
+    x, use, aux, record, positions = selected(info, sel, start, stop)
     orders = (0, 1, 2)  # count, sum, squares: every method stores baseline_std
     out: dict[str, Any] = {"start": start, "frames": record, "frames_any": len(x),
                            **histogram.first_pass(info, x, use, aux, orders,
                                                   high_bytes=method != "mean")}
     if method == "image_median":
         out["block_median"], out["block_group"] = _block_medians(info, x, use, aux, block)
+    if method in WINDOW_METHODS:
+        out["window"] = _window_frames(info, x, use, aux, positions)
     return out
 
 
@@ -268,6 +303,7 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, m: MethodSettings,
                            "hist": np.zeros((k_total, 256), np.int64)}
     records: list[Any] = [None] * len(calls)
     blocks: list[Any] = [None] * len(calls)
+    window: list[Any] = [None] * len(calls)
 
     def fold_stats(i: int, r: dict[str, Any]) -> None:
         acc["moments"] += r["moments"]
@@ -277,10 +313,15 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, m: MethodSettings,
         records[i] = r["frames"]
         if "block_median" in r:
             blocks[i] = (r["block_median"], r["block_group"])
+        window[i] = r.get("window")
 
     runner.map(stats_task, calls, "baseline statistics", fold_stats)
     frames["per_quabo"] = combine_frames(records)
     frames["frames_used"] = int(acc.get("frames_any", 0))  # frames in any quadrant's baseline
+    if method in WINDOW_METHODS:
+        frames["window_check"] = quality.window_check(
+            *(np.concatenate([w[k] for w in window if w is not None])
+              for k in ("positions", "levels", "groups", "flags")))
     shape = (info.groups, *info.shape)
     count, total, squares = acc["moments"]
     std = _pooled(sel, histogram.std(count, total, squares).reshape(shape))  # pedestal noise
@@ -288,6 +329,10 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, m: MethodSettings,
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = total / count + info.offset
         return Baseline(mean.reshape(shape), std, frames, {}).quantized(m.quantum)
+    if method == "clipped_mean":
+        mean, std = _clipped_mean(runner, info, sel, m, acc["hist"], count, process)
+        return Baseline(mean.reshape(shape), std.reshape(shape), frames,
+                        {}).quantized(m.quantum)
     values = _pooled(sel, histogram.exact_median(runner, info, sel, m.chunk, acc["hist"],
                                                  count, process).reshape(shape))
     if method == "image_median":
@@ -302,6 +347,35 @@ def compute_baseline(runner: Any, l0: Any, info: L0Info, m: MethodSettings,
                         own).quantized(m.quantum)
     own = analysis_masks(values[0] + m.baseline_offset) if m.method == ANALYSIS else None
     return Baseline(values, std, frames, {}, own).quantized(m.quantum)
+
+
+def _clipped_mean(runner: Any, info: L0Info, sel: Selection, m: MethodSettings,
+                  hist: np.ndarray, count: np.ndarray, process: runners.ProcessSettings
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """clipped_mean's (mean, std) per element: pass 2 finds the median and quartiles
+    (exact ranks), pass 3 sums the values within ``CLIP_K`` x :data:`CLIPPED_SIGMA` of
+    the median (NaN where no frame was used)."""
+    quarter = (count - 1) // 4
+    ranks = np.concatenate([histogram.middle_ranks(count),
+                            np.stack([quarter, count - 1 - quarter])])
+    values = histogram.exact_ranks(runner, info, sel, m.chunk, hist, ranks, process)
+    centre = (values[0] + values[1]) / 2.0  # on the offset scale, as the values
+    half = np.minimum(centre - values[2], values[3] - centre)  # the side a flash is not on
+    sigma = np.maximum(half / QUARTILE_Z, CLIP_MIN_SIGMA)
+    bounds = np.stack([np.ceil(centre - CLIP_K * sigma),
+                       np.floor(centre + CLIP_K * sigma)]).astype(np.int64)
+    calls = [(info, sel, a, b, bounds, process)
+             for a, b in chunking.task_ranges(sel.stop, m.chunk)]
+    moments = np.zeros((3, count.size), np.int64)
+
+    def fold(_i: int, r: dict[str, Any]) -> None:
+        moments[:] += r["moments"]
+
+    runner.map(histogram.clipped_task, calls, "clipped baseline", fold)
+    kept, total, squares = moments
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / kept + info.offset
+    return mean, histogram.std(kept, total, squares)
 
 
 def _pooled(sel: Selection, a: np.ndarray) -> np.ndarray:

@@ -226,16 +226,17 @@ def stored_masks(baseline: Baseline, info: L0Info, m: MethodSettings
     ``hot_pixel_mask`` and ``dead_pixel_mask``, unless the method has its own
     (panoseti_analysis, (y, x)): those take the names, the pipeline's are kept beside.
     """
-    hot, dead = quality.pixel_masks(baseline.values, baseline.std)
+    hot, dead = quality.pixel_masks(baseline.values, baseline.std, m.adc_to_pe)
     ours = (hot, dead) if info.ph256 else (hot[0], dead[0])
     dims = ("quabo", "y", "x") if info.ph256 else ("y", "x")
+    attrs = {name: quality.MASK_ATTRS[name] for name in quality.MASK_ATTRS}
+    attrs["hot_pixel_mask"] = {**attrs["hot_pixel_mask"], "adc_per_pe": m.adc_to_pe}
     if baseline.own_masks is None:
-        return {name: (mask, dims, quality.MASK_ATTRS[name])
-                for name, mask in zip(quality.MASK_ATTRS, ours, strict=True)}
+        return {name: (mask, dims, attrs[name]) for name, mask in zip(attrs, ours, strict=True)}
     return ({name: (mask, ("y", "x"), ANALYSIS_MASK_ATTRS[name])
              for name, mask in zip(ANALYSIS_MASK_ATTRS, baseline.own_masks, strict=True)}
-            | {PIPELINE_MASK_NAMES[name]: (mask, dims, quality.MASK_ATTRS[name])
-               for name, mask in zip(quality.MASK_ATTRS, ours, strict=True)})
+            | {PIPELINE_MASK_NAMES[name]: (mask, dims, attrs[name])
+               for name, mask in zip(attrs, ours, strict=True)})
 
 
 def verify_l1(path: Path, info: L0Info, sub: Subtraction, summaries: list[dict],
@@ -366,6 +367,10 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
     if baseline.frames.get("window_truncated"):
         notice(f"{l0_path}: baseline_window = {section.baseline_window} is more than the "
                "frames there are; the baseline uses all of them")
+    check = baseline.frames.get("window_check") or {}
+    warnings = [check["warning"]] if check.get("warning") else []
+    for line in warnings:
+        notice(f"{l0_path}: warning: {line}")
     for q in baseline.frames["per_quabo"]:
         if q["count"] == 0 and not info.ph256:  # a ph256 quabo with no frame has no pixels
             notice(f"{l0_path}: no frame of quabo {q['quabo']} feeds its baseline; its "
@@ -388,7 +393,7 @@ def subtract_baseline(l0_path: str | os.PathLike, l1_path: str | os.PathLike, cf
             [p for s in summaries for p in s["parts"]], units=m.units,
             hot=int(masks["hot_pixel_mask"][0].sum()),
             dead=int(masks["dead_pixel_mask"][0].sum()),
-            uncalibrated_pixels=int(np.isnan(baseline.values).sum()))
+            uncalibrated_pixels=int(np.isnan(baseline.values).sum()), warnings=warnings)
         l0_bytes, l1_bytes = publish.store_bytes(l0_path), publish.store_bytes(tmp)
         seconds = time.perf_counter() - t0
         group = zarr.open_group(store=str(tmp), mode="r+", use_consolidated=False)
