@@ -419,13 +419,14 @@ start_log() {
 
 # shellcheck disable=SC2317  # invoked by the cleanup (the trap)
 # stop_log: stderr back to the terminal; the logger ends when the last writer is gone
-# (waited for, bounded: a straggler still holding the pipe does not hold this run).
+# (waited for, bounded: a straggler still holding the pipe does not hold this run; polled
+# finely, as it is usually gone within milliseconds).
 stop_log() {
   local polls=0
   [[ -n "$LOGGER_PID" ]] || return 0
   exec 2>&"$TERMINAL_ERR"
-  while kill -0 "$LOGGER_PID" 2>/dev/null && ((polls++ < 50)); do
-    sleep "$WAIT_POLL_S"
+  while kill -0 "$LOGGER_PID" 2>/dev/null && ((polls++ < 500)); do
+    sleep 0.01
   done
   LOGGER_PID=""
 }
