@@ -667,9 +667,18 @@ def _open_client(address: str, timeout: float, security: Security | None = None)
     # process, which a client that fails to connect, or whose close times out, never
     # undoes -- dask collections computed later in the process would ask for a client that
     # is not there.
+    # A Client whose connection fails keeps its started loop runner until its __del__ closes
+    # it, and distributed's loop runners share one non-reentrant lock: a garbage collection
+    # that runs that __del__ while the next client starts holds the lock and waits for it
+    # forever (seen: a test connecting again after a refused connection hung). So the
+    # client is made where this function holds it, and a failed one is closed here.
+    client = Client.__new__(Client)
     try:
-        return Client(address, timeout=timeout, security=security, set_as_default=False)
+        client.__init__(address, timeout=timeout, security=security, set_as_default=False)
+        return client
     except BaseException as err:
+        with contextlib.suppress(Exception):  # its first failure is the one reported
+            client.close(timeout=timeout)
         if isinstance(err, TypeError) and address.startswith("tls://"):
             # distributed's "TLS expects a `ssl_context` argument"
             raise ClusterError(

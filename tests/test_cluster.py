@@ -14,10 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from distributed import Client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,10 +159,15 @@ def test_cluster_refuses_clients_without_its_credentials(
     assert sorted(p.name for p in credentials.iterdir()) == ["cert.pem", "key.pem"]
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in credentials.iterdir())
     scheduler_before = dask.config.get("scheduler", None)
-    with pytest.raises(ClusterError, match="accepts TLS connections only"):
+    with pytest.raises(ClusterError, match="accepts TLS connections only") as refused:
         dask_cluster.connect_client(address, timeout=5)  # no credentials
     with pytest.raises(ClusterError, match="cannot reach"):
         dask_cluster.connect_client(address.replace("tls://", "tcp://"), timeout=5)
+    # The refused clients are closed, not left to a garbage collection (their __del__
+    # takes distributed's loop-runner lock: run while the next client starts, a deadlock).
+    half_made = [frame.f_locals["self"] for frame, _ in traceback.walk_tb(
+        refused.value.__cause__.__traceback__) if isinstance(frame.f_locals.get("self"), Client)]
+    assert half_made and {c.status for c in half_made} == {"closed"}
     assert "certificate" in foreign_client_error(address)  # credentials of another cluster
     client = dask_cluster.connect_client(address, timeout=10, credentials=str(credentials))
     try:
