@@ -127,13 +127,8 @@ def record_step(state: dict[str, Any], job_index: int, step: int, status: str, *
         if store and Path(store).is_dir():
             facts = _store_facts(store)
             job["l0_bytes" if step == 1 else "l1_bytes"] = facts["bytes"]
-            job.update({k: facts[k] for k in ("pff_to_l0", "l1_to_l0") if k in facts})
-            if "frames" in facts:
-                job["frames"] = facts["frames"]
-            if "skipped" in facts:
-                job["skipped"] = facts["skipped"]
-            if "warnings" in facts:
-                job["warnings"] = facts["warnings"]
+            job.update({k: facts[k] for k in ("pff_to_l0", "l1_to_l0", "frames", "skipped",
+                                              "warnings") if k in facts})
     job["steps"][str(step)] = entry
     if l0_removed:
         job["l0_removed"] = True
@@ -239,10 +234,8 @@ def measure_skipped(state: dict[str, Any]) -> None:
         if job["action"] == "skip" and Path(final).is_dir():
             facts = _store_facts(final)
             job["l1_bytes" if job["l1"] else "l0_bytes"] = facts["bytes"]
-            job.update({k: facts[k] for k in ("pff_to_l0", "l1_to_l0") if k in facts})
+            job.update({k: facts[k] for k in ("pff_to_l0", "l1_to_l0", "warnings") if k in facts})
             job.setdefault("frames", facts.get("frames"))
-            if "warnings" in facts:
-                job["warnings"] = facts["warnings"]
 
 
 # --------------------------------------------------------------------------- run record
