@@ -400,6 +400,11 @@ def is_hashset_store(path: str | os.PathLike) -> bool:
         attrs = read_root(path)[1].get("attributes") or {}
     except InputError:
         return False
+    return is_hashset_root(attrs)
+
+
+def is_hashset_root(attrs: Mapping[str, Any]) -> bool:
+    """True for the root attributes of a ``hk.<hashset>.zarr`` (:func:`write_hashset_store`)."""
     return attrs.get("content") == "housekeeping" and "hashset" in attrs
 
 

@@ -132,10 +132,11 @@ def _is_store(path: Path) -> bool:
 
 def _store_lines(path: Path) -> list[str]:
     """What ``pff.py info`` prints about a Zarr store (product or housekeeping)."""
+    from panoseti_pipeline.housekeeping import is_hashset_root
     from panoseti_pipeline.store.facts import read_root, store_facts
 
     attrs = read_root(path)[1].get("attributes") or {}
-    if attrs.get("content") == "housekeeping" and "hashset" in attrs:  # the team's layout
+    if is_hashset_root(attrs):  # the team's layout
         cadence = attrs.get("cadence_ns")
         return [str(path), f"  housekeeping, hashset {attrs['hashset']}: {attrs.get('records')}"
                 f" records of {len(attrs.get('sources', []))} source(s) "

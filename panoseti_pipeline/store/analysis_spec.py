@@ -96,12 +96,13 @@ def store_record(store: str | os.PathLike, level: str, known: dict[str, str]
     ``known[resolved path]``, else computed."""
     import zarr
 
+    from panoseti_pipeline.housekeeping import is_hashset_root
     from panoseti_pipeline.time_order import cadence_ns
 
     path = Path(store)
     group = zarr.open_group(str(path), mode="r")
     attrs = group.attrs.asdict()
-    if "hashset" in attrs:
+    if is_hashset_root(attrs):
         return _hk_record(group, attrs, path, level)
     kind = "ph" if str(attrs.get("data_product", "")).startswith("ph") else "img"
     qc = attrs.get("timestamp_qc")
