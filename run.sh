@@ -59,9 +59,13 @@ CLUSTER_CREDENTIALS="" # TLS credentials directory of the cluster (its scheduler
 CLUSTER_LOG=""
 CLUSTER_ADDRESS=""
 MANAGER_PID=""
-STEP_PID=""
-CURRENT_JOB=""
-CURRENT_STEP=""
+STEP_PID=""     # in a lane (a product in flight): its running step ...
+CURRENT_JOB=""  # ... its job ...
+CURRENT_STEP="" # ... and the job's step
+LANES=1         # products in flight at once (the plan's lanes record)
+LANE_CPUS=0     # CPUs of each local step process (0: all of this machine's)
+RUNNING=()      # job indexes of the lanes in flight (in the main shell)
+LANE_PID=()     # per job index: the process id of its lane
 STEP_START=""
 STEP_RC=""
 CLEANED_UP=0
@@ -257,17 +261,19 @@ wait_gone() {
 
 # run_step CMD...: run one step in the background and wait for it, so that a signal
 # reaches our handler at once (bash runs traps only between foreground commands). The
-# step, like the cluster manager, stops if run.sh is killed (PANOSETI_PARENT_PID).
+# step, like the cluster manager, stops if run.sh (or its lane) is killed
+# (PANOSETI_PARENT_PID: the lane, then run.sh).
 # Its stdout goes to stderr: run.sh's stdout holds only the plan and the summary.
 # While a cluster is in use, the lifecycle manager is watched too: if it dies (the Dask
 # client of the step would wait ~30 s for a scheduler that is gone), the step is stopped
 # at once and fails (status 1); run_jobs then reports the lost cluster (cluster_alive).
 run_step() {
-  local rc=0 lost=0 polls=0
+  local rc=0 lost=0 polls=0 lane="$BASHPID" # (in the step's own fork, BASHPID is the step)
   STEP_START="$(now)"
   STEP_RC=""
-  rm -f -- "$RUN_TMP/step_error"
-  PANOSETI_ERROR_FILE="$RUN_TMP/step_error" PANOSETI_PARENT_PID="$$" "$@" >&2 </dev/null &
+  rm -f -- "$RUN_TMP/step_error_$CURRENT_JOB"
+  PANOSETI_ERROR_FILE="$RUN_TMP/step_error_$CURRENT_JOB" PANOSETI_PARENT_PID="$lane $$" \
+    PANOSETI_CPUS="$LANE_CPUS" "$@" >&2 </dev/null &
   STEP_PID=$!
   if [[ -n "$MANAGER_PID" ]]; then
     while kill -0 "$STEP_PID" 2>/dev/null; do
@@ -403,7 +409,7 @@ start_log() {
   RUN_LOG="$OUT_DIR/run_log_$(date -u +%Y%m%dT%H%M%SZ)_$$.log"
   # The steps' stderr becomes the logger's pipe: tell them what ours is, so that they
   # draw progress bars on a terminal and print whole lines into a file (runners.py).
-  if [[ -t 2 ]]; then
+  if [[ -t 2 ]] && ((LANES == 1)); then # one bar per step: products side by side print lines
     export PANOSETI_PROGRESS=bar
   else
     export PANOSETI_PROGRESS=lines
@@ -438,12 +444,8 @@ cleanup() {
     return 0
   fi
   CLEANED_UP=1
-  stop_step
+  stop_lanes
   stop_cluster
-  if [[ -n "$CURRENT_JOB" ]]; then
-    remove_leftovers "$CURRENT_JOB"
-    CURRENT_JOB=""
-  fi
   if ((${#LOCKED[@]})); then
     local -a stale=()
     if [[ "$OPT_STEPS" == 1,2 ]] && ((${#JOB_L0[@]})); then # the marks of jobs not run
@@ -466,12 +468,27 @@ cleanup() {
 
 on_signal() {
   local sig="$1"
-  trap 'HURRY=1' INT TERM # a second signal: stop without waiting the grace periods
+  trap 'HURRY=1; signal_lanes' INT TERM # a second signal: stop without the grace periods
   say "interrupted by SIG$sig: stopping what this run started"
+  stop_lanes
+  stop_cluster
+  if [[ -n "$STATE_FILE" && -s "$STATE_FILE" ]]; then
+    py summary "$STATE_FILE" --exit-code 130 --log "$RUN_LOG" --cluster-address "$CLUSTER_ADDRESS" \
+      --cluster-log "$CLUSTER_LOG" || true
+  fi
+  exit 130
+}
+
+# lane_stop: a lane's SIGTERM (the run is stopping): its step stopped within the grace
+# time, the job's outcome recorded (interrupted, or what the step returned just before),
+# its partial stores and transient L0 removed; the lane exits 130.
+# shellcheck disable=SC2317  # invoked by the lane's trap
+lane_stop() {
+  trap 'HURRY=1' TERM # a second one: no grace
   local was_running=0
   if [[ -n "$STEP_PID" ]]; then was_running=1; fi
   stop_step
-  if [[ -n "$CURRENT_JOB" && -n "$STATE_FILE" ]]; then
+  if [[ -n "$CURRENT_JOB" ]]; then
     if [[ -n "$CURRENT_STEP" ]] && ((!was_running)) && [[ -n "$STEP_RC" ]]; then
       record "$CURRENT_JOB" "$CURRENT_STEP" "$STEP_RC" # it ended just before the signal
     elif [[ -n "$CURRENT_STEP" ]]; then
@@ -480,17 +497,35 @@ on_signal() {
     else
       py mark "$STATE_FILE" "$CURRENT_JOB" interrupted || true
     fi
-  fi
-  stop_cluster
-  if [[ -n "$CURRENT_JOB" ]]; then
     remove_leftovers "$CURRENT_JOB"
-    CURRENT_JOB=""
-  fi
-  if [[ -n "$STATE_FILE" && -s "$STATE_FILE" ]]; then
-    py summary "$STATE_FILE" --exit-code 130 --log "$RUN_LOG" --cluster-address "$CLUSTER_ADDRESS" \
-      --cluster-log "$CLUSTER_LOG" || true
   fi
   exit 130
+}
+
+# signal_lanes: SIGTERM to every lane in flight.
+signal_lanes() {
+  local i
+  for i in "${RUNNING[@]}"; do
+    kill -TERM "${LANE_PID[i]}" 2>/dev/null || true
+  done
+}
+
+# stop_lanes: every lane stopped (lane_stop) and waited for; one that outlives its step's
+# grace time by 10 s is killed.
+stop_lanes() {
+  local i ticks
+  ((${#RUNNING[@]})) || return 0
+  say "stopping ${#RUNNING[@]} input(s) in flight"
+  signal_lanes
+  for i in "${RUNNING[@]}"; do
+    ticks=$((STOP_GRACE_TENTHS + 100))
+    while kill -0 "${LANE_PID[i]}" 2>/dev/null && ((ticks-- > 0)); do
+      sleep "$WAIT_POLL_S"
+    done
+    kill -KILL "${LANE_PID[i]}" 2>/dev/null || true
+    wait "${LANE_PID[i]}" 2>/dev/null || true
+  done
+  RUNNING=()
 }
 
 # ---------------------------------------------------------------------------- the run
@@ -510,6 +545,7 @@ read_plan() {
         CLUSTER_DESC="${f[3]}"
         ;;
       stop) STOP_GRACE_TENTHS="${f[1]}" ;;
+      lanes) LANES="${f[1]}" LANE_CPUS="${f[2]}" ;;
       l0dir) L0_DIR="${f[1]}" L0_DIR_SCRATCH="${f[2]}" ;;
       umask) RUN_UMASK="${f[1]}" ;;
       job)
@@ -533,7 +569,7 @@ record() {
   local status=ok
   local -a reason=()
   if (($3 != 0)); then status=failed; fi
-  if [[ -s "$RUN_TMP/step_error" ]]; then reason=(--reason-file "$RUN_TMP/step_error"); fi
+  if [[ -s "$RUN_TMP/step_error_$1" ]]; then reason=(--reason-file "$RUN_TMP/step_error_$1"); fi
   py record "$STATE_FILE" "$1" "$2" "$status" --exit-code "$3" --start "$STEP_START" \
     --end "$(now)" "${reason[@]}" "${@:4}" ||
     say "warning: could not record step $2 of input $(($1 + 1))"
@@ -590,28 +626,71 @@ run_job() {
   say "$tag: done"
 }
 
+# start_lane I: job I in a lane of its own (a background subshell: its steps, records and
+# leftovers are its own; SIGTERM stops it, see lane_stop). Its exit status also goes to a
+# file: the main shell may have collected it already (wait -n), and bash < 5.1 cannot say
+# which child that was.
+start_lane() {
+  local i="$1"
+  rm -f -- "$RUN_TMP/lane_rc_$i"
+  (
+    trap 'printf %s "$?" >"$RUN_TMP/lane_rc_$i"' EXIT
+    trap lane_stop TERM
+    run_job "$i"
+  ) &
+  LANE_PID[i]=$!
+  RUNNING+=("$i")
+}
+
+# reap_lanes: wait until a lane ends, then account for every lane that has: a failed one
+# counts, and returns 1 when no further input may start (the first failure without
+# --keep-going, or the cluster is gone).
+reap_lanes() {
+  local i rc go=0 interrupted=0
+  local -a still=()
+  wait -n 2>/dev/null || true # a child ended (a lane, or the cluster manager)
+  for i in "${RUNNING[@]}"; do
+    if kill -0 "${LANE_PID[i]}" 2>/dev/null; then
+      still+=("$i")
+      continue
+    fi
+    rc=0
+    wait "${LANE_PID[i]}" 2>/dev/null || rc=$?
+    if [[ -s "$RUN_TMP/lane_rc_$i" ]]; then rc="$(<"$RUN_TMP/lane_rc_$i")"; fi
+    ((rc != 0)) || continue
+    FAILED=$((FAILED + 1))
+    if ((rc == 130)); then interrupted=1; fi # the step itself was interrupted
+    go=1
+  done
+  RUNNING=("${still[@]}")
+  if ((interrupted)); then
+    on_signal INT
+  fi
+  ((go)) || return 0
+  if ! cluster_alive; then
+    return 1
+  fi
+  if ((!OPT_KEEP_GOING)); then
+    say "stopping after the first failed input: no other starts (--keep-going continues with the others)"
+    return 1
+  fi
+}
+
+# run_jobs: every job to run, LANES of them in flight at once, in input order.
 run_jobs() {
-  local i rc n="${#JOB_NAME[@]}"
-  for ((i = 0; i < n; i++)); do
+  local i n="${#JOB_NAME[@]}" go=1
+  for ((i = 0; i < n && go; i++)); do
     if [[ "${JOB_ACTION[i]}" == skip ]]; then
       say "[$((i + 1))/$n] ${JOB_NAME[i]}: complete product already there, skipped (--overwrite redoes it)"
       continue
     fi
-    rc=0
-    run_job "$i" || rc=$?
-    if ((rc != 0)); then
-      FAILED=$((FAILED + 1))
-      if ((rc == 130)); then # the step itself was interrupted
-        on_signal INT
-      fi
-      if ! cluster_alive; then
-        break
-      fi
-      if ((!OPT_KEEP_GOING)); then
-        say "stopping after the first failed input (--keep-going continues with the others)"
-        break
-      fi
-    fi
+    while ((go && ${#RUNNING[@]} >= LANES)); do
+      reap_lanes || go=0
+    done
+    if ((go)); then start_lane "$i"; fi
+  done
+  while ((${#RUNNING[@]})); do
+    reap_lanes || true
   done
 }
 

@@ -562,6 +562,11 @@ class RunConfig(_Section):
         60.0, "seconds a step, then the cluster manager, gets after SIGTERM before SIGKILL",
         above=0,
     )
+    concurrent_products: int = key(
+        0, "products in flight at once (each: step 1, step 2, L0 removal, in order); "
+        "0 = one per worker thread of the cluster (use_dask = false: per CPU)", lo=0,
+        speed=True,
+    )
 
 
 _SECTIONS: dict[str, type[_Section]] = {

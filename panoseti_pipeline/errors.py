@@ -17,6 +17,7 @@ Exit codes shared by every script (DESIGN.md §8, STYLE.md):
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import sys
@@ -106,8 +107,13 @@ def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
     run.sh started gets it when run.sh dies (:mod:`.parent_death`). Where Python
     swallowed that exception (it arrived inside a callback), whatever failed next is
     reported as the interruption it is. Tracebacks only with ``--debug``.
+
+    stderr is line-buffered, also under ``PYTHONUNBUFFERED``: each line is one write, so the
+    lines of steps running side by side (run.sh's lanes) never cut into each other.
     """
     _signals.clear()
+    if isinstance(sys.stderr, io.TextIOWrapper):
+        sys.stderr.reconfigure(line_buffering=True, write_through=False)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable(previous_hook)

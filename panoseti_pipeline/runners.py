@@ -32,11 +32,23 @@ from panoseti_pipeline.store import layout, publish
 Fold = Callable[[int, Any], "int | None"]
 
 
+#: Set by run.sh for each step process when several products run locally at once: the
+#: CPUs that step's share is (the products split the machine's instead of each taking all).
+CPUS_ENV = "PANOSETI_CPUS"
+
+
+def cpu_share() -> int | None:
+    """The CPUs run.sh gave this step (``PANOSETI_CPUS``), or None: not one of several."""
+    share = os.environ.get(CPUS_ENV, "")
+    return int(share) if share.isdigit() and int(share) > 0 else None
+
+
 def cpus() -> int:
-    """CPUs this process may use (the affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """CPUs this process may use: the affinity mask where the OS has one, at most its
+    :func:`cpu_share`."""
+    have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return min(have, cpu_share() or have)
 
 
 # --------------------------------------------------------------------------- task processes

@@ -412,16 +412,20 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
         chunk, files[0].index.product.frame_bytes, section.chunk_size_mb))
     # The tasks write chunk files, never through zarr (None). Only the driver needs zarr
     # (0.35 s of imports) and the arrays' metadata: both are made on a thread meanwhile.
-    process = runners.ProcessSettings(None, section.blosc_threads,
-                                      section.num_workers if client is None else 0,
-                                      cfg.run.group_writable)
+    # Local tasks and their threads stay within this process's share of the machine when
+    # products run side by side (run.sh's PANOSETI_CPUS).
+    share = runners.cpu_share() if client is None else None
+    tasks, blosc = ((min(section.num_workers, share), min(section.blosc_threads, share))
+                    if share else (0 if client else section.num_workers,
+                                   section.blosc_threads))
+    process = runners.ProcessSettings(None, blosc, tasks, cfg.run.group_writable)
     # the thread's work ends before the store is published or removed on failure
     with (publish.publishing(output, layout.LEVEL_L0, overwrite) as tmp,
           concurrent.futures.ThreadPoolExecutor(1, "step1-driver") as meanwhile):
         settings = TaskSettings(str(tmp), tuple(files), process, chunk, per_shard,
                                 ChunkCodec(section.codec, section.level, section.shuffle,
                                            section.checksum),
-                                section.blosc_threads)
+                                blosc)
         store_made = meanwhile.submit(_create_store, tmp, files, settings, cfg)
         checksums = (meanwhile.submit(lambda: [analysis_spec.file_checksum(f.path)
                                                for f in files])
@@ -434,7 +438,7 @@ def _publish(files: list[SourceFile], output: Path, cfg: Any, client: Any, overw
             summaries.append(summary)
             return summary["frames"]
 
-        runner = runners.runner_for(client, section.num_workers, not quiet)
+        runner = runners.runner_for(client, tasks, not quiet)
         # Each task carries the settings (the frame indexes: small). Scattered once
         # instead, they would live on one worker only -- Dask's memory manager drops the
         # other replicas -- and a worker lost with them would cancel every task.

@@ -73,7 +73,7 @@ def chunk_digests(store: Path) -> dict[str, str]:
 #: mode, the [cluster] section, where the L0 was, and the L0's size (its metadata holds the
 #: configuration, so it differs by a few hundred bytes).
 VOLATILE_ATTRS = frozenset({"created", "seconds", "mb_per_s", "mode", "cluster", "l0_path",
-                            "l0_bytes", "l1_to_l0_ratio"})
+                            "l0_bytes", "l1_to_l0_ratio", "concurrent_products"})
 
 
 def scrub(value: Any) -> Any:

@@ -32,7 +32,7 @@ import zarr
 
 REPO = Path(__file__).resolve().parents[1]
 
-from fault_tools import SLOW_TASK, with_plugin  # noqa: E402
+from fault_tools import SLOW_TASK, assert_same_store, leftovers, with_plugin  # noqa: E402
 from process_tools import session_processes  # noqa: E402
 
 from panoseti_pipeline import pff  # noqa: E402
@@ -267,7 +267,9 @@ def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: 
 @pytest.mark.slow
 @pytest.mark.faults
 def test_corrupt_input_with_and_without_keep_going(data: Data, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "local.toml", "local")
+    """One product after the other: without --keep-going the run stops after the failure
+    (no later product starts), with it the others are done."""
+    config = write_config(tmp_path / "local.toml", "local", run={"concurrent_products": 1})
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
     bad = bad_dir / "start_2024-07-25T04:34:46Z.dp_img16.bpp_2.module_7.seqno_0.pff"
@@ -315,7 +317,8 @@ def test_corrupt_input_with_and_without_keep_going(data: Data, tmp_path: Path) -
 @pytest.mark.faults
 def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
                                                                  tmp_path: Path) -> None:
-    config = write_config(tmp_path / "dask.toml", "dask")
+    """One product after the other: Ctrl-C while the second one's step 1 runs."""
+    config = write_config(tmp_path / "dask.toml", "dask", run={"concurrent_products": 1})
     out = tmp_path / "L1"
     l0_dir = out / driver_plan.SCRATCH_L0_SUBDIR
     args = [str(data.file_a), str(data.file_b), str(out)]
@@ -353,6 +356,121 @@ def test_sigint_during_step1_stops_everything_and_rerun_finishes(data: Data,
     assert statuses(run_records(out)[-1]) == {data.file_a.stem: "skipped",
                                               data.file_b.stem: "ok"}
     check_l1(out / f"{data.file_b.stem}_L1.zarr", [data.file_b])
+
+
+# --------------------------------------------------------------------------- products in flight
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A .pffd run of four products: img16 and ph256 of modules 1 and 2."""
+    return synthetic_obs.make_observation(tmp_path_factory.mktemp("night") / "obs",
+                                          modules=(1, 2), frames_per_file=FRAMES,
+                                          files_per_stream=1, products=("img16", "ph256"))
+
+
+FOUR_AT_ONCE = {"cluster": {"local_workers": 4}, "run": {"concurrent_products": 4}}
+
+
+def steps_running(sid: int) -> int:
+    """Step processes (step 1 or step 2) alive in session ``sid``."""
+    return sum(1 for _, cmdline in session_processes(sid)
+               if "step1_pff_to_zarr.py" in cmdline or "step2_dask_baseline.py" in cmdline)
+
+
+@contextlib.contextmanager
+def most_steps_at_once(proc: subprocess.Popen) -> Iterator[list[int]]:
+    """The most step processes seen running at once while ``proc`` runs (sampled every
+    20 ms on a thread, so the caller can read the pipes meanwhile)."""
+    import threading
+
+    seen = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            seen[0] = max(seen[0], steps_running(proc.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        sampler.join(timeout=RUN_TIMEOUT_S)
+
+
+def wait_for_steps(proc: subprocess.Popen, n: int) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while steps_running(proc.pid) < n:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"never {n} steps at once"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_four_products_in_flight_give_the_l1_of_one_at_a_time(night: Path,
+                                                              tmp_path: Path) -> None:
+    """concurrent_products = 4 on a local cluster of 4 single-thread workers: at least 3
+    steps run at once; every L1 store equals that of a run of one product at a time; the
+    summary and the run record list the products in input order."""
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    config = write_config(tmp_path / "four.toml", "dask", **FOUR_AT_ONCE)
+    with started([str(night), str(together)],
+                 run_env(tmp_path, config, **{SLOW_TASK: "0.5"})) as proc, \
+            most_steps_at_once(proc) as seen:
+        rc, out, err = finish(proc)
+    assert rc == 0, err[-3000:]
+    assert seen[0] >= 3, f"at most {seen[0]} steps ran at once\n{err[-3000:]}"
+    rc, out_alone, err = run([str(night), str(alone)], run_env(tmp_path, write_config(
+        tmp_path / "one.toml", "local", run={"concurrent_products": 1})))
+    assert rc == 0, err[-3000:]
+    first, second = run_records(together)[-1], run_records(alone)[-1]
+    names = [e["name"] for e in second["inputs"]]
+    assert len(names) == 4 and [e["name"] for e in first["inputs"]] == names
+    assert set(statuses(first).values()) == {"ok"}
+    table = [ln.split()[1] for ln in out.splitlines() if ln[:1].isdigit()]
+    assert table == names == [ln.split()[1] for ln in out_alone.splitlines() if ln[:1].isdigit()]
+    stores = sorted(p.relative_to(alone) for p in alone.rglob("*_L1.zarr"))
+    assert len(stores) == 4
+    assert stores == sorted(p.relative_to(together) for p in together.rglob("*_L1.zarr"))
+    for rel in stores:
+        assert_same_store(together / rel, alone / rel)
+    assert leftovers(together) == [] and not list(together.rglob("*_L0.zarr"))
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_a_signal_stops_every_product_in_flight(night: Path, tmp_path: Path, sig: str
+                                                ) -> None:
+    """Ctrl-C (the whole group) or SIGTERM (run.sh alone) with 4 products in flight:
+    every step stops, nothing is half-published, no process is left, the record says
+    which products were stopped; a rerun finishes the night."""
+    out = tmp_path / "L1"
+    config = write_config(tmp_path / "four.toml", "dask", **FOUR_AT_ONCE)
+    with started([str(night), str(out)],
+                 run_env(tmp_path, config, **{SLOW_TASK: "1.0"})) as proc:
+        wait_for_steps(proc, 3)
+        if sig == "INT":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        rc, _, err = finish(proc)  # and no process left
+    assert rc == 130, err[-3000:]
+    assert f"interrupted by SIG{sig}" in err and "Traceback" not in err
+    record = run_records(out)[-1]
+    assert record["run"]["exit_status"] == 130
+    stopped = [e["name"] for e in record["inputs"] if e["status"] == "failed"]
+    assert len(stopped) >= 3, record["inputs"]
+    for name in stopped:
+        assert not list(out.rglob(f"{name}_L1.zarr"))
+    assert leftovers(out) == [] and not list(out.rglob("*_L0.zarr"))
+    assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
+    rc, _, err = run([str(night), str(out)], run_env(tmp_path, write_config(
+        tmp_path / "local.toml", "local")))
+    assert rc == 0, err[-3000:]
+    assert set(statuses(run_records(out)[-1]).values()) <= {"ok", "skipped"}
+    assert len(list(out.rglob("*_L1.zarr"))) == 4
 
 
 @pytest.mark.slow

@@ -86,23 +86,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_record(args: argparse.Namespace) -> int:
     if args.release:  # the transient L0 first: the record says whether it is gone
         _clear_stale_or_warn([args.release], args.pid, args.debug)
-    state = record.load_state(args.state)
     reason = ""
     if args.reason_file:
         lines = Path(args.reason_file).read_text(errors="replace").strip().splitlines()
         reason = lines[-1] if lines else ""
-    record.record_step(state, args.job, args.step, args.status, exit_code=args.exit_code,
-                       start=args.start, end=args.end,
-                       l0_removed=bool(args.release) and not Path(args.release).exists(),
-                       reason=reason)
-    record.write_state(args.state, state)
+    with record.updating(args.state) as state:
+        record.record_step(state, args.job, args.step, args.status, exit_code=args.exit_code,
+                           start=args.start, end=args.end,
+                           l0_removed=bool(args.release) and not Path(args.release).exists(),
+                           reason=reason)
     return EXIT_OK
 
 
 def cmd_mark(args: argparse.Namespace) -> int:
-    state = record.load_state(args.state)
-    record.mark_job(state, args.job, args.mark)
-    record.write_state(args.state, state)
+    with record.updating(args.state) as state:
+        record.mark_job(state, args.job, args.mark)
     return EXIT_OK
 
 

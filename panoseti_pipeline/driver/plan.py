@@ -19,6 +19,7 @@ from ``_L0.zarr``) keeps every later field in its column. Paths with a control c
     l0dir   <US> directory of the L0 stores <US> 1 if it is the pipeline's own scratch
                  directory (<output>/.l0_tmp: removed when empty), else 0
     umask   <US> octal umask for the files of the run ([run] group_writable)
+    lanes   <US> products in flight at once <US> CPUs of each local step process (0: all)
     job     <US> index <US> run|skip <US> name <US> L0 path <US> L1 path|- <US> input ...
     bundle  <US> run directory (.pffd), or a bundle of it <US> its product directory
 
@@ -629,6 +630,30 @@ def cluster_summary(cfg: PipelineConfig) -> dict[str, Any]:
     return info
 
 
+def worker_threads(cfg: PipelineConfig) -> int:
+    """The threads that run the steps' tasks: the cluster's worker threads, or (use_dask =
+    false, or a scheduler started elsewhere, whose workers are unknown before it is
+    asked) this machine's CPUs."""
+    c = cfg.cluster
+    per_worker = {"local": c.local_threads_per_worker, "ssh": c.ssh_threads_per_worker,
+                  "slurm": max(1, c.slurm_cores // max(1, c.slurm_processes))}
+    if c.use_dask and c.n_workers is not None:
+        return c.n_workers * per_worker[c.cluster_type]
+    from panoseti_pipeline.runners import cpus
+
+    return cpus()
+
+
+def products_in_flight(cfg: PipelineConfig, to_run: int) -> tuple[int, int]:
+    """How many products run at once (``[run] concurrent_products``; 0: one per worker
+    thread), never more than there are to run; and the CPUs each local step process
+    gets (use_dask = false: this machine's, shared out; 0: all of them)."""
+    threads = worker_threads(cfg)
+    lanes = max(1, min(cfg.run.concurrent_products or threads, to_run))
+    share = max(1, threads // lanes) if lanes > 1 and not cfg.cluster.use_dask else 0
+    return lanes, share
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -670,6 +695,7 @@ def bash_lines(plan: Plan, cfg: PipelineConfig, out: Path, l0: Path, umask: int
         ["stop", str(stop_tenths)],
         ["l0dir", str(l0), str(int(l0 == out / SCRATCH_L0_SUBDIR))],
         ["umask", f"{store_files.permission_umask(cfg.run.group_writable, umask):04o}"],
+        ["lanes", *map(str, products_in_flight(cfg, sum(j.action == "run" for j in plan.jobs)))],
     ]
     for k, j in enumerate(plan.jobs):
         records.append(["job", str(k), j.action, j.name, j.l0, j.l1 or "-", *j.inputs])

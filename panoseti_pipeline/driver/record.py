@@ -5,18 +5,21 @@
 is interrupted between steps (:func:`mark_job`), and turned at the end into the table on
 stdout (:func:`summary_table`) and the TOML run record in the output directory
 (:func:`write_run_record`). Each update replaces the file atomically, so a signal between
-two updates leaves the previous state readable.
+two updates leaves the previous state readable, and holds a lock on it (:func:`updating`):
+products in flight together record their steps from separate processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import itertools
 import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +48,18 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 def write_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Replace the state file atomically (temporary file + rename)."""
     write_file(path, json.dumps(state, indent=1).encode())
+
+
+@contextlib.contextmanager
+def updating(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The state to change in the ``with`` block, written back at its end; no other
+    process updates it meanwhile (a lock file beside it: the state file itself is
+    replaced, so it cannot hold the lock)."""
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = load_state(path)
+        yield state
+        write_state(path, state)
 
 
 def new_state(plan: Plan, cfg: PipelineConfig, config_path: str, out: Path, l0: Path,
