@@ -434,19 +434,33 @@ def make_observation(root: str | Path, *, seed: int = 0, modules: Sequence[int] 
 def write_big_file(directory: str | Path, megabytes: int, *, dp: str = "img16", seed: int = 0,
                    block_frames: int = 16384) -> Path:
     """One large clean stream file (benchmarks), written block by block in bounded memory."""
-    spec = StreamSpec(dp=dp, module=1)
+    return write_big_stream(directory, megabytes, 1, dp=dp, seed=seed,
+                            block_frames=block_frames)[0]
+
+
+def write_big_stream(directory: str | Path, megabytes: int, files: int, *, dp: str = "img16",
+                     module: int = 1, seed: int = 0, block_frames: int = 16384) -> list[Path]:
+    """``files`` seqno files of ``megabytes`` MB each of one clean stream (benchmarks),
+    named as the DAQ names its rolled-over files, written in bounded memory."""
+    spec = StreamSpec(dp=dp, module=module)
     product = pff.PRODUCTS[dp]
-    n_total = megabytes * 1_000_000 // product.frame_bytes
+    per_file = megabytes * 1_000_000 // product.frame_bytes
     rng = np.random.default_rng(seed)
-    path = Path(directory) / file_name(spec, DEFAULT_START, 0)
     t0 = int(DEFAULT_START.timestamp()) * 1_000_000_000
-    with open(path, "wb") as f:
-        for first in range(0, n_total, block_frames):
-            n = min(block_frames, n_total - first)
-            times = t0 + (first + np.arange(n, dtype=np.int64)) * spec.cadence_ns
-            pff.write_frames(f, dp, synth_images(rng, spec, n, first),
-                             synth_headers(rng, spec, times, first_pkt=first))
-    return path
+    paths = []
+    for seqno in range(files):
+        first_of_file = seqno * per_file
+        opened = DEFAULT_START if seqno == 0 else opened_at(
+            t0 + first_of_file * spec.cadence_ns)
+        path = Path(directory) / file_name(spec, opened, seqno)
+        with open(path, "wb") as f:
+            for first in range(first_of_file, first_of_file + per_file, block_frames):
+                n = min(block_frames, first_of_file + per_file - first)
+                times = t0 + (first + np.arange(n, dtype=np.int64)) * spec.cadence_ns
+                pff.write_frames(f, dp, synth_images(rng, spec, n, first),
+                                 synth_headers(rng, spec, times, first_pkt=first))
+        paths.append(path)
+    return paths
 
 
 def main(argv: Sequence[str] | None = None,
