@@ -1,4 +1,4 @@
-"""Tests for cluster.py and cluster_lifecycle_manager.py, with real processes.
+"""Tests for the cluster package and cluster_lifecycle_manager.py, with real processes.
 
 Every Dask address stays on loopback (``interface = "lo"``). Each manager started here
 carries a unique ``PANOSETI_TEST_TAG`` in its environment, inherited by its worker
