@@ -21,10 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from panoseti_pipeline.errors import InputError
 from panoseti_pipeline.store.safe_write import write_file
 
 #: run.sh's file of step STEP of job JOB in its temporary directory (beside the state
@@ -41,14 +41,17 @@ def step_task_file(state_path: str | os.PathLike[str], job: int, step: int) -> P
 
 def read_step_tasks(path: Path) -> dict[str, Any]:
     """What a step process left in its task file: ``mode``, ``pool``, ``threads``,
-    ``tasks``; {} when it left none (it failed before a task ran, or was killed)."""
+    ``tasks``; {} when it left none (it failed before a task ran, or was killed) or one
+    that does not read (a warning: the step's outcome is recorded all the same)."""
     try:
         found = json.loads(path.read_text(encoding="utf-8"))
+        return {k: found[k] for k in ("mode", "pool", "threads", "tasks")}
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not a task record of a step ({err})") from None
-    return {k: found[k] for k in ("mode", "pool", "threads", "tasks")}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"run.sh: warning: {path}: not a step's task record ({err!r}); its tasks "
+              "are left out of the utilization", file=sys.stderr)
+        return {}
 
 
 def run_tasks(state: dict[str, Any]) -> list[dict[str, Any]]:
