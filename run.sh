@@ -267,12 +267,14 @@ wait_gone() {
 # While a cluster is in use, the lifecycle manager is watched too: if it dies (the Dask
 # client of the step would wait ~30 s for a scheduler that is gone), the step is stopped
 # at once and fails (status 1); run_jobs then reports the lost cluster (cluster_alive).
+# Where its tasks ran goes to tasks_<job>_<step>.json, which `driver record` reads.
 run_step() {
   local rc=0 lost=0 polls=0 lane="$BASHPID" # (in the step's own fork, BASHPID is the step)
   STEP_START="$(now)"
   STEP_RC=""
   rm -f -- "$RUN_TMP/step_error_$CURRENT_JOB"
   PANOSETI_ERROR_FILE="$RUN_TMP/step_error_$CURRENT_JOB" PANOSETI_PARENT_PID="$lane $$" \
+    PANOSETI_TASK_FILE="$RUN_TMP/tasks_${CURRENT_JOB}_${CURRENT_STEP}.json" \
     PANOSETI_CPUS="$LANE_CPUS" "$@" >&2 </dev/null &
   STEP_PID=$!
   if [[ -n "$MANAGER_PID" ]]; then

@@ -26,7 +26,7 @@ from pathlib import Path
 import tomli_w
 from benchlib import OUT, REPO
 
-from panoseti_pipeline.runners import cpus
+from panoseti_pipeline.runners import host_cpus as cpus
 
 
 def streams(megabytes: int, files: int, products: int) -> list[Path]:

@@ -5,7 +5,9 @@ Both steps cut their work into chunk-aligned tasks (:mod:`panoseti_pipeline.chun
 that read and write the stores themselves and return small summaries. A runner maps a
 task function over argument tuples and folds each summary as it completes, with a
 progress bar; the step code does not care where the tasks ran, which is how local and
-cluster runs stay byte-identical.
+cluster runs stay byte-identical. Each task also reports where and when it ran (host,
+process, thread, start, end); a step started by run.sh leaves those, with the worker
+threads it had, in the file :data:`TASK_FILE_ENV` names, for the run's record.
 
 A process that runs tasks (this one, or a long-lived Dask worker serving step 1 and
 step 2 of many inputs in turn) is set up by :func:`prepare_process` before each task,
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +32,7 @@ import numpy as np
 
 from panoseti_pipeline.errors import ClusterError
 from panoseti_pipeline.store import layout, publish
+from panoseti_pipeline.store.safe_write import write_file
 
 #: ``fold(index, summary)`` may return the progress it represents (e.g. frames); None = 1
 Fold = Callable[[int, Any], "int | None"]
@@ -43,12 +49,17 @@ def cpu_share() -> int | None:
     return int(share) if share.isdigit() and int(share) > 0 else None
 
 
+def host_cpus() -> int:
+    """CPUs of this machine that this process may run on (the affinity mask where the OS
+    has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpus() -> int:
-    """CPUs this process may use: the affinity mask where the OS has one, at most its
-    :func:`cpu_share`."""
-    have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return min(have, cpu_share() or have)
+    """CPUs this process may use: :func:`host_cpus`, at most its :func:`cpu_share`."""
+    return min(host_cpus(), cpu_share() or host_cpus())
 
 
 # --------------------------------------------------------------------------- task processes
@@ -233,14 +244,19 @@ class LocalRunner:
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str, fold: Fold,
             total: int | None = None, unit: str = "task") -> None:
         """Run ``fn(*call)`` for every call; ``fold(i, result)`` as each one completes."""
+        tasks: list[dict[str, Any]] = []
         with _bar(total or len(calls), desc, unit, self.progress) as bar, \
-                concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-            futures = {pool.submit(fn, *c): i for i, c in enumerate(calls)}
+                concurrent.futures.ThreadPoolExecutor(self.threads, "task") as pool:
+            futures = {pool.submit(timed, fn, *c): i for i, c in enumerate(calls)}
             try:
                 for fut in concurrent.futures.as_completed(futures):
-                    bar.update(fold(futures[fut], fut.result()) or 1)
+                    result, task = fut.result()
+                    tasks.append(task)
+                    bar.update(fold(futures[fut], result) or 1)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
+                # the pool is the machine: its CPUs, also when this step has a share of them
+                record_tasks(tasks, self.mode, host_cpus(), f"local:{socket.gethostname()}")
 
 
 class DaskRunner:
@@ -256,12 +272,18 @@ class DaskRunner:
             total: int | None = None, unit: str = "task") -> None:
         from distributed import as_completed
 
-        futures = [self.client.submit(fn, *c, pure=False) for c in calls]
+        name = getattr(fn, "__name__", "task")  # the dashboard's name, not timed's
+        futures = [self.client.submit(timed, fn, *c, key=f"{name}-{uuid.uuid4().hex}")
+                   for c in calls]
         index = {f.key: i for i, f in enumerate(futures)}
+        tasks: list[dict[str, Any]] = []
+        threads = sum(self.client.nthreads().values())
         with _bar(total or len(calls), desc, unit, self.progress) as bar:
             try:
                 for fut in as_completed(futures, loop=self.client.loop):  # not a default
-                    bar.update(fold(index[fut.key], fut.result()) or 1)
+                    result, task = fut.result()
+                    tasks.append(task)
+                    bar.update(fold(index[fut.key], result) or 1)
                     fut.release()
             except concurrent.futures.CancelledError as err:  # e.g. the scheduler went away
                 if self.client.status == "running":
@@ -272,6 +294,8 @@ class DaskRunner:
             except BaseException:
                 self.cancel_and_wait(futures)
                 raise
+            finally:
+                record_tasks(tasks, self.mode, threads, self.client.scheduler.address)
 
     def cancel_and_wait(self, futures: Sequence[Any], timeout_s: float = 120.0) -> None:
         """Cancel ``futures`` and wait until none of them still runs on a worker.
@@ -298,6 +322,68 @@ def _running_keys(keys: set[Any], dask_worker: Any = None) -> list[Any]:
     """On a worker: which of ``keys`` are still executing (cancelled ones included)."""
     state = dask_worker.state
     return [ts.key for ts in (*state.executing, *state.long_running) if ts.key in keys]
+
+
+# --------------------------------------------------------------------------- task records
+
+
+#: run.sh names a file per step here: where and when the step's tasks ran (JSON)
+TASK_FILE_ENV = "PANOSETI_TASK_FILE"
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, Any]]:
+    """``fn(*args)`` and where and when it ran (on the thread that runs the task).
+
+    ``thread`` is the thread's name (``task_<n>`` of a local pool, the same in every map;
+    a Dask worker's ``Dask-Default-Threads-...``),
+    ``worker`` the Dask worker's address (None in local threads); times are epoch
+    seconds of the host's clock.
+    """
+    start = time.time()
+    result = fn(*args)
+    end = time.time()
+    return result, {"fn": getattr(fn, "__name__", "task"), "host": socket.gethostname(),
+                    "pid": os.getpid(), "thread": threading.current_thread().name,
+                    "worker": _worker_address(), "start": start, "end": end}
+
+
+def _worker_address() -> str | None:
+    distributed = sys.modules.get("distributed")  # imported where a Dask worker runs
+    if distributed is None:
+        return None
+    try:
+        return distributed.get_worker().address
+    except ValueError:  # a thread of a process that is not a worker
+        return None
+
+
+def record_tasks(tasks: list[dict[str, Any]], mode: str, threads: int, pool: str) -> None:
+    """Add ``tasks`` to the file :data:`TASK_FILE_ENV` names (if set): one JSON object
+    per step process, ``{"pid", "mode", "pool", "threads", "tasks"}``.
+
+    ``threads`` are the worker threads the tasks could have run on: this process's pool,
+    or every thread of the Dask cluster; ``pool`` names them (the host's local threads,
+    or the scheduler), so that steps sharing a pool count its threads once. A step maps
+    several times (step 2: baseline, then subtraction): a file another process wrote is
+    replaced, this process's extended. Not written: a warning, the step goes on.
+    """
+    path = os.environ.get(TASK_FILE_ENV)
+    if not path:
+        return
+    try:
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+        except (FileNotFoundError, ValueError):
+            record = {}
+        if record.get("pid") != os.getpid():
+            record = {"pid": os.getpid(), "mode": mode, "pool": pool, "threads": 0,
+                      "tasks": []}
+        record["threads"] = max(record["threads"], threads)
+        record["tasks"] += sorted(tasks, key=lambda t: t["start"])
+        write_file(path, json.dumps(record).encode())
+    except OSError as err:
+        print(f"warning: the task record {path} was not written: {err}", file=sys.stderr)
 
 
 def runner_for(client: Any, threads: int | None, progress: bool) -> LocalRunner | DaskRunner:

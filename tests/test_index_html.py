@@ -90,6 +90,10 @@ def test_a_png_beside_every_store_and_one_page(night):
     assert page.count('<tr class="product') == 4
     record = next(products.parent.glob("run_record_*.toml"))
     assert f'href="../{record.name}"' in page
+    timeline = record.with_name(record.name.replace("run_record_", "run_timeline_")
+                                ).with_suffix(".png")
+    assert timeline.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f'<img src="../{timeline.name}"' in page
     assert "file://" not in page and "/tmp/" not in page  # relative links only
 
 
@@ -132,7 +136,10 @@ def test_chromium_shows_every_row_and_every_image(night, tmp_path):
     assert sorted(rows) == stores
     widths = re.findall(r'<img [^>]*data-natural-width="(\d+)"', dom)
     housekeeping = list(products.glob("*.housekeeping/*.hk.png"))  # the run's, if any
-    assert len(widths) == 4 + len(housekeeping) and all(int(w) > 300 for w in widths)
+    # the quicklooks, the housekeeping and the timeline of the run's tasks
+    assert len(widths) == 4 + len(housekeeping) + 1 and all(int(w) > 300 for w in widths)
+    assert re.search(r'<img src="\.\./run_timeline_[^"]+\.png"[^>]*data-natural-width="'
+                     r'[1-9]\d*"', dom)
     assert 'id="run-status"' in dom and "<b class=\"status-ok\">ok</b>" in dom
     shot = tmp_path / "page.png"
     browse("--window-size=1200,3000", f"--screenshot={shot}",
@@ -178,6 +185,8 @@ def test_no_quicklook_makes_neither(tmp_path):
     products = tmp_path / "out" / run.name.removesuffix(".pffd")
     assert len(list(products.glob("*_L1.zarr"))) == 1
     assert not list(products.glob("*.png")) and not (products / "index.html").exists()
+    assert not list((tmp_path / "out").glob("run_timeline_*"))  # nor the tasks' timeline
+    assert list((tmp_path / "out").glob("run_tasks_*.json"))  # (recorded all the same)
     assert "quicklooks:" not in result.stderr
     (hk_dir,) = products.glob("*.housekeeping")  # the housekeeping store, without its PNG
     assert [p.suffix for p in hk_dir.iterdir()] == [".zarr"]
@@ -195,6 +204,10 @@ def test_after_an_all_skipped_rerun_the_page_shows_the_run_that_made_the_product
     assert result.returncode == 0, result.stderr
     (rerun,) = set(root.glob("out/run_record_*.toml")) - {first}
     assert tomllib.loads(rerun.read_text())["run"]["counts"] == {"skipped": 4}
+    # no task ran: no utilization, tasks file or timeline of the rerun
+    assert "utilization" not in tomllib.loads(rerun.read_text())
+    stamp = rerun.stem.removeprefix("run_record_")
+    assert not list(rerun.parent.glob(f"run_t*_{stamp}.*"))
     made = tomllib.loads(first.read_text())["run"]
     page = (products / "index.html").read_text()
     runs = re.findall(r'<p class="run">(.*?)</p>', page, re.S)

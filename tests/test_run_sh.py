@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 from fault_tools import SLOW_TASK, assert_same_store, leftovers, with_plugin  # noqa: E402
 from process_tools import session_processes  # noqa: E402
 
-from panoseti_pipeline import pff  # noqa: E402
+from panoseti_pipeline import pff, runners  # noqa: E402
 from panoseti_pipeline import synthetic as synthetic_obs  # noqa: E402
 from panoseti_pipeline.driver import plan as driver_plan  # noqa: E402
 from panoseti_pipeline.driver import record as driver_record  # noqa: E402
@@ -178,6 +178,54 @@ def check_l1(l1: Path, files: Sequence[Path]) -> None:
     assert np.array_equal(group["time"][:].size, raw.shape[0])
 
 
+def check_tasks(out: Path, record: dict, stdout: str, mode: str) -> None:
+    """Every step of every input ran tasks, each naming its host, process and thread and
+    starting before it ended, within the run; the utilization on the summary and in the
+    record is busy / (threads x wall) recomputed here from those tasks."""
+    import datetime as dt
+
+    tasks = json.loads((out / record["utilization"]["tasks_file"]).read_text())
+    assert tasks["run_record"] in {p.name for p in out.glob(f"{RECORD_PREFIX}*.toml")}
+    started = dt.datetime.fromisoformat(record["run"]["started"]).timestamp()
+    finished = dt.datetime.fromisoformat(record["run"]["finished"]).timestamp() + 1  # s
+    ran = {(t["input"], t["step"]) for t in tasks["tasks"]}
+    assert ran == {(e["name"], step) for e in record["inputs"] for step in (1, 2)}
+    for t in tasks["tasks"]:
+        assert t["host"] == socket.gethostname() and t["pid"] > 0 and t["thread"]
+        assert started <= t["start"] < t["end"] <= finished, t
+        assert (t["worker"] or "").startswith("tls://127.0.0.1:") is (mode == "dask")
+    for entry in record["inputs"]:
+        for step in ("step1", "step2"):
+            assert entry[step]["mode"] == mode and entry[step]["tasks"] == sum(
+                1 for t in tasks["tasks"] if (t["input"], t["step"]) == (entry["name"],
+                                                                         int(step[-1])))
+    # the steps share one pool: the cluster's 2 threads, or this host's local threads
+    # (step 1: num_workers = 2, step 2: one per CPU)
+    (threads,) = tasks["pools"].values()
+    assert threads == (2 if mode == "dask" else max(2, runners.cpus()))
+    if mode == "local":  # a step process's pool: its threads, named alike in each map
+        assert {t["thread"] for t in tasks["tasks"]} <= {f"task_{k}" for k in range(threads)}
+    else:  # the workers' processes (not the steps'), each one worker
+        assert len({(t["pid"], t["worker"]) for t in tasks["tasks"]}) <= 2
+        assert len({t["pid"] for t in tasks["tasks"]}) == len({t["worker"]
+                                                              for t in tasks["tasks"]})
+    busy = sum(t["end"] - t["start"] for t in tasks["tasks"])
+    wall = (max(t["end"] for t in tasks["tasks"])
+            - min(t["start"] for t in tasks["tasks"]))
+    value = busy / (threads * wall)
+    u = record["utilization"]
+    assert u["threads"] == threads and u["tasks"] == len(tasks["tasks"])
+    assert u["value"] == pytest.approx(value, abs=1e-4)
+    assert u["busy_thread_s"] == pytest.approx(busy, abs=1e-3)
+    assert u["wall_s"] == pytest.approx(wall, abs=1e-3)
+    line = re.search(r"^cluster utilization: (\S+) \(busy (\S+) thread-s / (\d+) threads x "
+                     r"(\S+) s; (\d+) tasks\)$", stdout, re.M)
+    assert line, stdout
+    assert line.group(1) == f"{value:.2f}" and line.group(2) == f"{busy:.1f}"
+    assert int(line.group(3)) == threads and line.group(4) == f"{wall:.1f}"
+    assert int(line.group(5)) == len(tasks["tasks"])
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -256,12 +304,14 @@ def test_two_files_and_a_pffd_directory_to_l1(data: Data, tmp_path: Path, mode: 
     if mode == "dask":
         assert record["cluster"]["scheduler_address"].startswith("tls://127.0.0.1:")
         assert record["cluster"]["workers"] == 2
+    check_tasks(out, record, stdout, mode)
 
     # Again: everything is there, so every input is skipped and no cluster starts.
     rc, stdout, stderr = run(args, env)
     assert rc == 0, stderr[-3000:]
     assert set(statuses(run_records(out)[-1]).values()) == {"skipped"}
     assert "starting the cluster" not in stderr
+    assert "utilization" not in run_records(out)[-1] and "utilization" not in stdout
 
 
 @pytest.mark.slow

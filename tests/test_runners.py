@@ -134,3 +134,52 @@ def test_progress_into_a_file_is_whole_lines_about_every_ten_percent(tmp_path):
         lines = text.decode().splitlines()
         assert lines[-1] == "demo step: 100% (95/95 tasks)"
         assert 9 <= len(lines) <= 11 and all(line.startswith("demo step: ") for line in lines)
+
+
+def test_a_step_process_leaves_every_task_of_its_maps_in_its_task_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each map adds its tasks (where and when each ran) to the file run.sh names; a file
+    another process left is replaced, not extended; a task that failed has no record."""
+    import socket
+
+    path = tmp_path / "tasks_0_2.json"
+    path.write_text(json.dumps({"pid": -1, "mode": "dask", "pool": "x", "threads": 9,
+                                "tasks": [{"start": 0.0}]}))
+    monkeypatch.setenv(runners.TASK_FILE_ENV, str(path))
+    runner = runners.LocalRunner(3, progress=False)
+    got: dict[int, int] = {}
+    runner.map(abs, [(-i,) for i in range(5)], "first", got.__setitem__)
+    assert got == {i: i for i in range(5)}  # the results, not the timings, are folded
+    runner.map(abs, [(-i,) for i in range(5, 7)], "second", got.__setitem__)
+    with pytest.raises(ZeroDivisionError):
+        runner.map(divmod, [(1, 0)], "failing", lambda _i, _r: None)
+    record = json.loads(path.read_text())
+    assert record["pid"] == os.getpid() and record["threads"] == 3
+    assert record["mode"] == "local" and record["pool"] == f"local:{socket.gethostname()}"
+    tasks = record["tasks"]
+    assert [t["fn"] for t in tasks] == ["abs"] * 7
+    for t in tasks:
+        assert t["host"] == socket.gethostname() and t["pid"] == os.getpid()
+        assert t["thread"] in {"task_0", "task_1", "task_2"} and t["worker"] is None
+        assert 0 < t["start"] <= t["end"]
+    assert tasks[4]["end"] <= tasks[5]["start"]  # the second map after the first
+
+
+def test_dask_tasks_name_their_worker_and_the_cluster_s_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distributed import Client, LocalCluster
+
+    path = tmp_path / "tasks_0_1.json"
+    monkeypatch.setenv(runners.TASK_FILE_ENV, str(path))
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        runners.DaskRunner(client, progress=False).map(abs, [(-i,) for i in range(6)],
+                                                       "test", lambda _i, _r: None)
+        workers = set(client.nthreads())
+        scheduler = client.scheduler.address
+    record = json.loads(path.read_text())
+    assert record["mode"] == "dask" and record["threads"] == 4
+    assert record["pool"] == scheduler
+    assert len(record["tasks"]) == 6
+    assert {t["worker"] for t in record["tasks"]} <= workers
+    assert all("Dask" in t["thread"] and t["start"] <= t["end"] for t in record["tasks"])

@@ -5,16 +5,19 @@
     Otherwise the plan for bash (``--state FILE``: also writes the state file) or for
     people (``--dry-run``). See :mod:`panoseti_pipeline.driver.plan`.
 ``record``, ``mark``
-    One step's outcome, or an interrupted job, into the state file.
+    One step's outcome (with where and when its tasks ran), or an interrupted job, into
+    the state file.
 ``summary``
-    The table on stdout and the run record (TOML) in the output directory.
+    The table and the utilization of the worker threads on stdout, and the run record
+    (TOML, and its tasks file) in the output directory.
 ``finish``
     Everything after the jobs, in one process (each import paid once): the run bundles
     (``--bundle``), with ``l1_layout = "panoseti_analysis"`` each run's level
     ``manifest.json`` and ``.panoseti-meta/`` (:mod:`panoseti_pipeline.store.analysis_spec`),
     the summary and run record, the catalog (``<output>/catalog.sqlite``), then a quicklook
-    PNG beside every product and an ``index.html`` in each directory of them
-    (:mod:`panoseti_pipeline.driver.index_page`). A part that fails is one line and the
+    PNG beside every product, the run's timeline PNG beside its record
+    (:mod:`panoseti_pipeline.driver.tasks`) and an ``index.html`` in each directory of
+    products (:mod:`panoseti_pipeline.driver.index_page`). A part that fails is one line and the
     others still run; a bundle or manifest not written fails the run.
 ``demo-observation``, ``demo-config``
     The small observation and the single-machine config of ``run.sh --demo``.
@@ -48,7 +51,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from panoseti_pipeline.driver import demo, plan, record
+from panoseti_pipeline.driver import demo, plan, record, tasks
 from panoseti_pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, reported, run_main
 
 PROG = "python3 -m panoseti_pipeline driver"
@@ -90,11 +93,12 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.reason_file:
         lines = Path(args.reason_file).read_text(errors="replace").strip().splitlines()
         reason = lines[-1] if lines else ""
+    step_tasks = tasks.read_step_tasks(tasks.step_task_file(args.state, args.job, args.step))
     with record.updating(args.state) as state:
         record.record_step(state, args.job, args.step, args.status, exit_code=args.exit_code,
                            start=args.start, end=args.end,
                            l0_removed=bool(args.release) and not Path(args.release).exists(),
-                           reason=reason)
+                           reason=reason, tasks=step_tasks)
     return EXIT_OK
 
 
@@ -119,6 +123,9 @@ def write_summary(state_file: str, exit_code: int, log: str, cluster_address: st
         cluster_log and Path(cluster_log).is_file()) else ""
     print()
     print("\n".join(record.summary_table(state)))
+    busy = tasks.utilization(state)
+    if busy:
+        print(busy.line())
     for line in record.failure_lines(state) + record.warning_lines(state):
         print(line)
     out = Path(state["output_dir"])
@@ -128,7 +135,7 @@ def write_summary(state_file: str, exit_code: int, log: str, cluster_address: st
     the_record = record.run_record(state, exit_code, cluster_address, manager_output)
     if log:
         the_record["run"]["log"] = log
-    path = record.write_run_record(out, the_record)
+    path = record.write_run_record(out, the_record, state)
     print(f"run record: {path}")
     state["run_record"] = str(path)
     record.write_state(state_file, state)

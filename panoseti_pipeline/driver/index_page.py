@@ -7,8 +7,9 @@ of the run (``<output>/<obs>/``, or the output directory for a lone ``.pff``) ge
 ``index.html``:
 the run record's status, a table of the products (module, product, level, status,
 frames, time span, flagged frames, hot/dead pixels, PFF/L0 compression, L1/L0 size, a
-link to the store), their PNGs and the housekeeping PNG of the run bundle, if there is
-one. Every link is relative, so the page opens from the
+link to the store), their PNGs, the housekeeping PNG of the run bundle, if there is
+one, and the timeline of the run's tasks (:mod:`panoseti_pipeline.driver.tasks`, drawn
+beside the run record). Every link is relative, so the page opens from the
 filesystem (or a copied directory) in any browser with no server, and has no script.
 """
 
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from panoseti_pipeline.driver.record import RECORD_PREFIX, job_status, load_state
+from panoseti_pipeline.driver import tasks
+from panoseti_pipeline.driver.record import RECORD_PREFIX, companion, job_status, load_state
 from panoseti_pipeline.housekeeping import HK_QUICKLOOK_SUFFIX, find_hk
 from panoseti_pipeline.run_bundle import iso_ns
 from panoseti_pipeline.store import publish
@@ -80,10 +82,11 @@ def _run_line(record: dict[str, Any], path: Path | None, page_dir: Path, what: s
 
 def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, Any],
                 record_path: Path | None,
-                records: dict[Path, dict[str, Any]] | None = None) -> str:
+                records: dict[Path, dict[str, Any]] | None = None,
+                timeline: Path | None = None) -> str:
     """The HTML of one directory's page (``rows``: the run's products there, each with the
     run record that made it under ``made_by``, if known; ``record``: this run's;
-    ``records``: the run records by path)."""
+    ``records``: the run records by path; ``timeline``: the PNG of this run's tasks)."""
     e = html.escape
     records = records or {}
     makers = list(dict.fromkeys(r["made_by"] for r in rows if r.get("made_by")))
@@ -121,6 +124,10 @@ def render_page(page_dir: Path, rows: list[dict[str, Any]], record: dict[str, An
         figures.append(f'<figure id="housekeeping"><img src="{_link(png, page_dir)}" '
                        f'alt="housekeeping of the run"><figcaption>housekeeping: '
                        f"{e(png.name)}</figcaption></figure>")
+    if timeline:
+        figures.append(f'<figure id="timeline"><img src="{_link(timeline, page_dir)}" '
+                       'alt="timeline of the run\'s tasks"><figcaption>where and when each '
+                       f"task of the run ran: {e(timeline.name)}</figcaption></figure>")
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>PANOSETI products: {e(page_dir.name)}</title>",
@@ -183,12 +190,20 @@ def make_quicklooks(state_file: str | os.PathLike[str],
     from panoseti_pipeline.errors import PipelineError
 
     notice = notice or (lambda msg: print(msg, file=sys.stderr))
+    failed = 0
     state = load_state(state_file)
     record_path = Path(state["run_record"]) if state.get("run_record") else None
     records = run_records(Path(state["output_dir"])) if state.get("output_dir") else {}
     record = records.get(record_path, {})  # this run's, written into the output directory
+    timeline = None
+    if record_path:
+        try:
+            timeline = tasks.draw_timeline(state, companion(record_path, tasks.TIMELINE_PREFIX,
+                                                            ".png"))
+        except OSError as err:
+            notice(f"run.sh: warning: no timeline of the run's tasks: {err}")
+            failed += 1
     by_dir: dict[Path, list[dict[str, Any]]] = {}
-    failed = 0
     for store, status in run_products(state):
         row: dict[str, Any] = {"store": store, "status": status, "published": False}
         level = "L1" if publish.is_published(store, "L1") else "L0"  # any layout's name
@@ -209,6 +224,7 @@ def make_quicklooks(state_file: str | os.PathLike[str],
         if not any(r["published"] for r in rows):  # nothing there to look at
             continue
         page = page_dir / PAGE
-        write_file(page, render_page(page_dir, rows, record, record_path, records).encode())
+        write_file(page, render_page(page_dir, rows, record, record_path, records,
+                                     timeline).encode())
         pages.append(page)
     return pages, failed

@@ -639,9 +639,9 @@ def worker_threads(cfg: PipelineConfig) -> int:
                   "slurm": max(1, c.slurm_cores // max(1, c.slurm_processes))}
     if c.use_dask and c.n_workers is not None:
         return c.n_workers * per_worker[c.cluster_type]
-    from panoseti_pipeline.runners import cpus
+    from panoseti_pipeline.runners import host_cpus
 
-    return cpus()
+    return host_cpus()
 
 
 def products_in_flight(cfg: PipelineConfig, to_run: int) -> tuple[int, int]:
@@ -668,6 +668,10 @@ def print_dry_run(plan: Plan, cfg: PipelineConfig, out: Path, l0: Path,
         kept = "kept (--keep-l0)" if keep_l0 else "removed after each input"
         print(f"  L0 dir:  {l0} ({kept})")
     print(f"  cluster: {cluster_summary(cfg)['description']}")
+    lanes, share = products_in_flight(cfg, n_run)
+    shared = f", {share} CPU(s) each" if share else ""
+    print(f"  at once: {lanes} input(s) in flight ([run] concurrent_products = "
+          f"{cfg.run.concurrent_products}{shared})")
     print(f"  inputs:  {len(plan.jobs)} ({n_run} to run, {len(plan.jobs) - n_run} already done)")
     for k, job in enumerate(plan.jobs, 1):
         done = "  [skip: complete product already there]" if job.action == "skip" else ""

@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from panoseti_pipeline.driver.plan import Plan, cluster_summary, images_shape
+from panoseti_pipeline.driver.tasks import (
+    TASKS_PREFIX,
+    pool_threads,
+    tasks_document,
+    utilization,
+)
 from panoseti_pipeline.errors import ConfigError
 from panoseti_pipeline.store import publish as store_files
 from panoseti_pipeline.store.safe_write import write_file
@@ -124,9 +130,11 @@ def _store_facts(store: str) -> dict[str, Any]:
 
 def record_step(state: dict[str, Any], job_index: int, step: int, status: str, *,
                 exit_code: int = 0, start: str = "", end: str = "",
-                l0_removed: bool = False, reason: str = "") -> None:
+                l0_removed: bool = False, reason: str = "",
+                tasks: dict[str, Any] | None = None) -> None:
     """Add one step's outcome (status, exit code, seconds, the store's size, the error
-    line of a failed step) to ``state``.
+    line of a failed step, and ``tasks``, where its tasks ran: ``driver.tasks``) to
+    ``state``.
 
     ``start`` and ``end`` are bash times (``EPOCHREALTIME`` or ``date +%s``). The store
     is measured now, while it is there (the L0 is removed after step 2).
@@ -137,6 +145,7 @@ def record_step(state: dict[str, Any], job_index: int, step: int, status: str, *
         entry["reason"] = reason
     if start and end:
         entry["seconds"] = round(max(0.0, _epoch(end) - _epoch(start)), 3)
+    entry.update(tasks or {})
     if status == "ok":
         store = job["l0"] if step == 1 else job["l1"]
         if store and Path(store).is_dir():
@@ -302,10 +311,12 @@ def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
                  "l0_removed": job.get("l0_removed", False),
                  "l0_kept": steps == [1, 2] and store_files.is_published(job["l0"], "L0"),
                  "skipped_ranges": job.get("skipped"), "warnings": job.get("warnings")}
-        for step, info in sorted(job.get("steps", {}).items()):
-            entry[f"step{step}"] = info
+        for step, info in sorted(job.get("steps", {}).items()):  # tasks: in their file
+            entry[f"step{step}"] = info | ({"tasks": len(info["tasks"])} if "tasks" in info
+                                           else {})
         inputs.append(entry)
     finished = time.time()
+    busy = utilization(state)
     record = {
         "run": {"started": state["started"], "finished": store_files.utc_now(),
                 "seconds": round(finished - state["started_epoch"], 3),
@@ -316,6 +327,7 @@ def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
                 "steps": steps, **state["options"], "counts": counts,
                 "notices": state["notices"]},
         "cluster": cluster,
+        "utilization": busy.as_dict() | {"pools": pool_threads(state)} if busy else None,
         "software": software_versions(),
         "config": config,
         "inputs": inputs,
@@ -323,18 +335,37 @@ def run_record(state: dict[str, Any], exit_code: int, cluster_address: str = "",
     return _toml_clean(record)
 
 
-def write_run_record(out: Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` as ``<out>/run_record_<UTC time>[_n].toml``; never overwrites
-    anything (a file or a link there: the next ``_n``)."""
+def companion(record_path: Path, prefix: str, suffix: str) -> Path:
+    """The file of the run record's run named ``prefix`` + its UTC time + ``suffix``."""
+    stamp = record_path.name.removeprefix(RECORD_PREFIX).removesuffix(".toml")
+    return record_path.with_name(f"{prefix}{stamp}{suffix}")
+
+
+def write_run_record(out: Path, record: dict[str, Any],
+                     state: dict[str, Any] | None = None) -> Path:
+    """Write ``record`` as ``<out>/run_record_<UTC time>[_n].toml`` and, when the run's
+    ``state`` has tasks (its ``[utilization]``), the tasks file beside it (named in
+    ``utilization.tasks_file``); never overwrites anything (a file or a link there: the
+    next ``_n``)."""
     import tomli_w
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    text = f"# PANOSETI L0 -> L1 run record written by run.sh\n{tomli_w.dumps(record)}"
+    with_tasks = state is not None and "utilization" in record
     for n in itertools.count(1):
         path = out / f"{RECORD_PREFIX}{stamp}{f'_{n}' if n > 1 else ''}.toml"
+        tasks = companion(path, TASKS_PREFIX, ".json")
+        try:
+            if with_tasks:
+                record["utilization"]["tasks_file"] = tasks.name
+                write_file(tasks, json.dumps(tasks_document(state, path.name)).encode(),
+                           exclusive=True)
+        except FileExistsError:
+            continue
+        text = f"# PANOSETI L0 -> L1 run record written by run.sh\n{tomli_w.dumps(record)}"
         try:
             write_file(path, text.encode(), exclusive=True)
             return path
         except FileExistsError:
-            continue
+            if with_tasks:
+                tasks.unlink()  # ours, just written
     raise AssertionError("unreachable")
