@@ -133,6 +133,30 @@ def assert_all_gone(manager: ManagerProcess, seen: list[psutil.Process]) -> None
 # -- the running cluster ---------------------------------------------------------------
 
 
+def test_workers_import_the_steps_modules_once_the_cluster_is_up(
+        running: tuple[ManagerProcess, str]) -> None:
+    """(First of the tests on this cluster: none has run a task there yet.) The manager
+    has every worker import the steps' task modules as soon as it publishes
+    the cluster (without waiting for it), so that no first task pays for them."""
+    manager, address = running
+    client = dask_cluster.connect_client(address, timeout=10, credentials=manager.credentials)
+
+    def imported() -> bool:
+        import sys
+
+        return {"panoseti_pipeline.step1", "panoseti_pipeline.step2.subtract"} <= set(
+            sys.modules)
+
+    try:
+        deadline = time.monotonic() + 30
+        while not all((found := client.run(imported)).values()):
+            assert time.monotonic() < deadline, found
+            time.sleep(0.1)
+        assert len(found) == 2
+    finally:
+        client.close()
+
+
 def test_manager_publishes_a_loopback_cluster(running: tuple[ManagerProcess, str]) -> None:
     manager, address = running
     assert address.startswith("tls://127.")

@@ -104,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 dask_cluster.write_scheduler_file(scheduler_file, cluster.address,
                                                   cluster.credentials)
+                dask_cluster.warm_workers(cluster.client)
                 while not stop.wait(1.0):
                     pass
             finally:

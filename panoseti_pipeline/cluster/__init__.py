@@ -46,6 +46,7 @@ from panoseti_pipeline.cluster.client import (
     connect_client,
     describe_workers,
     step_client,
+    warm_workers,
 )
 from panoseti_pipeline.cluster.handle import (
     ClusterHandle,
@@ -68,5 +69,6 @@ __all__ = [
     "slurm_cluster_arguments",
     "ssh_cluster_arguments",
     "step_client",
+    "warm_workers",
     "write_scheduler_file",
 ]
