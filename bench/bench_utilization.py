@@ -5,8 +5,8 @@ Usage: python3 bench/bench_utilization.py [--frames 6000] [--in-flight 0 1]
 
 Starts a throwaway sshd on 127.0.0.1 and 127.0.0.2 (tests/sshd_testbed.py; needs
 openssh-server), generates a .pffd night of img16 and ph256 for modules 1-4 (8 products,
-``--frames`` per file, 2 seqno files each; one task per 2048 frames: time_chunk 2048,
-shard_factor 1), and runs ``./run.sh --no-quicklook`` on it once per value of
+``--frames`` per file, 2 seqno files each; the shipped config's chunks and tasks, or
+``--shard-factor`` time chunks per task), and runs ``./run.sh --no-quicklook`` on it once per value of
 ``--in-flight`` (``[run] concurrent_products``; 0 = one per worker thread, here 4). Prints
 the run record's ``[utilization]`` (busy worker-thread seconds / (4 threads x the time from
 the first task's start to the last task's end)) and the whole run's seconds.
@@ -48,13 +48,15 @@ def night(frames: int) -> Path:
                                       files_per_stream=2)
 
 
-def config(path: Path, bed: sshd_testbed.SSHTestBed, in_flight: int) -> Path:
+def config(path: Path, bed: sshd_testbed.SSHTestBed, in_flight: int,
+           shard_factor: int | None) -> Path:
     document = tomllib.loads((REPO / "config.toml").read_text())
-    document["cluster"].update(use_dask=True, ssh_hosts=HOSTS, ssh_workers_per_host=2,
+    document["cluster"].update(use_dask=True, cluster_type="ssh", ssh_hosts=HOSTS, ssh_workers_per_host=2,
                                ssh_threads_per_worker=1, ssh_memory_per_worker="2GB",
                                startup_timeout_s=60.0, **bed.cluster_keys(sys.executable))
-    document["pff_to_zarr"].update(time_chunk=2048, shard_factor=1)
-    document["baseline_subtract"].update(compute_chunk_size=2048, shard_factor=1)
+    if shard_factor is not None:  # smaller tasks than the shipped ones
+        document["pff_to_zarr"].update(shard_factor=shard_factor)
+        document["baseline_subtract"].update(shard_factor=shard_factor)
     document["run"]["concurrent_products"] = in_flight
     path.write_text(tomli_w.dumps(document))
     return path
@@ -64,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=6000)
     parser.add_argument("--in-flight", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--shard-factor", type=int, default=None,
+                        help="time chunks per task in both steps (default: the shipped 64)")
     args = parser.parse_args()
     obs = night(args.frames)
     os.environ.pop("PYTHONPATH", None)  # the workers must not find the repository
@@ -77,11 +81,13 @@ def main() -> None:
             for in_flight in args.in_flight:
                 out = tmp / f"out_{in_flight}"
                 env = dict(os.environ, CONFIG_FILE=str(config(tmp / f"c{in_flight}.toml",
-                                                              bed, in_flight)))
+                                                              bed, in_flight,
+                                                              args.shard_factor)))
                 t0 = time.perf_counter()
-                subprocess.run(["./run.sh", "--no-quicklook", str(obs), str(out)], cwd=REPO,
-                               env=env, check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                done = subprocess.run(["./run.sh", "--no-quicklook", str(obs), str(out)],
+                                      cwd=REPO, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"run.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
                 seconds = time.perf_counter() - t0
                 (record,) = out.glob("run_record_*.toml")
                 u = tomllib.loads(record.read_text())["utilization"]
