@@ -361,9 +361,10 @@ def record_tasks(tasks: list[dict[str, Any]], mode: str, threads: int, pool: str
     """Add ``tasks`` to the file :data:`TASK_FILE_ENV` names (if set): one JSON object
     per step process, ``{"pid", "mode", "pool", "threads", "tasks"}``.
 
-    ``threads`` are the worker threads the tasks could have run on: this process's pool,
-    or every thread of the Dask cluster; ``pool`` names them (the host's local threads,
-    or the scheduler), so that steps sharing a pool count its threads once. A step maps
+    ``threads`` are the worker threads the tasks could have run on: the host's CPUs
+    (local steps, also several side by side), or every thread of the Dask cluster;
+    ``pool`` names them (the host, or the scheduler), so that steps sharing a pool count
+    its threads once. A step maps
     several times (step 2: baseline, then subtraction): a file another process wrote is
     replaced, this process's extended. Not written: a warning, the step goes on.
     """
