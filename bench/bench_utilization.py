@@ -6,10 +6,11 @@ Usage: python3 bench/bench_utilization.py [--frames 6000] [--in-flight 0 1]
 Starts a throwaway sshd on 127.0.0.1 and 127.0.0.2 (tests/sshd_testbed.py; needs
 openssh-server), generates a .pffd night of img16 and ph256 for modules 1-4 (8 products,
 ``--frames`` per file, 2 seqno files each; the shipped config's chunks and tasks, or
-``--shard-factor`` time chunks per task), and runs ``./run.sh --no-quicklook`` on it once per value of
-``--in-flight`` (``[run] concurrent_products``; 0 = one per worker thread, here 4). Prints
-the run record's ``[utilization]`` (busy worker-thread seconds / (4 threads x the time from
-the first task's start to the last task's end)) and the whole run's seconds.
+``--shard-factor`` time chunks per task), and runs ``./run.sh --no-quicklook`` on it once
+per value of ``--in-flight`` (``[run] concurrent_products``; 0 = one per worker thread,
+here 4). Prints the run record's ``[utilization]`` (busy worker-thread seconds / (4
+threads x the time from the first task's start to the last task's end)) and the whole
+run's seconds.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def night(frames: int) -> Path:
 def config(path: Path, bed: sshd_testbed.SSHTestBed, in_flight: int,
            shard_factor: int | None) -> Path:
     document = tomllib.loads((REPO / "config.toml").read_text())
-    document["cluster"].update(use_dask=True, cluster_type="ssh", ssh_hosts=HOSTS, ssh_workers_per_host=2,
-                               ssh_threads_per_worker=1, ssh_memory_per_worker="2GB",
+    document["cluster"].update(use_dask=True, cluster_type="ssh", ssh_hosts=HOSTS,
+                               ssh_workers_per_host=2, ssh_threads_per_worker=1,
+                               ssh_memory_per_worker="2GB",
                                startup_timeout_s=60.0, **bed.cluster_keys(sys.executable))
     if shard_factor is not None:  # smaller tasks than the shipped ones
         document["pff_to_zarr"].update(shard_factor=shard_factor)
