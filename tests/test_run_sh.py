@@ -465,8 +465,7 @@ def test_four_products_in_flight_give_the_l1_of_one_at_a_time(night: Path,
     summary and the run record list the products in input order."""
     together, alone = tmp_path / "together", tmp_path / "alone"
     config = write_config(tmp_path / "four.toml", "dask", **FOUR_AT_ONCE)
-    with started([str(night), str(together)],
-                 run_env(tmp_path, config, **{SLOW_TASK: "0.5"})) as proc, \
+    with started([str(night), str(together)], run_env(tmp_path, config)) as proc, \
             most_steps_at_once(proc) as seen:
         rc, out, err = finish(proc)
     assert rc == 0, err[-3000:]
@@ -495,7 +494,7 @@ def test_a_signal_stops_every_product_in_flight(night: Path, tmp_path: Path, sig
                                                 ) -> None:
     """Ctrl-C (the whole group) or SIGTERM (run.sh alone) with 4 products in flight:
     every step stops, nothing is half-published, no process is left, the record says
-    which products were stopped; a rerun finishes the night."""
+    which products were stopped; a rerun (after Ctrl-C) finishes the night."""
     out = tmp_path / "L1"
     config = write_config(tmp_path / "four.toml", "dask", **FOUR_AT_ONCE)
     with started([str(night), str(out)],
@@ -516,11 +515,12 @@ def test_a_signal_stops_every_product_in_flight(night: Path, tmp_path: Path, sig
         assert not list(out.rglob(f"{name}_L1.zarr"))
     assert leftovers(out) == [] and not list(out.rglob("*_L0.zarr"))
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
-    rc, _, err = run([str(night), str(out)], run_env(tmp_path, write_config(
-        tmp_path / "local.toml", "local")))
-    assert rc == 0, err[-3000:]
-    assert set(statuses(run_records(out)[-1]).values()) <= {"ok", "skipped"}
-    assert len(list(out.rglob("*_L1.zarr"))) == 4
+    if sig == "INT":  # the rerun resumes the night (once: it does not depend on the signal)
+        rc, _, err = run([str(night), str(out)], run_env(tmp_path, write_config(
+            tmp_path / "local.toml", "local")))
+        assert rc == 0, err[-3000:]
+        assert set(statuses(run_records(out)[-1]).values()) <= {"ok", "skipped"}
+        assert len(list(out.rglob("*_L1.zarr"))) == 4
 
 
 @pytest.mark.slow
