@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import OUT, REPO, big_file, run_child
+from benchlib import REPO, big_file, loopback_sshd, run_child
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -56,10 +54,12 @@ def write_config(path: Path, cluster: dict) -> Path:
     return path
 
 
-def step1(pff: Path, out: Path, config: Path, address: str | None) -> tuple[float, float]:
+def step1(pff: Path, out: Path, config: Path, cluster: Any) -> tuple[float, float]:
     """One step 1 run: (child wall time, the conversion's own time)."""
     shutil.rmtree(out, ignore_errors=True)
-    args = [str(pff), str(out), str(config)] + ([address] if address else [])
+    args = [str(pff), str(out), str(config)]
+    if cluster is not None:  # its address and the TLS credentials it accepts
+        args += [cluster.address, "--dask-credentials", str(cluster.credentials)]
     result = run_child(STEP1, *args)
     shutil.rmtree(out, ignore_errors=True)
     if result["rc"] != 0:
@@ -100,29 +100,21 @@ def main() -> None:
     args = parser.parse_args()
     pff = big_file(args.mb)
     mb = pff.stat().st_size / 1e6
-    os.environ.pop("PYTHONPATH", None)  # the workers must not find the repository
-    OUT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp_name:
-        tmp = Path(tmp_name)
-        try:
-            bed = sshd_testbed.start_sshd(tmp / "sshd")
-        except sshd_testbed.SSHDUnavailable as err:
-            raise SystemExit(f"bench_ssh_step1: cannot start sshd: {err}") from err
-        with bed, contextlib.ExitStack() as clusters:
-            # Both clusters up at once, the set-ups interleaved: fairer on a busy machine.
-            ssh1, one_cfg = ssh_cluster(bed, ["127.0.0.1"], tmp)
-            clusters.callback(ssh1.close)
-            ssh2, two_cfg = ssh_cluster(bed, ["127.0.0.1", "127.0.0.2"], tmp)
-            clusters.callback(ssh2.close)
-            local_cfg = write_config(tmp / "local.toml", {"use_dask": False})
-            setups = {"local (2 threads)": (local_cfg, None), "ssh x1 worker": (one_cfg,
-                      ssh1.address), "ssh x2 workers": (two_cfg, ssh2.address)}
-            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
-            for _ in range(args.repeat):
-                for name, (config, address) in setups.items():
-                    runs[name].append(step1(pff, tmp / "out_L0.zarr", config, address))
-            clusters.close()
-            stop_leftovers(bed)
+    with loopback_sshd("bench_ssh_step1") as (tmp, bed), contextlib.ExitStack() as clusters:
+        # Both clusters up at once, the set-ups interleaved: fairer on a busy machine.
+        ssh1, one_cfg = ssh_cluster(bed, ["127.0.0.1"], tmp)
+        clusters.callback(ssh1.close)
+        ssh2, two_cfg = ssh_cluster(bed, ["127.0.0.1", "127.0.0.2"], tmp)
+        clusters.callback(ssh2.close)
+        local_cfg = write_config(tmp / "local.toml", {"use_dask": False})
+        setups = {"local (2 threads)": (local_cfg, None), "ssh x1 worker": (one_cfg, ssh1),
+                  "ssh x2 workers": (two_cfg, ssh2)}
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
+        for _ in range(args.repeat):
+            for name, (config, cluster) in setups.items():
+                runs[name].append(step1(pff, tmp / "out_L0.zarr", config, cluster))
+        clusters.close()
+        stop_leftovers(bed)
     best = {name: min(times) for name, times in runs.items()}
     local, one, two = best.values()
     print(f"{mb:.0f} MB img16, step 1, best of {args.repeat}; wall = the step's process "

@@ -20,17 +20,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import tomli_w
-from benchlib import OUT, REPO
-
-sys.path.insert(0, str(REPO / "tests"))
-
-import sshd_testbed  # noqa: E402
+from benchlib import OUT, REPO, loopback_sshd
 
 HOSTS = ["127.0.0.1", "127.0.0.2"]
 
@@ -49,7 +45,7 @@ def night(frames: int) -> Path:
                                       files_per_stream=2)
 
 
-def config(path: Path, bed: sshd_testbed.SSHTestBed, in_flight: int,
+def config(path: Path, bed: Any, in_flight: int,
            shard_factor: int | None) -> Path:
     document = tomllib.loads((REPO / "config.toml").read_text())
     document["cluster"].update(use_dask=True, cluster_type="ssh", ssh_hosts=HOSTS,
@@ -72,33 +68,25 @@ def main() -> None:
                         help="time chunks per task in both steps (default: the shipped 64)")
     args = parser.parse_args()
     obs = night(args.frames)
-    os.environ.pop("PYTHONPATH", None)  # the workers must not find the repository
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp_name:
-        tmp = Path(tmp_name)
-        try:
-            bed = sshd_testbed.start_sshd(tmp / "sshd")
-        except sshd_testbed.SSHDUnavailable as err:
-            raise SystemExit(f"bench_utilization: cannot start sshd: {err}") from err
-        with bed:
-            for in_flight in args.in_flight:
-                out = tmp / f"out_{in_flight}"
-                env = dict(os.environ, CONFIG_FILE=str(config(tmp / f"c{in_flight}.toml",
-                                                              bed, in_flight,
-                                                              args.shard_factor)))
-                t0 = time.perf_counter()
-                done = subprocess.run(["./run.sh", "--no-quicklook", str(obs), str(out)],
-                                      cwd=REPO, env=env, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"run.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
-                seconds = time.perf_counter() - t0
-                (record,) = out.glob("run_record_*.toml")
-                u = tomllib.loads(record.read_text())["utilization"]
-                print(f"concurrent_products = {in_flight}: utilization {u['value']:.3f} "
-                      f"(busy {u['busy_thread_s']:.1f} thread-s / {u['threads']} threads x "
-                      f"{u['wall_s']:.1f} s; {u['tasks']} tasks); run.sh {seconds:.1f} s",
-                      flush=True)
-                shutil.rmtree(out)
-
+    with loopback_sshd("bench_utilization") as (tmp, bed):
+        for in_flight in args.in_flight:
+            out = tmp / f"out_{in_flight}"
+            env = dict(os.environ, CONFIG_FILE=str(config(tmp / f"c{in_flight}.toml",
+                                                          bed, in_flight,
+                                                          args.shard_factor)))
+            t0 = time.perf_counter()
+            done = subprocess.run(["./run.sh", "--no-quicklook", str(obs), str(out)],
+                                  cwd=REPO, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"run.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            seconds = time.perf_counter() - t0
+            (record,) = out.glob("run_record_*.toml")
+            u = tomllib.loads(record.read_text())["utilization"]
+            print(f"concurrent_products = {in_flight}: utilization {u['value']:.3f} "
+                  f"(busy {u['busy_thread_s']:.1f} thread-s / {u['threads']} threads x "
+                  f"{u['wall_s']:.1f} s; {u['tasks']} tasks); run.sh {seconds:.1f} s",
+                  flush=True)
+            shutil.rmtree(out)
 
 if __name__ == "__main__":
     main()

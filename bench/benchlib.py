@@ -6,12 +6,16 @@ absolute seconds are printed only for context.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("BENCH_DIR", REPO / "bench" / "out"))
@@ -57,3 +61,23 @@ def run_child(code: str, *args: str) -> dict:
     proc = subprocess.run([sys.executable, "-P", "-c", CHILD_PREAMBLE + code, *args],
                           cwd=REPO, check=True, capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def loopback_sshd(bench: str) -> Iterator[tuple[Path, Any]]:
+    """A temporary directory under OUT and a throwaway sshd on loopback in it
+    (tests/sshd_testbed.py), stopped at the end; ``bench`` exits with a message where sshd
+    cannot start. PYTHONPATH is dropped: the workers must not find the repository."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import sshd_testbed
+
+    os.environ.pop("PYTHONPATH", None)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            bed = sshd_testbed.start_sshd(tmp / "sshd")
+        except sshd_testbed.SSHDUnavailable as err:
+            raise SystemExit(f"{bench}: cannot start sshd: {err}") from err
+        with bed:
+            yield tmp, bed
