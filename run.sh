@@ -521,10 +521,13 @@ stop_lanes() {
   signal_lanes
   for i in "${RUNNING[@]}"; do
     ticks=$((STOP_GRACE_TENTHS + 100))
-    while kill -0 "${LANE_PID[i]}" 2>/dev/null && ((ticks-- > 0)); do
+    while kill -0 "${LANE_PID[i]}" 2>/dev/null; do
+      if ((ticks-- <= 0)); then # still there: not a reused process id
+        kill -KILL "${LANE_PID[i]}" 2>/dev/null || true
+        break
+      fi
       sleep "$WAIT_POLL_S"
     done
-    kill -KILL "${LANE_PID[i]}" 2>/dev/null || true
     wait "${LANE_PID[i]}" 2>/dev/null || true
   done
   RUNNING=()
