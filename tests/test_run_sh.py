@@ -12,6 +12,7 @@ step task sleeps; tests/plugins/sitecustomize.py, put on PYTHONPATH by ``with_pl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -724,6 +725,15 @@ def test_free_space_is_checked_against_the_estimate(tmp_path: Path) -> None:
     Usage.free = 4 * 10**9
     assert not driver_plan.free_space_problems([job], tmp_path, tmp_path / ".l0", (1, 2),
                                             False, disk_usage=lambda _p: Usage)
+    # three products, two in flight: two transient L0 stores exist at once
+    small = dataclasses.replace(job, name="y", est_l0_bytes=10**8, est_l1_bytes=10**8)
+    jobs = [job, job, small]  # L1 4.1 GB, L0 the two largest 2 GB (one at a time: 1 GB)
+    Usage.free = 5.5 * 10**9
+    assert not driver_plan.free_space_problems(jobs, tmp_path, tmp_path / ".l0", (1, 2),
+                                            False, disk_usage=lambda _p: Usage)
+    (problem,) = driver_plan.free_space_problems(jobs, tmp_path, tmp_path / ".l0", (1, 2),
+                                                 False, 2, disk_usage=lambda _p: Usage)
+    assert "L0 (the 2 largest at once" in problem and "6.1 GB needed" in problem, problem
 
 
 def test_plan_for_bash_carries_the_stop_grace(data: Data, tmp_path: Path) -> None:

@@ -392,10 +392,11 @@ def analysis_path(out: Path, job: Job, level: str) -> Path:
 
 
 def free_space_problems(jobs: Sequence[Job], out_dir: Path, l0_dir: Path, steps: tuple[int, ...],
-                        keep_l0: bool,
+                        keep_l0: bool, in_flight: int = 1,
                         disk_usage: Callable[[str], Any] = shutil.disk_usage) -> list[str]:
     """Is there room for the jobs that will run? L1 stores stay; L0 stores are removed
-    after each input (only the largest one at a time) unless kept or only step 1 runs."""
+    after each input unless kept or only step 1 runs: then at most ``in_flight`` of them
+    (the products run at once) exist together, counted as the largest."""
     todo = [j for j in jobs if j.action == "run"]
     if not todo:
         return []
@@ -410,8 +411,9 @@ def free_space_problems(jobs: Sequence[Job], out_dir: Path, l0_dir: Path, steps:
     if 1 in steps:
         l0_sizes = [j.est_l0_bytes for j in todo]
         kept = keep_l0 or 2 not in steps
-        add(l0_dir, sum(l0_sizes) if kept else max(l0_sizes),
-            "L0" if kept else "L0 (largest, removed after each input)")
+        add(l0_dir, sum(l0_sizes) if kept else sum(sorted(l0_sizes)[-in_flight:]),
+            "L0" if kept else f"L0 (the {min(in_flight, len(l0_sizes))} largest at once, "
+                              "removed after each input)")
     if 2 in steps:
         add(out_dir, sum(j.est_l1_bytes for j in todo), "L1")
     problems = []
@@ -563,7 +565,9 @@ def make_plan(inputs: Sequence[str], config_path: str, out_dir: str, *,
             plan.problems.append(f"{final}: exists and is not a Zarr store")
     plan.jobs = jobs
     if not plan.problems:
-        plan.problems.extend(free_space_problems(jobs, out, l0, steps, keep_l0))
+        in_flight = products_in_flight(cfg, sum(j.action == "run" for j in jobs))[0] if (
+            cfg) else 1
+        plan.problems.extend(free_space_problems(jobs, out, l0, steps, keep_l0, in_flight))
     return plan, cfg, out, l0
 
 
