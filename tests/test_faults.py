@@ -607,7 +607,7 @@ def test_run_sh_signal_stops_everything_and_rerun_resumes(data: Data, tmp_path: 
     # traceback ("distributed.client - ERROR") when stopped while the cluster starts.
     dask_client_log = phase == "cluster_start" and "distributed.client - ERROR" in s.stderr
     assert dask_client_log or "Traceback" not in s.stderr, s.stderr[-3000:]
-    assert not (out / RUN / f"{STREAM}_L1.zarr").exists()
+    assert not (out / RUN / f"{STREAM}_L1.zarr").exists(), s.stderr[-3000:]
     assert leftovers(out) == [] and not list(out.rglob("*_L0.zarr"))
     assert not _scheduler_files(tmp_path)
     assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
