@@ -55,10 +55,11 @@ CONFIG=""
 RUN_TMP=""
 STATE_FILE=""
 SCHEDULER_FILE=""
-CLUSTER_CREDENTIALS="" # TLS credentials directory of the cluster (its scheduler file's 2nd line)
 CLUSTER_LOG=""
 CLUSTER_ADDRESS=""
+CLUSTER_DEADLINE=0 # (SECONDS) when run.sh stops waiting for the cluster
 MANAGER_PID=""
+MANAGER_BELOW="" # the manager's processes when it was asked to stop (killed if it hangs)
 STEP_PID=""     # in a lane (a product in flight): its running step ...
 CURRENT_JOB=""  # ... its job ...
 CURRENT_STEP="" # ... and the job's step
@@ -318,15 +319,23 @@ stop_step() {
   STEP_PID=""
 }
 
-start_cluster() {
-  local rc=0 deadline
+# launch_cluster: start the lifecycle manager; the cluster comes up while the first steps
+# start (they wait for its scheduler file themselves: --dask-scheduler-file), and
+# wait_for_cluster (in run_jobs) says when it is up, or why not.
+launch_cluster() {
   SCHEDULER_FILE="$RUN_TMP/scheduler_address"
   CLUSTER_LOG="$RUN_TMP/cluster_manager.out"
   say "starting the cluster: $CLUSTER_DESC"
   PANOSETI_PARENT_PID="$$" "$PYTHON" "$REPO_ROOT/cluster_lifecycle_manager.py" "$CONFIG" \
     "$SCHEDULER_FILE" "${DEBUG_ARGS[@]}" >"$CLUSTER_LOG" </dev/null &
   MANAGER_PID=$!
-  deadline=$((SECONDS + CLUSTER_WAIT_S))
+  CLUSTER_DEADLINE=$((SECONDS + CLUSTER_WAIT_S))
+}
+
+# wait_for_cluster: until the manager has written the scheduler file (its lines then go to
+# the log). Returns 1, saying why, if the manager exited first or the deadline passed.
+wait_for_cluster() {
+  local rc=0
   while [[ ! -s "$SCHEDULER_FILE" ]]; do
     if ! kill -0 "$MANAGER_PID" 2>/dev/null; then
       wait "$MANAGER_PID" || rc=$?
@@ -334,34 +343,44 @@ start_cluster() {
       say "error: the cluster manager exited (status $rc) before the cluster was up (its message is above); nothing was converted"
       return 1
     fi
-    if ((SECONDS >= deadline)); then
+    if ((SECONDS >= CLUSTER_DEADLINE)); then
       say "error: no scheduler address from the cluster manager within $CLUSTER_WAIT_S s ([cluster] startup_timeout_s + margin); stopping it"
       return 1
     fi
     sleep "$WAIT_POLL_S"
   done
-  { IFS= read -r CLUSTER_ADDRESS && IFS= read -r CLUSTER_CREDENTIALS; } <"$SCHEDULER_FILE" || true
+  IFS= read -r CLUSTER_ADDRESS <"$SCHEDULER_FILE" || true
+  # The record keeps the cluster as it came up: the manager is stopped while the run is
+  # finished (finish_run), and its closing line would be there or not.
+  cp -- "$CLUSTER_LOG" "$RUN_TMP/cluster_up.out"
+  CLUSTER_LOG="$RUN_TMP/cluster_up.out"
   while IFS= read -r line; do
     say "cluster: $line"
   done <"$CLUSTER_LOG"
 }
 
-# stop_cluster: TERM the lifecycle manager by its PID, wait, then KILL that PID (and the
-# processes that were below it a moment before, e.g. local Dask workers) if it hangs.
+# signal_cluster: ask the lifecycle manager to stop (SIGTERM), noting the processes below
+# it (e.g. local Dask workers) for stop_cluster.
+signal_cluster() {
+  [[ -n "$MANAGER_PID" && -z "$MANAGER_BELOW" ]] || return 0
+  kill -0 "$MANAGER_PID" 2>/dev/null || return 0
+  MANAGER_BELOW="$(py descendants "$MANAGER_PID" 2>/dev/null)" || MANAGER_BELOW=" "
+  say "stopping the cluster (manager pid $MANAGER_PID)"
+  kill -TERM "$MANAGER_PID" 2>/dev/null || true
+}
+
+# stop_cluster: signal_cluster, wait, then KILL the manager (and the processes that were
+# below it when asked) if it hangs.
 stop_cluster() {
   [[ -n "$MANAGER_PID" ]] || return 0
-  local pid="$MANAGER_PID" below="" child
-  if kill -0 "$pid" 2>/dev/null; then
-    below="$(py descendants "$pid" 2>/dev/null)" || below=""
-    say "stopping the cluster (manager pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_gone "$pid" "$STOP_GRACE_TENTHS"; then
-      say "warning: cluster manager (pid $pid) did not stop; killing it and its processes"
-      kill -KILL "$pid" 2>/dev/null || true
-      for child in $below; do
-        kill -KILL "$child" 2>/dev/null || true
-      done
-    fi
+  local pid="$MANAGER_PID" child
+  signal_cluster
+  if ! wait_gone "$pid" "$STOP_GRACE_TENTHS"; then
+    say "warning: cluster manager (pid $pid) did not stop; killing it and its processes"
+    kill -KILL "$pid" 2>/dev/null || true
+    for child in $MANAGER_BELOW; do
+      kill -KILL "$child" 2>/dev/null || true
+    done
   fi
   wait "$pid" 2>/dev/null || true
   MANAGER_PID=""
@@ -589,8 +608,7 @@ run_job() {
   CURRENT_JOB="$i"
 
   if [[ "$OPT_STEPS" == *1* ]]; then
-    if [[ -n "$CLUSTER_ADDRESS" ]]; then address=("$CLUSTER_ADDRESS"); fi
-    if [[ -n "$CLUSTER_CREDENTIALS" ]]; then address+=(--dask-credentials "$CLUSTER_CREDENTIALS"); fi
+    if [[ -n "$SCHEDULER_FILE" ]]; then address=(--dask-scheduler-file "$SCHEDULER_FILE"); fi
     say "$tag: step 1, PFF -> L0: ${#files[@]} file(s) -> $l0"
     CURRENT_STEP=1
     run_step "$PYTHON" "$REPO_ROOT/step1_pff_to_zarr.py" "${files[@]}" "$l0" "$CONFIG" \
@@ -608,8 +626,7 @@ run_job() {
 
   if [[ "$OPT_STEPS" == *2* ]]; then
     address=()
-    if [[ -n "$CLUSTER_ADDRESS" ]]; then address=(--dask-scheduler "$CLUSTER_ADDRESS"); fi
-    if [[ -n "$CLUSTER_CREDENTIALS" ]]; then address+=(--dask-credentials "$CLUSTER_CREDENTIALS"); fi
+    if [[ -n "$SCHEDULER_FILE" ]]; then address=(--dask-scheduler-file "$SCHEDULER_FILE"); fi
     say "$tag: step 2, L0 -> L1: $l1"
     CURRENT_STEP=2
     run_step "$PYTHON" "$REPO_ROOT/step2_dask_baseline.py" "$l0" "$l1" --config "$CONFIG" \
@@ -690,13 +707,24 @@ run_jobs() {
       continue
     fi
     while ((go && ${#RUNNING[@]} >= LANES)); do
+      await_cluster
       reap_lanes || go=0
     done
     if ((go)); then start_lane "$i"; fi
   done
+  await_cluster
   while ((${#RUNNING[@]})); do
     reap_lanes || true
   done
+}
+
+# await_cluster: once the first lanes have started (their steps start while the cluster
+# does), wait for the cluster; if it does not come up, stop them and exit 1.
+await_cluster() {
+  [[ -n "$SCHEDULER_FILE" && -z "$CLUSTER_ADDRESS" ]] || return 0
+  wait_for_cluster && return 0
+  stop_lanes
+  exit 1
 }
 
 any_job_to_run() {
@@ -793,13 +821,13 @@ run_pipeline() {
   say "${#JOB_NAME[@]} input(s) -> $OUT_DIR (config $CONFIG)"
 
   if ((USE_DASK)) && any_job_to_run; then
-    start_cluster || exit 1
+    launch_cluster
   elif ((!USE_DASK)); then
     say "no Dask cluster (use_dask = false): the steps run locally"
   fi
 
   run_jobs
-  stop_cluster
+  signal_cluster # it closes while the run is finished (stop_cluster below waits for it)
   # One process for all that follows the jobs: each run's bundle beside its products (one
   # not written fails the run), the team layout's level manifests, the summary and run
   # record, the catalog, and (unless --no-quicklook) the quicklook PNGs and index.html.
@@ -813,6 +841,7 @@ run_pipeline() {
   py finish "$STATE_FILE" --failed "$FAILED" --log "$RUN_LOG" \
     --cluster-address "$CLUSTER_ADDRESS" --cluster-log "$CLUSTER_LOG" \
     "${finish_args[@]}" || PIPELINE_RC=1
+  stop_cluster
   if ((FAILED > 0)); then
     say "error: $FAILED input(s) failed (listed above)"
   fi

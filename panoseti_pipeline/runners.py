@@ -388,5 +388,8 @@ def record_tasks(tasks: list[dict[str, Any]], mode: str, threads: int, pool: str
 
 
 def runner_for(client: Any, threads: int | None, progress: bool) -> LocalRunner | DaskRunner:
-    """A Dask runner when a client is given, else local threads."""
-    return DaskRunner(client, progress) if client is not None else LocalRunner(threads, progress)
+    """A Dask runner when a client is given, else local threads. ``client`` may be a
+    callable giving it (a connection made meanwhile: :class:`cluster.client.PendingClient`)."""
+    if client is None:
+        return LocalRunner(threads, progress)
+    return DaskRunner(client() if callable(client) else client, progress)

@@ -144,8 +144,8 @@ def test_workers_import_the_steps_modules_once_the_cluster_is_up(
     def imported() -> bool:
         import sys
 
-        return {"panoseti_pipeline.step1", "panoseti_pipeline.step2.subtract"} <= set(
-            sys.modules)
+        return {"panoseti_pipeline.step1", "panoseti_pipeline.step2.subtract", "zarr",
+                "numcodecs.blosc", "google_crc32c"} <= set(sys.modules)
 
     try:
         deadline = time.monotonic() + 30
@@ -410,6 +410,25 @@ def test_write_scheduler_file_is_atomic(tmp_path: Path) -> None:
     assert dask_cluster.read_scheduler_file(target) == ("tcp://127.0.0.1:8786", None)
     with pytest.raises(OSError):
         dask_cluster.write_scheduler_file(tmp_path / "missing" / "s.txt", "tcp://x:1")
+
+
+def test_a_step_waits_for_the_scheduler_file_then_says_why_not(tmp_path: Path) -> None:
+    """A step given the scheduler file of a cluster still starting waits for it (on its
+    connecting thread), fails in one line when it does not come, and stops waiting when
+    the step ends first."""
+    missing = tmp_path / "scheduler_address"
+    with dask_cluster.step_client(None, scheduler_file=str(missing), wait_s=0.3) as pending:
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match="no Dask cluster within 0.3 s"):
+            pending()
+        assert 0.25 < time.monotonic() - started < 10
+    started = time.monotonic()
+    with dask_cluster.step_client(None, scheduler_file=str(missing), wait_s=600):
+        pass  # the step ended before it wanted the cluster
+    assert time.monotonic() - started < 10
+    with pytest.raises(ConfigError, match="not both"), dask_cluster.step_client(
+            "tcp://127.0.0.1:1", scheduler_file=str(missing)):
+        pass
 
 
 # -- SSH arguments (no SSH server needed) ----------------------------------------------

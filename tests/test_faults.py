@@ -625,8 +625,9 @@ def test_lifecycle_manager_killed_mid_run(data: Data, tmp_path: Path) -> None:
     env = base_env(tmp_path, CONFIG_FILE=str(config), **{SLOW_TASK: "1.0"})
     before = tree_snapshot(data.obs)
     with Spawned([RUN_SH, "--no-quicklook", str(data.obs), str(out)], env) as s:
-        s.wait_until(lambda: _partial(out / ".l0_tmp" / f"{STREAM}_L0.zarr") is not None,
-                     "step 1 under way")
+        # (Step 1 starts while the cluster does: its store is there before the cluster.)
+        s.wait_until(lambda: _partial(out / ".l0_tmp" / f"{STREAM}_L0.zarr") is not None
+                     and _scheduler_files(tmp_path), "step 1 under way on the cluster")
         manager = s.find("cluster_lifecycle_manager.py")
         assert manager is not None
         os.kill(manager, signal.SIGKILL)

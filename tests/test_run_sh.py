@@ -542,8 +542,11 @@ def test_hung_step_and_manager_are_killed_after_stop_grace_s(data: Data, tmp_pat
         assert manager is not None
         import psutil
 
-        workers = psutil.Process(manager).children(recursive=True)
-        assert workers  # the local cluster's processes
+        # (step 1 starts while the cluster does: wait for its workers)
+        while not psutil.Process(manager).children(recursive=True):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the cluster's workers never started"
+            time.sleep(0.02)
         os.kill(step, signal.SIGSTOP)
         os.kill(manager, signal.SIGSTOP)
         stopping = time.monotonic()
@@ -562,6 +565,27 @@ def test_hung_step_and_manager_are_killed_after_stop_grace_s(data: Data, tmp_pat
     assert f"cluster manager (pid {manager}) did not stop; killing it and its processes" in err
     assert took < 60, took  # the default grace alone is 60 s for each of the two
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*_L0.zarr"))
+
+
+@pytest.mark.faults
+def test_a_cluster_that_never_comes_up_stops_the_steps_started_meanwhile(
+        data: Data, tmp_path: Path) -> None:
+    """Step 1 starts while the cluster does (it waits for the scheduler file). A cluster
+    that does not come up (here: startup_timeout_s too short for its workers) ends the
+    run with status 1 and a clear line; the step started meanwhile is stopped; nothing
+    is written and no process is left."""
+    config = write_config(tmp_path / "dask.toml", "dask", cluster={"startup_timeout_s": 0.05})
+    out = tmp_path / "L1"
+    rc, _, err = run([str(data.file_a), str(out)], run_env(tmp_path, config))
+    assert rc == 1, err[-3000:]
+    lines = err.splitlines()
+    started = next(i for i, line in enumerate(lines) if ": step 1, PFF -> L0" in line)
+    failed = next(i for i, line in enumerate(lines) if "before the cluster was up" in line)
+    assert started < failed and "nothing was converted" in lines[failed], err[-3000:]
+    assert "workers joined within startup_timeout_s" in err  # the manager's own line
+    assert "Traceback" not in err
+    assert not [p for p in out.rglob("*") if p.suffix in (".zarr", ".partial")], err[-3000:]
+    assert not list((tmp_path / "tmpdir").glob("panoseti_run.*")), "run.sh left its temp dir"
 
 
 @pytest.mark.faults

@@ -44,7 +44,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespa
     parser.add_argument("args", nargs="+", metavar="ARG",
                         help="input PFF file(s), the output store, the config file, and "
                              "optionally a Dask scheduler address (tcp://host:port)")
-    cluster.add_credentials_option(parser)
+    cluster.add_cluster_options(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output store")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
@@ -73,7 +73,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         cfg = load_config(args.config)
         notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
                                                                            file=sys.stderr))
-        with cluster.step_client(args.address, args.debug, args.dask_credentials) as client:
+        with cluster.step_client(args.address, args.debug, args.dask_credentials,
+                                 args.dask_scheduler_file,
+                                 cluster.startup_wait_s(cfg.cluster)) as client:
             result = step1.convert(args.inputs, args.output, cfg, client=client,
                                    overwrite=args.overwrite, quiet=args.quiet, notice=notice)
         print(result.line())

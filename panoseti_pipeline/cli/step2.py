@@ -42,7 +42,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = PROG) -> argparse.Namespa
                         help="pipeline configuration (default: built-in defaults)")
     parser.add_argument("--dask-scheduler", metavar="ADDRESS",
                         help="run the tasks on this Dask scheduler (tcp://host:port)")
-    cluster.add_credentials_option(parser)
+    cluster.add_cluster_options(parser)
     parser.add_argument("--baseline-window", type=int, metavar="N",
                         help="frames that make the baseline (overrides the config)")
     parser.add_argument("--method", metavar="M",
@@ -67,8 +67,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             "baseline_subtract", baseline_window=args.baseline_window, method=args.method)
         notice = (lambda _msg: None) if args.quiet else (lambda msg: print(msg,
                                                                            file=sys.stderr))
-        with cluster.step_client(args.dask_scheduler, args.debug,
-                                 args.dask_credentials) as client:
+        with cluster.step_client(args.dask_scheduler, args.debug, args.dask_credentials,
+                                 args.dask_scheduler_file,
+                                 cluster.startup_wait_s(cfg.cluster)) as client:
             result = step2.subtract_baseline(args.input, args.output, cfg, client=client,
                                              overwrite=args.overwrite, quiet=args.quiet,
                                              notice=notice)

@@ -42,18 +42,16 @@ Notes
 """
 
 from panoseti_pipeline.cluster.client import (
-    add_credentials_option,
+    add_cluster_options,
     connect_client,
     describe_workers,
+    read_scheduler_file,
+    startup_wait_s,
     step_client,
     warm_workers,
-)
-from panoseti_pipeline.cluster.handle import (
-    ClusterHandle,
-    ClusterState,
-    read_scheduler_file,
     write_scheduler_file,
 )
+from panoseti_pipeline.cluster.handle import ClusterHandle, ClusterState
 from panoseti_pipeline.cluster.kind import interface_address
 from panoseti_pipeline.cluster.slurm import slurm_cluster_arguments
 from panoseti_pipeline.cluster.ssh import ssh_cluster_arguments
@@ -61,13 +59,14 @@ from panoseti_pipeline.cluster.ssh import ssh_cluster_arguments
 __all__ = [
     "ClusterHandle",
     "ClusterState",
-    "add_credentials_option",
+    "add_cluster_options",
     "connect_client",
     "describe_workers",
     "interface_address",
     "read_scheduler_file",
     "slurm_cluster_arguments",
     "ssh_cluster_arguments",
+    "startup_wait_s",
     "step_client",
     "warm_workers",
     "write_scheduler_file",

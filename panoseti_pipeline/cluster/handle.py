@@ -181,27 +181,3 @@ class ClusterHandle:
 
 def _remaining(deadline: float, floor: float = 0.0) -> float:
     return max(deadline - time.monotonic(), floor)
-
-
-def write_scheduler_file(path: str | os.PathLike[str], address: str,
-                         credentials: str | os.PathLike[str] | None = None) -> None:
-    """Write ``address`` and the credentials directory (an empty line for none), a line
-    each, to ``path`` atomically (temp file + rename), readable by its owner only."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:  # mkstemp's mode: 0600
-            f.write(f"{address}\n{credentials or ''}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def read_scheduler_file(path: str | os.PathLike[str]) -> tuple[str, str | None]:
-    """The address and the credentials directory (or None) of :func:`write_scheduler_file`."""
-    address, credentials = ([*Path(path).read_text().splitlines(), "", ""])[:2]
-    return address.strip(), credentials.strip() or None

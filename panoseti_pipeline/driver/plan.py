@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from panoseti_pipeline.cluster.client import startup_wait_s
 from panoseti_pipeline.errors import ConfigError
 from panoseti_pipeline.store import publish as store_files
 from panoseti_pipeline.store.analysis_spec import LEVEL_DIRS
@@ -61,9 +62,6 @@ BPP_FIELD = re.compile(r"\.bpp_\d+(?=\.module_)")  # not in the team's store nam
 #: scratch for the L0 stores it removes after step 2, or, with --keep-l0, "L0".
 SCRATCH_L0_SUBDIR = ".l0_tmp"
 KEPT_L0_SUBDIR = "L0"
-# Seconds run.sh waits for the scheduler file on top of [cluster] startup_timeout_s
-# (interpreter and Dask imports, SSH logins).
-CLUSTER_WAIT_MARGIN_S = 60
 # Bytes per frame an L1 store needs besides its float32 pixels (time, timestamps, flags,
 # header fields of four quabos), before compression.
 L1_FRAME_OVERHEAD = 96
@@ -695,7 +693,7 @@ def bash_lines(plan: Plan, cfg: PipelineConfig, out: Path, l0: Path, umask: int
                ) -> list[str]:
     """The plan for run.sh (the module docstring gives the format); ``umask`` is the
     caller's current one."""
-    wait_s = int(cfg.cluster.startup_timeout_s) + CLUSTER_WAIT_MARGIN_S
+    wait_s = startup_wait_s(cfg.cluster)
     stop_tenths = max(1, round(cfg.run.stop_grace_s * 10))
     records = [
         ["cluster", str(int(cfg.cluster.use_dask)), str(wait_s),
