@@ -59,7 +59,7 @@ CLUSTER_LOG=""
 CLUSTER_ADDRESS=""
 CLUSTER_DEADLINE=0 # (SECONDS) when run.sh stops waiting for the cluster
 MANAGER_PID=""
-MANAGER_BELOW="" # the manager's processes when it was asked to stop (killed if it hangs)
+MANAGER_SIGNALLED=0 # the manager was asked to stop (signal_cluster)
 STEP_PID=""     # in a lane (a product in flight): its running step ...
 CURRENT_JOB=""  # ... its job ...
 CURRENT_STEP="" # ... and the job's step
@@ -359,26 +359,26 @@ wait_for_cluster() {
   done <"$CLUSTER_LOG"
 }
 
-# signal_cluster: ask the lifecycle manager to stop (SIGTERM), noting the processes below
-# it (e.g. local Dask workers) for stop_cluster.
+# signal_cluster: ask the lifecycle manager to stop (SIGTERM); stop_cluster waits for it.
 signal_cluster() {
-  [[ -n "$MANAGER_PID" && -z "$MANAGER_BELOW" ]] || return 0
+  [[ -n "$MANAGER_PID" ]] && ((!MANAGER_SIGNALLED)) || return 0
+  MANAGER_SIGNALLED=1
   kill -0 "$MANAGER_PID" 2>/dev/null || return 0
-  MANAGER_BELOW="$(py descendants "$MANAGER_PID" 2>/dev/null)" || MANAGER_BELOW=" "
   say "stopping the cluster (manager pid $MANAGER_PID)"
   kill -TERM "$MANAGER_PID" 2>/dev/null || true
 }
 
-# stop_cluster: signal_cluster, wait, then KILL the manager (and the processes that were
-# below it when asked) if it hangs.
+# stop_cluster: signal_cluster, wait, then KILL the manager if it hangs, and the processes
+# below it (e.g. local Dask workers: a manager still there has them all below it).
 stop_cluster() {
   [[ -n "$MANAGER_PID" ]] || return 0
-  local pid="$MANAGER_PID" child
+  local pid="$MANAGER_PID" below child
   signal_cluster
   if ! wait_gone "$pid" "$STOP_GRACE_TENTHS"; then
     say "warning: cluster manager (pid $pid) did not stop; killing it and its processes"
+    below="$(py descendants "$pid" 2>/dev/null)" || below=""
     kill -KILL "$pid" 2>/dev/null || true
-    for child in $MANAGER_BELOW; do
+    for child in $below; do
       kill -KILL "$child" 2>/dev/null || true
     done
   fi
@@ -815,15 +815,14 @@ run_pipeline() {
   py lock acquire "${locked[@]}" --pid "$$" || exit $? # another run writes there: exit 2
   LOCKED=("${locked[@]}")
   start_log
-  if [[ "$OPT_STEPS" == 1,2 ]]; then # each L0 marked transient (or kept); leftovers cleared
-    py prepare-l0 "$STATE_FILE" --pid "$$" || exit 1
-  fi
   say "${#JOB_NAME[@]} input(s) -> $OUT_DIR (config $CONFIG)"
-
   if ((USE_DASK)) && any_job_to_run; then
-    launch_cluster
+    launch_cluster # it starts while the L0s are prepared and the first steps start
   elif ((!USE_DASK)); then
     say "no Dask cluster (use_dask = false): the steps run locally"
+  fi
+  if [[ "$OPT_STEPS" == 1,2 ]]; then # each L0 marked transient (or kept); leftovers cleared
+    py prepare-l0 "$STATE_FILE" --pid "$$" || exit 1
   fi
 
   run_jobs
