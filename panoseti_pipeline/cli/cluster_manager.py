@@ -42,6 +42,8 @@ from pathlib import Path
 from panoseti_pipeline.errors import ConfigError, run_main
 
 PROG = "cluster_lifecycle_manager.py"
+#: How long a stop waits for the workers' warm-up imports (~1 s) before the close.
+WARM_JOIN_S = 5.0
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
@@ -104,9 +106,10 @@ def _run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 dask_cluster.write_scheduler_file(scheduler_file, cluster.address,
                                                   cluster.credentials)
-                dask_cluster.warm_workers(cluster.client)
+                warming = dask_cluster.warm_workers(cluster.client)
                 while not stop.wait(1.0):
                     pass
+                warming.join(timeout=WARM_JOIN_S)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     scheduler_file.unlink()

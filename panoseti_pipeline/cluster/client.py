@@ -185,12 +185,21 @@ TASK_MODULES = ("panoseti_pipeline.step1", "panoseti_pipeline.step2.subtract", "
                 "numcodecs.blosc", "google_crc32c")
 
 
-def warm_workers(client: Client) -> None:
-    """Have every worker import :data:`TASK_MODULES`, without waiting: it happens while
-    the first step process starts, so that the first tasks of each step on each worker
-    do not pay for them (step 2's first three tasks, 0.1 s each on one machine, took
-    0.35 s more on a cluster whose workers had only run step 1)."""
-    client.run(_import_task_modules, wait=False)  # (distributed: a coroutine function)
+def warm_workers(client: Client) -> threading.Thread:
+    """Have every worker import :data:`TASK_MODULES`, on a thread of the caller: it
+    happens while the first step process starts, so that the first tasks of each step on
+    each worker do not pay for them (step 2's first three tasks, 0.1 s each on one
+    machine, took 0.35 s more on a cluster whose workers had only run step 1). The caller
+    joins the thread before it closes the cluster, so that the close does not cut the
+    imports short (a stop at once after the start once left a timeout on its stderr)."""
+
+    def warm() -> None:
+        with contextlib.suppress(Exception):  # a worker gone meanwhile imports them in a task
+            client.run(_import_task_modules)
+
+    thread = threading.Thread(target=warm, name="warm-workers", daemon=True)
+    thread.start()
+    return thread
 
 
 async def _import_task_modules() -> None:
