@@ -815,14 +815,15 @@ run_pipeline() {
   py lock acquire "${locked[@]}" --pid "$$" || exit $? # another run writes there: exit 2
   LOCKED=("${locked[@]}")
   start_log
-  say "${#JOB_NAME[@]} input(s) -> $OUT_DIR (config $CONFIG)"
-  if ((USE_DASK)) && any_job_to_run; then
-    launch_cluster # it starts while the L0s are prepared and the first steps start
-  elif ((!USE_DASK)); then
-    say "no Dask cluster (use_dask = false): the steps run locally"
-  fi
   if [[ "$OPT_STEPS" == 1,2 ]]; then # each L0 marked transient (or kept); leftovers cleared
     py prepare-l0 "$STATE_FILE" --pid "$$" || exit 1
+  fi
+  say "${#JOB_NAME[@]} input(s) -> $OUT_DIR (config $CONFIG)"
+
+  if ((USE_DASK)) && any_job_to_run; then
+    launch_cluster
+  elif ((!USE_DASK)); then
+    say "no Dask cluster (use_dask = false): the steps run locally"
   fi
 
   run_jobs
