@@ -127,9 +127,9 @@ def run_main(body: Callable[[], int], prog: str, debug: bool) -> int:
 def reported(body: Callable[[], int], prog: str, debug: bool) -> int:
     """``body()``, or the one stderr line and exit code of what it raised (``run_main``'s
     mapping, also for the parts of a command that go on after one fails)."""
-    from panoseti_pipeline.parent_death import stop_with_parent
+    try:  # (the import too: a SIGTERM may come while the process is still starting)
+        from panoseti_pipeline.parent_death import stop_with_parent
 
-    try:
         stop_with_parent()
         return body()
     except KeyboardInterrupt:
