@@ -417,15 +417,13 @@ def test_a_step_waits_for_the_scheduler_file_then_says_why_not(tmp_path: Path) -
     connecting thread), fails in one line when it does not come, and stops waiting when
     the step ends first."""
     missing = tmp_path / "scheduler_address"
-    with dask_cluster.step_client(None, scheduler_file=str(missing), wait_s=0.3) as pending:
-        started = time.monotonic()
-        with pytest.raises(ClusterError, match="no Dask cluster within 0.3 s"):
-            pending()
-        assert 0.25 < time.monotonic() - started < 10
+    with (dask_cluster.step_client(None, scheduler_file=str(missing), wait_s=0.3) as pending,
+          pytest.raises(ClusterError, match=f"{missing}: no Dask cluster within 0.3 s")):
+        pending()
     started = time.monotonic()
     with dask_cluster.step_client(None, scheduler_file=str(missing), wait_s=600):
         pass  # the step ended before it wanted the cluster
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # not the 600 s it would wait for the file
     with pytest.raises(ConfigError, match="not both"), dask_cluster.step_client(
             "tcp://127.0.0.1:1", scheduler_file=str(missing)):
         pass

@@ -32,6 +32,8 @@ SCHEDULER_FILE_POLL_S = 0.02
 #: Seconds run.sh and the steps wait for the scheduler file on top of [cluster]
 #: startup_timeout_s (interpreter and Dask imports, SSH logins).
 STARTUP_WAIT_MARGIN_S = 60
+#: How long a step's end waits for a connection still being made.
+CLOSE_WAIT_S = 2.0
 
 @contextlib.contextmanager
 def step_client(address: str | None, debug: bool = False, credentials: str | None = None,
@@ -86,22 +88,24 @@ class PendingClient:
         except BaseException as err:  # noqa: BLE001 -- raised where the client is wanted
             self._done.set_exception(err)
 
-    def _wait(self) -> None:
-        while not self._done.done():  # in short waits: a signal's handler runs between them
-            concurrent.futures.wait([self._done], timeout=0.2)
+    def _wait(self, seconds: float = float("inf")) -> bool:
+        deadline = time.monotonic() + seconds
+        while not self._done.done() and time.monotonic() < deadline:
+            concurrent.futures.wait([self._done], timeout=0.2)  # a signal's handler runs
+        return self._done.done()
 
     def __call__(self) -> Client:
         self._wait()
         return self._done.result()
 
     def close(self) -> None:
-        """Close the client; a step that ends before it needed the cluster stops waiting
-        for the scheduler file, and waits for a connection under way (not left half made
-        at exit)."""
+        """Close the client. A step that ends before it needed the cluster stops waiting
+        for the scheduler file, and gives a connection under way :data:`CLOSE_WAIT_S`
+        to finish (then the process's exit ends it: a scheduler that died mid-connection
+        would hold it for the client's 30 s timeout)."""
         self._abandoned.set()
-        self._wait()
-        if self._done.exception() is None:  # (a failure was reported where it was wanted)
-            self._done.result().close()
+        if self._wait(CLOSE_WAIT_S) and self._done.exception() is None:
+            self._done.result().close()  # (a failure was reported where it was wanted)
 
 
 def wait_for_scheduler_file(path: str | os.PathLike[str], wait_s: float,
