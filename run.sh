@@ -351,7 +351,7 @@ wait_for_cluster() {
   done
   IFS= read -r CLUSTER_ADDRESS <"$SCHEDULER_FILE" || true
   # The record keeps the cluster as it came up: the manager is stopped while the run is
-  # finished (finish_run), and its closing line would be there or not.
+  # finished (run_pipeline), and its closing line would be there or not.
   cp -- "$CLUSTER_LOG" "$RUN_TMP/cluster_up.out"
   CLUSTER_LOG="$RUN_TMP/cluster_up.out"
   while IFS= read -r line; do
