@@ -170,7 +170,8 @@ def add_cluster_options(parser: Any) -> None:
     parser.add_argument("--dask-scheduler-file", metavar="FILE",
                         help="instead of an address: the cluster manager's scheduler file "
                              "(address and credentials), waited for while the cluster "
-                             "starts, up to [cluster] startup_timeout_s + 60 s")
+                             "starts, up to [cluster] startup_timeout_s + "
+                             f"{STARTUP_WAIT_MARGIN_S} s")
 
 
 def connect_client(address: str, timeout: float = 30.0,
