@@ -88,5 +88,6 @@ def main() -> None:
                   flush=True)
             shutil.rmtree(out)
 
+
 if __name__ == "__main__":
     main()
